@@ -1,0 +1,57 @@
+"""The ``p2pz`` command: one entry point, a subcommand per stage of the pipeline.
+
+Each stage registers its own subcommands from the package that implements it (a module with a
+``register(subparsers)`` function), so the code behind a command sits next to the method it runs.
+Heavy imports (torch, diffusers) happen inside the command functions, which keeps ``--help`` fast.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import sys
+
+from p2pz import __version__
+from p2pz.errors import UserError
+
+# Modules that add subcommands, in the order they appear in ``p2pz --help``.
+COMMAND_MODULES = [
+    "teacher.commands",
+]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="p2pz",
+        description=(
+            "pix2pix-zero edits (cat -> dog, circle -> square) made by a diffusion teacher, "
+            "distilled into fast single-pass students. Run 'p2pz demo --out DIR' for the whole "
+            "job on the built-in default, or 'p2pz COMMAND --help' for one stage."
+        ),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log debug messages")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for name in COMMAND_MODULES:
+        importlib.import_module(name).register(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(message)s")
+    try:
+        return int(args.func(args) or 0)
+    except UserError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
