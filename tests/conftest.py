@@ -5,3 +5,20 @@ import os
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
+# The tests run tiny models: one intra-op thread is as fast, and on a busy shared machine the
+# default (all cores, spin-waiting) made small ops up to ~80x slower. Override by setting it.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory):
+    """The tiny random Stable Diffusion folder of `p2pz make-tiny` (seed 0), built once per session.
+
+    Holds model_index.json, unet/, vae/, text_encoder/, tokenizer/, scheduler/ and captioner/.
+    Treat it as read-only: every test of the session shares it.
+    """
+    from teacher.tiny import make_tiny
+
+    return make_tiny(tmp_path_factory.mktemp("tiny") / "tiny-sd", seed=0)

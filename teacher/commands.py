@@ -1,0 +1,140 @@
+"""``p2pz`` subcommands of the teacher's preparation stages: ``make-tiny`` and ``direction``.
+
+Heavy imports (torch, diffusers, transformers) stay inside the command functions so that
+``p2pz --help`` is fast.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+_FMT = argparse.RawDescriptionHelpFormatter
+
+
+def _make_tiny(args: argparse.Namespace) -> int:
+    from teacher.tiny import make_tiny
+
+    out = make_tiny(args.out, seed=args.seed)
+    print(out)
+    return 0
+
+
+def _direction(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from p2pz.errors import UserError
+    from teacher.directions import compute_direction
+    from teacher.models import load_sd_components
+    from teacher.sentences import make_sentences
+
+    if len(args.sentences) > 2:
+        raise UserError("--sentences takes one source for both concepts or two (source's, target's)")
+    if args.num_sentences < 1:
+        raise UserError("--num-sentences must be at least 1")
+    banks = args.sentences * (2 // len(args.sentences))
+    for bank in banks:  # check files before loading any model
+        if bank not in ("template", "llm") and not Path(bank).is_file():
+            raise UserError(f"sentence file '{bank}' does not exist; use template, llm or a text file")
+    sd = load_sd_components(args.model, args.device, args.dtype, components=("tokenizer", "text_encoder"))
+    per_concept = []
+    for word, bank in zip((args.source, args.target), banks):
+        sentences = make_sentences(word, bank, args.num_sentences, args.seed, args.llm, args.device)
+        per_concept.append(sentences)
+    direction = compute_direction(
+        sd.tokenizer,
+        sd.text_encoder,
+        per_concept[0],
+        per_concept[1],
+        source=args.source,
+        target=args.target,
+        batch_size=args.batch_size,
+        model=str(args.model),
+        metadata={
+            "source_sentences": banks[0],
+            "target_sentences": banks[1],
+            "seed": args.seed,
+            **({"llm": args.llm} if "llm" in banks else {}),
+        },
+    )
+    path = direction.save(Path(args.out) / f"{direction.name}.safetensors")
+    print(f"{path}  norm={direction.norm:.4g}  shape={list(direction.tensor.shape)}")
+    return 0
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser(
+        "make-tiny",
+        help="write a tiny random-weight Stable Diffusion folder (+ BLIP captioner) for tests and demos",
+        description=(
+            "Write a complete diffusers-format Stable Diffusion 1.x folder (model_index.json, unet, vae,\n"
+            "text_encoder, tokenizer, scheduler) with tiny random weights drawn from --seed, plus a tiny\n"
+            "BLIP captioner in OUT/captioner. Built offline in seconds; the same seed writes the same\n"
+            "bytes. It draws noise, not pictures: use it to try the commands and to run the tests.\n\n"
+            "example:\n"
+            "  p2pz make-tiny models/tiny\n"
+            "  p2pz direction --model models/tiny --source cat --target dog --out directions/"
+        ),
+        formatter_class=_FMT,
+    )
+    p.add_argument("out", metavar="OUT", help="folder to write (replaced if it exists)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the random weights (default: 0)")
+    p.set_defaults(func=_make_tiny)
+
+    from teacher.models import DEFAULT_MODEL
+    from teacher.sentences import DEFAULT_LLM, DEFAULT_NUM_SENTENCES
+
+    p = subparsers.add_parser(
+        "direction",
+        help="compute an edit direction (e.g. cat -> dog) from two sentence banks",
+        description=(
+            "Compute a pix2pix-zero edit direction: embed many sentences about each concept with the\n"
+            "model's CLIP text encoder, average the per-token last hidden state (77 x D) per concept and\n"
+            "take target - source. Writes OUT/SOURCE-TARGET.safetensors with metadata (model, text-\n"
+            "encoder fingerprint, sentence counts) and prints its path and norm.\n\n"
+            "sentence banks (--sentences, one value for both concepts or two: source's then target's):\n"
+            "  template  built-in templates, offline, deterministic from --seed (default)\n"
+            "  llm       sample with a FLAN-T5 model (--llm; needs its weights)\n"
+            "  FILE      a text file with one sentence per line\n\n"
+            "examples:\n"
+            "  p2pz direction --model models/tiny --source cat --target dog --out directions/\n"
+            "  p2pz direction --source horse --target zebra --sentences llm --out directions/\n"
+            "  p2pz direction --source cat --target dog --sentences cats.txt dogs.txt --out directions/"
+        ),
+        formatter_class=_FMT,
+    )
+    p.add_argument("--source", required=True, help="concept to edit away from, e.g. cat")
+    p.add_argument("--target", required=True, help="concept to edit towards, e.g. dog")
+    p.add_argument("--out", required=True, metavar="DIR", help="folder for SOURCE-TARGET.safetensors")
+    p.add_argument(
+        "--model",
+        default=DEFAULT_MODEL,
+        metavar="PATH_OR_ID",
+        help=f"Stable Diffusion folder or Hugging Face id (default: {DEFAULT_MODEL})",
+    )
+    p.add_argument(
+        "--sentences",
+        nargs="+",
+        default=["template"],
+        metavar="BANK",
+        help="template, llm or FILE; one for both concepts or two (default: template)",
+    )
+    p.add_argument(
+        "--num-sentences",
+        type=int,
+        default=DEFAULT_NUM_SENTENCES,
+        help=f"sentences per concept for template/llm banks (default: {DEFAULT_NUM_SENTENCES})",
+    )
+    p.add_argument(
+        "--seed", type=int, default=0, help="seed of the template draws / LLM sampling (default: 0)"
+    )
+    p.add_argument(
+        "--llm", default=DEFAULT_LLM, metavar="PATH_OR_ID", help=f"model for llm banks ({DEFAULT_LLM})"
+    )
+    p.add_argument(
+        "--batch-size", type=int, default=16, help="sentences per text-encoder batch (default: 16)"
+    )
+    p.add_argument("--device", default="cpu", help="torch device, e.g. cuda (default: cpu)")
+    p.add_argument(
+        "--dtype", default="fp32", choices=["fp32", "fp16", "bf16"], help="model dtype (default: fp32)"
+    )
+    p.set_defaults(func=_direction)

@@ -1,0 +1,268 @@
+"""A tiny random-weight Stable Diffusion (+ BLIP captioner) that tests and the default run use.
+
+``make_tiny(out)`` writes a complete diffusers-format Stable Diffusion 1.x folder with the same
+layout, component classes and scheduler config as ``CompVis/stable-diffusion-v1-4``, only with a
+few channels, random weights drawn from a seed, and a byte-level CLIP tokenizer (so every word
+tokenizes, and different words embed differently). Beside it, ``out/captioner`` holds a tiny
+random BLIP captioner (BlipForConditionalGeneration + BlipProcessor). Everything is built
+offline, in a couple of seconds on a CPU, and the same seed writes the same bytes.
+
+Layout written::
+
+    OUT/model_index.json          StableDiffusionPipeline, no safety checker
+    OUT/unet/ vae/ text_encoder/  config.json + *.safetensors
+    OUT/tokenizer/                tokenizer.json, vocab.json, merges.txt, tokenizer_config.json
+    OUT/scheduler/                DDIMScheduler with the SD-1.4 values
+    OUT/captioner/                tiny BLIP (model + processor)
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+from p2pz.atomic import atomic_path
+
+# Shapes: SD-like but tiny. The VAE halves the resolution three times (factor 8, as SD);
+# the UNet has cross-attention (attn2) at two down/up resolutions plus the mid block.
+TEXT_HIDDEN = 32  # = UNet cross_attention_dim (SD 1.x: 768)
+MAX_TOKENS = 77  # CLIP context length, as SD
+DEFAULT_IMAGE_SIZE = 64  # px; any multiple of 8 works
+VAE_SCALING_FACTOR = 0.18215  # SD 1.x latent scale
+
+# The scheduler config of CompVis/stable-diffusion-v1-4 (scheduler/scheduler_config.json),
+# loaded as DDIM the way the official pix2pix-zero scripts do.
+SD14_SCHEDULER = dict(
+    num_train_timesteps=1000,
+    beta_start=0.00085,
+    beta_end=0.012,
+    beta_schedule="scaled_linear",
+    clip_sample=False,
+    set_alpha_to_one=False,
+    steps_offset=1,
+    prediction_type="epsilon",
+)
+
+BOS, EOS = "<|startoftext|>", "<|endoftext|>"
+
+# Words the tiny captioner can say: enough for caption-like gibberish around the test concepts.
+CAPTION_WORDS = (
+    "a an the of picture photography photo image with and in on at near by is are two three some "
+    "cat cats dog dogs horse zebra car tree house man woman person child bird fish flower "
+    "sitting standing lying running looking playing sleeping eating holding "
+    "grass table couch bed floor street road field water beach snow room window chair wall sky "
+    "white black brown red green blue yellow small large big little old young cute "
+    "circle square triangle star shape background"
+).split()
+
+
+def bytes_to_unicode() -> dict[int, str]:
+    """GPT-2/CLIP byte-level map: each of the 256 bytes gets a printable unicode symbol."""
+    printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1))
+    printable += list(range(ord("®"), ord("ÿ") + 1))
+    codes = printable[:]
+    extra = 0
+    for b in range(256):
+        if b not in printable:
+            printable.append(b)
+            codes.append(256 + extra)
+            extra += 1
+    return dict(zip(printable, (chr(c) for c in codes)))
+
+
+def byte_level_clip_vocab() -> tuple[dict[str, int], list[str]]:
+    """CLIP's vocabulary order without merges: 256 byte symbols, their ``</w>`` forms, specials.
+
+    With no merges every word is spelled byte by byte, so any text tokenizes without ``unk``
+    and different words give different ids.
+    """
+    symbols = list(bytes_to_unicode().values())
+    tokens = symbols + [s + "</w>" for s in symbols] + [BOS, EOS]
+    return {tok: i for i, tok in enumerate(tokens)}, []
+
+
+def _write_tokenizer(folder: Path) -> None:
+    from transformers import CLIPTokenizer
+
+    vocab, merges = byte_level_clip_vocab()
+    tok = CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=MAX_TOKENS)
+    tok.save_pretrained(folder)
+    # transformers v5 writes only tokenizer.json; the slow-format files let older loaders
+    # (and anyone reading the folder) use it too.
+    (folder / "vocab.json").write_text(json.dumps(vocab, ensure_ascii=False, indent=2) + "\n", "utf-8")
+    (folder / "merges.txt").write_text("\n".join(["#version: 0.2", *merges]) + "\n", "utf-8")
+
+
+def _build_sd_components(seed: int):
+    import torch
+    from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    vocab, _ = byte_level_clip_vocab()
+    # Seed before each component so that each one's weights do not depend on the others.
+    torch.manual_seed(seed)
+    unet = UNet2DConditionModel(
+        sample_size=DEFAULT_IMAGE_SIZE // 8,
+        in_channels=4,
+        out_channels=4,
+        down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+        block_out_channels=(16, 32, 32),
+        layers_per_block=1,
+        attention_head_dim=2,  # diffusers' legacy name: this is the number of heads (SD 1.x: 8)
+        cross_attention_dim=TEXT_HIDDEN,
+        norm_num_groups=8,
+    )
+    torch.manual_seed(seed + 1)
+    vae = AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D",) * 4,
+        up_block_types=("UpDecoderBlock2D",) * 4,
+        block_out_channels=(8, 16, 16, 16),
+        layers_per_block=1,
+        latent_channels=4,
+        norm_num_groups=8,
+        sample_size=DEFAULT_IMAGE_SIZE,
+        scaling_factor=VAE_SCALING_FACTOR,
+    )
+    torch.manual_seed(seed + 2)
+    text_encoder = CLIPTextModel(
+        CLIPTextConfig(
+            vocab_size=len(vocab),
+            hidden_size=TEXT_HIDDEN,
+            intermediate_size=64,
+            projection_dim=TEXT_HIDDEN,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            max_position_embeddings=MAX_TOKENS,
+            hidden_act="quick_gelu",
+            layer_norm_eps=1e-5,
+            bos_token_id=vocab[BOS],
+            eos_token_id=vocab[EOS],
+            pad_token_id=vocab[EOS],  # SD 1.x pads with the end-of-text token
+        )
+    )
+    scheduler = DDIMScheduler(**SD14_SCHEDULER)
+    return unet, vae, text_encoder, scheduler
+
+
+def _write_captioner(folder: Path, seed: int) -> None:
+    import torch
+    from transformers import (
+        BertTokenizer,
+        BlipConfig,
+        BlipForConditionalGeneration,
+        BlipImageProcessor,
+        BlipProcessor,
+        BlipTextConfig,
+        BlipVisionConfig,
+    )
+
+    specials = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "[DEC]"]
+    vocab = {tok: i for i, tok in enumerate(specials + list(dict.fromkeys(CAPTION_WORDS)))}
+    tokenizer = BertTokenizer(vocab=vocab, do_lower_case=True, bos_token="[DEC]", model_max_length=512)
+    image_size = 32
+    processor = BlipProcessor(
+        image_processor=BlipImageProcessor(size={"height": image_size, "width": image_size}),
+        tokenizer=tokenizer,
+    )
+    text = BlipTextConfig(
+        vocab_size=len(vocab),
+        hidden_size=32,
+        encoder_hidden_size=32,
+        intermediate_size=64,
+        projection_dim=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        max_position_embeddings=512,  # as BLIP base
+        pad_token_id=vocab["[PAD]"],
+        bos_token_id=vocab["[DEC]"],
+        eos_token_id=vocab["[SEP]"],
+        sep_token_id=vocab["[SEP]"],
+        initializer_range=0.1,  # larger than BLIP's 0.02 so that captions depend on the image
+    )
+    vision = BlipVisionConfig(
+        image_size=image_size,
+        patch_size=8,
+        hidden_size=32,
+        projection_dim=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        initializer_range=0.1,
+    )
+    torch.manual_seed(seed + 3)
+    model = BlipForConditionalGeneration(
+        BlipConfig(
+            text_config=text.to_dict(),
+            vision_config=vision.to_dict(),
+            projection_dim=32,
+            initializer_range=0.1,
+        )
+    )
+    with torch.no_grad():
+        # A small bonus for end-of-caption gives captions of varied, mostly short lengths
+        # (a random decoder would otherwise talk until max_new_tokens).
+        model.text_decoder.cls.predictions.bias[vocab["[SEP]"]] = 0.7
+    model.save_pretrained(folder)
+    processor.save_pretrained(folder)
+
+
+def make_tiny(out_dir: str | os.PathLike, seed: int = 0) -> Path:
+    """Write the tiny Stable Diffusion folder (and ``captioner/``) to ``out_dir``; return its path.
+
+    Replaces ``out_dir`` atomically if it exists. The same seed writes byte-identical files.
+    """
+    import torch
+    from transformers.utils import logging as hf_logging
+
+    out = Path(out_dir)
+    bars_were_on = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()  # a few kB per file: no "Writing model shards" bars
+    try:
+        with atomic_path(out) as tmp, torch.random.fork_rng(devices=[]):
+            _write_all(tmp, seed)
+            _make_readable(tmp)
+    finally:
+        if bars_were_on:
+            hf_logging.enable_progress_bar()
+    return out
+
+
+def _make_readable(folder: Path) -> None:
+    """Weights are saved through private temporary files (mode 0600); give them the usual mode."""
+    umask = os.umask(0)
+    os.umask(umask)
+    for p in folder.rglob("*"):
+        p.chmod((0o777 if p.is_dir() else 0o666) & ~umask)
+
+
+def _write_all(tmp: Path, seed: int) -> None:
+    """Build every component from ``seed`` and save the folders into the empty path ``tmp``."""
+    from diffusers import StableDiffusionPipeline
+    from transformers import CLIPTokenizer
+
+    tmp.mkdir(parents=True)
+    _write_tokenizer(tmp / "tokenizer")
+    unet, vae, text_encoder, scheduler = _build_sd_components(seed)
+    tokenizer = CLIPTokenizer.from_pretrained(tmp / "tokenizer")
+    pipe = StableDiffusionPipeline(
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        unet=unet,
+        scheduler=scheduler,
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+    pipe.save_pretrained(tmp, safe_serialization=True)
+    _write_tokenizer(tmp / "tokenizer")  # keep our own files (save_pretrained rewrote the folder)
+    _write_captioner(tmp / "captioner", seed)
+    (tmp / "README.md").write_text(
+        f"Tiny random-weight Stable Diffusion made by `p2pz make-tiny` (seed {seed}).\n"
+        "For tests and demos only: it draws noise, not pictures.\n",
+        "utf-8",
+    )
