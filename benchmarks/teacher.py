@@ -1,0 +1,260 @@
+"""Time and peak memory of one pix2pix-zero edit: ours (``teacher.Pix2PixZero``) vs diffusers'.
+
+    python benchmarks/teacher.py [--steps 10] [--size 128] [--repeats 2] [--device cpu] [--threads 1]
+
+Both sides run the same real-image edit (inversion + reference pass + guided edit pass, batch 1)
+on the same weights and inputs: diffusers' ``StableDiffusionPix2PixZeroPipeline`` (``invert`` then
+``__call__``) and our ``diffusers`` preset, which computes the same thing (the script prints the
+largest pixel difference between the two edits as a check).
+
+The model: the tiny random Stable Diffusion of ``p2pz make-tiny`` (tokenizer, text encoder,
+scheduler), with a wider UNet (64/128/128 channels, 8 heads) and a VAE that downsamples by 4, so
+that at 128 px the latent is 32 x 32 and self-attention works on 1024 tokens, as SD's does on 4096
+at 512 px: attention weighs in the cost as it does at full size.
+
+Measurements. Every measurement runs in a fresh Python subprocess (``--worker``), alternating
+between the two implementations, so that neither inherits the other's heap or caches:
+
+* **peak memory**: on CPU, the growth of the process's peak resident set size
+  (``getrusage(RUSAGE_SELF).ru_maxrss``) from just before the first edit (models loaded and
+  inputs prepared) to just after it: the extra memory the edit needed at its peak. torch's CPU
+  allocator keeps no statistics and ``tracemalloc`` does not see its buffers, so RSS is what the
+  operating system actually had to provide. On CUDA, ``torch.cuda.max_memory_allocated`` growth.
+* **time**: a second edit in the same worker (after the first, which warms up), the minimum over
+  ``--repeats`` workers per side. On CPU with one thread the ratio uses the process's CPU time
+  (``time.process_time``): on a shared machine wall time mostly measures the other processes'
+  load, while the CPU time of a single-threaded edit is what the edit costs. Wall times are
+  printed too (``*_wall_seconds_per_edit``). On CUDA (or with several threads) the ratio uses
+  wall time.
+
+Intra-op threads default to 1: on a small shared CPU, thread oversubscription makes timings noise.
+The last line is one JSON object with ``time_ratio_vs_diffusers`` and ``peak_mem_ratio_vs_diffusers``
+(ours / diffusers; lower is better; targets <= 0.7 and <= 0.5).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+# This file is named like the package it measures: keep its folder off the import path so that
+# ``import teacher`` finds the package (the repository root comes first instead).
+_HERE = Path(__file__).resolve().parent
+sys.path[:] = [str(_HERE.parent)] + [p for p in sys.path if Path(p or ".").resolve() != _HERE]
+
+CAPTION = "a cat sitting on a couch"
+
+
+def build_model(out: Path, seed: int = 0) -> Path:
+    """The tiny model of ``make_tiny`` with a wider UNet and a 4x VAE (see the module docstring)."""
+    import torch
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+
+    from teacher.tiny import TEXT_HIDDEN, VAE_SCALING_FACTOR, make_tiny
+
+    make_tiny(out, seed=seed)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed + 10)
+        unet = UNet2DConditionModel(
+            sample_size=32,
+            in_channels=4,
+            out_channels=4,
+            down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
+            up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+            block_out_channels=(64, 128, 128),
+            layers_per_block=1,
+            attention_head_dim=8,  # = number of heads (diffusers' legacy name), as SD 1.x
+            cross_attention_dim=TEXT_HIDDEN,
+            norm_num_groups=16,
+        )
+        torch.manual_seed(seed + 11)
+        vae = AutoencoderKL(
+            in_channels=3,
+            out_channels=3,
+            down_block_types=("DownEncoderBlock2D",) * 3,
+            up_block_types=("UpDecoderBlock2D",) * 3,
+            block_out_channels=(16, 32, 32),
+            layers_per_block=1,
+            latent_channels=4,
+            norm_num_groups=8,
+            sample_size=128,
+            scaling_factor=VAE_SCALING_FACTOR,
+        )
+    unet.save_pretrained(out / "unet")
+    vae.save_pretrained(out / "vae")
+    return out
+
+
+def test_image(size: int):
+    import numpy as np
+    from PIL import Image
+
+    yy, xx = np.mgrid[0:size, 0:size] / size
+    blob = np.exp(-((xx - 0.4) ** 2 + (yy - 0.6) ** 2) / 0.03)
+    img = np.stack([0.3 + 0.5 * xx, 0.2 + 0.6 * yy, 0.2 + 0.7 * blob], -1)
+    return Image.fromarray((np.clip(img, 0, 1) * 255).astype(np.uint8))
+
+
+def peak_bytes(device: str) -> int:
+    import torch
+
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+        return torch.cuda.max_memory_allocated()
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux: kB
+
+
+def worker(impl: str, model: str, steps: int, size: int, device: str, out_npy: str) -> dict:
+    """One measurement in this (fresh) process: the first edit's peak memory, the second's time."""
+    import numpy as np
+    import torch
+
+    from teacher.directions import compute_direction
+    from teacher.pipeline import Pix2PixZero
+
+    image = test_image(size)
+    sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
+    if impl == "ours":
+        teacher = Pix2PixZero.from_pretrained(model, preset="diffusers", device=device, captioner=False)
+        direction = compute_direction(
+            teacher.tokenizer,
+            teacher.text_encoder,
+            ["a cat", "a photo of a cat"],
+            ["a dog", "a photo of a dog"],
+        )
+
+        def edit():
+            [res] = teacher.edit([image], [direction], captions=[CAPTION], seeds=[0], num_steps=steps)
+            return np.asarray(res.edited)
+    else:
+        from diffusers import DDIMInverseScheduler, DDIMScheduler
+        from diffusers.pipelines.deprecated.stable_diffusion_variants.pipeline_stable_diffusion_pix2pix_zero import (  # noqa: E501
+            StableDiffusionPix2PixZeroPipeline,
+        )
+
+        pipe = StableDiffusionPix2PixZeroPipeline.from_pretrained(
+            model,
+            safety_checker=None,
+            feature_extractor=None,
+            caption_generator=None,
+            caption_processor=None,
+            inverse_scheduler=None,
+            requires_safety_checker=False,
+        ).to(device)
+        pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
+        pipe.inverse_scheduler = DDIMInverseScheduler.from_config(pipe.scheduler.config)
+        pipe.set_progress_bar_config(disable=True)
+        direction = compute_direction(
+            pipe.tokenizer, pipe.text_encoder, ["a cat", "a photo of a cat"], ["a dog", "a photo of a dog"]
+        )
+
+        def edit():
+            generator = torch.Generator().manual_seed(0)
+            inv = pipe.invert(CAPTION, image=image, num_inference_steps=steps, generator=generator).latents
+            return pipe(
+                CAPTION,
+                source_embeds=direction.source_embedding[None].to(device),
+                target_embeds=direction.target_embedding[None].to(device),
+                num_inference_steps=steps,
+                latents=inv,
+                negative_prompt=CAPTION,
+                generator=generator,
+                output_type="pil",
+            ).images[0]
+
+    if device.startswith("cuda"):
+        torch.cuda.reset_peak_memory_stats()
+    before = peak_bytes(device)
+    first = np.asarray(edit())
+    peak = peak_bytes(device) - before
+    sync()
+    tic, cpu_tic = time.perf_counter(), time.process_time()
+    edit()
+    sync()
+    seconds, cpu_seconds = time.perf_counter() - tic, time.process_time() - cpu_tic
+    np.save(out_npy, first)
+    return {"impl": impl, "seconds": seconds, "cpu_seconds": cpu_seconds, "peak_bytes": peak}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--steps", type=int, default=10, help="DDIM steps per edit (default: 10)")
+    parser.add_argument("--size", type=int, default=128, help="image size in px (default: 128)")
+    parser.add_argument("--repeats", type=int, default=1, help="workers per implementation (default: 1)")
+    parser.add_argument("--device", default="cpu", help="cpu or cuda (default: cpu)")
+    parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads (default: 1)")
+    parser.add_argument("--worker", nargs=3, metavar=("IMPL", "MODEL", "NPY"), help=argparse.SUPPRESS)
+    args = parser.parse_args()
+
+    import torch
+
+    torch.set_num_threads(args.threads)
+    if args.worker:
+        impl, model, npy = args.worker
+        print(json.dumps(worker(impl, model, args.steps, args.size, args.device, npy)))
+        return
+
+    import numpy as np
+
+    env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", OMP_NUM_THREADS=str(args.threads))
+    start = time.perf_counter()
+    with tempfile.TemporaryDirectory(prefix="p2pz-bench-") as tmp:
+        model = build_model(Path(tmp) / "model")
+        runs: dict[str, list[dict]] = {"diffusers": [], "ours": []}
+        for r in range(args.repeats):
+            for impl in ("diffusers", "ours"):
+                npy = str(Path(tmp) / f"{impl}-{r}.npy")
+                cmd = [sys.executable, __file__, "--worker", impl, str(model), npy]
+                cmd += ["--steps", str(args.steps), "--size", str(args.size), "--device", args.device]
+                cmd += ["--threads", str(args.threads)]
+                proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
+                if proc.returncode != 0:
+                    sys.exit(f"{impl} worker failed:\n{proc.stderr[-3000:]}")
+                result = json.loads(proc.stdout.strip().splitlines()[-1])
+                runs[impl].append(result)
+                print(
+                    f"{impl:9s} run {r}: {result['seconds']:.2f} s/edit wall, "
+                    f"{result['cpu_seconds']:.2f} s CPU, "
+                    f"peak +{result['peak_bytes'] / 2**20:.1f} MiB",
+                    flush=True,
+                )
+        diff = np.abs(
+            np.load(Path(tmp) / "ours-0.npy").astype(np.int16)
+            - np.load(Path(tmp) / "diffusers-0.npy").astype(np.int16)
+        ).max()
+
+    use_cpu_time = args.device == "cpu" and args.threads == 1
+    wall = {k: min(v["seconds"] for v in runs[k]) for k in runs}
+    best = {k: min(v["cpu_seconds" if use_cpu_time else "seconds"] for v in runs[k]) for k in runs}
+    mem = {k: min(v["peak_bytes"] for v in runs[k]) for k in runs}
+    summary = {
+        "benchmark": "teacher",
+        "device": args.device,
+        "threads": args.threads,
+        "image_size": args.size,
+        "latent_size": args.size // 4,
+        "steps": args.steps,
+        "time_measure": "process CPU time" if use_cpu_time else "wall time",
+        "ours_seconds_per_edit": round(best["ours"], 3),
+        "diffusers_seconds_per_edit": round(best["diffusers"], 3),
+        "ours_wall_seconds_per_edit": round(wall["ours"], 3),
+        "diffusers_wall_seconds_per_edit": round(wall["diffusers"], 3),
+        "ours_peak_mib": round(mem["ours"] / 2**20, 1),
+        "diffusers_peak_mib": round(mem["diffusers"] / 2**20, 1),
+        "max_pixel_diff_vs_diffusers": int(diff),
+        "wall_seconds": round(time.perf_counter() - start, 1),
+        "time_ratio_vs_diffusers": round(best["ours"] / best["diffusers"], 3),
+        "peak_mem_ratio_vs_diffusers": round(mem["ours"] / max(mem["diffusers"], 1), 3),
+    }
+    print(json.dumps(summary))
+
+
+if __name__ == "__main__":
+    main()

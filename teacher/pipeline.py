@@ -1,0 +1,394 @@
+"""``Pix2PixZero``: the whole pix2pix-zero edit of real or synthetic images, batch-correct.
+
+Stages (each in its own module): captioning (``captioning``), edit directions (``directions``),
+regularised DDIM inversion (``inversion``), reference + cross-attention-guided edit passes
+(``editing``, ``attention``). Numbers come from a preset (``presets``: ``official`` or ``diffusers``).
+
+Real images::
+
+    t = Pix2PixZero.from_pretrained("CompVis/stable-diffusion-v1-4")
+    d = t.direction("cat", "dog")
+    [out] = t.edit([Image.open("cat.png")], [d], seeds=0)
+    out.edited.save("dog.png")
+
+Every sample of a batch carries its own caption, direction and seed (its own generator: VAE
+posterior sample, then the inversion's roll shifts), and gives what a single run gives.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import json
+import logging
+import os
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from PIL import Image
+
+from p2pz.errors import UserError
+from teacher.attention import CrossAttentionMaps
+from teacher.editing import edit_with_guidance
+from teacher.images import numpy_to_pil, pil_to_tensor, prepare_image, tensor_to_numpy
+from teacher.inversion import invert
+from teacher.presets import Preset, get_preset
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class EditResult:
+    edited: Image.Image
+    reconstruction: Image.Image  # the reference pass (what the unedited caption gives from x_T)
+    source: Image.Image  # the input as resized / the generated image (synthetic mode)
+    caption: str
+    seed: int
+    inverted_latent: torch.Tensor | None  # x_T [4, h, w] on the CPU, with return_latents=True
+    timings: dict[str, float] = field(default_factory=dict)  # seconds of the batch, per stage
+    finite: bool = True  # False when the edit or the reconstruction has NaN/inf (e.g. fp16 blow-up)
+    edited_latent: torch.Tensor | None = None  # final edit latent [4, h, w], with return_latents=True
+
+
+class Pix2PixZero:
+    """The pix2pix-zero teacher on a Stable Diffusion 1.x model (see the module docstring)."""
+
+    def __init__(
+        self,
+        components: Any,
+        preset: str | Preset = "official",
+        captioner: str | os.PathLike | bool | None = None,
+        model: str = "",
+    ) -> None:
+        self.preset = get_preset(preset)
+        self.model = model or str(components.source)
+        self.tokenizer = components.tokenizer
+        self.text_encoder = components.text_encoder
+        self.unet = components.unet
+        self.vae = components.vae
+        self.scheduler_config = dict(components.scheduler_config)
+        if self.scheduler_config.get("prediction_type", "epsilon") != "epsilon":
+            raise UserError(
+                f"model '{self.model}' predicts {self.scheduler_config['prediction_type']}; pix2pix-zero "
+                "here supports epsilon-prediction models (Stable Diffusion 1.x)"
+            )
+        self.device = self.unet.device
+        self.dtype = self.unet.dtype
+        self.vae_scale_factor = 2 ** (len(self.vae.config.block_out_channels) - 1)
+        self.resolution = int(self.unet.config.sample_size) * self.vae_scale_factor
+        # Cross-attention capture on attn2 only; attn1 keeps its (SDPA) processor.
+        self.maps = CrossAttentionMaps()
+        self.guided_layers = self.maps.install(self.unet)
+        self._captioner_spec = self._resolve_captioner(captioner)
+        self._captioner = None
+        self._directions: dict[tuple, Any] = {}
+        self.progress = False  # tqdm bars over the timesteps (the CLI turns them on)
+
+    # ------------------------------------------------------------------------------------------
+    # Construction and provenance
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        path_or_id: str | os.PathLike,
+        preset: str | Preset = "official",
+        device: Any = "cpu",
+        dtype: Any = torch.float32,
+        captioner: str | os.PathLike | bool | None = None,
+    ) -> Pix2PixZero:
+        """Load an SD 1.x folder or Hub id (``teacher.models``: clear errors for bad paths / offline).
+
+        ``captioner``: None -> ``path_or_id/captioner`` if present, else the preset's BLIP id;
+        a path or id; or False (then every edit needs its captions).
+        """
+        from teacher.models import load_sd_components
+
+        preset = get_preset(preset)  # fail on a bad preset before loading anything
+        components = load_sd_components(path_or_id, device=device, dtype=dtype)
+        return cls(components, preset, captioner=captioner, model=str(path_or_id))
+
+    def _resolve_captioner(self, captioner: str | os.PathLike | bool | None) -> str | None:
+        if captioner is False:
+            return None
+        if captioner is None or captioner is True:
+            bundled = Path(self.model).expanduser() / "captioner"
+            return str(bundled) if bundled.is_dir() else self.preset.captioner
+        return str(captioner)
+
+    @functools.cached_property
+    def fingerprint(self) -> str:
+        """sha256 of the tokenizer vocabulary, the scheduler config and the weights of the text
+        encoder, UNet and VAE (as float32 on the CPU: the same model in fp16 on a GPU matches)."""
+        h = hashlib.sha256()
+        h.update(json.dumps(self.tokenizer.get_vocab(), sort_keys=True, ensure_ascii=False).encode())
+        config = {k: v for k, v in self.scheduler_config.items() if not k.startswith("_")}
+        h.update(json.dumps(config, sort_keys=True, default=str).encode())
+        for part, module in (("text_encoder", self.text_encoder), ("unet", self.unet), ("vae", self.vae)):
+            for name, tensor in sorted(module.state_dict().items()):
+                t = tensor.detach().to("cpu", torch.float32).contiguous()
+                h.update(f"{part}.{name}:{list(t.shape)}".encode())
+                h.update(t.numpy().tobytes())
+        return h.hexdigest()
+
+    @functools.cached_property
+    def text_encoder_fingerprint(self) -> str:
+        from teacher.directions import text_encoder_fingerprint
+
+        return text_encoder_fingerprint(self.tokenizer, self.text_encoder)
+
+    @property
+    def settings(self) -> dict[str, Any]:
+        """Every setting in use, JSON-serialisable (the preset's values plus what the model fixes)."""
+        return {
+            "model": self.model,
+            "preset": self.preset.to_dict(),
+            "resolution": self.resolution,
+            "latent_size": self.resolution // self.vae_scale_factor,
+            "device": str(self.device),
+            "dtype": str(self.dtype).removeprefix("torch."),
+            "captioner": self._captioner_spec,
+            "scheduler": "DDIMScheduler (eta 0)",
+            "scheduler_config": {k: v for k, v in self.scheduler_config.items() if not k.startswith("_")},
+            "guided_layers": len(self.guided_layers),
+            "image_rule": "RGB (alpha on white); shorter side to resolution (Lanczos), centre square crop",
+        }
+
+    # ------------------------------------------------------------------------------------------
+    # Captions and directions
+
+    def caption(self, images: Sequence[Image.Image]) -> list[str]:
+        """Captions of ``images`` with the configured BLIP captioner (loaded on first use)."""
+        if self._captioner_spec is None:
+            raise UserError("no captioner is configured (captioner=False); pass captions for every image")
+        if self._captioner is None:
+            from teacher.captioning import load_captioner
+
+            self._captioner = load_captioner(
+                self._captioner_spec, self.preset.captioner_style, self.device, self.dtype
+            )
+        return list(self._captioner([prepare_image(im, self.resolution) for im in images]))
+
+    def direction(
+        self,
+        source: str,
+        target: str,
+        num_sentences: int | None = None,
+        seed: int = 0,
+        sentences: str = "template",
+    ) -> Any:
+        """Edit direction source -> target from sentence banks (``teacher.sentences``), cached."""
+        from teacher.directions import compute_direction
+        from teacher.sentences import DEFAULT_NUM_SENTENCES, make_sentences
+
+        n = num_sentences or DEFAULT_NUM_SENTENCES
+        key = (source, target, n, seed, sentences)
+        if key not in self._directions:
+            src = make_sentences(source, sentences, n, seed, device=self.device)
+            tgt = make_sentences(target, sentences, n, seed, device=self.device)
+            self._directions[key] = compute_direction(
+                self.tokenizer,
+                self.text_encoder,
+                src,
+                tgt,
+                source=source,
+                target=target,
+                model=self.model,
+                metadata={"sentences": sentences, "seed": seed},
+            )
+        return self._directions[key]
+
+    @torch.no_grad()
+    def encode_text(self, texts: Sequence[str]) -> torch.Tensor:
+        """CLIP ``last_hidden_state`` ``[B, 77, D]`` in the UNet's dtype (max-length padding, no mask)."""
+        ids = self.tokenizer(
+            list(texts),
+            padding="max_length",
+            max_length=self.tokenizer.model_max_length,
+            truncation=True,
+            return_tensors="pt",
+        ).input_ids.to(self.text_encoder.device)
+        return self.text_encoder(ids, attention_mask=None)[0].to(self.device, self.dtype)
+
+    # ------------------------------------------------------------------------------------------
+    # Editing
+
+    def edit(
+        self,
+        images: Sequence[Image.Image],
+        directions: Sequence[Any],
+        captions: Sequence[str] | None = None,
+        seeds: Sequence[int] | int = 0,
+        num_steps: int | None = None,
+        xa_guidance: float | None = None,
+        guidance_scale: float | None = None,
+        return_latents: bool = False,
+    ) -> list[EditResult]:
+        """Edit real images: caption (unless given), invert, reference + guided edit passes.
+
+        One direction (or caption, or seed) may be given for the whole batch. Images are
+        converted by ``teacher.images`` (RGB, shorter side to the model's resolution, centre crop).
+        """
+        timings: dict[str, float] = {}
+        start = time.perf_counter()
+        n = len(images)
+        if n == 0:
+            return []
+        sources = [prepare_image(im, self.resolution) for im in images]
+        directions = self._per_sample(directions, n, "directions")
+        seeds = self._per_sample([seeds] if isinstance(seeds, int) else seeds, n, "seeds")
+        if captions is None:
+            tic = time.perf_counter()
+            captions = self.caption(sources)
+            timings["caption"] = time.perf_counter() - tic
+        captions = self._per_sample(captions, n, "captions")
+        num_steps, xa, cfg = self._resolve(num_steps, xa_guidance, guidance_scale, synthetic=False)
+        dirs = self._direction_tensors(directions)
+        generators = [torch.Generator().manual_seed(int(s)) for s in seeds]
+
+        tic = time.perf_counter()
+        latents = self.encode_images(sources, generators)
+        cond = self.encode_text(captions)
+        uncond = cond if self.preset.negative_prompt_real == "caption" else self.encode_text([""] * n)
+        timings["encode"] = time.perf_counter() - tic
+
+        tic = time.perf_counter()
+        x_T = invert(
+            self.unet, self.scheduler_config, latents, cond, self.preset, generators, num_steps,
+            uncond=self.encode_text([""] * n) if self.preset.inversion_guidance_scale > 1 else None,
+            progress=self.progress,
+        )  # fmt: skip
+        timings["inversion"] = time.perf_counter() - tic
+        return self._edit_and_decode(
+            x_T, uncond, cond, dirs, num_steps, cfg, xa, sources, captions, seeds, timings, start,
+            return_latents,
+        )  # fmt: skip
+
+    def edit_synthetic(
+        self,
+        prompts: Sequence[str],
+        directions: Sequence[Any],
+        seeds: Sequence[int] | int = 0,
+        num_steps: int | None = None,
+        xa_guidance: float | None = None,
+        guidance_scale: float | None = None,
+        return_latents: bool = False,
+    ) -> list[EditResult]:
+        """Generate images from seeded noise and prompts (negative prompt ""), and edit them.
+
+        ``source`` and ``reconstruction`` of the results are the generated (unedited) images.
+        """
+        timings: dict[str, float] = {}
+        start = time.perf_counter()
+        n = len(prompts)
+        if n == 0:
+            return []
+        directions = self._per_sample(directions, n, "directions")
+        seeds = self._per_sample([seeds] if isinstance(seeds, int) else seeds, n, "seeds")
+        num_steps, xa, cfg = self._resolve(num_steps, xa_guidance, guidance_scale, synthetic=True)
+        dirs = self._direction_tensors(directions)
+        size = self.resolution // self.vae_scale_factor
+        channels = self.unet.config.in_channels
+        x_T = torch.cat(
+            [
+                torch.randn((1, channels, size, size), generator=torch.Generator().manual_seed(int(s)))
+                for s in seeds
+            ]
+        ).to(self.device, self.dtype)
+        cond = self.encode_text(list(prompts))
+        uncond = self.encode_text([""] * n)  # edit_synthetic.py: negative_prompt=""
+        return self._edit_and_decode(
+            x_T, uncond, cond, dirs, num_steps, cfg, xa, None, list(prompts), seeds, timings, start,
+            return_latents,
+        )  # fmt: skip
+
+    def _edit_and_decode(
+        self, x_T, uncond, cond, dirs, num_steps, cfg, xa, sources, captions, seeds, timings, start,
+        return_latents,
+    ) -> list[EditResult]:  # fmt: skip
+        tic = time.perf_counter()
+        out = edit_with_guidance(
+            self.unet, self.maps, self.scheduler_config, x_T, uncond, cond, dirs, num_steps, cfg, xa,
+            progress=self.progress,
+        )  # fmt: skip
+        timings["edit"] = time.perf_counter() - tic
+        tic = time.perf_counter()
+        edited = numpy_to_pil(self.decode_latents(out.edited))
+        recon = numpy_to_pil(self.decode_latents(out.reconstruction))
+        timings["decode"] = time.perf_counter() - tic
+        timings["total"] = time.perf_counter() - start
+        timings["batch_size"] = float(len(seeds))
+        results = []
+        for i in range(len(seeds)):
+            finite = bool(torch.isfinite(out.edited[i]).all() and torch.isfinite(out.reconstruction[i]).all())
+            if not finite:
+                log.warning("edit %d (seed %s) is not finite (NaN/inf latents)", i, seeds[i])
+            results.append(
+                EditResult(
+                    edited=edited[i],
+                    reconstruction=recon[i],
+                    source=sources[i] if sources is not None else recon[i],
+                    caption=captions[i],
+                    seed=int(seeds[i]),
+                    inverted_latent=x_T[i].detach().float().cpu() if return_latents else None,
+                    timings=dict(timings),
+                    finite=finite,
+                    edited_latent=out.edited[i].detach().float().cpu() if return_latents else None,
+                )
+            )
+        return results
+
+    # ------------------------------------------------------------------------------------------
+    # VAE
+
+    @torch.no_grad()
+    def encode_images(
+        self, images: Sequence[Image.Image], generators: Sequence[torch.Generator]
+    ) -> torch.Tensor:
+        """Scaled VAE latents, each sampled from its posterior with its own generator (seeded,
+        unlike the official code; drawn on the CPU as diffusers' ``randn_tensor`` does)."""
+        x = pil_to_tensor(list(images)).to(self.vae.device, self.vae.dtype)
+        dist = self.vae.encode(x).latent_dist
+        noise = torch.cat(
+            [torch.randn(dist.mean[:1].shape, generator=g, dtype=dist.mean.dtype) for g in generators]
+        ).to(dist.mean.device)
+        return (dist.mean + dist.std * noise) * self.vae.config.scaling_factor
+
+    @torch.no_grad()
+    def decode_latents(self, latents: torch.Tensor):
+        """Latents -> ``[B, H, W, 3]`` float32 numpy images in [0, 1]."""
+        image = self.vae.decode(latents.to(self.vae.dtype) / self.vae.config.scaling_factor).sample
+        return tensor_to_numpy(image)
+
+    # ------------------------------------------------------------------------------------------
+    # Argument checks
+
+    def _resolve(self, num_steps, xa_guidance, guidance_scale, synthetic: bool) -> tuple[int, float, float]:
+        num_steps = int(num_steps or self.preset.num_steps)
+        if not 2 <= num_steps <= int(self.scheduler_config.get("num_train_timesteps", 1000)) // 2:
+            raise UserError(f"num_steps must be between 2 and 500, got {num_steps}")
+        xa = float(self.preset.xa_guidance(synthetic) if xa_guidance is None else xa_guidance)
+        cfg = float(self.preset.guidance_scale if guidance_scale is None else guidance_scale)
+        if xa < 0:
+            raise UserError(f"xa_guidance must be >= 0, got {xa}")
+        return num_steps, xa, cfg
+
+    @staticmethod
+    def _per_sample(values: Sequence[Any], n: int, what: str) -> list[Any]:
+        values = list(values)
+        if len(values) == 1 and n > 1:
+            return values * n
+        if len(values) != n:
+            raise UserError(f"got {n} images but {len(values)} {what}; give one per image (or one for all)")
+        return values
+
+    def _direction_tensors(self, directions: Sequence[Any]) -> torch.Tensor:
+        tensors = []
+        for d in directions:
+            theirs = d.metadata.get("text_encoder_fingerprint")
+            d.check_compatible(self.text_encoder, self.text_encoder_fingerprint if theirs else None)
+            tensors.append(d.tensor)
+        return torch.stack(tensors).to(self.device, self.dtype)

@@ -1,0 +1,97 @@
+"""Presets: every number of the method in one place, with where it comes from.
+
+``official``  the defaults of the authors' repository (pix2pixzero/pix2pix-zero, ``src/inversion.py``,
+              ``src/edit_real.py``, ``src/edit_synthetic.py``, ``src/utils/ddim_inv.py``,
+              ``src/utils/scheduler.py``), with its latest fix (commit ec33392: roll shifts from
+              ``randrange(1, H//2)``) and everything seeded.
+``diffusers`` what diffusers' ``StableDiffusionPix2PixZeroPipeline`` (``invert`` + ``__call__``)
+              computes, random-number draws included, for one image; used with the docs' real-image
+              recipe (negative prompt = caption). For batches we keep every sample independent
+              (the pipeline itself edits only row 1 of a batch).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any, Literal
+
+from p2pz.errors import UserError
+
+BLIP_BASE = "Salesforce/blip-image-captioning-base"
+
+
+@dataclass(frozen=True)
+class Preset:
+    name: str
+    # sampling
+    num_steps: int  # DDIM steps of inversion and editing
+    guidance_scale: float  # classifier-free guidance of the reference and edit passes
+    xa_guidance_real: float  # cross-attention guidance step size, real images
+    xa_guidance_synthetic: float  # ... synthetic images (seed + prompt)
+    negative_prompt_real: Literal["caption", "empty"]  # negative prompt of real-image edits
+    # inversion
+    inversion: Literal["official", "diffusers"]  # timesteps and inverse DDIM step (see inversion.py)
+    inversion_guidance_scale: float  # CFG during inversion (1 = none)
+    lambda_ac: float  # auto-correlation regulariser step size
+    lambda_kl: float  # KL regulariser step size
+    num_reg_steps: int  # regularisation iterations per inversion step
+    num_ac_rolls: int  # auto-correlation gradient steps per iteration
+    min_roll: int  # smallest roll shift drawn: 1 (official since ec33392) or 0 (diffusers)
+    # captioning
+    captioner: str  # BLIP model used when no captioner folder comes with the weights
+    captioner_style: Literal["official", "diffusers"]  # prompt handling, see teacher/captioning.py
+
+    def xa_guidance(self, synthetic: bool) -> float:
+        return self.xa_guidance_synthetic if synthetic else self.xa_guidance_real
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+OFFICIAL = Preset(
+    name="official",
+    num_steps=50,  # --num_ddim_steps 50 (inversion.py, edit_real.py, edit_synthetic.py)
+    guidance_scale=5.0,  # --negative_guidance_scale 5.0 (edit_real.py, edit_synthetic.py)
+    xa_guidance_real=0.1,  # --xa_guidance 0.1 (edit_real.py)
+    xa_guidance_synthetic=0.15,  # --xa_guidance 0.15 (edit_synthetic.py)
+    negative_prompt_real="caption",  # edit_real.py: negative_prompt=prompt_str
+    inversion="official",  # ddim_inv.py: timesteps.flip(0)[1:-1], scheduler.py: step(reverse=True)
+    inversion_guidance_scale=1.0,  # inversion.py: pipe(..., guidance_scale=1)
+    lambda_ac=20.0,  # ddim_inv.py: lambda_ac=20.0
+    lambda_kl=20.0,  # ddim_inv.py: lambda_kl=20.0
+    num_reg_steps=5,  # ddim_inv.py: num_reg_steps=5
+    num_ac_rolls=5,  # ddim_inv.py: num_ac_rolls=5
+    min_roll=1,  # ddim_inv.py after ec33392: randrange(1, H//2)
+    captioner=BLIP_BASE,  # inversion.py uses LAVIS blip_caption/base_coco; the HF port of BLIP base
+    captioner_style="official",  # beam 3, 10-30 tokens, "a picture of " prefix removed
+)
+
+DIFFUSERS = Preset(
+    name="diffusers",
+    num_steps=50,  # invert(num_inference_steps=50), __call__(num_inference_steps=50)
+    guidance_scale=7.5,  # __call__(guidance_scale=7.5)
+    xa_guidance_real=0.1,  # __call__(cross_attention_guidance_amount=0.1)
+    xa_guidance_synthetic=0.1,  # the same argument
+    negative_prompt_real="caption",  # the docs' real-image example passes negative_prompt=caption
+    inversion="diffusers",  # DDIMInverseScheduler (v0.19+ semantics) over all timesteps
+    inversion_guidance_scale=1.0,  # invert(guidance_scale=1)
+    lambda_ac=20.0,  # invert(lambda_auto_corr=20.0)
+    lambda_kl=20.0,  # invert(lambda_kl=20.0)
+    num_reg_steps=5,  # invert(num_reg_steps=5)
+    num_ac_rolls=5,  # invert(num_auto_corr_rolls=5)
+    min_roll=0,  # auto_corr_loss: torch.randint(H // 2) (a zero shift is possible)
+    captioner=BLIP_BASE,  # the docs' caption_generator
+    captioner_style="diffusers",  # generate_caption: prefix "a photography of" kept, greedy, 128 tokens
+)
+
+PRESETS = {p.name: p for p in (OFFICIAL, DIFFUSERS)}
+
+
+def get_preset(preset: str | Preset) -> Preset:
+    if isinstance(preset, Preset):
+        return preset
+    try:
+        return PRESETS[preset]
+    except KeyError:
+        raise UserError(f"unknown preset {preset!r}; choose one of {', '.join(PRESETS)}") from None
