@@ -1,0 +1,176 @@
+"""``p2pz export``, ``p2pz apply`` and ``p2pz bench``: shipping and measuring a trained student."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from p2pz.errors import UserError
+
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff"}
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "export",
+        help="package a trained student as a self-contained per-edit model",
+        description=(
+            "Write the EMA generator of a training checkpoint as a per-edit model folder: weights "
+            "(safetensors), config.json (architecture, edit, teacher settings, data provenance), a "
+            "torch.export program (.pt2, dynamic batch) and an ONNX file. Example:\n"
+            "  p2pz export runs/cat-dog/checkpoints/last.ckpt --out models/cat-dog"
+        ),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("checkpoint", help="a .ckpt written by train.py (e.g. RUN/checkpoints/last.ckpt)")
+    p.add_argument("--out", required=True, help="folder to write the package to (replaced atomically)")
+    p.add_argument(
+        "--formats",
+        default="pt2,onnx",
+        help="comma-separated extra formats besides the safetensors weights (default: pt2,onnx; '' for none)",
+    )
+    p.set_defaults(func=cmd_export)
+
+    p = sub.add_parser(
+        "apply",
+        help="edit images with an exported student",
+        description="Edit image files with an exported student. Example:\n"
+        "  p2pz apply models/cat-dog photos/*.jpg --out edited/",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("model", help="an exported model folder (p2pz export)")
+    p.add_argument("images", nargs="+", help="image files or folders of images")
+    p.add_argument("--out", required=True, help="output folder; each result is <name>.png")
+    p.add_argument(
+        "--backend",
+        default="eager",
+        choices=["eager", "pt2", "onnx"],
+        help="how to run the model (default: eager)",
+    )
+    p.add_argument("--batch-size", type=int, default=8)
+    p.set_defaults(func=cmd_apply)
+
+    p = sub.add_parser(
+        "bench",
+        help="latency of an exported student per backend, vs the teacher and the device's matmul peak",
+        description=(
+            "Measure an exported student: p50/p90/p99 latency and images/s per backend (eager, "
+            "torch.compile, .pt2, onnxruntime) and batch size, the teacher's time for one edit at the same "
+            "resolution and the ratio, and a roofline figure (achieved FLOP/s over a matmul peak measured "
+            "in the same run). Writes JSON and a PNG chart beside it. Example:\n"
+            "  p2pz bench models/cat-dog --out bench.json"
+        ),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("model", help="an exported model folder (p2pz export)")
+    p.add_argument(
+        "--out", default="bench.json", help="JSON report path; the chart is written beside it (.png)"
+    )
+    p.add_argument("--batches", default="1,4,16", help="comma-separated batch sizes (default: 1,4,16)")
+    p.add_argument(
+        "--backends",
+        default="eager,compile,pt2,onnx",
+        help="comma-separated backends (default: eager,compile,pt2,onnx)",
+    )
+    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when present)")
+    p.add_argument("--iters", type=int, default=20, help="timed calls per backend and batch (default: 20)")
+    p.add_argument("--warmup", type=int, default=3, help="untimed calls first (default: 3)")
+    p.add_argument(
+        "--teacher",
+        default=None,
+        help="teacher model for the speed-up figure (default: the one recorded in the package)",
+    )
+    p.add_argument(
+        "--teacher-steps", type=int, default=None, help="teacher DDIM steps (default: its preset's)"
+    )
+    p.set_defaults(func=cmd_bench)
+
+
+def _csv(text: str) -> list[str]:
+    return [t.strip() for t in text.split(",") if t.strip()]
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from student.export import export_package
+
+    out = export_package(args.checkpoint, args.out, formats=tuple(_csv(args.formats)))
+    print(f"exported {args.checkpoint} -> {out}")
+    return 0
+
+
+def _image_files(paths: list[str]) -> list[Path]:
+    files: list[Path] = []
+    for item in paths:
+        path = Path(item)
+        if path.is_dir():
+            files.extend(sorted(p for p in path.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES))
+        elif path.is_file():
+            files.append(path)
+        else:
+            raise UserError(f"no such image or folder: {item}")
+    if not files:
+        raise UserError(f"no images found in {' '.join(paths)}")
+    return files
+
+
+def cmd_apply(args: argparse.Namespace) -> int:
+    from PIL import Image, UnidentifiedImageError
+    from tqdm import tqdm
+
+    from student.export import apply_to_images, load_exported, read_config, save_image_atomic
+
+    files = _image_files(args.images)
+    images = []
+    for path in files:  # read everything first: a bad file stops the job before anything is written
+        try:
+            with Image.open(path) as im:
+                images.append(im.convert("RGB"))
+        except (UnidentifiedImageError, OSError) as err:
+            raise UserError(f"cannot read image {path}: {err}") from err
+    config = read_config(args.model)
+    model = load_exported(args.model, args.backend)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    names: set[str] = set()
+    for start in tqdm(range(0, len(images), args.batch_size), desc="editing", unit="batch"):
+        chunk = files[start : start + args.batch_size]
+        edited = apply_to_images(model, config["resolution"], images[start : start + args.batch_size])
+        for path, image in zip(chunk, edited):
+            name = path.stem
+            while name in names:  # same stem in two folders: keep both
+                name += "_"
+            names.add(name)
+            save_image_atomic(image, out / f"{name}.png")
+    print(f"wrote {len(files)} edited images to {out}")
+    return 0
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    from tqdm import tqdm
+
+    from student.bench import run_benchmark, write_report
+
+    batches = [int(b) for b in _csv(args.batches)]
+    bar = tqdm(desc="bench", unit="step")
+
+    def progress(msg: str) -> None:
+        bar.set_postfix_str(msg)
+        bar.update(1)
+
+    report = run_benchmark(
+        args.model,
+        batches=batches,
+        backends=_csv(args.backends),
+        device=args.device,
+        warmup=args.warmup,
+        iters=args.iters,
+        teacher_model=args.teacher,
+        teacher_steps=args.teacher_steps,
+        progress=progress,
+    )
+    bar.close()
+    path, chart = write_report(report, Path(args.out))
+    print(json.dumps({k: report[k] for k in ("teacher_ms", "teacher_over_student", "roofline_fraction")}))
+    print(f"wrote {path} and {chart}")
+    return 0

@@ -1,0 +1,100 @@
+"""Per-edit packages: export parity across backends, safe loading, p2pz apply and p2pz bench."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from p2pz.cli import main
+from p2pz.errors import UserError
+
+
+@pytest.fixture(scope="module")
+def package(tmp_path_factory):
+    """A lite student at 64 px with random weights, saved as train.py saves it, then exported."""
+    from student.export import export_package
+    from student.training import StudentModule
+
+    root = tmp_path_factory.mktemp("export")
+    torch.manual_seed(0)
+    module = StudentModule(resolution=64, preset="lite", lpips_weight=0.0)
+    for p in module.g_ema.parameters():  # make the EMA weights differ from G's: export must take g_ema
+        p.data.add_(0.01 * torch.randn_like(p))
+    checkpoint = {"state_dict": module.state_dict(), "generator_config": dict(module.g_ema.config),
+                  "global_step": 7, "hyper_parameters": dict(module.hparams)}
+    torch.save(checkpoint, root / "last.ckpt")
+    out = export_package(root / "last.ckpt", root / "model")
+    return out, module.g_ema.eval()
+
+
+def test_backends_agree_with_eager(package):
+    from student.export import load_exported
+
+    model_dir, g_ema = package
+    x = torch.rand(3, 3, 64, 64) * 2 - 1  # batch 3: not the export example's batch, so the dim is dynamic
+    with torch.no_grad():
+        reference = g_ema(x)
+        outputs = {b: load_exported(model_dir, b)(x) for b in ("eager", "pt2", "onnx")}
+    for backend, y in outputs.items():
+        assert y.shape == reference.shape
+        assert (y - reference).abs().max().item() < 1e-4, backend
+
+
+def test_package_contents(package):
+    from safetensors import safe_open
+
+    model_dir, g_ema = package
+    config = json.loads((model_dir / "config.json").read_text())
+    assert config["generator"] == json.loads(json.dumps(dict(g_ema.config)))
+    assert config["training"]["step"] == 7
+    assert set(config["files"]) == {"weights", "pt2", "onnx"}
+    with safe_open(model_dir / "generator.safetensors", "pt") as f:
+        assert set(f.keys()) == set(g_ema.state_dict())
+
+
+def test_apply_cli(package, tmp_path):
+    model_dir, _ = package
+    inputs = tmp_path / "in"
+    inputs.mkdir()
+    Image.fromarray(np.full((80, 100, 3), 200, np.uint8)).save(inputs / "a.png")
+    Image.fromarray(np.zeros((64, 64), np.uint8)).save(inputs / "b.jpg")  # grayscale
+    assert main(["apply", str(model_dir), str(inputs), "--out", str(tmp_path / "out"), "--backend", "onnx"]) == 0
+    a = Image.open(tmp_path / "out" / "a.png")
+    assert a.size == (100, 80) and a.mode == "RGB"
+    assert (tmp_path / "out" / "b.png").exists()
+
+
+def test_apply_bad_input_writes_nothing(package, tmp_path):
+    model_dir, _ = package
+    (tmp_path / "bad.png").write_text("not an image")
+    assert main(["apply", str(model_dir), str(tmp_path / "bad.png"), "--out", str(tmp_path / "out")]) == 2
+    assert not (tmp_path / "out").exists()
+
+
+def test_load_rejects_non_package(tmp_path):
+    from student.export import load_exported
+
+    with pytest.raises(UserError, match="not an exported student"):
+        load_exported(tmp_path)
+
+
+def test_bench_json_has_every_field(package, tiny_model_dir, tmp_path):
+    model_dir, _ = package
+    out = tmp_path / "bench.json"
+    code = main(["bench", str(model_dir), "--out", str(out), "--batches", "1,2", "--backends", "eager,pt2,onnx",
+                 "--iters", "2", "--warmup", "1", "--teacher", str(tiny_model_dir), "--teacher-steps", "2"])
+    assert code == 0
+    report = json.loads(out.read_text())
+    for backend in ("eager", "pt2", "onnx"):
+        for batch in ("1", "2"):
+            row = report["student"][backend][batch]
+            assert {"p50_ms", "p90_ms", "p99_ms", "images_per_s"} <= set(row)
+            assert row["p50_ms"] > 0 and row["p50_ms"] <= row["p99_ms"]
+    assert report["teacher_ms"] > 0
+    assert report["teacher_over_student"] > 0
+    assert 0 < report["roofline_fraction"] < 10
+    assert out.with_suffix(".png").stat().st_size > 1000

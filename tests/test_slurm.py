@@ -1,0 +1,243 @@
+"""The project's sbatch scripts, run for real on a one-node SLURM cluster on localhost.
+
+Slow (run by .ci/run, which installs SLURM with .ci/install_slurm.sh); skipped where the SLURM and
+munge binaries are absent. On the tiny teacher and the `tiny` student config:
+
+1. slurm/generate.sbatch as an array of 3 tasks: the tasks' shards are disjoint, complete and the
+   same as a single-task run's; a re-run of one task skips its finished shards;
+2. slurm/train.sbatch trains to the end and leaves last.ckpt at max_steps;
+3. slurm/train.sbatch sent SIGUSR1 mid-run: Lightning writes hpc_ckpt_1.ckpt and requeues the
+   job, which resumes from that checkpoint and stops at the same max_steps.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import tarfile
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+from slurm_cluster import SlurmCluster, slurm_cluster  # noqa: F401  (slurm_cluster is the fixture)
+
+pytestmark = pytest.mark.slow
+
+REPO = Path(__file__).resolve().parents[1]
+GENERATE = REPO / "slurm" / "generate.sbatch"
+TRAIN = REPO / "slurm" / "train.sbatch"
+GEN_TASKS = 3
+EDITS = ["cat:dog", "circle:square"]
+NUM_SYNTHETIC = 3  # inputs per edit: 6 pairs in 4 shards of <= 2 (shards hold one edit), 2+1+1 per task
+TRAIN_STEPS = 4
+REQUEUE_STEPS = 12
+
+
+def _timed(label: str, started: float) -> None:
+    print(f"[slurm timing] {label}: {time.monotonic() - started:.1f} s", file=sys.stderr)
+
+
+def _sbatch_wait(cluster: SlurmCluster, args: list[str], env: dict[str, str] | None = None,
+                 timeout: float = 300) -> subprocess.CompletedProcess:
+    """``sbatch --wait`` from the repository root: returns once the job (every array task) ended,
+    with the job's exit code (the highest over an array's tasks) as the return code."""
+    return subprocess.run(["sbatch", "--wait", *args], cwd=REPO, env={**cluster.env, **(env or {})},
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def _run_job(cluster: SlurmCluster, args: list[str], logs: Path, env: dict[str, str] | None = None,
+             timeout: float = 300) -> None:
+    """Submit from the repository root and poll until every task ended (faster than ``sbatch
+    --wait``, whose polling interval grows to 10 s); each task must have completed with exit 0."""
+    job = cluster.sbatch(args, env=env, cwd=REPO)
+    cluster.wait(job, timeout=timeout)
+    records = cluster.job(job)
+    failed = [r for r in records if r["JobState"] != "COMPLETED" or r["ExitCode"] != "0:0"]
+    assert not failed, f"{failed}\n{_read_logs(logs, '*.out')}"
+
+
+def _read_logs(pattern_dir: Path, glob: str) -> str:
+    return "\n".join(f"--- {p.name}\n{p.read_text()}" for p in sorted(pattern_dir.glob(glob)))
+
+
+def _shard_contents(folder: Path) -> dict[str, dict[str, bytes]]:
+    """{shard name: {member name: bytes}} for the images of every finished shard in a folder."""
+    out = {}
+    for shard in sorted(folder.glob("pairs-*.tar")):
+        with tarfile.open(shard) as tar:
+            out[shard.name] = {
+                m.name: tar.extractfile(m).read() for m in tar.getmembers() if m.name.endswith(".png")
+            }
+    return out
+
+
+def _manifest(folder: Path, task: int, tasks: int) -> list[dict]:
+    path = folder / f"manifest-{task:05d}-of-{tasks:05d}.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+@pytest.fixture(scope="module")
+def generate_config(tmp_path_factory, tiny_model_dir) -> Path:
+    folder = tmp_path_factory.mktemp("generate")
+    config = {
+        "model": str(tiny_model_dir),
+        "edit": EDITS,
+        "synthetic": True,
+        "num_synthetic": NUM_SYNTHETIC,
+        "samples_per_shard": 2,
+        "batch_size": 2,
+        "steps": 2,
+        "num_sentences": 4,  # sentences per concept for the edit directions
+        "seed": 0,
+        "device": "cpu",
+        "out": str(folder / "default-out"),
+    }
+    path = folder / "tiny.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+@pytest.fixture(scope="module")
+def generated(slurm_cluster: SlurmCluster, generate_config: Path) -> Path:  # noqa: F811
+    """The array job's output folder (generate.sbatch, 3 tasks)."""
+    out = generate_config.parent / "pairs"
+    logs = generate_config.parent / "logs"
+    logs.mkdir()
+    started = time.monotonic()
+    _run_job(
+        slurm_cluster,
+        [f"--array=0-{GEN_TASKS - 1}", f"--output={logs}/%x-%A_%a.out", str(GENERATE), str(generate_config)],
+        logs,
+        env={"OUT": str(out)},
+    )
+    _timed(f"generate.sbatch, array of {GEN_TASKS}", started)
+    return out
+
+
+def test_cluster_runs_jobs(slurm_cluster: SlurmCluster, tmp_path: Path) -> None:  # noqa: F811
+    """The fixture itself: array tasks see their ids, and ``sbatch --wait`` returns a job's exit code."""
+    started = time.monotonic()
+    job = slurm_cluster.sbatch(
+        ["--array=0-2", f"--output={tmp_path}/%a.out", "--wrap",
+         "echo $SLURM_ARRAY_TASK_ID/$SLURM_ARRAY_TASK_COUNT"]
+    )
+    assert slurm_cluster.wait(job, timeout=60)["JobState"] == "COMPLETED"
+    assert sorted((tmp_path / f"{i}.out").read_text().strip() for i in range(3)) == ["0/3", "1/3", "2/3"]
+    failed = _sbatch_wait(slurm_cluster, [f"--output={tmp_path}/fail.out", "--wrap", "exit 3"], timeout=60)
+    assert failed.returncode == 3
+    _timed("fixture self-check (array of 3 + failing job)", started)
+
+
+def test_generate_array_is_split_of_single_run(generated: Path, generate_config: Path,
+                                               tmp_path: Path) -> None:
+    shards_per_task = {}
+    for task in range(GEN_TASKS):
+        records = _manifest(generated, task, GEN_TASKS)
+        assert records[-1]["event"] == "done", records
+        shards_per_task[task] = {r["shard"] for r in records if r["event"] == "shard"}
+    # Disjoint and complete: every shard written by exactly one task.
+    all_shards = [name for names in shards_per_task.values() for name in names]
+    assert len(all_shards) == len(set(all_shards)) == 4
+    assert all(shards_per_task.values()), shards_per_task
+    contents = _shard_contents(generated)
+    assert set(contents) == set(all_shards)
+    samples = [key for members in contents.values() for key in {name.split(".")[0] for name in members}]
+    assert len(samples) == len(set(samples)) == len(EDITS) * NUM_SYNTHETIC, "a pair is missing or duplicated"
+
+    # The union of the tasks equals a single-task run of the same config.
+    started = time.monotonic()
+    single = tmp_path / "single"
+    subprocess.run(
+        ["p2pz", "generate", "--config", str(generate_config), "--out", str(single), "--no-progress"],
+        check=True, capture_output=True, cwd=tmp_path, timeout=300,
+    )
+    _timed("single-task p2pz generate for comparison", started)
+    assert _shard_contents(single) == contents
+
+
+def test_generate_rerun_skips_finished_shards(slurm_cluster: SlurmCluster, generated: Path,  # noqa: F811
+                                              generate_config: Path, tmp_path: Path) -> None:
+    """Re-running task 1 alone (NUM_TASKS, --array=1) leaves its finished shards untouched."""
+    before = {p.name: p.stat().st_mtime_ns for p in generated.glob("pairs-*.tar")}
+    started = time.monotonic()
+    _run_job(
+        slurm_cluster,
+        ["--array=1", f"--output={tmp_path}/%x-%A_%a.out", str(GENERATE), str(generate_config)],
+        tmp_path,
+        env={"OUT": str(generated), "NUM_TASKS": str(GEN_TASKS)},
+    )
+    _timed("generate.sbatch re-run of task 1", started)
+    assert {p.name: p.stat().st_mtime_ns for p in generated.glob("pairs-*.tar")} == before
+    rerun = [r for r in _manifest(generated, 1, GEN_TASKS) if r["event"] == "start"][-1]
+    assert rerun["shards_finished_before"] == rerun["shards_owned"] > 0
+
+
+def _global_step(checkpoint: Path) -> int:
+    import torch
+
+    return int(torch.load(checkpoint, map_location="cpu", weights_only=False)["global_step"])
+
+
+def test_train_runs_to_last_checkpoint(slurm_cluster: SlurmCluster, generated: Path,  # noqa: F811
+                                       tmp_path: Path) -> None:
+    run_dir = tmp_path / "run"
+    started = time.monotonic()
+    _run_job(
+        slurm_cluster,
+        [f"--output={tmp_path}/%x-%j.out", str(TRAIN), "--trainer.max_steps", str(TRAIN_STEPS)],
+        tmp_path,
+        env={"CONFIG": "configs/tiny.yaml", "SHARDS": str(generated), "RUN_DIR": str(run_dir)},
+    )
+    _timed(f"train.sbatch, tiny, {TRAIN_STEPS} steps", started)
+    assert _global_step(run_dir / "checkpoints" / "last.ckpt") == TRAIN_STEPS
+    assert not list(run_dir.glob("hpc_ckpt_*.ckpt"))
+
+
+def test_train_requeue_on_sigusr1_resumes(slurm_cluster: SlurmCluster, generated: Path,  # noqa: F811
+                                          tmp_path: Path) -> None:
+    run_dir = tmp_path / "run"
+    last = run_dir / "checkpoints" / "last.ckpt"
+    started = time.monotonic()
+    job = slurm_cluster.sbatch(
+        [f"--output={tmp_path}/train.out", str(TRAIN), "--trainer.max_steps", str(REQUEUE_STEPS),
+         "--checkpoint.every_n_train_steps", "2",
+         "--data.num_workers", "1"],  # a DataLoader worker, as on a cluster, must survive the signal
+        env={"CONFIG": "configs/tiny.yaml", "SHARDS": str(generated), "RUN_DIR": str(run_dir)},
+        cwd=REPO,
+    )
+    # Signal once training is under way (Lightning's handlers are set when fit starts).
+    deadline = time.monotonic() + 180
+    while not last.exists():
+        state = slurm_cluster.job(job)[-1]["JobState"]
+        assert state in {"PENDING", "RUNNING"} and time.monotonic() < deadline, (
+            f"{state}\n{(tmp_path / 'train.out').read_text()}"
+        )
+        time.sleep(0.2)
+    _timed("requeue test: submit to first checkpoint", started)
+    slurm_cluster.run(["scancel", "--signal=USR1", job])
+
+    # Lightning saves hpc_ckpt_1.ckpt and runs `scontrol requeue`: the job comes back PENDING, held
+    # until a BeginTime ~2 minutes away; start it now.
+    record = slurm_cluster.wait_state(job, {"PENDING"}, timeout=120)
+    assert record["Restarts"] == "1", record
+    _timed("requeue test: until requeued", started)
+    slurm_cluster.run(["scontrol", "update", f"JobId={job}", "StartTime=now"])
+    record = slurm_cluster.wait(job, timeout=240)
+    _timed(f"requeue test: whole ({REQUEUE_STEPS} steps, one requeue)", started)
+
+    log = (tmp_path / "train.out").read_text()
+    assert record["JobState"] == "COMPLETED" and record["ExitCode"] == "0:0", log
+    # SLURM signals every process of the step, DataLoader workers included; forked after Lightning set
+    # its handler, a worker would run it too: save its stale copy of the model over hpc_ckpt_1.ckpt
+    # and requeue the job a second time. Workers must ignore SIGUSR1.
+    assert log.count("Handling auto-requeue signal") == 1, log
+    hpc = run_dir / "hpc_ckpt_1.ckpt"
+    assert sorted(p.name for p in run_dir.glob("hpc_ckpt_*.ckpt")) == [hpc.name], log
+    interrupted_at = _global_step(hpc)
+    assert 0 < interrupted_at < REQUEUE_STEPS, log
+    assert _global_step(last) == REQUEUE_STEPS
+    # The second start of the script resumed from the hpc checkpoint, not from scratch.
+    assert "(restart 1)" in log and f"resume from {hpc}" in log, log
+    assert f"Restored all states from the checkpoint at {hpc}" in log, log
