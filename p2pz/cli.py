@@ -18,6 +18,11 @@ from p2pz.errors import UserError
 # Modules that add subcommands, in the order they appear in ``p2pz --help``.
 COMMAND_MODULES = [
     "teacher.commands",
+    "teacher.edit_cli",
+    "data.commands",
+    "data.eval.commands",
+    "student.commands",
+    "p2pz.demo",
 ]
 
 

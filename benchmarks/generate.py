@@ -1,0 +1,315 @@
+"""Throughput of teacher mass production and of the training reader, measured in one run.
+
+    python benchmarks/generate.py [--pairs 8] [--steps 10] [--device cpu]
+
+1. ``p2pz generate`` on the tiny random-weight teacher (built on the fly): pairs/hour at batch 1 and
+   at batch 4, same inputs and settings, after a warm-up (the edit direction is computed before the
+   clock starts, as a real job reuses it for every pair).
+2. The reader: samples/s of ``pair_loader`` (one process, augmentation on) over pairs stored at the
+   real teacher's 512 px, decoded to the student's 256 px.
+3. What one student training step consumes: the time of one generator + discriminator step of the
+   lite student (``student.networks``) at that batch size and resolution, if it exists; otherwise a
+   stand-in (said so in the output). The ratio reader samples/s / (batch / step time) says how many
+   times faster the reader is than training needs (>1: the reader keeps up with one worker).
+
+The last line is one JSON object with ``pairs_per_hour_b1``, ``pairs_per_hour_b4`` and
+``reader_to_training_ratio``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+from PIL import Image  # noqa: E402
+
+NUM_SENTENCES = 16  # the direction is computed once before timing; a small bank keeps the run short
+
+
+def make_inputs(folder: Path, count: int, size: int) -> None:
+    rng = np.random.default_rng(0)
+    folder.mkdir(parents=True, exist_ok=True)
+    for i in range(count):
+        base = rng.integers(0, 256, (8, 8, 3), dtype=np.uint8)
+        Image.fromarray(base).resize((size, size), Image.BICUBIC).save(folder / f"cat{i:04d}.png")
+
+
+def bench_generate(
+    model_dir: Path, inputs: Path, work: Path, batch_size: int, steps: int, device: str, teacher
+) -> dict:
+    from data.generate import Settings, run
+
+    out = work / f"pairs-b{batch_size}"
+    settings = Settings(
+        model=str(model_dir),
+        edit=["cat:dog"],
+        inputs=str(inputs),
+        out=str(out),
+        samples_per_shard=1000,
+        num_sentences=NUM_SENTENCES,
+        batch_size=batch_size,
+        steps=steps,
+        device=device,
+        progress=False,
+        task_index=0,
+        num_tasks=1,
+    )
+    done = run(settings, teacher=teacher)
+    return {
+        "batch_size": batch_size,
+        "pairs": done["samples_written"],
+        "seconds": done["seconds"],
+        "pairs_per_hour": done["samples_written"] / done["seconds"] * 3600,
+    }
+
+
+def write_reader_data(folder: Path, count: int, size: int) -> None:
+    from data.shards import atomic_shard
+
+    rng = np.random.default_rng(1)
+
+    def png(array):
+        buffer = io.BytesIO()
+        Image.fromarray(array).save(buffer, format="PNG")
+        return buffer.getvalue()
+
+    per_shard = 16
+    for index in range((count + per_shard - 1) // per_shard):
+        with atomic_shard(folder, index) as shard:
+            for j in range(min(per_shard, count - index * per_shard)):
+                # photo-like content (smooth + noise) so PNG sizes resemble real pairs
+                base = rng.integers(0, 256, (16, 16, 3), dtype=np.uint8)
+                img = np.asarray(Image.fromarray(base).resize((size, size), Image.BICUBIC)).astype(np.int16)
+                img = np.clip(img + rng.integers(-6, 7, img.shape), 0, 255).astype(np.uint8)
+                shard.write(
+                    {
+                        "__key__": f"k{index:04d}_{j:03d}",
+                        "src.png": png(img),
+                        "edit.png": png(255 - img),
+                        "json": {"i": j},
+                    }
+                )
+
+
+def bench_reader(folder: Path, batch_size: int, resolution: int, batches: int) -> float:
+    from data.reader import list_shards, pair_loader
+
+    loader = pair_loader(
+        list_shards(folder),
+        batch_size=batch_size,
+        resolution=resolution,
+        augment=True,
+        resampled=True,
+        epoch_length=batches + 2,
+        num_workers=0,
+    )
+    iterator = iter(loader)
+    for _ in range(2):  # warm-up: first shard open, buffers
+        next(iterator)
+    start = time.perf_counter()
+    count = sum(len(batch["__key__"]) for batch in iterator)
+    return count / (time.perf_counter() - start)
+
+
+def training_step_seconds(batch_size: int, resolution: int, device: str, repeats: int) -> tuple[float, str]:
+    """Seconds of one G + D optimisation step of the lite student, or of a stand-in."""
+    x = torch.randn(batch_size, 3, resolution, resolution, device=device)
+    y = torch.randn(batch_size, 3, resolution, resolution, device=device)
+    try:
+        from student.networks import Discriminator, Generator  # noqa: F401
+
+        generator, discriminator, what = _lite_student(resolution, device)
+    except Exception as err:  # noqa: BLE001 - any failure: say what was timed instead
+        generator, discriminator = _stand_in(device)
+        what = (
+            f"STAND-IN conv G+D (student.networks unavailable: {type(err).__name__}: "
+            f"{str(err).splitlines()[0] if str(err) else ''})"
+        )
+    opt_g = torch.optim.Adam(generator.parameters(), 2e-3, betas=(0.0, 0.99))
+    opt_d = torch.optim.Adam(discriminator.parameters(), 2e-3, betas=(0.0, 0.99))
+
+    def step():
+        fake = generator(x)
+        d_loss = (
+            torch.nn.functional.softplus(discriminator(fake.detach(), x)).mean()
+            + torch.nn.functional.softplus(-discriminator(y, x)).mean()
+        )
+        opt_d.zero_grad(set_to_none=True)
+        d_loss.backward()
+        opt_d.step()
+        g_loss = torch.nn.functional.softplus(-discriminator(generator(x), x)).mean()
+        opt_g.zero_grad(set_to_none=True)
+        g_loss.backward()
+        opt_g.step()
+
+    step()  # warm-up
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    for _ in range(repeats):
+        step()
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+    return (time.perf_counter() - start) / repeats, what
+
+
+def _lite_student(resolution: int, device: str):
+    """The lite student's G and D, called as G(x) -> image and D(image, condition) -> logits."""
+    import inspect
+
+    from student.networks import Discriminator, Generator
+
+    kwargs = {}
+    params = inspect.signature(Generator).parameters
+    if "resolution" in params:
+        kwargs["resolution"] = resolution
+    if "preset" in params:
+        kwargs["preset"] = "lite"
+    generator = Generator(**kwargs).to(device)
+    dkwargs = {k: v for k, v in kwargs.items() if k in inspect.signature(Discriminator).parameters}
+    discriminator = Discriminator(**dkwargs).to(device)
+
+    class G(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.net = generator
+
+        def forward(self, x):
+            out = self.net(x)
+            return out[0] if isinstance(out, (tuple, list)) else out
+
+    class D(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.net = discriminator
+
+        def forward(self, image, condition):
+            try:
+                return self.net(image, condition)
+            except TypeError:
+                return self.net(torch.cat([image, condition], 1))
+
+    return G(), D(), f"lite student G+D step (student.networks, kwargs {kwargs})"
+
+
+def _stand_in(device: str):
+    conv = torch.nn.Conv2d
+
+    class G(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.net = torch.nn.Sequential(
+                conv(3, 32, 3, 1, 1),
+                torch.nn.LeakyReLU(0.2),
+                conv(32, 32, 3, 1, 1),
+                torch.nn.LeakyReLU(0.2),
+                conv(32, 3, 3, 1, 1),
+                torch.nn.Tanh(),
+            )
+
+        def forward(self, x):
+            return self.net(x)
+
+    class D(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.net = torch.nn.Sequential(
+                conv(6, 32, 4, 2, 1),
+                torch.nn.LeakyReLU(0.2),
+                conv(32, 64, 4, 2, 1),
+                torch.nn.LeakyReLU(0.2),
+                conv(64, 1, 3, 1, 1),
+            )
+
+        def forward(self, image, condition):
+            return self.net(torch.cat([image, condition], 1))
+
+    return G().to(device), D().to(device)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--pairs", type=int, default=8, help="pairs per generate measurement (default 8)")
+    parser.add_argument("--steps", type=int, default=10, help="teacher DDIM steps (default 10)")
+    parser.add_argument("--size", type=int, default=64, help="teacher input size in px (default 64)")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--batch", type=int, default=8, help="student batch size (default 8)")
+    parser.add_argument("--resolution", type=int, default=256, help="student resolution (default 256)")
+    args = parser.parse_args()
+
+    from data.generate import Settings, ensure_direction, load_teacher, resolve_edits
+    from teacher.tiny import make_tiny
+
+    with tempfile.TemporaryDirectory() as tmp:
+        work = Path(tmp)
+        model_dir = make_tiny(work / "tiny-sd", seed=0)
+        inputs = work / "inputs"
+        make_inputs(inputs, args.pairs, args.size)
+        settings = Settings(
+            model=str(model_dir), edit=["cat:dog"], device=args.device, num_sentences=NUM_SENTENCES
+        )
+        teacher = load_teacher(settings)
+        ensure_direction(teacher, resolve_edits(settings)[0], settings)  # cached by the teacher
+        warm = work / "warm"
+        make_inputs(warm, 2, args.size)
+        bench_generate(model_dir, warm, work, 2, args.steps, args.device, teacher)  # warm-up
+
+        results = {
+            b: bench_generate(model_dir, inputs, work, b, args.steps, args.device, teacher) for b in (1, 4)
+        }
+        for r in results.values():
+            print(
+                f"generate batch {r['batch_size']}: {r['pairs']} pairs in {r['seconds']:.2f} s "
+                f"-> {r['pairs_per_hour']:,.0f} pairs/hour (tiny teacher, {args.steps} steps, "
+                f"{args.size} px, {args.device})"
+            )
+
+        reader_dir = work / "reader"
+        write_reader_data(reader_dir, 64, 512)
+        reader_rate = bench_reader(reader_dir, args.batch, args.resolution, batches=24)
+        print(
+            f"reader: {reader_rate:.1f} samples/s (512 px PNG pairs -> {args.resolution} px, augment, "
+            f"1 process)"
+        )
+
+        step_s, what = training_step_seconds(args.batch, args.resolution, args.device, repeats=3)
+        consumed = args.batch / step_s
+        print(
+            f"training step: {step_s * 1000:.0f} ms for batch {args.batch} at {args.resolution} px "
+            f"= {consumed:.1f} samples/s consumed; timed: {what}"
+        )
+        ratio = reader_rate / consumed
+        print(f"reader / training = {ratio:.2f} (with N DataLoader workers the reader scales about N times)")
+
+    print(
+        json.dumps(
+            {
+                "pairs_per_hour_b1": round(results[1]["pairs_per_hour"], 1),
+                "pairs_per_hour_b4": round(results[4]["pairs_per_hour"], 1),
+                "batch4_speedup": round(results[4]["pairs_per_hour"] / results[1]["pairs_per_hour"], 3),
+                "reader_samples_per_s": round(reader_rate, 2),
+                "training_samples_per_s": round(consumed, 2),
+                "reader_to_training_ratio": round(ratio, 3),
+                "training_step_timed": what,
+                "device": args.device,
+            }
+        )
+    )
+
+
+if __name__ == "__main__":
+    main()

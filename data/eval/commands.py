@@ -1,0 +1,401 @@
+"""``p2pz eval``: score edits, on the shapes world (against ground truth) or with the paper's metrics.
+
+    p2pz eval --world --model data/toy_model --edit circle:square --scenes 100 --out runs/eval
+    p2pz eval --pairs runs/pairs --out runs/eval-pairs
+
+``--world`` has the teacher edit seeded world scenes and scores every edit with the oracle;
+``--pairs`` scores existing (input, edit) pairs from WebDataset shards (``p2pz generate``): pairs of
+the shapes world with the world's metrics, other pairs with CLIP-Acc, BG LPIPS and Structure Dist.
+Both write ``metrics.json`` and ``grid.png`` (input | edit, with scores) into ``--out``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import logging
+import math
+import tarfile
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+from p2pz.errors import UserError
+
+log = logging.getLogger(__name__)
+
+GRID_PAIRS = 24  # pairs shown in grid.png
+GRID_COLUMNS = 4  # pairs per grid row
+TILE = 128  # px per image in the grid
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser(
+        "eval",
+        help="score edits: the teacher on shapes-world scenes, or existing pairs with the paper's metrics",
+        description=__doc__.replace("``", "'"),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    what = p.add_mutually_exclusive_group(required=True)
+    what.add_argument(
+        "--world", action="store_true", help="edit seeded shapes-world scenes with the teacher and score them"
+    )
+    what.add_argument(
+        "--pairs",
+        metavar="SHARDS_OR_DIR",
+        help="score the pairs in these WebDataset shards (folder, glob or brace pattern)",
+    )
+    p.add_argument("--out", required=True, metavar="DIR", help="output folder for metrics.json and grid.png")
+
+    w = p.add_argument_group("--world")
+    w.add_argument(
+        "--model", default="data/toy_model", help="teacher model folder or id (default: data/toy_model)"
+    )
+    w.add_argument(
+        "--edit",
+        action="append",
+        metavar="SRC:TGT",
+        help="world edit, e.g. circle:square or red:blue (repeatable; default circle:square)",
+    )
+    w.add_argument("--scenes", type=int, default=100, help="scenes per edit (default 100)")
+    w.add_argument(
+        "--steps",
+        type=int,
+        default=None,
+        help="DDIM steps of inversion and editing (default: the preset's, 50)",
+    )
+    w.add_argument(
+        "--xa-guidance",
+        type=float,
+        default=None,
+        help="cross-attention guidance step (default: the preset's)",
+    )
+    w.add_argument(
+        "--guidance-scale",
+        type=float,
+        default=None,
+        help="classifier-free guidance of the edit (default: the preset's)",
+    )
+    w.add_argument(
+        "--row",
+        choices=("word_swap", "direction", "direction_xa"),
+        default="direction_xa",
+        help="how to edit: plain word swap, directions without guidance, or directions with "
+        "cross-attention guidance (default: direction_xa, the method)",
+    )
+    w.add_argument(
+        "--sentences",
+        default="world",
+        help="sentence banks for the edit direction: 'world' (the world's captions, default), "
+        "'template' or a text file",
+    )
+    w.add_argument("--preset", default="official", help="teacher preset (default: official)")
+    w.add_argument("--batch-size", type=int, default=8, help="scenes per teacher call (default 8)")
+    w.add_argument("--seed", type=int, default=0, help="seed of the scenes and edits (default 0)")
+    w.add_argument("--device", default="cpu", help="torch device of the teacher (default cpu)")
+
+    r = p.add_argument_group("--pairs")
+    r.add_argument(
+        "--metrics",
+        choices=("auto", "world", "paper"),
+        default="auto",
+        help="auto (default): world metrics for shapes-world pairs, the paper's for the rest",
+    )
+    r.add_argument(
+        "--clip-model", default="openai/clip-vit-base-patch32", help="CLIP for CLIP-Acc (id or folder)"
+    )
+    r.add_argument(
+        "--dino-model", default="facebook/dino-vitb8", help="DINO ViT for Structure Dist (id or folder)"
+    )
+    r.add_argument(
+        "--lpips-backbone",
+        default=None,
+        metavar="FILE",
+        help="torchvision AlexNet state dict for BG LPIPS (default: torchvision's cached copy)",
+    )
+    r.add_argument(
+        "--masks",
+        default=None,
+        metavar="DIR",
+        help="object masks for BG LPIPS, KEY.png per pair (white = object); a mask.png in the "
+        "sample is used too. Pairs without a mask get no BG LPIPS",
+    )
+    r.add_argument(
+        "--skip",
+        action="append",
+        choices=("clip", "lpips", "structure"),
+        default=[],
+        help="leave out one of the paper's metrics (repeatable)",
+    )
+    r.add_argument("--limit", type=int, default=None, help="score at most this many pairs")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    out = Path(args.out)
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--out {out} is a file; give a folder")
+    report = eval_world(args) if args.world else eval_pairs(args)
+    write_outputs(out, report)
+    print(summary_table(report["metrics"]))
+    print(f"wrote {out / 'metrics.json'} and {out / 'grid.png'}")
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------
+# --world
+
+
+def eval_world(args: argparse.Namespace) -> dict:
+    import torch
+    from tqdm.auto import tqdm
+
+    from data.eval.ablation import edit_world_scenes
+    from data.eval.world_metrics import parse_world_edit
+    from data.shapes import world
+    from teacher import Pix2PixZero
+
+    edits = [parse_world_edit(e) for e in (args.edit or ["circle:square"])]
+    if args.scenes < 1:
+        raise UserError(f"--scenes must be at least 1, got {args.scenes}")
+    if not Path(args.model).expanduser().exists() and args.model == "data/toy_model":
+        raise UserError(
+            "the toy model folder data/toy_model does not exist; train it with "
+            "`python -m data.shapes.train_toy` or pass --model DIR"
+        )
+    torch.manual_seed(args.seed)
+    teacher = Pix2PixZero.from_pretrained(args.model, preset=args.preset, device=args.device, captioner=False)
+    metrics, shown = {}, []
+    for edit in edits:
+        scenes = edit.scenes(args.scenes, seed=args.seed)
+        with tqdm(total=len(scenes), desc=f"{edit.name} ({args.row})") as bar:
+            result = edit_world_scenes(
+                teacher,
+                edit,
+                scenes,
+                args.row,
+                num_steps=args.steps,
+                xa_guidance=args.xa_guidance,
+                guidance_scale=args.guidance_scale,
+                batch_size=args.batch_size,
+                sentences=args.sentences,
+                keep_images=True,
+                seed=args.seed,
+                progress=bar,
+            )
+        metrics[edit.name] = {**result.summary(), "per_image": [s.to_dict() for s in result.scores]}
+        for scene, image, score in zip(scenes, result.edited, result.scores):
+            if len(shown) < GRID_PAIRS:
+                shown.append((world.render(scene), image, _world_label(score.to_dict())))
+    settings = {
+        "model": args.model,
+        "row": args.row,
+        "scenes": args.scenes,
+        "seed": args.seed,
+        "sentences": args.sentences,
+        "teacher": teacher.settings,
+        "overrides": {
+            "num_steps": args.steps,
+            "xa_guidance": args.xa_guidance,
+            "guidance_scale": args.guidance_scale,
+        },
+    }
+    return {"kind": "world", "settings": settings, "metrics": metrics, "grid": shown}
+
+
+def _world_label(score: dict) -> str:
+    shift = score.get("centre_shift_px")
+    verdict = "ok" if score["success"] else "FAIL"
+    return f"{verdict} iou {score['iou']:.2f} d {'-' if shift is None else f'{shift:.1f}'}"
+
+
+# ---------------------------------------------------------------------------------------------
+# --pairs
+
+
+def read_pairs(spec: str, limit: int | None = None):
+    """(key, input image, edited image, metadata, mask image or None) from WebDataset shards."""
+    from PIL import Image
+
+    from data.reader import list_shards
+
+    count = 0
+    for url in list_shards(spec):
+        try:
+            tar = tarfile.open(url)
+        except (OSError, tarfile.TarError) as err:
+            log.warning("skipping unreadable shard %s (%s)", url, err)
+            continue
+        samples: dict[str, dict[str, bytes]] = defaultdict(dict)
+        with tar:
+            for member in tar:
+                if not member.isfile():
+                    continue
+                name = Path(member.name).name
+                key, _, ext = name.partition(".")
+                samples[str(Path(member.name).parent / key)][ext] = tar.extractfile(member).read()
+        for key, files in samples.items():
+            if "src.png" not in files or "edit.png" not in files:
+                continue
+            meta = json.loads(files["json"]) if "json" in files else {}
+            mask = Image.open(io.BytesIO(files["mask.png"])).convert("L") if "mask.png" in files else None
+            yield (
+                Path(key).name,
+                Image.open(io.BytesIO(files["src.png"])).convert("RGB"),
+                Image.open(io.BytesIO(files["edit.png"])).convert("RGB"),
+                meta,
+                mask,
+            )
+            count += 1
+            if limit is not None and count >= limit:
+                return
+
+
+def _edit_words(meta: dict) -> tuple[str, str]:
+    edit = meta.get("edit") or {}
+    source, target = edit.get("source"), edit.get("target")
+    if not source or not target:
+        raise UserError(
+            "a pair's json has no edit.source / edit.target; score pairs written by `p2pz generate`"
+        )
+    return str(source), str(target)
+
+
+def eval_pairs(args: argparse.Namespace) -> dict:
+    import numpy as np
+
+    from data.eval import paper_metrics as pm
+    from data.eval.world_metrics import (
+        aggregate,
+        is_world_edit,
+        parse_world_edit,
+        scene_from_image,
+        score_world_edit,
+    )
+
+    world_scores: dict[str, list] = defaultdict(list)
+    paper_pairs: dict[tuple[str, str], list] = defaultdict(list)
+    shown = []
+    n = 0
+    for key, src, edited, meta, mask in read_pairs(args.pairs, args.limit):
+        n += 1
+        source, target = _edit_words(meta)
+        use_world = args.metrics == "world" or (args.metrics == "auto" and is_world_edit(source, target))
+        if use_world:
+            edit = parse_world_edit(f"{source}:{target}")
+            try:
+                scene, masks = scene_from_image(src)
+                score = score_world_edit(scene, edited, edit, input_image=src, input_masks=masks)
+            except (ValueError, UserError) as err:
+                if args.metrics == "world":
+                    log.warning("pair %s: %s; skipped", key, err)
+                    continue
+                use_world = False  # not a world scene after all
+            else:
+                world_scores[edit.name].append(score)
+                if len(shown) < GRID_PAIRS:
+                    shown.append((src, edited, _world_label(score.to_dict())))
+        if not use_world:
+            if mask is None and args.masks:
+                path = Path(args.masks) / f"{key}.png"
+                if path.is_file():
+                    from PIL import Image
+
+                    mask = Image.open(path).convert("L")
+            obj = None if mask is None else np.asarray(mask) >= 128
+            paper_pairs[(source, target)].append((key, src, edited, obj))
+    if n == 0:
+        raise UserError(f"no (src.png, edit.png) pairs found in {args.pairs}")
+
+    metrics: dict[str, Any] = {}
+    for name, scores in world_scores.items():
+        metrics[name] = {"metrics": "world", **aggregate(scores), "per_image": [s.to_dict() for s in scores]}
+    if paper_pairs:
+        clip = pm.ClipAccuracy(args.clip_model) if "clip" not in args.skip else None
+        has_masks = any(p[3] is not None for pairs in paper_pairs.values() for p in pairs)
+        lpips = (
+            pm.BackgroundLPIPS(backbone=args.lpips_backbone)
+            if "lpips" not in args.skip and has_masks
+            else None
+        )
+        structure = pm.StructureDistance(args.dino_model) if "structure" not in args.skip else None
+        for (source, target), pairs in paper_pairs.items():
+            keys, inputs, edits, masks = zip(*pairs)
+            report = pm.score_paper_metrics(
+                list(inputs),
+                list(edits),
+                source,
+                target,
+                list(masks),
+                clip=clip,
+                lpips=lpips,
+                structure=structure,
+            )
+            per = report.get("structure_dist_per_pair") or [math.nan] * len(keys)
+            metrics[f"{source}-{target}"] = {"metrics": "paper", **report}
+            for src, edited, d in zip(inputs, edits, per):
+                if len(shown) < GRID_PAIRS:
+                    shown.append((src, edited, f"{source}->{target} sd {d:.3f}"))
+    return {
+        "kind": "pairs",
+        "settings": {"pairs": str(args.pairs), "count": n},
+        "metrics": metrics,
+        "grid": shown,
+    }
+
+
+# ---------------------------------------------------------------------------------------------
+# Outputs
+
+
+def make_grid(pairs: list) -> Any:
+    """input | edit tiles with a label under each pair, ``GRID_COLUMNS`` pairs per row."""
+    from PIL import Image, ImageDraw
+
+    label_h = 14
+    cols = max(1, min(GRID_COLUMNS, len(pairs)))
+    rows = max(1, math.ceil(len(pairs) / cols))
+    cell_w, cell_h = 2 * TILE + 8, TILE + label_h + 4
+    grid = Image.new("RGB", (cols * cell_w, rows * cell_h), (255, 255, 255))
+    draw = ImageDraw.Draw(grid)
+    for i, (src, edited, label) in enumerate(pairs):
+        x, y = (i % cols) * cell_w, (i // cols) * cell_h
+        for j, image in enumerate((src, edited)):
+            tile = image.convert("RGB").resize((TILE, TILE), Image.Resampling.NEAREST)
+            grid.paste(tile, (x + j * TILE, y))
+        draw.text((x + 2, y + TILE + 1), label, fill=(0, 0, 0))
+    return grid
+
+
+def write_outputs(out: Path, report: dict) -> None:
+    from p2pz.atomic import atomic_path
+
+    out.mkdir(parents=True, exist_ok=True)
+    body = {k: v for k, v in report.items() if k != "grid"}
+    with atomic_path(out / "metrics.json") as tmp:
+        tmp.write_text(json.dumps(body, indent=1, default=str) + "\n")
+    with atomic_path(out / "grid.png", suffix=".png") as tmp:
+        make_grid(report["grid"]).save(tmp, format="PNG")
+
+
+def summary_table(metrics: dict) -> str:
+    lines = []
+    for name, m in metrics.items():
+        fields = [
+            f"{k} {v:.3f}" if isinstance(v, float) else f"{k} {v}"
+            for k, v in m.items()
+            if k
+            in (
+                "n",
+                "success",
+                "iou",
+                "centre_shift_px",
+                "psnr_outside",
+                "clip_acc",
+                "bg_lpips",
+                "structure_dist",
+            )
+        ]
+        lines.append(f"{name}: " + ", ".join(fields))
+    return "\n".join(lines)

@@ -1,0 +1,306 @@
+"""The paper's metrics for edits of real images (pix2pix-zero §5; the reference dossier, §3.3).
+
+- **CLIP-Acc** (higher is better): the share of edited images that CLIP, zero-shot, classifies as
+  the target rather than the source, with the prompts "a photo of a {word}" (the paper does not
+  say which prompts it used). Default model ``openai/clip-vit-base-patch32``.
+- **BG LPIPS** (lower is better): LPIPS between input and edit with the edited object masked out
+  of both (object pixels set to 0 in [-1, 1] in both images, as PnPInversion's evaluation does).
+  The mask comes with the pair (the paper's segmentation model is not known). The backbone
+  (AlexNet by default) needs ImageNet weights: a torchvision state dict given by path, or the
+  file torchvision keeps in its cache; random weights only when asked for (tests).
+- **Structure Dist** (lower is better): the self-similarity distance of Tumanyan et al. (Splicing
+  ViT Features), as img2img-turbo's ``DinoStructureLoss``: resize to 224, ImageNet normalisation,
+  the keys of the last transformer block for every token (CLS included, heads concatenated), the
+  cosine self-similarity matrix of those keys, and the MSE between the input's matrix and the
+  edit's. Default model ``facebook/dino-vitb8`` through transformers' ``ViTModel``; the keys are
+  captured with a forward hook on the last layer's key projection.
+
+Models load by Hugging Face id or local folder; offline with no cached copy, the error says how to
+get them.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from p2pz.errors import UserError
+
+DEFAULT_CLIP = "openai/clip-vit-base-patch32"
+DEFAULT_DINO = "facebook/dino-vitb8"
+CLIP_PROMPT = "a photo of a {word}"
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+STRUCTURE_SIZE = 224  # DinoStructureLoss: images resized to 224 before DINO
+
+
+def load_pretrained(cls: Any, path_or_id: str | os.PathLike, what: str, **kwargs: Any) -> Any:
+    """``cls.from_pretrained`` with a one-line UserError when the weights are not to be had."""
+    text = str(path_or_id)
+    local = Path(text).expanduser()
+    if text.startswith((".", "/", "~")) and not local.exists():
+        raise UserError(f"{what} folder '{text}' does not exist; pass a folder or a Hugging Face id")
+    try:
+        return cls.from_pretrained(str(local) if local.exists() else text, **kwargs)
+    except (OSError, ValueError) as err:
+        if local.exists():
+            first_line = str(err).splitlines()[0] if str(err) else ""
+            raise UserError(
+                f"cannot load the {what} from '{text}' ({type(err).__name__}: {first_line}); "
+                "the folder looks incomplete, write it again"
+            ) from err
+        offline = os.environ.get("HF_HUB_OFFLINE", "0") not in ("", "0")
+        raise UserError(
+            f"the {what} '{text}' is not in the local Hugging Face cache"
+            + (" and HF_HUB_OFFLINE=1 is set" if offline else "")
+            + f"; download it with `huggingface-cli download {text}` on a machine with internet "
+            "(or unset HF_HUB_OFFLINE), or pass a local folder"
+        ) from err
+
+
+def _rgb(image: Image.Image | np.ndarray) -> Image.Image:
+    if isinstance(image, np.ndarray):
+        arr = image if image.dtype == np.uint8 else np.clip(np.rint(image * 255.0), 0, 255).astype(np.uint8)
+        image = Image.fromarray(arr[..., :3])
+    return image.convert("RGB")
+
+
+# ---------------------------------------------------------------------------------------------
+# CLIP-Acc
+
+
+class ClipAccuracy:
+    """Zero-shot CLIP: is each edited image closer to "a photo of a {target}" than to the source's?"""
+
+    def __init__(
+        self, model: str | os.PathLike = DEFAULT_CLIP, device: Any = "cpu", prompt: str = CLIP_PROMPT
+    ):
+        from transformers import AutoProcessor, CLIPModel
+
+        self.model = load_pretrained(CLIPModel, model, "CLIP model").to(device).eval()
+        self.processor = load_pretrained(AutoProcessor, model, "CLIP processor")
+        self.device = device
+        self.prompt = prompt
+
+    @torch.no_grad()
+    def probabilities(self, images: Sequence[Image.Image | np.ndarray], words: Sequence[str]) -> torch.Tensor:
+        """Zero-shot class probabilities ``[images, words]``."""
+        inputs = self.processor(
+            text=[self.prompt.format(word=w) for w in words],
+            images=[_rgb(im) for im in images],
+            return_tensors="pt",
+            padding=True,
+        ).to(self.device)
+        return self.model(**inputs).logits_per_image.float().softmax(-1).cpu()
+
+    def __call__(self, edited: Sequence[Image.Image | np.ndarray], source: str, target: str) -> dict:
+        """``{"clip_acc": share classified as target, "target_prob": per image}``."""
+        if not edited:
+            return {"clip_acc": None, "target_prob": []}
+        probs = self.probabilities(edited, [source, target])
+        return {
+            "clip_acc": float((probs[:, 1] > probs[:, 0]).float().mean()),
+            "target_prob": probs[:, 1].tolist(),
+        }
+
+
+# ---------------------------------------------------------------------------------------------
+# Background LPIPS
+
+
+def _torchvision_backbone(net: str) -> tuple[Any, str]:
+    """An untrained torchvision model for LPIPS's ``net`` and the cache file name of its ImageNet weights."""
+    import torchvision.models as tvm
+
+    makers = {
+        "alex": (tvm.alexnet, tvm.AlexNet_Weights.IMAGENET1K_V1),
+        "vgg": (tvm.vgg16, tvm.VGG16_Weights.IMAGENET1K_V1),
+        "squeeze": (tvm.squeezenet1_1, tvm.SqueezeNet1_1_Weights.IMAGENET1K_V1),
+    }
+    if net not in makers:
+        raise UserError(f"unknown LPIPS network {net!r}; choose one of {', '.join(makers)}")
+    make, weights = makers[net]
+    return make(weights=None), Path(weights.url).name
+
+
+class BackgroundLPIPS:
+    """LPIPS between input and edit outside the edited object (mask: True on the object).
+
+    ``backbone``: a torchvision state-dict file of the network (``alex``: ``alexnet-owt-7be5be79.pth``),
+    None to use torchvision's cached copy, or ``"random"`` for random weights (tests only: the
+    distances then mean nothing). LPIPS's own linear layers ship with the lpips package.
+    """
+
+    def __init__(self, net: str = "alex", backbone: str | os.PathLike | None = None, device: Any = "cpu"):
+        import warnings
+
+        import lpips
+
+        model, file_name = _torchvision_backbone(net)
+        with warnings.catch_warnings():  # lpips calls torchvision with its deprecated 'pretrained'
+            warnings.simplefilter("ignore", UserWarning)
+            self.lpips = lpips.LPIPS(pretrained=True, net=net, pnet_rand=True, verbose=False)
+        if str(backbone) != "random":
+            path = (
+                Path(backbone)
+                if backbone is not None
+                else Path(torch.hub.get_dir()) / "checkpoints" / file_name
+            )
+            if not path.is_file():
+                raise UserError(
+                    f"LPIPS needs the ImageNet weights of its {net} backbone: "
+                    + (
+                        f"'{path}' does not exist"
+                        if backbone is not None
+                        else f"no {file_name} in {path.parent}"
+                    )
+                    + f"; download {file_name} from torchvision and pass it with --lpips-backbone FILE"
+                )
+            try:
+                model.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
+            except Exception as err:
+                raise UserError(
+                    f"'{path}' is not a torchvision {net} state dict ({type(err).__name__})"
+                ) from err
+            # LPIPS wraps the backbone's ``features`` in slices whose children keep their indices.
+            for name, part in self.lpips.net.named_children():
+                if name.startswith("slice"):
+                    for index, layer in part.named_children():
+                        layer.load_state_dict(model.features[int(index)].state_dict())
+        self.lpips = self.lpips.to(device).eval()
+        self.device = device
+        self.backbone = "random" if str(backbone) == "random" else str(backbone or "torchvision cache")
+
+    @staticmethod
+    def _tensor(image: Image.Image | np.ndarray, size: tuple[int, int]) -> torch.Tensor:
+        image = _rgb(image)
+        if image.size != size:
+            image = image.resize(size, Image.Resampling.BICUBIC)
+        return torch.from_numpy(np.asarray(image).copy()).permute(2, 0, 1).float() / 127.5 - 1
+
+    @torch.no_grad()
+    def __call__(
+        self,
+        inputs: Sequence[Image.Image | np.ndarray],
+        edited: Sequence[Image.Image | np.ndarray],
+        object_masks: Sequence[np.ndarray | None],
+    ) -> list[float]:
+        """One distance per pair; a mask of None compares the whole images."""
+        out = []
+        for a, b, mask in zip(inputs, edited, object_masks):
+            a_img = _rgb(a)
+            x, y = self._tensor(a_img, a_img.size), self._tensor(b, a_img.size)
+            if mask is not None:
+                m = np.asarray(mask, dtype=bool)
+                if m.shape != (a_img.size[1], a_img.size[0]):
+                    m = np.asarray(Image.fromarray(m).resize(a_img.size, Image.Resampling.NEAREST))
+                keep = torch.from_numpy(~m).float()[None]
+                x, y = x * keep, y * keep
+            d = self.lpips(x[None].to(self.device), y[None].to(self.device))
+            out.append(float(d.flatten()[0]))
+        return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Structure Dist
+
+
+def last_key_projection(model: torch.nn.Module) -> torch.nn.Module:
+    """The key projection of the last transformer block (``k_proj`` in transformers 5, ``key`` before)."""
+    keys = [
+        m for n, m in model.named_modules() if n.endswith((".attention.k_proj", ".attention.attention.key"))
+    ]
+    if not keys:
+        raise UserError(
+            f"{type(model).__name__} has no attention key projection to read; use a ViT (DINO) model"
+        )
+    return keys[-1]
+
+
+class StructureDistance:
+    """DINO-ViT self-similarity distance (Splicing ViT Features; img2img-turbo's DinoStructureLoss)."""
+
+    def __init__(
+        self, model: str | os.PathLike = DEFAULT_DINO, device: Any = "cpu", size: int = STRUCTURE_SIZE
+    ):
+        from transformers import ViTModel
+
+        self.model = (
+            load_pretrained(ViTModel, model, "DINO ViT model", add_pooling_layer=False).to(device).eval()
+        )
+        self.key = last_key_projection(self.model)
+        self.device = device
+        self.size = size
+
+    def preprocess(self, images: Sequence[Image.Image | np.ndarray]) -> torch.Tensor:
+        mean = torch.tensor(IMAGENET_MEAN)[:, None, None]
+        std = torch.tensor(IMAGENET_STD)[:, None, None]
+        batch = []
+        for image in images:
+            image = _rgb(image).resize((self.size, self.size), Image.Resampling.BICUBIC)
+            x = torch.from_numpy(np.asarray(image).copy()).permute(2, 0, 1).float() / 255.0
+            batch.append((x - mean) / std)
+        return torch.stack(batch).to(self.device)
+
+    @torch.no_grad()
+    def self_similarity(self, images: Sequence[Image.Image | np.ndarray]) -> torch.Tensor:
+        """Cosine self-similarity ``[B, T, T]`` of the last block's keys (T tokens, CLS included)."""
+        captured: list[torch.Tensor] = []
+        handle = self.key.register_forward_hook(lambda _m, _i, out: captured.append(out))
+        try:
+            self.model(pixel_values=self.preprocess(images), interpolate_pos_encoding=True)
+        finally:
+            handle.remove()
+        keys = F.normalize(captured[-1].float(), dim=-1)  # [B, T, heads * head_dim]
+        return keys @ keys.transpose(1, 2)
+
+    def __call__(
+        self, inputs: Sequence[Image.Image | np.ndarray], edited: Sequence[Image.Image | np.ndarray]
+    ) -> list[float]:
+        """One distance per pair: MSE between the input's and the edit's self-similarity matrices."""
+        if len(inputs) != len(edited):
+            raise ValueError(f"{len(inputs)} inputs but {len(edited)} edits")
+        if not inputs:
+            return []
+        a, b = self.self_similarity(inputs), self.self_similarity(edited)
+        return (a - b).pow(2).mean((1, 2)).tolist()
+
+
+# ---------------------------------------------------------------------------------------------
+# All three
+
+
+def score_paper_metrics(
+    inputs: Sequence[Image.Image | np.ndarray],
+    edited: Sequence[Image.Image | np.ndarray],
+    source: str,
+    target: str,
+    object_masks: Sequence[np.ndarray | None] | None = None,
+    clip: ClipAccuracy | None = None,
+    lpips: BackgroundLPIPS | None = None,
+    structure: StructureDistance | None = None,
+) -> dict:
+    """CLIP-Acc, BG LPIPS and Structure Dist of one edit's pairs (a metric whose model is None is skipped).
+
+    BG LPIPS needs ``object_masks``; pairs without a mask are left out of its mean (``bg_lpips_n``).
+    """
+    report: dict[str, Any] = {"edit": f"{source}-{target}", "n": len(inputs)}
+    if clip is not None:
+        report["clip_acc"] = clip(edited, source, target)["clip_acc"]
+    if lpips is not None and object_masks is not None:
+        pairs = [(a, b, m) for a, b, m in zip(inputs, edited, object_masks) if m is not None]
+        values = lpips(*zip(*pairs)) if pairs else []
+        report["bg_lpips"] = float(np.mean(values)) if values else None
+        report["bg_lpips_n"] = len(values)
+    if structure is not None:
+        values = structure(inputs, edited)
+        report["structure_dist"] = float(np.mean(values)) if values else None
+        report["structure_dist_per_pair"] = values
+    return report

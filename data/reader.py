@@ -1,0 +1,414 @@
+"""The training reader: (input, edit) pairs from WebDataset shards as batches of tensors.
+
+```python
+from data.reader import list_shards, pair_loader, ReaderStats
+urls = list_shards("out/pairs")                  # a folder, a glob or a brace pattern
+loader = pair_loader(urls, batch_size=8, resolution=256, epoch_length=1000, rank=rank, world_size=world)
+for batch in loader:
+    batch["src"], batch["edit"]     # float32 [B, 3, H, W] in [-1, 1]; batch["__key__"]: list[str]
+```
+
+Distributed training: each rank reads ``urls[rank::world_size]``, computed here in the main process
+from the ``rank``/``world_size`` arguments (or ``torch.distributed`` once initialised). WebDataset's own
+``split_by_node`` reads RANK/WORLD_SIZE from the environment, which Lightning does not set, and inside
+spawned DataLoader workers every rank would then look like rank 0 and read the same data. Within a
+rank, shards are spread over DataLoader workers (``split_by_worker`` semantics, by worker id).
+
+Resampled mode (the default, and the one to use for DDP): each worker draws shards with replacement
+forever, so every rank yields exactly ``epoch_length`` batches per epoch — **epoch_length counts
+batches per rank**, not samples — and no rank runs dry and hangs a collective. The draw order is
+seeded by (seed, rank, worker, epoch), so runs are reproducible and the epochs differ.
+
+Corrupt data never stops training: unreadable or truncated shards and undecodable images are skipped
+with WebDataset's ``warn_and_continue`` and counted in :class:`ReaderStats` (shared with the workers).
+"""
+
+from __future__ import annotations
+
+import glob
+import hashlib
+import io
+import multiprocessing
+import os
+import random
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+
+from torch.utils.data import IterableDataset as _IterableDataset
+
+from p2pz.errors import UserError
+
+SHUFFLE_BUFFER = 256
+CROP_JITTER = 1.125  # augment: resize the short side to resolution * this, then crop (pix2pix's 286 -> 256)
+
+
+# --------------------------------------------------------------------------------------------------
+# Shard lists
+
+
+def list_shards(spec: str | os.PathLike | Sequence[str]) -> list[str]:
+    """Sorted shard paths from a folder, a glob (``out/pairs-*.tar``), a brace pattern
+    (``out/pairs-{000000..000031}.tar``), a single file, or a list of any of these.
+
+    Remote URLs (``pipe:...``, ``http://...``) are expanded but not checked. Raises UserError if
+    nothing matches.
+    """
+    import braceexpand
+
+    specs = [spec] if isinstance(spec, (str, os.PathLike)) else list(spec)
+    found: list[str] = []
+    for item in specs:
+        item = os.fspath(item)
+        if item.startswith("pipe:") or "://" in item:
+            found.extend(braceexpand.braceexpand(item))
+            continue
+        for pattern in braceexpand.braceexpand(item):
+            path = Path(pattern)
+            if path.is_dir():
+                found.extend(str(p) for p in path.glob("*.tar") if not p.name.startswith("."))
+            elif glob.has_magic(pattern):
+                found.extend(p for p in glob.glob(pattern) if not Path(p).name.startswith("."))
+            elif path.is_file():
+                found.append(str(path))
+    urls = sorted(set(found))
+    if not urls:
+        raise UserError(
+            f"no shards found at {spec!r}; give a folder of .tar shards, a glob or a brace pattern"
+        )
+    return urls
+
+
+# --------------------------------------------------------------------------------------------------
+# Counters shared with DataLoader workers
+
+
+class ReaderStats:
+    """Counts of what the reader saw, summed over all DataLoader workers.
+
+    ``samples`` decoded pairs, ``batches`` batches assembled, ``errors`` exceptions skipped (unreadable
+    or truncated shards, bad images; a truncated shard may count more than once), ``incomplete``
+    samples lacking ``src.png`` or ``edit.png`` (typically the torn last sample of a truncated shard).
+    The counters live in shared memory, so they work with forked and spawned workers alike.
+    """
+
+    FIELDS = ("samples", "batches", "errors", "incomplete")
+
+    def __init__(self):
+        ctx = multiprocessing.get_context()
+        self._values = {name: ctx.Value("q", 0) for name in self.FIELDS}
+        self.last_error = ""  # message of the last error seen in this process
+
+    def add(self, name: str, amount: int = 1) -> None:
+        value = self._values[name]
+        with value.get_lock():
+            value.value += amount
+
+    def __getattr__(self, name: str) -> int:
+        values = self.__dict__.get("_values", {})
+        if name in values:
+            return values[name].value
+        raise AttributeError(name)
+
+    def as_dict(self) -> dict[str, int]:
+        return {name: self._values[name].value for name in self.FIELDS}
+
+    def __repr__(self) -> str:
+        return "ReaderStats(" + ", ".join(f"{k}={v}" for k, v in self.as_dict().items()) + ")"
+
+
+class _CountingHandler:
+    """``warn_and_continue`` that also counts (a class, so it pickles into spawned workers)."""
+
+    def __init__(self, stats: ReaderStats):
+        self.stats = stats
+
+    def __call__(self, exn: Exception) -> bool:
+        import webdataset as wds
+
+        self.stats.add("errors")
+        self.stats.last_error = f"{type(exn).__name__}: {exn}"[:500]
+        return wds.warn_and_continue(exn)
+
+
+# --------------------------------------------------------------------------------------------------
+# Pipeline stages
+
+
+class _EpochState:
+    """The epoch number, set in the main process before each epoch's workers are started (the
+    workers get a pickled copy), so per-epoch seeds work for in-process and worker iteration alike."""
+
+    def __init__(self):
+        self.epoch = 0
+
+
+def _stream_seed(seed: int, rank: int, epoch: int, purpose: str) -> int:
+    import torch.utils.data
+
+    info = torch.utils.data.get_worker_info()
+    worker = info.id if info is not None else 0
+    text = f"{seed}/{rank}/{worker}/{epoch}/{purpose}"
+    return int.from_bytes(hashlib.sha256(text.encode()).digest()[:8], "big")
+
+
+class _ShardSource(_IterableDataset):
+    """First stage: ``{"url": ...}`` dicts for this rank and worker.
+
+    Resampled: draw shards with replacement forever (seeded per rank/worker/epoch). Otherwise: each
+    of the rank's shards once, dealt round robin to the workers.
+    """
+
+    def __init__(self, urls: list[str], resampled: bool, seed: int, rank: int, state: _EpochState):
+        self.urls, self.resampled, self.seed, self.rank, self.state = urls, resampled, seed, rank, state
+
+    def __iter__(self) -> Iterator[dict]:
+        import torch.utils.data
+
+        if self.resampled:
+            rng = random.Random(_stream_seed(self.seed, self.rank, self.state.epoch, "shards"))
+            while True:
+                yield {"url": rng.choice(self.urls)}
+        info = torch.utils.data.get_worker_info()
+        worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
+        for url in self.urls[worker::workers]:
+            yield {"url": url}
+
+
+def _decode_image(data: bytes):
+    from PIL import Image
+
+    image = Image.open(io.BytesIO(data))
+    image.load()
+    return image.convert("RGB")
+
+
+def joint_crop_flip(images: list, resolution: int, augment: bool, rng: random.Random) -> list:
+    """Resize, crop and flip several aligned images with one set of random parameters.
+
+    The input and its edit must stay pixel-aligned, so the crop window and the flip are drawn once.
+    Without ``augment``: short side to ``resolution``, centre crop. With it: short side to
+    ``resolution * CROP_JITTER``, random crop, horizontal flip with probability 1/2.
+    """
+    from PIL import Image
+
+    width, height = images[0].size
+    if any(im.size != (width, height) for im in images):
+        raise ValueError(f"pair images differ in size: {[im.size for im in images]}")
+    short = round(resolution * CROP_JITTER) if augment else resolution
+    scale = short / min(width, height)
+    new_size = (max(resolution, round(width * scale)), max(resolution, round(height * scale)))
+    if new_size != (width, height):
+        images = [im.resize(new_size, Image.BICUBIC) for im in images]
+    if augment:
+        left = rng.randint(0, new_size[0] - resolution)
+        top = rng.randint(0, new_size[1] - resolution)
+        flip = rng.random() < 0.5
+    else:
+        left, top, flip = (new_size[0] - resolution) // 2, (new_size[1] - resolution) // 2, False
+    box = (left, top, left + resolution, top + resolution)
+    images = [im.crop(box) for im in images]
+    if flip:
+        images = [im.transpose(Image.FLIP_LEFT_RIGHT) for im in images]
+    return images
+
+
+def _to_tensor(image):
+    import numpy as np
+    import torch
+
+    array = np.asarray(image, dtype=np.uint8)
+    return torch.from_numpy(array.copy()).permute(2, 0, 1).float().div_(127.5).sub_(1.0)
+
+
+class _DecodePairs:
+    """Stage: raw samples -> {"src", "edit", "__key__", "__url__"} with the joint crop/flip."""
+
+    def __init__(self, resolution, augment, seed, rank, state, stats, handler):
+        self.resolution, self.augment, self.seed, self.rank = resolution, augment, seed, rank
+        self.state, self.stats, self.handler = state, stats, handler
+
+    def __call__(self, samples: Iterator[dict]) -> Iterator[dict]:
+        rng = random.Random(_stream_seed(self.seed, self.rank, self.state.epoch, "augment"))
+        for sample in samples:
+            if "src.png" not in sample or "edit.png" not in sample:
+                self.stats.add("incomplete")
+                continue
+            try:
+                src, edit = joint_crop_flip(
+                    [_decode_image(sample["src.png"]), _decode_image(sample["edit.png"])],
+                    self.resolution,
+                    self.augment,
+                    rng,
+                )
+            except Exception as exn:
+                exn.args = exn.args + (sample.get("__key__"), sample.get("__url__"))
+                if self.handler(exn):
+                    continue
+                break
+            self.stats.add("samples")
+            yield {
+                "src": _to_tensor(src),
+                "edit": _to_tensor(edit),
+                "__key__": sample["__key__"],
+                "__url__": sample.get("__url__", ""),
+            }
+
+
+class _Shuffle:
+    def __init__(self, bufsize, seed, rank, state):
+        self.bufsize, self.seed, self.rank, self.state = bufsize, seed, rank, state
+
+    def __call__(self, samples):
+        import webdataset as wds
+
+        seed = _stream_seed(self.seed, self.rank, self.state.epoch, "shuffle")
+        yield from wds.filters._shuffle(samples, self.bufsize, min(self.bufsize, 64), seed=seed)
+
+
+class _Collate:
+    def __init__(self, stats):
+        self.stats = stats
+
+    def __call__(self, samples: list[dict]) -> dict:
+        import torch
+
+        self.stats.add("batches")
+        return {
+            "src": torch.stack([s["src"] for s in samples]),
+            "edit": torch.stack([s["edit"] for s in samples]),
+            "__key__": [s["__key__"] for s in samples],
+            "__url__": [s["__url__"] for s in samples],
+        }
+
+
+# --------------------------------------------------------------------------------------------------
+# The loader
+
+
+class PairLoader:
+    """Iterable of pair batches; ``len()`` is ``epoch_length`` when one is set.
+
+    Each ``iter()`` starts a new epoch (new shard draw, shuffle and augmentation seeds).
+    """
+
+    def __init__(
+        self,
+        dataset,
+        loader,
+        epoch_length: int | None,
+        state: _EpochState,
+        stats: ReaderStats,
+        urls: list[str],
+    ):
+        self.dataset, self._loader, self.epoch_length = dataset, loader, epoch_length
+        self._state, self.stats, self.urls = state, stats, urls
+        self._started = False
+
+    @property
+    def epoch(self) -> int:
+        return self._state.epoch
+
+    def __iter__(self) -> Iterator[dict]:
+        import itertools
+
+        if self._started:
+            self._state.epoch += 1
+        self._started = True
+        iterator = iter(self._loader)
+        if self.epoch_length is not None:
+            iterator = itertools.islice(iterator, self.epoch_length)
+        return iterator
+
+    def __len__(self) -> int:
+        if self.epoch_length is None:
+            raise TypeError("this PairLoader has no epoch_length, so its length is unknown")
+        return self.epoch_length
+
+
+def _rank_and_world(rank: int | None, world_size: int | None) -> tuple[int, int]:
+    if rank is not None and world_size is not None:
+        return rank, world_size
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return (
+            dist.get_rank() if rank is None else rank,
+            dist.get_world_size() if world_size is None else world_size,
+        )
+    if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
+        return (
+            int(os.environ["RANK"]) if rank is None else rank,
+            int(os.environ["WORLD_SIZE"]) if world_size is None else world_size,
+        )
+    return (0 if rank is None else rank), (1 if world_size is None else world_size)
+
+
+def _ignore_cluster_signals(worker_id: int) -> None:
+    """Leave SLURM's requeue signal to the training process.
+
+    SLURM signals every process of a job step, and forked workers inherit Lightning's SIGUSR1
+    handler: each would save its own stale copy of the model to the same hpc checkpoint and call
+    ``scontrol requeue`` again. Workers ignore SIGUSR1 and die normally on SIGTERM.
+    """
+    import signal
+
+    signal.signal(signal.SIGUSR1, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+
+
+def pair_loader(
+    urls: Sequence[str],
+    batch_size: int = 8,
+    resolution: int = 256,
+    augment: bool = True,
+    resampled: bool = True,
+    epoch_length: int | None = 1000,
+    num_workers: int = 0,
+    seed: int = 0,
+    rank: int | None = None,
+    world_size: int | None = None,
+    stats: ReaderStats | None = None,
+) -> PairLoader:
+    """Batches of aligned (input, edit) pairs for training (see the module docstring).
+
+    ``epoch_length`` is in **batches per rank** (``None`` = until the shards run out, only without
+    ``resampled``). Batches are always full in resampled mode; otherwise the last one may be short.
+    ``rank``/``world_size`` default to ``torch.distributed`` when initialised, else RANK/WORLD_SIZE
+    from the environment, else a single process. ``stats`` receives the counters (a new
+    :class:`ReaderStats` is made if omitted; it is ``loader.stats``).
+    """
+    import webdataset as wds
+
+    urls = list(urls)
+    if not urls:
+        raise UserError("pair_loader got an empty shard list")
+    if resampled and epoch_length is None:
+        raise UserError("resampled reading is endless: give epoch_length (batches per rank)")
+    rank, world_size = _rank_and_world(rank, world_size)
+    if not 0 <= rank < world_size:
+        raise UserError(f"rank {rank} is not in [0, {world_size})")
+    if len(urls) >= world_size:
+        rank_urls = urls[rank::world_size]
+    elif resampled:
+        rank_urls = urls  # too few shards to split: every rank draws from all (seeds differ per rank)
+    else:
+        raise UserError(
+            f"{len(urls)} shards cannot be split over {world_size} ranks; write more, smaller shards"
+        )
+    if not resampled and num_workers > len(rank_urls):
+        num_workers = len(rank_urls)  # a worker without a shard would yield nothing
+
+    stats = stats if stats is not None else ReaderStats()
+    handler = _CountingHandler(stats)
+    state = _EpochState()
+    stages = [_ShardSource(rank_urls, resampled, seed, rank, state), wds.tarfile_to_samples(handler=handler)]
+    if resampled or augment:
+        stages.append(_Shuffle(SHUFFLE_BUFFER, seed, rank, state))
+    stages += [
+        _DecodePairs(resolution, augment, seed, rank, state, stats, handler),
+        wds.batched(batch_size, collation_fn=_Collate(stats), partial=not resampled),
+    ]
+    dataset = wds.DataPipeline(*stages)
+    loader = wds.WebLoader(dataset, batch_size=None, num_workers=num_workers,
+                           worker_init_fn=_ignore_cluster_signals if num_workers else None)
+    return PairLoader(dataset, loader, epoch_length, state, stats, rank_urls)

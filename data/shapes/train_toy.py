@@ -1,0 +1,529 @@
+"""Train the shapes world's toy text-to-image model from scratch on a CPU, within a time budget.
+
+The result is a diffusers Stable Diffusion folder (tokenizer, CLIPTextModel, AutoencoderKL
+64 → 16×16×4, UNet2DConditionModel, DDIM scheduler with SD's values) that
+``StableDiffusionPipeline.from_pretrained(out)`` loads as it is, plus a captioner folder.
+
+Stages (with ``--resume``, each continues from its checkpoint in ``.NAME.train_state`` beside
+the output folder, e.g. after a crash):
+  1. tokenizer for the world's words;
+  2. VAE: L1 + L2 reconstruction with object pixels weighted 5×, a tiny KL term;
+  3. latents of a fixed set of renders, and the latent scaling factor (1 / their std);
+  4. UNet + text encoder jointly: epsilon prediction, Min-SNR-5 weighting, 10% caption dropout
+     (for classifier-free guidance), EMA 0.999, bf16 autocast, cosine learning rate.
+
+Budget: each stage plans its number of steps from the measured speed so that it ends on time
+with its cosine schedule complete; if the machine slows down, the plan shrinks (the schedule is a
+function of progress, so it still ends at its final value). Pass ``--vae-steps`` and
+``--unet-steps`` to fix the plan (``OUT/train_log.json`` records the steps of every run):
+with fixed steps and seed, a run is reproducible.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import os
+import shutil
+import time
+from pathlib import Path
+
+import numpy as np
+
+log = logging.getLogger("train_toy")
+
+SD_SCHEDULER = dict(
+    num_train_timesteps=1000,
+    beta_start=0.00085,
+    beta_end=0.012,
+    beta_schedule="scaled_linear",
+    clip_sample=False,
+    set_alpha_to_one=False,
+    steps_offset=1,
+    prediction_type="epsilon",
+)
+
+
+# ---------------------------------------------------------------------------------------------
+# Models
+
+
+def make_vae():
+    from diffusers import AutoencoderKL
+
+    return AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D",) * 3,
+        up_block_types=("UpDecoderBlock2D",) * 3,
+        block_out_channels=(16, 32, 64),  # three blocks: two downsamplings, 64 -> 16
+        layers_per_block=1,
+        latent_channels=4,
+        norm_num_groups=4,  # 16 groups on 16 channels turned red into brown
+        sample_size=64,
+    )
+
+
+def make_text_encoder(tokenizer):
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    config = CLIPTextConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=128,
+        intermediate_size=512,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        max_position_embeddings=tokenizer.model_max_length,
+        projection_dim=128,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    return CLIPTextModel(config)
+
+
+def make_unet():
+    from diffusers import UNet2DConditionModel
+
+    return UNet2DConditionModel(
+        sample_size=16,
+        in_channels=4,
+        out_channels=4,
+        block_out_channels=(64, 128, 128),
+        layers_per_block=1,
+        # cross-attention at 16×16 and 8×8, a plain block at 4×4, plus the mid-block
+        down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=128,
+        attention_head_dim=2,  # in diffusers this is the number of heads; few heads are cheap on a CPU
+    )
+
+
+def use_classic_attention(*models) -> None:
+    """The classic attention processor: SDPA is slow at these sizes on a CPU."""
+    from diffusers.models.attention_processor import AttnProcessor
+
+    for m in models:
+        m.set_attn_processor(AttnProcessor())
+
+
+# ---------------------------------------------------------------------------------------------
+# Helpers
+
+
+class Budget:
+    """Plans a stage's steps so that it ends by ``deadline`` (wall clock).
+
+    The speed is measured over the recent steps (the first few, slower ones are skipped) and the
+    plan follows it; the learning-rate schedule is a function of ``step / planned``, so it ends at
+    its final value when the time runs out. ``fixed_steps`` turns planning off.
+    """
+
+    def __init__(self, deadline: float, fixed_steps: int | None, max_steps: int, warmup_steps: int = 10):
+        self.deadline, self.fixed, self.max_steps, self.warmup_steps = (
+            deadline,
+            fixed_steps,
+            max_steps,
+            warmup_steps,
+        )
+        self.planned = fixed_steps or max_steps
+        self.marks: list[tuple[int, float]] = []
+        self.t0, self.s0 = time.time(), 0
+
+    def start_timing(self, step: int) -> None:
+        self.t0, self.s0 = time.time(), step
+        self.marks = []
+
+    def update(self, step: int) -> int:
+        if step - self.s0 < self.warmup_steps:
+            return self.planned
+        self.marks = (self.marks + [(step, time.time())])[-200:]
+        if self.fixed or len(self.marks) < 5:
+            return self.planned
+        (s_a, t_a), (s_b, t_b) = self.marks[0], self.marks[-1]
+        per_step = (t_b - t_a) / (s_b - s_a)
+        left = max(self.deadline - time.time(), 0.0)
+        # never past the deadline; at least one more step while time is left
+        self.planned = min(self.max_steps, step + int(left / per_step))
+        if left > 0:
+            self.planned = max(self.planned, step + 1)
+        return self.planned
+
+    def seconds_per_step(self) -> float:
+        if len(self.marks) < 2:
+            return float("nan")
+        (s_a, t_a), (s_b, t_b) = self.marks[0], self.marks[-1]
+        return (t_b - t_a) / (s_b - s_a)
+
+    def over(self, step: int) -> bool:
+        return step >= self.planned
+
+
+def cosine_lr(step: int, planned: int, peak: float, final: float, warmup: int) -> float:
+    if step < warmup:
+        return peak * (step + 1) / warmup
+    progress = min(1.0, (step - warmup) / max(1, planned - warmup))
+    return final + 0.5 * (peak - final) * (1 + math.cos(math.pi * progress))
+
+
+def render_batch(seeds, **scene_kwargs):
+    """Images in [-1, 1] (B, 3, 64, 64), object masks (B, 1, 64, 64) and captions for scene seeds."""
+    import torch
+
+    from data.shapes import world
+
+    images, masks, captions = [], [], []
+    for seed in seeds:
+        scene = world.sample_scene(int(seed), **scene_kwargs)
+        image, coverages = world.render_with_masks(scene)
+        images.append(image)
+        masks.append(np.clip(np.sum(coverages, axis=0), 0, 1))
+        captions.append(scene.caption)
+    x = torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).float() / 127.5 - 1
+    m = torch.from_numpy(np.stack(masks)).float()[:, None]
+    return x, m, captions
+
+
+def save_state(path: Path, state: dict) -> None:
+    import torch
+
+    tmp = path.with_suffix(".tmp")
+    torch.save(state, tmp)
+    os.replace(tmp, path)
+
+
+# ---------------------------------------------------------------------------------------------
+# Stages
+
+
+def train_vae(args, state_dir: Path, deadline: float):
+    import torch
+    from diffusers import AutoencoderKL
+
+    done = state_dir / "vae"
+    if done.is_dir():
+        log.info("VAE: found a trained one in %s", done)
+        vae = AutoencoderKL.from_pretrained(done)
+        return vae, json.loads((state_dir / "vae_log.json").read_text())
+
+    torch.manual_seed(args.seed)
+    vae = make_vae()
+    use_classic_attention(vae)
+    log.info("VAE: %.2fM parameters", sum(p.numel() for p in vae.parameters()) / 1e6)
+    opt = torch.optim.AdamW(vae.parameters(), lr=2e-3, weight_decay=0.0)
+    budget = Budget(deadline, args.vae_steps, max_steps=4000)
+    step, batch, t_start = 0, 16, time.time()
+    ckpt = state_dir / "vae_ckpt.pt"
+    if args.resume and ckpt.exists():
+        saved = torch.load(ckpt, weights_only=False)
+        vae.load_state_dict(saved["model"])
+        opt.load_state_dict(saved["opt"])
+        step, budget.planned = saved["step"], saved["planned"]
+        log.info("VAE: resumed at step %d", step)
+    budget.start_timing(step)
+    last_save = time.time()
+    vae.train()
+    while not budget.over(step):
+        lr = cosine_lr(step, budget.planned, 2e-3, 1e-4, warmup=20)
+        for g in opt.param_groups:
+            g["lr"] = lr
+        rng = np.random.default_rng([args.seed, 1, step])
+        x, m, _ = render_batch(rng.integers(0, 2**31, size=batch) + 10_000_000)
+        posterior = vae.encode(x).latent_dist
+        recon = vae.decode(posterior.sample()).sample
+        weight = 1 + 4 * m  # object pixels weigh 5×: they are what the oracle reads
+        loss = (weight * ((recon - x).abs() + (recon - x) ** 2)).mean() + 1e-6 * posterior.kl().mean()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
+        opt.step()
+        step += 1
+        budget.update(step)
+        if step % 50 == 0:
+            psnr = -10 * math.log10(float(((recon.detach() - x) / 2).pow(2).mean()) + 1e-12)
+            log.info(
+                "VAE step %d/%d loss %.4f psnr %.1f dB lr %.2e (%.2f s/step)",
+                step,
+                budget.planned,
+                loss.item(),
+                psnr,
+                lr,
+                budget.seconds_per_step(),
+            )
+        if time.time() - last_save > 120:
+            save_state(
+                ckpt,
+                {"model": vae.state_dict(), "opt": opt.state_dict(), "step": step, "planned": budget.planned},
+            )
+            last_save = time.time()
+    vae.eval()
+    vae_log = {"steps": step, "batch": batch, "seconds": round(time.time() - t_start, 1)}
+    vae.save_pretrained(done)
+    (state_dir / "vae_log.json").write_text(json.dumps(vae_log))
+    ckpt.unlink(missing_ok=True)
+    return vae, vae_log
+
+
+def encode_dataset(args, vae, state_dir: Path):
+    """Latent posterior (mean, std) and captions of ``args.scenes`` fixed renders."""
+    import torch
+    from tqdm import tqdm
+
+    path = state_dir / "latents.pt"
+    if path.exists():
+        return torch.load(path, weights_only=False)
+    means, stds, captions = [], [], []
+    chunk = 256
+    with torch.no_grad():
+        for start in tqdm(range(0, args.scenes, chunk), desc="encoding renders", mininterval=10):
+            seeds = range(start, min(start + chunk, args.scenes))
+            x, _, caps = render_batch([args.seed * 1_000_003 + s for s in seeds])
+            dist = vae.encode(x).latent_dist
+            means.append(dist.mean)
+            stds.append(dist.std)
+            captions += caps
+    mean = torch.cat(means)
+    data = {
+        "mean": mean,
+        "std": torch.cat(stds),
+        "captions": captions,
+        "scaling_factor": float(1.0 / mean.std()),
+    }
+    save_state(path, data)
+    return data
+
+
+def train_unet(args, data, tokenizer, state_dir: Path, deadline: float):
+    import copy
+
+    import torch
+    import torch.nn.functional as F
+    from diffusers import DDIMScheduler
+
+    torch.manual_seed(args.seed + 1)
+    unet, text_encoder = make_unet(), make_text_encoder(tokenizer)
+    use_classic_attention(unet)
+    log.info(
+        "UNet: %.2fM parameters, text encoder %.2fM",
+        sum(p.numel() for p in unet.parameters()) / 1e6,
+        sum(p.numel() for p in text_encoder.parameters()) / 1e6,
+    )
+    params = list(unet.parameters()) + list(text_encoder.parameters())
+    opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.01)
+    ema_unet, ema_text = (
+        copy.deepcopy(unet).requires_grad_(False),
+        copy.deepcopy(text_encoder).requires_grad_(False),
+    )
+    scheduler = DDIMScheduler(**SD_SCHEDULER)
+    alphas_cumprod = scheduler.alphas_cumprod
+    snr = alphas_cumprod / (1 - alphas_cumprod)
+    min_snr_weight = torch.clamp(snr, max=5.0) / snr  # Min-SNR-5 for epsilon prediction
+
+    # Token ids of every caption, and of the empty caption (for classifier-free guidance).
+    ids = tokenizer(
+        data["captions"],
+        padding="max_length",
+        max_length=tokenizer.model_max_length,
+        truncation=True,
+        return_tensors="pt",
+    ).input_ids
+    empty = tokenizer(
+        [""], padding="max_length", max_length=tokenizer.model_max_length, return_tensors="pt"
+    ).input_ids
+    scale = data["scaling_factor"]
+    n = len(data["captions"])
+
+    budget = Budget(deadline, args.unet_steps, max_steps=20000)
+    step, t_start = 0, time.time()
+    ckpt = state_dir / "unet_ckpt.pt"
+    if args.resume and ckpt.exists():
+        saved = torch.load(ckpt, weights_only=False)
+        for module, key in (
+            (unet, "unet"),
+            (text_encoder, "text"),
+            (ema_unet, "ema_unet"),
+            (ema_text, "ema_text"),
+            (opt, "opt"),
+        ):
+            module.load_state_dict(saved[key])
+        step, budget.planned = saved["step"], saved["planned"]
+        log.info("UNet: resumed at step %d of %d", step, budget.planned)
+    budget.start_timing(step)
+    last_save = time.time()
+    unet.train()
+    text_encoder.train()
+    while not budget.over(step):
+        lr = cosine_lr(step, budget.planned, args.lr, args.lr * 0.1, warmup=100)
+        for g in opt.param_groups:
+            g["lr"] = lr
+        gen = torch.Generator().manual_seed(args.seed * 7_919 + step)
+        idx = torch.randint(0, n, (args.batch,), generator=gen)
+        latents = (
+            data["mean"][idx] + data["std"][idx] * torch.randn(data["mean"][idx].shape, generator=gen)
+        ) * scale
+        noise = torch.randn(latents.shape, generator=gen)
+        t = torch.randint(0, scheduler.config.num_train_timesteps, (args.batch,), generator=gen)
+        drop = torch.rand(args.batch, generator=gen) < 0.1
+        input_ids = torch.where(drop[:, None], empty, ids[idx])
+        noisy = scheduler.add_noise(latents, noise, t)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            context = text_encoder(input_ids)[0]
+            pred = unet(noisy, t, encoder_hidden_states=context).sample
+        per_sample = F.mse_loss(pred.float(), noise, reduction="none").mean(dim=(1, 2, 3))
+        loss = (per_sample * min_snr_weight[t]).mean()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        with torch.no_grad():
+            decay = min(args.ema, (1 + step) / (10 + step))
+            for ema, live in ((ema_unet, unet), (ema_text, text_encoder)):
+                for pe, pl in zip(ema.parameters(), live.parameters()):
+                    pe.lerp_(pl, 1 - decay)
+        step += 1
+        budget.update(step)
+        if step % 20 == 0:
+            log.info(
+                "UNet step %d/%d loss %.4f lr %.2e (%.2f s/step, %.1f min left)",
+                step,
+                budget.planned,
+                loss.item(),
+                lr,
+                budget.seconds_per_step(),
+                (deadline - time.time()) / 60,
+            )
+        if time.time() - last_save > args.checkpoint_minutes * 60:
+            save_state(
+                ckpt,
+                {
+                    "unet": unet.state_dict(),
+                    "text": text_encoder.state_dict(),
+                    "ema_unet": ema_unet.state_dict(),
+                    "ema_text": ema_text.state_dict(),
+                    "opt": opt.state_dict(),
+                    "step": step,
+                    "planned": budget.planned,
+                },
+            )
+            last_save = time.time()
+            log.info("checkpoint saved at step %d", step)
+    unet_log = {"steps": step, "batch": args.batch, "seconds": round(time.time() - t_start, 1)}
+    return ema_unet.eval(), ema_text.eval(), scheduler, unet_log
+
+
+def write_model(out: Path, vae, text_encoder, tokenizer, unet, scheduler, scaling_factor: float) -> None:
+    """The Stable Diffusion folder, plus the world's captioner."""
+    from diffusers import StableDiffusionPipeline
+
+    from data.shapes.captioner import write_captioner_folder
+
+    vae.register_to_config(scaling_factor=scaling_factor)
+    from diffusers.models.attention_processor import AttnProcessor
+
+    for m in (vae, unet):  # save plain modules (processors are a runtime choice)
+        m.set_attn_processor(AttnProcessor())
+    pipe = StableDiffusionPipeline(
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        unet=unet,
+        scheduler=scheduler,
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+    pipe.save_pretrained(out, safe_serialization=True)
+    # Make sure both tokenizer classes load the folder (v5 writes only tokenizer.json).
+    from data.shapes.tokenizer import save_tokenizer
+
+    save_tokenizer(out / "tokenizer")
+    write_captioner_folder(out / "captioner")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m data.shapes.train_toy",
+        description="Train the shapes world's toy text-to-image model (a diffusers Stable Diffusion "
+        "folder) from scratch on a CPU within a time budget. The repository ships one in data/toy_model; "
+        "you only need this to retrain it.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    parser.add_argument("--out", required=True, type=Path, help="output model folder (written when done)")
+    parser.add_argument("--minutes", type=float, default=55.0, help="total wall-time budget for all stages")
+    parser.add_argument("--vae-minutes", type=float, default=5.0, help="share of the budget for the VAE")
+    parser.add_argument("--seed", type=int, default=0, help="seed of scenes, initialisation and noise")
+    parser.add_argument(
+        "--vae-steps",
+        type=int,
+        default=None,
+        help="fix the VAE's steps; unset: as many as fit its time budget",
+    )
+    parser.add_argument(
+        "--unet-steps",
+        type=int,
+        default=None,
+        help="fix the UNet's steps; unset: as many as fit the time budget",
+    )
+    parser.add_argument("--scenes", type=int, default=24_000, help="renders encoded for UNet training")
+    parser.add_argument("--batch", type=int, default=64, help="UNet batch size")
+    parser.add_argument("--lr", type=float, default=8e-4, help="UNet + text encoder peak learning rate")
+    parser.add_argument("--ema", type=float, default=0.999, help="EMA decay of the saved weights")
+    parser.add_argument("--threads", type=int, default=2, help="CPU threads (torch.set_num_threads)")
+    parser.add_argument("--checkpoint-minutes", type=float, default=3.0, help="minutes between checkpoints")
+    parser.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue from the checkpoints in .OUTNAME.train_state (beside OUT) after a crash",
+    )
+    args = parser.parse_args(argv)
+
+    import torch
+
+    from data.shapes.tokenizer import build_tokenizer
+
+    torch.set_num_threads(args.threads)
+    start = time.time()
+    out: Path = args.out
+    state_dir = out.parent / f".{out.name}.train_state"
+    if state_dir.exists() and not args.resume:
+        shutil.rmtree(state_dir)
+    state_dir.mkdir(parents=True, exist_ok=True)
+    handler = logging.FileHandler(state_dir / "train.log")
+    logging.basicConfig(
+        level=logging.INFO, format="%(asctime)s %(message)s", handlers=[logging.StreamHandler(), handler]
+    )
+    log.info("training the toy model into %s with %.0f minutes (seed %d)", out, args.minutes, args.seed)
+
+    tokenizer = build_tokenizer()
+    vae, vae_log = train_vae(args, state_dir, deadline=start + args.vae_minutes * 60)
+    data = encode_dataset(args, vae, state_dir)
+    log.info("latent scaling factor %.3f", data["scaling_factor"])
+    unet, text_encoder, scheduler, unet_log = train_unet(
+        args, data, tokenizer, state_dir, deadline=start + args.minutes * 60 - 30
+    )
+    from p2pz.atomic import atomic_path
+
+    with atomic_path(out) as tmp:
+        write_model(tmp, vae, text_encoder, tokenizer, unet, scheduler, data["scaling_factor"])
+        record = {
+            "seed": args.seed,
+            "vae": vae_log,
+            "unet": unet_log,
+            "scenes": args.scenes,
+            "lr": args.lr,
+            "ema": args.ema,
+            "minutes": round((time.time() - start) / 60, 1),
+            "reproduce": f"python -m data.shapes.train_toy --out {out} --seed {args.seed} "
+            f"--vae-steps {vae_log['steps']} --unet-steps {unet_log['steps']}",
+        }
+        (tmp / "train_log.json").write_text(json.dumps(record, indent=1) + "\n")
+    shutil.copy(state_dir / "train.log", out / "train.log")
+    shutil.rmtree(state_dir, ignore_errors=True)
+    log.info("done in %.1f min: %s", (time.time() - start) / 60, out)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

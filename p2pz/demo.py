@@ -1,0 +1,322 @@
+"""``p2pz demo``: the whole job end to end on the built-in default, on a laptop-class CPU.
+
+The same code paths as a cluster run, at toy scale:
+
+1. inputs   — shapes-world scenes with their ground truth (``data.shapes``);
+2. teacher  — pix2pix-zero with the shipped toy model edits them into WebDataset shards
+              (``data.generate``, exactly what ``p2pz generate`` runs);
+3. student  — ``train.py fit`` (LightningCLI) trains the ``lite`` CoModGAN on the shards;
+4. export   — the per-edit package (``p2pz export``);
+5. bench    — latency per backend, teacher / student, roofline (``p2pz bench``);
+6. report   — ``report.html``: input | teacher | student on held-out scenes, scored by the world's
+              oracle, and the latency chart.
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import dataclasses
+import html
+import io
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from p2pz.errors import UserError
+
+REPO = Path(__file__).resolve().parents[1]
+TOY_MODEL = REPO / "data" / "toy_model"
+TRAIN_SCRIPT = REPO / "train.py"
+DEFAULT_EDIT = "circle:square"
+HELD_OUT_SEED = 10_000  # test scenes are drawn from seeds the training scenes never use
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "demo",
+        help="run the whole job end to end on the built-in default (shapes world, CPU)",
+        description=(
+            "Teacher -> shards -> student training -> export -> benchmark -> report, on the shapes world "
+            "with the toy diffusion model the project ships. Takes about 15 minutes on a 2-core CPU and "
+            "leaves DIR/report.html, DIR/model/ (the exported student) and DIR/bench.json. Example:\n"
+            "  p2pz demo --out demo_out"
+        ),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("--out", required=True, help="folder for everything the demo makes")
+    p.add_argument("--model", default=str(TOY_MODEL), help="teacher model (default: the shipped toy model)")
+    p.add_argument("--edit", default=DEFAULT_EDIT, help=f"SOURCE:TARGET edit (default: {DEFAULT_EDIT})")
+    p.add_argument("--pairs", type=int, default=192, help="teacher pairs to generate (default: 192)")
+    p.add_argument("--steps", type=int, default=20, help="teacher DDIM steps (default: 20)")
+    p.add_argument("--batch-size", type=int, default=8, help="teacher batch size (default: 8)")
+    p.add_argument("--train-steps", type=int, default=400, help="student training iterations (default: 400)")
+    p.add_argument("--train-config", default=str(REPO / "configs" / "cpu.yaml"),
+                   help="train.py config (default: configs/cpu.yaml)")
+    p.add_argument("--test-scenes", type=int, default=16, help="held-out scenes in the report (default: 16)")
+    p.add_argument("--bench-backends", default="eager,compile,pt2,onnx", help="backends to benchmark")
+    p.add_argument("--bench-batches", default="1,4,16", help="batch sizes to benchmark")
+    p.add_argument("--bench-iters", type=int, default=20, help="timed calls per backend and batch")
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=cmd_demo)
+
+
+# ------------------------------------------------------------------------------------------------
+# Stages
+
+
+def make_scenes(edit_source: str, count: int, first_seed: int) -> list[Any]:
+    """World scenes whose one object has the edit's source attribute (shape or colour)."""
+    from data.shapes import world
+
+    if edit_source in world.SHAPES:
+        kwargs = {"shapes": (edit_source,)}
+    elif edit_source in world.COLOURS:
+        kwargs = {"colours": (edit_source,)}
+    else:
+        raise UserError(f"'{edit_source}' is not a shape or colour of the shapes world "
+                        f"({', '.join(world.SHAPES + tuple(world.COLOURS))})")
+    return [world.sample_scene(first_seed + i, **kwargs) for i in range(count)]
+
+
+def write_inputs(scenes: list[Any], folder: Path) -> None:
+    from data.shapes import world
+
+    folder.mkdir(parents=True, exist_ok=True)
+    for i, scene in enumerate(scenes):
+        world.render(scene).save(folder / f"scene{i:05d}.png")
+    truth = [dataclasses.asdict(s) for s in scenes]
+    (folder.parent / f"{folder.name}-scenes.json").write_text(json.dumps(truth))
+
+
+def generate_pairs(args: argparse.Namespace, out: Path, inputs: Path) -> dict:
+    from data.generate import Settings, run
+
+    settings = Settings(out=str(out), model=args.model, edit=[args.edit], inputs=str(inputs),
+                        samples_per_shard=max(16, args.pairs // 8), batch_size=args.batch_size,
+                        seed=args.seed, steps=args.steps, device="cpu", dtype="float32")
+    return run(settings)
+
+
+def train_student(args: argparse.Namespace, shards: Path, run_dir: Path) -> Path:
+    """``train.py fit`` in a subprocess: the very command a cluster job runs."""
+    cmd = [sys.executable, str(TRAIN_SCRIPT), "fit", "--config", args.train_config,
+           "--data.shards", str(shards), "--trainer.default_root_dir", str(run_dir),
+           "--trainer.max_steps", str(args.train_steps), "--seed_everything", str(args.seed)]
+    if (run_dir / "checkpoints" / "last.ckpt").exists():
+        cmd += ["--ckpt_path", "last"]  # a demo interrupted in training picks up where it was
+    result = subprocess.run(cmd, cwd=REPO)
+    if result.returncode != 0:
+        raise UserError(f"student training failed (exit {result.returncode}); see the output above")
+    return run_dir / "checkpoints" / "last.ckpt"
+
+
+def edit_held_out(args: argparse.Namespace, scenes: list[Any], model_dir: Path) -> dict[str, list]:
+    """Teacher and student edits of the held-out scenes (the student from its exported package)."""
+    from data.shapes import world
+    from student.export import apply_to_images, load_exported, read_config
+    from teacher import Pix2PixZero
+
+    inputs = [world.render(s) for s in scenes]
+    teacher = Pix2PixZero.from_pretrained(args.model, device="cpu")
+    source, target = args.edit.split(":")
+    direction = teacher.direction(source, target)
+    teacher_out = []
+    for start in range(0, len(inputs), args.batch_size):
+        chunk = inputs[start:start + args.batch_size]
+        results = teacher.edit(chunk, [direction] * len(chunk), seeds=list(range(start, start + len(chunk))),
+                               num_steps=args.steps)
+        teacher_out.extend(r.edited for r in results)
+    student = load_exported(model_dir, "eager")
+    student_out = apply_to_images(student, read_config(model_dir)["resolution"], inputs)
+    return {"input": inputs, "teacher": teacher_out, "student": student_out}
+
+
+def score(scenes: list[Any], images: list[Any], edit: str) -> dict[str, Any]:
+    from data.eval.world_metrics import score_world_edits
+
+    return score_world_edits(scenes, images, edit)
+
+
+def verdict(entry: dict) -> str:
+    """One scene's oracle reading as a short line for the report."""
+    mark = "edited" if entry.get("success") else "not edited"
+    iou, shift = entry.get("iou"), entry.get("centre_shift_px")
+    details = [mark]
+    if iou is not None:
+        details.append(f"IoU {iou:.2f}")
+    if shift is not None:
+        details.append(f"shift {shift:.1f} px")
+    return ", ".join(details)
+
+
+# ------------------------------------------------------------------------------------------------
+# Report
+
+
+def _png_data_uri(image: Any, scale: int = 2) -> str:
+    from PIL import Image
+
+    if scale != 1:
+        image = image.resize((image.width * scale, image.height * scale), Image.NEAREST)
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
+
+
+def _fmt(value: Any) -> str:
+    if isinstance(value, float):
+        return f"{value:.3g}"
+    return html.escape(str(value))
+
+
+def _table(header: list[str], rows: list[list[str]]) -> str:
+    head = "".join(f"<th>{h}</th>" for h in header)
+    body = "".join("<tr>" + "".join(f"<td>{c}</td>" for c in row) + "</tr>" for row in rows)
+    return f"<table><tr>{head}</tr>{body}</table>"
+
+
+STYLE = (
+    "body{font-family:system-ui,sans-serif;max-width:1000px;margin:2em auto;color:#222}"
+    "table{border-collapse:collapse;margin:1em 0}td,th{border:1px solid #ccc;padding:4px 8px;text-align:left}"
+    "img{image-rendering:pixelated;display:block}.big{font-size:1.4em}"
+)
+METRICS_NOTE = (
+    "success: the oracle reads the target attribute on the edited object; iou: mask IoU of the edited "
+    "object with the input's; centre_shift_px: median movement of the object's centre; psnr_outside: "
+    "PSNR outside the object's mask."
+)
+
+
+def write_report(path: Path, *, edit: str, images: dict[str, list], scores: dict[str, dict],
+                 per_scene: dict[str, list], bench: dict, timings: dict[str, float],
+                 facts: dict[str, Any], chart: Path) -> None:
+    """A single self-contained HTML file (images inlined)."""
+    from p2pz.atomic import atomic_path
+
+    # held-out scenes: input | teacher | student, with the oracle's per-scene verdicts
+    judges = [who for who in ("teacher", "student") if per_scene.get(who)]
+    grid_rows = []
+    for i in range(len(images["input"])):
+        row = [f"<img src='{_png_data_uri(images[col][i])}'>" for col in ("input", "teacher", "student")]
+        row += [html.escape(str(per_scene[who][i])) for who in judges]
+        grid_rows.append(row)
+    header = ["input", "teacher (pix2pix-zero)", "student"] + [f"{w} (oracle)" for w in judges]
+    grid = _table(header, grid_rows)
+
+    metrics = sorted({k for s in scores.values() for k, v in s.items() if isinstance(v, (int, float))})
+    score_rows = [[who] + [_fmt(s.get(m, "")) for m in metrics] for who, s in scores.items()]
+    score_table = _table([""] + metrics, score_rows)
+
+    batches = sorted({b for r in bench["student"].values() for b in r}, key=int)
+    latency_rows = [
+        [backend] + [f"{r[b]['p50_ms']:.2f} / {r[b]['p99_ms']:.2f} ms, {r[b]['images_per_s']:.0f} img/s"
+                     if b in r else "" for b in batches]
+        for backend, r in bench["student"].items()
+    ]
+    latency = _table(["backend"] + [f"batch {b}" for b in batches], latency_rows)
+
+    speedup = bench.get("teacher_over_student")
+    student_b1 = [r["1"]["p50_ms"] for r in bench["student"].values() if "1" in r]
+    headline = (
+        f"The student edits in one forward pass, <b>{_fmt(speedup) if speedup else 'n/a'}×</b> faster than "
+        f"the teacher it learned from ({_fmt(bench.get('teacher_ms'))} ms vs "
+        f"{_fmt(min(student_b1)) if student_b1 else 'n/a'} ms per image on {html.escape(bench['device'])})."
+    )
+    roofline = (
+        f"Roofline: the student reaches {_fmt(bench.get('roofline_fraction'))} of this device's "
+        f"measured fp32 matmul peak ({_fmt(bench.get('matmul_peak_flops', 0) / 1e9)} GFLOP/s)."
+    )
+    chart_img = ""
+    if chart.exists():
+        uri = "data:image/png;base64," + base64.b64encode(chart.read_bytes()).decode()
+        chart_img = f"<img src='{uri}' style='image-rendering:auto;max-width:100%'>"
+    run_rows = [[html.escape(k), _fmt(v)] for k, v in facts.items()]
+    run_rows += [[html.escape(k), f"{v:.0f} s"] for k, v in timings.items()]
+
+    title = html.escape(edit.replace(":", " → "))
+    page = "\n".join([
+        f"<!doctype html><html><head><meta charset='utf-8'><title>p2pz demo: {title}</title>",
+        f"<style>{STYLE}</style></head><body>",
+        f"<h1>pix2pix-zero → student: <code>{title}</code></h1>",
+        f"<p class=big>{headline}</p>",
+        "<h2>Held-out scenes</h2>", grid,
+        "<h2>Scores on the shapes world (oracle)</h2>", score_table, f"<p>{METRICS_NOTE}</p>",
+        f"<h2>Student latency (p50 / p99, {html.escape(bench['device'])})</h2>", latency,
+        f"<p>{roofline}</p>", chart_img,
+        "<h2>Run</h2>", _table(["", ""], run_rows),
+        "</body></html>",
+    ])
+    with atomic_path(path, suffix=".html") as tmp:
+        tmp.write_text(page)
+
+
+# ------------------------------------------------------------------------------------------------
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from student.bench import run_benchmark
+    from student.bench import write_report as write_bench
+    from student.export import export_package
+
+    out = Path(args.out)
+    model = Path(args.model)
+    if not (model / "model_index.json").is_file() and not str(args.model).count("/") == 1:
+        raise UserError(f"teacher model not found at {args.model}; the toy model ships in data/toy_model "
+                        "(reinstall from the repository) or pass --model")
+    if ":" not in args.edit:
+        raise UserError(f"--edit must be SOURCE:TARGET, got {args.edit!r}")
+    source, _ = args.edit.split(":")
+    out.mkdir(parents=True, exist_ok=True)
+    timings: dict[str, float] = {}
+
+    def stage(name: str):
+        print(f"\n== {name}", flush=True)
+        return time.perf_counter()
+
+    t = stage(f"1/6 inputs: {args.pairs} shapes-world scenes")
+    write_inputs(make_scenes(source, args.pairs, args.seed * 1_000_000), out / "inputs")
+    timings["inputs"] = time.perf_counter() - t
+
+    t = stage(f"2/6 teacher: pix2pix-zero {args.edit} into shards ({args.steps} steps)")
+    generate_pairs(args, out / "shards", out / "inputs")
+    timings["teacher (generate)"] = time.perf_counter() - t
+
+    t = stage(f"3/6 student: train.py fit, {args.train_steps} iterations")
+    checkpoint = train_student(args, out / "shards", out / "run")
+    timings["student (train)"] = time.perf_counter() - t
+
+    t = stage("4/6 export")
+    export_package(checkpoint, out / "model", extra={"teacher_model": str(args.model)})
+    timings["export"] = time.perf_counter() - t
+
+    t = stage("5/6 bench")
+    bench = run_benchmark(out / "model", batches=[int(b) for b in args.bench_batches.split(",")],
+                          backends=args.bench_backends.split(","), iters=args.bench_iters,
+                          teacher_model=str(args.model), teacher_steps=args.steps,
+                          progress=lambda msg: print(f"   {msg}", flush=True))
+    bench_json, chart = write_bench(bench, out / "bench.json")
+    timings["bench"] = time.perf_counter() - t
+
+    t = stage(f"6/6 report: {args.test_scenes} held-out scenes")
+    scenes = make_scenes(source, args.test_scenes, HELD_OUT_SEED + args.seed * 1_000_000)
+    images = edit_held_out(args, scenes, out / "model")
+    scores = {"teacher": score(scenes, images["teacher"], args.edit),
+              "student": score(scenes, images["student"], args.edit)}
+    (out / "scores.json").write_text(json.dumps(scores, indent=2, default=str))
+    per_scene = {who: [verdict(e) for e in s.pop("per_image")] for who, s in scores.items()}
+    timings["report"] = time.perf_counter() - t
+    facts = {
+        "teacher model": args.model, "edit": args.edit, "pairs": args.pairs, "teacher steps": args.steps,
+        "student iterations": args.train_steps, "package": str(out / "model"),
+        "python": sys.version.split()[0], "cpu cores": os.cpu_count(),
+    }
+    write_report(out / "report.html", edit=args.edit, images=images, scores=scores,
+                 per_scene=per_scene, bench=bench,
+                 timings=timings, facts=facts, chart=chart)
+    print(f"\nreport: {out / 'report.html'}\nmodel: {out / 'model'}\nbench: {bench_json}")
+    return 0

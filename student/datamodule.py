@@ -1,0 +1,118 @@
+"""The teacher's (input, edit) shards as a LightningDataModule: training and validation splits.
+
+Training reads with replacement (``resampled``) from the training shards, each rank from its own
+disjoint share of them (``data.reader`` splits by ``trainer.global_rank``), so an "epoch" is simply
+``epoch_length`` batches per rank and no rank ever runs dry. Validation reads a fixed, unaugmented,
+deterministic set of samples: ``val_samples`` pairs from the validation shards, the same on every rank
+(the metrics are then identical across ranks and need no gathering).
+
+The validation shards are either given (``val_shards``) or held out from ``shards``: the last
+``val_fraction`` of them in sorted order (at least one, and only when there are two or more shards).
+"""
+
+from __future__ import annotations
+
+import math
+
+import lightning.pytorch as pl
+from lightning.pytorch.utilities import rank_zero_warn
+
+from data.reader import PairLoader, ReaderStats, list_shards, pair_loader
+from p2pz.errors import UserError
+
+
+class PairDataModule(pl.LightningDataModule):
+    """Shards of ``pairs-%06d.tar`` written by the teacher (``<key>.src.png``, ``<key>.edit.png``).
+
+    Args:
+        shards: the training shards: a folder, a glob or a brace pattern.
+        val_shards: separate validation shards; default: hold out ``val_fraction`` of ``shards``.
+        val_fraction: share of the shards held out for validation when ``val_shards`` is not given.
+        resolution: image size in pixels (linked to ``model.resolution`` by ``train.py``).
+        batch_size: pairs per batch *per device*.
+        epoch_length: training batches per rank that make one (Lightning) epoch.
+        val_samples: validation pairs scored each time validation runs.
+        augment: random crop (x1.125) and horizontal flip, applied jointly to input and edit.
+        num_workers: DataLoader worker processes per rank for training.
+        seed: seed of the shard draw, shuffle and augmentation (combined with rank and resume step).
+    """
+
+    def __init__(
+        self,
+        shards: str,
+        val_shards: str | None = None,
+        val_fraction: float = 0.05,
+        resolution: int = 256,
+        batch_size: int = 8,
+        epoch_length: int = 1000,
+        val_samples: int = 64,
+        augment: bool = True,
+        num_workers: int = 2,
+        seed: int = 0,
+    ):
+        super().__init__()
+        if not 0.0 <= val_fraction < 1.0:
+            raise UserError(f"val_fraction must be in [0, 1), got {val_fraction}")
+        if batch_size < 1 or epoch_length < 1:
+            raise UserError("batch_size and epoch_length must be at least 1")
+        self.save_hyperparameters()
+        self.train_urls: list[str] = []
+        self.val_urls: list[str] = []
+        # reader counters (shared memory): made in setup(), i.e. in the process that trains, since
+        # ddp_spawn pickles this object into fresh processes
+        self.stats: ReaderStats | None = None
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.stats is None:
+            self.stats = ReaderStats()
+        urls = list_shards(self.hparams.shards)
+        if self.hparams.val_shards:
+            self.train_urls, self.val_urls = urls, list_shards(self.hparams.val_shards)
+        elif self.hparams.val_fraction > 0 and len(urls) >= 2:
+            held_out = min(len(urls) - 1, max(1, round(len(urls) * self.hparams.val_fraction)))
+            self.train_urls, self.val_urls = urls[:-held_out], urls[-held_out:]
+        else:
+            self.train_urls, self.val_urls = urls, []
+            if self.hparams.val_fraction > 0:
+                rank_zero_warn("only one shard and no --data.val_shards: training runs without validation")
+        world_size = self.trainer.world_size if self.trainer is not None else 1
+        if len(self.train_urls) < world_size:
+            rank_zero_warn(
+                f"{len(self.train_urls)} training shards for {world_size} ranks: every rank draws from all "
+                "of them, so ranks may see the same pairs; write at least one shard per rank"
+            )
+
+    def train_dataloader(self) -> PairLoader:
+        trainer = self.trainer
+        rank, world_size = (trainer.global_rank, trainer.world_size) if trainer is not None else (0, 1)
+        # a resumed run continues with a fresh stream instead of replaying the first batches
+        start_step = trainer.global_step if trainer is not None else 0
+        return pair_loader(
+            self.train_urls,
+            batch_size=self.hparams.batch_size,
+            resolution=self.hparams.resolution,
+            augment=self.hparams.augment,
+            resampled=True,
+            epoch_length=self.hparams.epoch_length,
+            num_workers=self.hparams.num_workers,
+            seed=self.hparams.seed + 1_000_003 * start_step,
+            rank=rank,
+            world_size=world_size,
+            stats=self.stats,
+        )
+
+    def val_dataloader(self) -> PairLoader | list:
+        if not self.val_urls:
+            return []
+        batch_size = min(self.hparams.batch_size, self.hparams.val_samples)
+        return pair_loader(
+            self.val_urls,
+            batch_size=batch_size,
+            resolution=self.hparams.resolution,
+            augment=False,
+            resampled=False,
+            epoch_length=math.ceil(self.hparams.val_samples / batch_size),
+            num_workers=0,
+            rank=0,  # every rank scores the same pairs
+            world_size=1,
+        )

@@ -1,0 +1,127 @@
+// upfirdn2d on the CPU: polyphase FIR resampling, parallel over (image plane, output row).
+//
+// For every output row, each filter row that lands on a real (not zero-inserted) input row adds
+// weight * input row to the row's accumulator, one filter tap at a time. The output columns a tap
+// reaches form an arithmetic progression (TapRun), so the accumulator is kept phase-major (column o at
+// phase o % o_step, slot o / o_step) and the input row is deinterleaved the same way: every inner loop is
+// then a contiguous multiply-add that the compiler vectorises.
+//
+// Layouts: NCHW runs one plane per (n, c) with one value per pixel; channels_last runs one plane per n
+// with C contiguous values per pixel (the inner loop goes over channels).
+
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <vector>
+
+#include "ops_common.h"
+
+namespace p2pz {
+namespace {
+
+struct Geometry {
+  int64_t planes, minor, in_h, in_w, out_h, out_w;
+  int64_t upx, upy, downx, downy, padx0, pady0;
+  int64_t fh, fw;
+};
+
+template <typename scalar_t, typename acc_t>
+void upfirdn2d_kernel(const scalar_t* x, scalar_t* y, const std::vector<acc_t>& taps, const Geometry& g) {
+  // Column progressions per horizontal tap; they do not depend on the row.
+  std::vector<TapRun> runs(g.fw);
+  for (int64_t kx = 0; kx < g.fw; ++kx) runs[kx] = tap_run(kx, g.upx, g.downx, g.padx0, g.in_w, g.out_w);
+  const int64_t gx = gcd64(g.upx, g.downx);
+  const int64_t o_step = g.upx / gx, i_step = g.downx / gx;
+  const int64_t out_slots = (g.out_w + o_step - 1) / o_step;  // accumulator columns per phase
+  const int64_t in_slots = (g.in_w + i_step - 1) / i_step;
+  const int64_t M = g.minor;
+  const int64_t in_plane = g.in_h * g.in_w * M, out_plane = g.out_h * g.out_w * M;
+
+  const int64_t rows = g.planes * g.out_h;
+  const int64_t work_per_row = std::max<int64_t>(1, g.out_w * M * g.fw * g.fh / (g.upx * g.upy));
+  const int64_t grain = std::max<int64_t>(1, 32768 / work_per_row);
+
+  at::parallel_for(0, rows, grain, [&](int64_t begin, int64_t end) {
+    std::vector<acc_t> acc(o_step * out_slots * M);
+    std::vector<acc_t> xrow(i_step * in_slots * M);
+    for (int64_t r = begin; r < end; ++r) {
+      const int64_t p = r / g.out_h, oy = r % g.out_h;
+      std::fill(acc.begin(), acc.end(), acc_t(0));
+      for (int64_t ky = 0; ky < g.fh; ++ky) {
+        const int64_t v = oy * g.downy + ky - g.pady0;
+        if (v < 0 || v % g.upy != 0 || v / g.upy >= g.in_h) continue;  // a zero row or padding
+        const scalar_t* src = x + p * in_plane + (v / g.upy) * g.in_w * M;
+        // Deinterleave (and widen) the input row: column i to phase i % i_step, slot i / i_step. The
+        // common case (no downsampling, same type) reads the input row in place.
+        const acc_t* row = xrow.data();
+        if (i_step == 1 && std::is_same_v<scalar_t, acc_t>) {
+          row = reinterpret_cast<const acc_t*>(src);
+        } else {
+          for (int64_t ph = 0; ph < i_step; ++ph) {
+            acc_t* __restrict__ d = xrow.data() + ph * in_slots * M;
+            for (int64_t i = ph, s = 0; i < g.in_w; i += i_step, ++s)
+              for (int64_t c = 0; c < M; ++c) d[s * M + c] = static_cast<acc_t>(src[i * M + c]);
+          }
+        }
+        const acc_t* frow = taps.data() + ky * g.fw;
+        for (int64_t kx = 0; kx < g.fw; ++kx) {
+          const TapRun& run = runs[kx];
+          const acc_t wgt = frow[kx];
+          if (run.n == 0 || wgt == acc_t(0)) continue;
+          acc_t* __restrict__ a = acc.data() + ((run.o0 % o_step) * out_slots + run.o0 / o_step) * M;
+          const acc_t* __restrict__ s = row + ((run.i0 % i_step) * in_slots + run.i0 / i_step) * M;
+          const int64_t n = run.n * M;
+          for (int64_t j = 0; j < n; ++j) a[j] += wgt * s[j];
+        }
+      }
+      scalar_t* dst = y + p * out_plane + oy * g.out_w * M;
+      for (int64_t ph = 0; ph < o_step; ++ph) {
+        const acc_t* __restrict__ a = acc.data() + ph * out_slots * M;
+        for (int64_t o = ph, s = 0; o < g.out_w; o += o_step, ++s)
+          for (int64_t c = 0; c < M; ++c) dst[o * M + c] = static_cast<scalar_t>(a[s * M + c]);
+      }
+    }
+  });
+}
+
+at::Tensor upfirdn2d_cpu(const at::Tensor& x_in, const at::Tensor& f, int64_t upx, int64_t upy, int64_t downx,
+                         int64_t downy, int64_t padx0, int64_t padx1, int64_t pady0, int64_t pady1,
+                         bool flip_filter, double gain) {
+  TORCH_CHECK(x_in.dim() == 4, "upfirdn2d: x must be [N, C, H, W]");
+  TORCH_CHECK(f.dim() == 2, "upfirdn2d: the operator takes a 2-D filter");
+  TORCH_CHECK(upx >= 1 && upy >= 1 && downx >= 1 && downy >= 1, "upfirdn2d: up and down must be >= 1");
+  const auto format = upfirdn2d_memory_format(x_in);
+  const at::Tensor x = x_in.contiguous(format);
+  const int64_t N = x.size(0), C = x.size(1), H = x.size(2), W = x.size(3);
+  const int64_t fh = f.size(0), fw = f.size(1);
+  const int64_t OH = (H * upy + pady0 + pady1 - fh + downy) / downy;
+  const int64_t OW = (W * upx + padx0 + padx1 - fw + downx) / downx;
+  TORCH_CHECK(OH >= 1 && OW >= 1, "upfirdn2d: the output would be empty (", OH, "x", OW, ")");
+  at::Tensor y = at::empty({N, C, OH, OW}, x.options().memory_format(format));
+  if (y.numel() == 0) return y;
+
+  const bool cl = format == at::MemoryFormat::ChannelsLast;
+  Geometry g{cl ? N : N * C, cl ? C : 1, H, W, OH, OW, upx, upy, downx, downy, padx0, pady0, fh, fw};
+  const at::Tensor fc = f.to(at::kDouble).contiguous();
+  const double* fp = fc.data_ptr<double>();
+
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "upfirdn2d_cpu", [&] {
+    using acc_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
+    // Taps in the frame of the formula y[o] = sum_k taps[k] * u[o * down + k - pad0]: a convolution
+    // flips the filter; flip_filter (correlation) keeps it as is. The gain is folded in.
+    std::vector<acc_t> taps(fh * fw);
+    for (int64_t ky = 0; ky < fh; ++ky)
+      for (int64_t kx = 0; kx < fw; ++kx) {
+        const double v = flip_filter ? fp[ky * fw + kx] : fp[(fh - 1 - ky) * fw + (fw - 1 - kx)];
+        taps[ky * fw + kx] = static_cast<acc_t>(v * gain);
+      }
+    upfirdn2d_kernel<scalar_t, acc_t>(x.data_ptr<scalar_t>(), y.data_ptr<scalar_t>(), taps, g);
+  });
+  return y;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(p2pz, CPU, m) { m.impl("upfirdn2d", &upfirdn2d_cpu); }
+
+}  // namespace p2pz

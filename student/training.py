@@ -1,0 +1,293 @@
+"""Distillation of one teacher edit into a CoModGAN student: the LightningModule.
+
+One training iteration on a batch of teacher pairs ``(x, y)`` (input, teacher's edit):
+
+1. **Generator step** — ``y_hat = G(x)``;
+   ``L_G = w_gan * softplus(-D(x, y_hat)) + w_l1 * |y_hat - y| + w_lpips * LPIPS(y_hat, y)``.
+2. **Discriminator step** — ``L_D = softplus(D(x, y_hat)) + softplus(-D(x, y))``, plus, every
+   ``r1_interval`` iterations (lazy regularisation), ``r1_interval * r1_gamma / 2 * ||grad_y D(x, y)||^2``.
+   The penalty is folded into that iteration's D step (scaled by the interval so its average strength
+   is that of R1 applied every step); the number of optimiser steps does not change, so Adam needs no
+   ``mb_ratio`` correction.
+3. **EMA** — ``g_ema`` follows ``G`` with a half-life of ``ema_half_life_kimg`` thousand images
+   (ramped up over the first images, as in StyleGAN2-ADA). ``g_ema`` is what validation scores, the
+   grids show and export ships; it has no optimiser.
+
+Steps: Lightning counts every ``optimizer.step()`` in ``trainer.global_step``, which would advance by
+2 per iteration here. This module steps the discriminator's optimiser without counting it, so
+**``global_step``, ``trainer.max_steps``, ``val_check_interval`` and checkpoint intervals all count
+training iterations** (one G and one D update each).
+
+Checkpoints hold G, D, ``g_ema``, both optimisers and the loop state, plus ``generator_config``
+(``Generator(**config)`` rebuilds the network; see :func:`load_generator`). The LPIPS network is
+frozen, not a registered submodule: it is neither checkpointed, nor averaged, nor wrapped by DDP.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+import warnings
+from pathlib import Path
+
+import lightning.pytorch as pl
+import torch
+from torch import nn
+
+from p2pz.errors import UserError
+from student.losses import PerceptualLoss, discriminator_gan_loss, generator_gan_loss, r1_penalty
+
+# g_ema (and only it) is in eval mode when training starts, on purpose
+warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode at the start of training")
+
+
+class NonFiniteLossError(UserError):
+    """A loss became NaN or infinite; training stops before the weights are touched."""
+
+
+def _no_op() -> None:
+    pass
+
+
+class StudentModule(pl.LightningModule):
+    """CoModGAN student trained on teacher pairs with a conditional GAN, R1, L1 and LPIPS.
+
+    Args:
+        resolution: image size the student works at (64-1024, a power of two).
+        preset: generator/discriminator size preset: ``lite`` (CPU real time) or ``comod`` (CoModGAN).
+        generator: overrides passed to ``Generator`` (e.g. ``{channel_base: 4096, channel_max: 128}``).
+        discriminator: overrides passed to ``Discriminator``.
+        lr_g: Adam learning rate of the generator.
+        lr_d: Adam learning rate of the discriminator.
+        betas: Adam betas (StyleGAN2/CoModGAN: no first-moment momentum).
+        gan_weight: weight of the non-saturating adversarial loss (0 trains by reconstruction only).
+        l1_weight: weight of the L1 distance to the teacher's edit.
+        lpips_weight: weight of the LPIPS distance to the teacher's edit (needs ``lpips_backbone``).
+        r1_gamma: R1 strength on real pairs (0 turns it off).
+        r1_interval: lazy regularisation: apply R1 every this many iterations.
+        lpips_net: LPIPS backbone: ``alex``, ``vgg`` or ``squeeze``.
+        lpips_backbone: path to torchvision's ImageNet weights of that backbone (e.g.
+            ``alexnet-owt-7be5be79.pth``); nothing is downloaded.
+        lpips_random_backbone: build LPIPS on a random backbone (tests only: not a perceptual metric).
+        ema_half_life_kimg: half-life of the generator EMA in thousands of images.
+        ema_rampup: the half-life is at most ``ema_rampup * images seen`` (None: no ramp-up).
+        grid_every_n_steps: save an (input | teacher | student) image grid every this many iterations
+            (and at iteration 1); 0 turns grids off.
+        grid_samples: rows in the grid.
+    """
+
+    def __init__(
+        self,
+        resolution: int = 256,
+        preset: str = "lite",
+        generator: dict | None = None,
+        discriminator: dict | None = None,
+        lr_g: float = 0.002,
+        lr_d: float = 0.002,
+        betas: tuple[float, float] = (0.0, 0.99),
+        gan_weight: float = 1.0,
+        l1_weight: float = 10.0,
+        lpips_weight: float = 5.0,
+        r1_gamma: float = 10.0,
+        r1_interval: int = 16,
+        lpips_net: str = "alex",
+        lpips_backbone: str | None = None,
+        lpips_random_backbone: bool = False,
+        ema_half_life_kimg: float = 10.0,
+        ema_rampup: float | None = 0.05,
+        grid_every_n_steps: int = 500,
+        grid_samples: int = 8,
+    ):
+        super().__init__()
+        from student.networks import Discriminator, Generator
+
+        self.save_hyperparameters()
+        self.automatic_optimization = False
+        if r1_interval < 1:
+            raise UserError(f"r1_interval must be at least 1, got {r1_interval}")
+
+        self.G = Generator(resolution=resolution, img_channels=3, preset=preset, **(generator or {}))
+        self.D = Discriminator(resolution=resolution, img_channels=3, preset=preset, **(discriminator or {}))
+        self.g_ema = copy.deepcopy(self.G).requires_grad_(False).eval()
+
+        # LPIPS: for the loss when weighted, for validation whenever weights (or a random stand-in) are given.
+        # Stored outside nn.Module registration: frozen, not checkpointed, not averaged, not DDP-wrapped.
+        perceptual = None
+        if lpips_weight > 0 or lpips_backbone is not None or lpips_random_backbone:
+            perceptual = PerceptualLoss(lpips_net, lpips_backbone, random_backbone=lpips_random_backbone)
+        object.__setattr__(self, "_perceptual", perceptual)
+
+    # ----------------------------------------------------------------------------------------------
+    # Setup
+
+    def configure_optimizers(self):
+        hp = self.hparams
+        opt_g = torch.optim.Adam(self.G.parameters(), lr=hp.lr_g, betas=tuple(hp.betas), eps=1e-8)
+        opt_d = torch.optim.Adam(self.D.parameters(), lr=hp.lr_d, betas=tuple(hp.betas), eps=1e-8)
+        return opt_g, opt_d
+
+    def train(self, mode: bool = True) -> StudentModule:
+        super().train(mode)
+        self.g_ema.eval()  # the EMA generator is only ever evaluated
+        return self
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """The student's edit of ``x`` (``[N, 3, H, W]`` in [-1, 1]) by the EMA generator."""
+        return self.g_ema(x)
+
+    def perceptual(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        module = self._perceptual
+        if next(module.parameters()).device != a.device:
+            module.to(a.device)
+        return module(a, b)
+
+    # ----------------------------------------------------------------------------------------------
+    # Training
+
+    def training_step(self, batch: dict, batch_idx: int) -> None:
+        hp = self.hparams
+        x, target = batch["src"], batch["edit"]
+        opt_g, opt_d = self.optimizers()
+        # D's step must not advance global_step: global_step counts iterations (see module docstring).
+        # Lightning re-installs its counting hooks before every training_step, so this is per batch.
+        opt_d._on_before_step = opt_d._on_after_step = _no_op
+        iteration = self.global_step  # iterations completed before this one
+        use_gan = hp.gan_weight > 0
+
+        # 1. generator step
+        with self.toggled_optimizer(opt_g):
+            fake = self.G(x)
+            g_terms = {"l1": (fake - target).abs().mean()}
+            if hp.lpips_weight > 0:
+                g_terms["lpips"] = self.perceptual(fake, target)
+            if use_gan:
+                g_terms["gan"] = generator_gan_loss(self.D(x, fake))
+            g_total = (hp.l1_weight * g_terms["l1"] + hp.lpips_weight * g_terms.get("lpips", 0.0)
+                       + hp.gan_weight * g_terms.get("gan", 0.0))
+            self._stop_if_not_finite("generator", {**g_terms, "total": g_total})
+            opt_g.zero_grad(set_to_none=True)
+            self.manual_backward(g_total)
+            opt_g.step()
+
+        # 2. discriminator step (with lazy R1)
+        d_terms: dict[str, torch.Tensor] = {}
+        if use_gan:
+            with self.toggled_optimizer(opt_d):
+                do_r1 = hp.r1_gamma > 0 and iteration % hp.r1_interval == 0
+                real = target.detach().requires_grad_(do_r1)
+                real_logits = self.D(x, real)
+                fake_logits = self.D(x, fake.detach())
+                d_terms["gan"] = discriminator_gan_loss(real_logits, fake_logits)
+                d_total = d_terms["gan"]
+                if do_r1:
+                    d_terms["r1"] = r1_penalty(real_logits, real)
+                    d_total = d_total + d_terms["r1"] * (hp.r1_gamma / 2 * hp.r1_interval)
+                self._stop_if_not_finite("discriminator", {**d_terms, "total": d_total})
+                opt_d.zero_grad(set_to_none=True)
+                self.manual_backward(d_total)
+                opt_d.step()
+                d_terms["real_logit"] = real_logits.detach().mean()
+                d_terms["fake_logit"] = fake_logits.detach().mean()
+
+        # 3. EMA
+        self._update_ema(batch_size=x.shape[0])
+
+        logs = {f"train/g_{k}": v.detach() for k, v in g_terms.items()}
+        logs["train/g_total"] = g_total.detach()
+        logs.update({f"train/d_{k}": v.detach() for k, v in d_terms.items()})
+        self.log_dict(logs, on_step=True, on_epoch=False, batch_size=x.shape[0])
+        self.log("l1", g_terms["l1"].detach(), prog_bar=True, logger=False, batch_size=x.shape[0])
+        if "gan" in d_terms:
+            self.log("d", d_terms["gan"].detach(), prog_bar=True, logger=False, batch_size=x.shape[0])
+
+    @torch.no_grad()
+    def _update_ema(self, batch_size: int) -> None:
+        hp = self.hparams
+        batch = batch_size * self.trainer.world_size
+        half_life = hp.ema_half_life_kimg * 1000
+        if hp.ema_rampup is not None:
+            half_life = min(half_life, self.global_step * batch * hp.ema_rampup)
+        beta = 0.5 ** (batch / max(half_life, 1e-8))
+        for p_ema, p in zip(self.g_ema.parameters(), self.G.parameters()):
+            p_ema.lerp_(p.detach(), 1.0 - beta)
+        for b_ema, b in zip(self.g_ema.buffers(), self.G.buffers()):
+            b_ema.copy_(b)
+
+    def _stop_if_not_finite(self, phase: str, losses: dict[str, torch.Tensor]) -> None:
+        """Raise before any weight changes if a loss is NaN/inf on any rank (all ranks stop together)."""
+        bad = [name for name, value in losses.items() if not torch.isfinite(torch.as_tensor(value)).all()]
+        if not self.trainer.strategy.reduce_boolean_decision(bool(bad), all=False):
+            return
+        last = None
+        for callback in self.trainer.checkpoint_callbacks:
+            last = getattr(callback, "last_model_path", None) or last
+        kept = f"the last good checkpoint is {last}" if last else "no checkpoint was saved yet"
+        where = f"the {phase} loss ({', '.join(bad)})" if bad else f"the {phase} loss on another rank"
+        raise NonFiniteLossError(
+            f"training stopped at step {self.global_step}: {where} is NaN or infinite; the weights were not "
+            f"updated and {kept}. Lower the learning rates (--model.lr_g/--model.lr_d), raise "
+            "--model.r1_gamma or train in 32-true precision, then resume with --ckpt_path last"
+        )
+
+    # ----------------------------------------------------------------------------------------------
+    # Grids, validation, checkpoints
+
+    def on_train_batch_end(self, outputs, batch: dict, batch_idx: int) -> None:
+        every = self.hparams.grid_every_n_steps
+        step = self.global_step
+        if every > 0 and (step == 1 or step % every == 0) and self.trainer.is_global_zero:
+            self.save_grid(batch["src"], batch["edit"], tag=f"step-{step:07d}")
+
+    @torch.no_grad()
+    def save_grid(self, x: torch.Tensor, target: torch.Tensor, tag: str) -> Path:
+        """Rows of (input | teacher | student-EMA): ``<default_root_dir>/grids/<tag>.png`` and the logger."""
+        import torchvision.utils as vutils
+
+        from p2pz.atomic import atomic_path
+
+        n = min(self.hparams.grid_samples, x.shape[0])
+        x, target = x[:n], target[:n]
+        student = self.g_ema(x).float()
+        rows = torch.stack([x.float(), target.float(), student], dim=1).flatten(0, 1)
+        grid = vutils.make_grid((rows.clamp(-1, 1) + 1) / 2, nrow=3, padding=2, pad_value=1.0).cpu()
+        path = Path(self.trainer.default_root_dir) / "grids" / f"{tag}.png"
+        with atomic_path(path, suffix=".png") as tmp:
+            vutils.save_image(grid, tmp, format="PNG")
+        for logger in self.loggers:
+            experiment = getattr(logger, "experiment", None)
+            if hasattr(logger, "log_image"):  # e.g. WandbLogger
+                logger.log_image(key="grid", images=[grid], step=self.global_step)
+            elif hasattr(experiment, "add_image"):  # TensorBoard
+                experiment.add_image("grid", grid, self.global_step)
+        return path
+
+    def validation_step(self, batch: dict, batch_idx: int) -> None:
+        """Score ``g_ema`` against the teacher, next to the copy-the-input baseline."""
+        x, target = batch["src"], batch["edit"]
+        out = self.g_ema(x)
+        metrics = {"val/l1": (out - target).abs().mean(), "val/l1_copy": (x - target).abs().mean()}
+        if self._perceptual is not None:
+            metrics["val/lpips"] = self.perceptual(out, target)
+            metrics["val/lpips_copy"] = self.perceptual(x, target)
+        self.log_dict(metrics, on_step=False, on_epoch=True, batch_size=x.shape[0], sync_dist=True)
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        checkpoint["generator_config"] = dict(self.g_ema.config)
+
+
+def load_generator(checkpoint_path: str | os.PathLike, ema: bool = True) -> nn.Module:
+    """The (EMA, by default) generator of a training checkpoint, in eval mode, on the CPU."""
+    from student.networks import Generator
+
+    try:
+        # Lightning checkpoints hold plain Python objects (hyper-parameters, loop state) besides tensors
+        checkpoint = torch.load(checkpoint_path, map_location="cpu", weights_only=False)
+    except FileNotFoundError as exc:
+        raise UserError(f"checkpoint not found: {checkpoint_path}") from exc
+    if "generator_config" not in checkpoint:
+        raise UserError(f"{checkpoint_path} is not a student training checkpoint (no generator_config)")
+    prefix = "g_ema." if ema else "G."
+    state = {k[len(prefix):]: v for k, v in checkpoint["state_dict"].items() if k.startswith(prefix)}
+    generator = Generator(**checkpoint["generator_config"])
+    generator.load_state_dict(state)
+    return generator.eval().requires_grad_(False)

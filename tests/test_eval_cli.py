@@ -1,0 +1,108 @@
+"""``p2pz eval``: the teacher scored on world scenes end to end, and existing pairs from shards."""
+
+import io
+import json
+
+import pytest
+from PIL import Image
+
+from data.eval.world_metrics import parse_world_edit
+from data.shapes import world
+from p2pz.cli import main
+
+
+def test_eval_world_end_to_end_on_the_tiny_model(tiny_model_dir, tmp_path, capsys):
+    out = tmp_path / "eval"
+    rc = main(
+        [
+            "eval",
+            "--world",
+            "--model",
+            str(tiny_model_dir),
+            "--edit",
+            "circle:square",
+            "--edit",
+            "red:blue",
+            "--scenes",
+            "2",
+            "--steps",
+            "2",
+            "--out",
+            str(out),
+        ]
+    )
+    assert rc == 0
+    report = json.loads((out / "metrics.json").read_text())
+    assert report["kind"] == "world" and report["settings"]["row"] == "direction_xa"
+    assert set(report["metrics"]) == {"circle-square", "red-blue"}
+    for m in report["metrics"].values():
+        assert m["n"] == 2 and len(m["per_image"]) == 2
+        assert 0.0 <= m["success"] <= 1.0 and 0.0 <= m["iou"] <= 1.0
+        assert {"centre_shift_px", "psnr_outside", "reconstruction_shift_px"} <= set(m)
+    grid = Image.open(out / "grid.png")
+    assert grid.width >= 2 * 2 * 128 and grid.height > 128
+    assert "circle-square" in capsys.readouterr().out
+
+
+def test_eval_world_needs_a_world_edit(tiny_model_dir, tmp_path, capsys):
+    rc = main(
+        ["eval", "--world", "--model", str(tiny_model_dir), "--edit", "cat:dog", "--out", str(tmp_path)]
+    )
+    assert rc == 2 and "not a shapes-world edit" in capsys.readouterr().err
+
+
+def _write_world_shard(path, edit, scenes, ideal: bool):
+    import webdataset as wds
+
+    with wds.TarWriter(str(path)) as sink:
+        for i, scene in enumerate(scenes):
+            src, out = world.render(scene), world.render(edit.apply(scene) if ideal else scene)
+            sample = {
+                "__key__": f"k{i:03d}",
+                "json": {"caption": scene.caption, "edit": {"source": edit.source, "target": edit.target}},
+            }
+            for name, image in (("src.png", src), ("edit.png", out)):
+                buf = io.BytesIO()
+                image.save(buf, format="PNG")
+                sample[name] = buf.getvalue()
+            sink.write(sample)
+
+
+@pytest.mark.parametrize("ideal", [True, False])
+def test_eval_pairs_scores_world_shards_with_world_metrics(tmp_path, ideal):
+    edit = parse_world_edit("circle:triangle")
+    shards = tmp_path / "pairs"
+    shards.mkdir()
+    _write_world_shard(shards / "pairs-000000.tar", edit, edit.scenes(3, seed=5), ideal)
+    _write_world_shard(shards / "pairs-000001.tar", edit, edit.scenes(5, seed=5)[3:], ideal)
+    out = tmp_path / "eval"
+    assert main(["eval", "--pairs", str(shards), "--out", str(out)]) == 0
+    report = json.loads((out / "metrics.json").read_text())
+    m = report["metrics"]["circle-triangle"]
+    assert m["metrics"] == "world" and m["n"] == 5
+    if ideal:
+        assert m["success"] == 1.0 and m["iou"] > 0.9
+    else:
+        assert m["success"] == 0.0 and m["iou_input"] == 1.0
+    assert (out / "grid.png").is_file()
+
+
+def test_word_swap_direction_turns_the_caption_into_the_swapped_one(tiny_model_dir):
+    import torch
+
+    from data.eval.ablation import word_swap_directions
+    from teacher import Pix2PixZero
+
+    teacher = Pix2PixZero.from_pretrained(tiny_model_dir, captioner=False)
+    edit = parse_world_edit("red:blue")
+    white, gray = world.Background("plain", ("white",)), world.Background("plain", ("gray",))
+    scenes = [
+        world.Scene((world.ShapeObject("circle", "red", (30.0, 30.0), 20.0),), white),
+        world.Scene((world.ShapeObject("square", "red", (20.0, 40.0), 24.0),), gray),
+    ]
+    [first, second] = word_swap_directions(teacher, scenes, edit)
+    swapped = teacher.encode_text([edit.apply(s).caption for s in scenes])
+    original = teacher.encode_text([s.caption for s in scenes])
+    assert torch.allclose(original[0] + first.tensor, swapped[0], atol=1e-5)
+    assert torch.allclose(original[1] + second.tensor, swapped[1], atol=1e-5)
+    assert not torch.allclose(first.tensor, second.tensor)  # each scene its own caption

@@ -1,0 +1,129 @@
+"""World scoring: edits of shapes-world scenes scored against ground truth with the oracle."""
+
+import dataclasses
+import math
+
+import numpy as np
+import pytest
+
+from data.eval import world_metrics as wm
+from data.eval.ablation import ScoreLog, world_sentence_banks
+from data.shapes import world
+from data.shapes.world import Background, Scene, ShapeObject
+from p2pz.errors import UserError
+
+CIRCLE = Scene((ShapeObject("circle", "red", (30.0, 34.0), 26.0),), Background("plain", ("white",)))
+TWO = Scene(
+    (
+        ShapeObject("circle", "blue", (18.0, 18.0), 20.0),
+        ShapeObject("square", "green", (45.0, 45.0), 16.0),
+    ),
+    Background("plain", ("gray",)),
+)
+
+
+def test_parse_world_edit():
+    assert wm.parse_world_edit("circle:square") == wm.WorldEdit("circle", "square", "shape")
+    assert wm.parse_world_edit("red-blue") == wm.WorldEdit("red", "blue", "colour")
+    assert wm.parse_world_edit("circle-to-triangle").name == "circle-triangle"
+    for bad in ("cat:dog", "circle:red", "circle", "red:red"):
+        with pytest.raises(UserError):
+            wm.parse_world_edit(bad)
+
+
+def test_unchanged_image_fails_a_shape_edit_but_keeps_structure():
+    score = wm.score_world_edit(CIRCLE, world.render(CIRCLE), "circle:square")
+    assert not score.success and not score.target and score.kept and score.others_kept
+    assert score.iou_input == 1.0 and score.centre_shift_px == 0.0
+    assert score.psnr_outside == wm.MAX_PSNR
+    assert score.iou < 0.85  # a circle is not the expected square
+
+
+def test_ideal_edit_succeeds_with_full_overlap():
+    edit = wm.parse_world_edit("circle:square")
+    score = wm.score_world_edit(CIRCLE, world.render(edit.apply(CIRCLE)), edit)
+    assert score.success and score.iou == 1.0 and score.centre_shift_px < 0.75
+    assert 0.7 < score.iou_input < 0.85  # a square around a circle: about pi / 4
+
+
+def test_colour_edit_that_also_changes_the_shape_is_not_kept():
+    edit = wm.parse_world_edit("red:blue")
+    assert wm.score_world_edit(CIRCLE, world.render(edit.apply(CIRCLE)), edit).success
+    wrong = CIRCLE.replace_object(0, colour="blue", shape="triangle")
+    score = wm.score_world_edit(CIRCLE, world.render(wrong), edit)
+    assert score.target and not score.kept and not score.success
+
+
+def test_moved_object_shows_shift_lower_iou_and_background_change():
+    edit = wm.parse_world_edit("circle:square")
+    moved = dataclasses.replace(edit.apply(CIRCLE).objects[0], centre=(34.0, 37.0))
+    score = wm.score_world_edit(CIRCLE, world.render(Scene((moved,), CIRCLE.background)), edit)
+    assert score.success  # right shape and colour ...
+    assert score.centre_shift_px == pytest.approx(5.0, abs=1.0)  # ... but moved by (4, 3)
+    assert score.iou < 0.8 and score.psnr_outside < 30
+
+
+def test_editing_the_wrong_object_breaks_others_kept():
+    edit = wm.parse_world_edit("circle:square")
+    assert wm.score_world_edit(TWO, world.render(edit.apply(TWO)), edit).success
+    wrong = TWO.replace_object(1, colour="yellow")  # the circle untouched, the other object recoloured
+    score = wm.score_world_edit(TWO, world.render(edit.apply(wrong)), edit)
+    assert score.target and not score.others_kept and not score.success
+
+
+def test_missing_object_counts_as_infinite_shift_in_the_median():
+    blank = np.full((64, 64, 3), 245, dtype=np.uint8)
+    edit = wm.parse_world_edit("circle:square")
+    lost = wm.score_world_edit(CIRCLE, blank, edit)
+    assert not lost.found and lost.iou == 0.0 and math.isnan(lost.centre_shift_px)
+    good = wm.score_world_edit(CIRCLE, world.render(edit.apply(CIRCLE)), edit)
+    agg = wm.aggregate([lost, lost, good])
+    assert agg["success"] == pytest.approx(1 / 3) and agg["found"] == pytest.approx(1 / 3)
+    assert agg["centre_shift_px"] is None  # median of (inf, inf, ~0)
+    assert wm.aggregate([lost, good, good])["centre_shift_px"] < 1.0
+
+
+def test_score_world_edits_on_many_scenes_and_from_readings():
+    edit = wm.parse_world_edit("red:green")
+    scenes = edit.scenes(6, seed=3)
+    assert all(s.objects[0].colour == "red" for s in scenes)
+    ideal = [world.render(edit.apply(s)) for s in scenes]
+    report = wm.score_world_edits(scenes, ideal, edit)
+    assert report["success"] == 1.0 and report["iou"] > 0.97 and len(report["per_image"]) == 6
+    unchanged = wm.score_world_edits(scenes, [world.render(s) for s in scenes], edit)
+    assert unchanged["success"] == 0.0 and unchanged["iou_input"] == 1.0
+    # Without ground truth: the scene and masks as the oracle reads the input.
+    scene, masks = wm.scene_from_image(world.render(scenes[0]))
+    score = wm.score_world_edit(scene, ideal[0], edit, input_image=world.render(scenes[0]), input_masks=masks)
+    assert score.success and score.iou > 0.9
+
+
+def test_sentence_banks_differ_by_the_edited_word_only():
+    source, target = world_sentence_banks(wm.parse_world_edit("circle:square"))
+    assert len(source) == len(world.TOY_COLOURS) * len(world.TOY_BACKGROUNDS)
+    for s, t in zip(source, target):
+        assert "circle" in s and s.replace("circle", "square") == t
+
+
+def test_score_log_resumes_only_matching_settings(tmp_path):
+    path = tmp_path / "log.jsonl"
+    edit = wm.parse_world_edit("circle:square")
+    score = wm.score_world_edit(CIRCLE, world.render(CIRCLE), edit)
+    log = ScoreLog(path, {"steps": 2})
+    log.add("circle-square", "direction", 3, score, float("nan"))
+    with open(path, "a") as f:
+        f.write('{"settings": "cut in the mid')  # a line cut by kill -9
+    again = ScoreLog(path, {"steps": 2}).done("circle-square", "direction")
+    assert list(again) == [3] and ScoreLog.to_score(again[3]) == score
+    assert ScoreLog(path, {"steps": 50}).done("circle-square", "direction") == {}
+
+
+def test_score_log_shares_unguided_rows_across_guidance_steps(tmp_path):
+    path = tmp_path / "log.jsonl"
+    score = wm.score_world_edit(CIRCLE, world.render(CIRCLE), "circle:square")
+    log = ScoreLog(path, {"steps": 2, "xa_guidance": 10.0})
+    log.add("circle-square", "word_swap", 0, score, 0.5)
+    log.add("circle-square", "direction_xa", 0, score, 0.5)
+    other = ScoreLog(path, {"steps": 2, "xa_guidance": 20.0})
+    assert list(other.done("circle-square", "word_swap")) == [0]
+    assert other.done("circle-square", "direction_xa") == {}

@@ -1,0 +1,111 @@
+"""The toy model shipped in data/toy_model: loads as a Stable Diffusion folder, runs, draws the world."""
+
+import importlib
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from data.shapes import oracle, world
+
+MODEL = Path(__file__).resolve().parents[1] / "data" / "toy_model"
+
+
+@pytest.fixture(scope="module")
+def pipe():
+    from diffusers import StableDiffusionPipeline
+
+    pipe = StableDiffusionPipeline.from_pretrained(MODEL, local_files_only=True)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def test_folder_is_a_stable_diffusion_model_within_size():
+    index = json.loads((MODEL / "model_index.json").read_text())
+    assert index["_class_name"] == "StableDiffusionPipeline"
+    weights = list(MODEL.rglob("*.safetensors"))
+    assert {w.parent.name for w in weights} == {"unet", "vae", "text_encoder"}
+    assert sum(w.stat().st_size for w in weights) <= 30 * 2**20
+    assert not list(MODEL.rglob("*.bin")) and not list(MODEL.rglob("*.pt"))
+
+
+def test_components_have_the_planned_architecture(pipe):
+    from diffusers import DDIMScheduler
+
+    assert isinstance(pipe.scheduler, DDIMScheduler)
+    cfg = pipe.scheduler.config
+    assert (cfg.beta_start, cfg.beta_end, cfg.beta_schedule) == (0.00085, 0.012, "scaled_linear")
+    assert (cfg.num_train_timesteps, cfg.prediction_type, cfg.set_alpha_to_one) == (1000, "epsilon", False)
+    assert pipe.tokenizer.model_max_length == 77
+    assert pipe.text_encoder.config.max_position_embeddings == 77
+    with torch.no_grad():
+        latent = pipe.vae.encode(torch.zeros(1, 3, 64, 64)).latent_dist.mean
+    assert latent.shape == (1, 4, 16, 16)
+    # cross-attention at 16×16 and 8×8
+    cross = [i for i, block in enumerate(pipe.unet.down_blocks) if hasattr(block, "attentions")]
+    assert cross == [0, 1]
+    assert pipe.unet.config.cross_attention_dim == pipe.text_encoder.config.hidden_size
+
+
+def test_a_few_ddim_steps_run(pipe):
+    out = pipe(
+        ["a red circle on a white background", "a blue square on a gray background"],
+        num_inference_steps=3,
+        guidance_scale=3.0,
+        generator=torch.Generator().manual_seed(0),
+        output_type="np",
+    ).images
+    assert out.shape == (2, 64, 64, 3)
+    assert np.isfinite(out).all() and out.std() > 0.01
+
+
+def test_both_tokenizer_classes_load_the_shipped_tokenizer():
+    from transformers import CLIPTokenizer, CLIPTokenizerFast
+
+    for cls in (CLIPTokenizer, CLIPTokenizerFast):
+        tok = cls.from_pretrained(MODEL / "tokenizer")
+        assert tok.model_max_length == 77
+        assert all(len(tok(w, add_special_tokens=False).input_ids) == 1 for w in world.scene_words())
+
+
+def test_captioner_folder_works_through_its_class():
+    folder = MODEL / "captioner"
+    config = json.loads((folder / "captioner.json").read_text())
+    module, name = config["class"].split(":")
+    captioner = getattr(importlib.import_module(module), name).from_pretrained(folder)
+    scenes = [world.sample_scene(900 + i) for i in range(8)]
+    assert captioner([world.render(s) for s in scenes]) == [s.caption for s in scenes]
+
+
+@pytest.mark.slow
+def test_toy_model_draws_what_captions_say(pipe):
+    scenes = [
+        world.Scene((world.ShapeObject(s, c, (32.0, 32.0), 30.0),), world.Background("plain", (b,)))
+        for s, c, b in [
+            ("circle", "red", "white"),
+            ("square", "blue", "gray"),
+            ("triangle", "green", "white"),
+            ("square", "yellow", "white"),
+            ("triangle", "red", "gray"),
+            ("circle", "blue", "gray"),
+        ]
+    ]
+    images = pipe(
+        [s.caption for s in scenes] * 2,
+        num_inference_steps=50,
+        guidance_scale=4.0,
+        generator=torch.Generator().manual_seed(0),
+        output_type="np",
+    ).images
+    right = []
+    for image, scene in zip(images, scenes * 2):
+        reading = oracle.read(image)
+        right.append(
+            len(reading.objects) == 1
+            and reading.objects[0].shape == scene.objects[0].shape
+            and reading.objects[0].colour == scene.objects[0].colour
+            and reading.background.matches(scene.background)
+        )
+    assert np.mean(right) >= 0.9, right

@@ -1,0 +1,153 @@
+"""The shapes world: renderer, captions, oracle, tokenizer and captioner (no trained model needed)."""
+
+import numpy as np
+import pytest
+
+from data.shapes import oracle, world
+from data.shapes.world import Background, Scene, ShapeObject
+
+BROAD = dict(
+    shapes=world.SHAPES,
+    colours=tuple(world.COLOURS),
+    backgrounds=tuple(world.BACKGROUNDS),
+    background_kinds=world.BACKGROUND_KINDS,
+)
+
+
+def test_same_seed_same_scene_and_image():
+    a, b = world.sample_scene(123, **BROAD), world.sample_scene(123, **BROAD)
+    assert a == b
+    assert np.array_equal(np.asarray(world.render(a)), np.asarray(world.render(b)))
+    others = {world.sample_scene(s, **BROAD) for s in range(124, 134)}
+    assert a not in others and len(others) == 10
+
+
+def test_render_is_64x64_rgb_with_smooth_edges():
+    scene = Scene((ShapeObject("circle", "red", (32.0, 32.0), 30.0),), Background("plain", ("white",)))
+    image = np.asarray(world.render(scene))
+    assert image.shape == (64, 64, 3) and image.dtype == np.uint8
+    assert tuple(image[32, 32]) == world.COLOURS["red"]
+    assert tuple(image[0, 0]) == world.BACKGROUNDS["white"]
+    # anti-aliasing: the rim has pixels between the object's and the background's colours
+    greens = np.unique(image[..., 1])
+    assert len(greens) > 5
+
+
+def test_masks_match_shape_areas():
+    scene = Scene(
+        (
+            ShapeObject("circle", "blue", (18.0, 18.0), 20.0),
+            ShapeObject("square", "green", (44.0, 44.0), 16.0),
+        ),
+        Background("plain", ("gray",)),
+    )
+    circle, square = world.object_masks(scene)
+    assert abs(circle.sum() - np.pi * 10**2) < 12
+    assert abs(square.sum() - 16**2) < 12
+    assert not (circle & square).any()
+    assert world.mask_centre(circle) == pytest.approx((18.0, 18.0), abs=0.6)
+
+
+def test_captions_in_plain_english():
+    red_circle = ShapeObject("circle", "red", (20.0, 20.0), 20.0)
+    blue_square = ShapeObject("square", "blue", (45.0, 45.0), 14.0)
+    orange_triangle = ShapeObject("triangle", "orange", (45.0, 15.0), 14.0)
+    white = Background("plain", ("white",))
+    assert Scene((red_circle,), white).caption == "a red circle on a white background"
+    assert (
+        Scene((red_circle, blue_square), white).caption
+        == "a red circle and a blue square on a white background"
+    )
+    three = Scene((red_circle, blue_square, orange_triangle), Background("gradient", ("white", "gray")))
+    assert three.caption == (
+        "a red circle, a blue square and an orange triangle on a white to gray gradient background"
+    )
+    stripes = Scene((red_circle,), Background("stripes", ("black", "white")))
+    assert stripes.caption == "a red circle on a black and white striped background"
+    assert Scene((red_circle,), white).replace_object(0, shape="square").caption.startswith("a red square")
+
+
+def test_scenes_follow_the_requested_distribution():
+    scenes = [world.sample_scene(s) for s in range(200)]
+    assert all(len(s.objects) == 1 and s.background.kind == "plain" for s in scenes)
+    assert {s.objects[0].shape for s in scenes} == set(world.TOY_SHAPES)
+    assert {s.objects[0].colour for s in scenes} == set(world.TOY_COLOURS)
+    assert {s.background.colours[0] for s in scenes} == set(world.TOY_BACKGROUNDS)
+    multi = [world.sample_scene(s, num_objects=(2, 3), **BROAD) for s in range(50)]
+    assert {len(s.objects) for s in multi} == {2, 3}
+    for s in multi:  # objects stay apart, so each is whole and readable
+        for i, a in enumerate(s.objects):
+            for b in s.objects[i + 1 :]:
+                assert not world._boxes_near(a.bbox, b.bbox, gap=2.9)
+
+
+@pytest.mark.parametrize(
+    "name, count, kwargs",
+    [
+        ("toy distribution", 300, {}),
+        ("all shapes, colours and backgrounds", 150, BROAD),
+        ("two or three objects", 150, dict(num_objects=(2, 3), **BROAD)),
+    ],
+)
+def test_oracle_reads_clean_renders(name, count, kwargs):
+    scores = [
+        oracle.score(world.render(s), s)
+        for s in (world.sample_scene(10_000 + i, **kwargs) for i in range(count))
+    ]
+    accuracy = np.mean([s.all_right for s in scores])
+    assert accuracy >= 0.99, f"{name}: oracle accuracy {accuracy:.3f}"
+    assert np.mean([s.template_iou for s in scores]) > 0.9
+    assert np.median([s.centre_error for s in scores]) < 0.75
+
+
+def test_oracle_sees_changes():
+    scene = world.sample_scene(7, shapes=("circle",), colours=("red",))
+    for changed in (scene.replace_object(0, shape="square"), scene.replace_object(0, colour="blue")):
+        s = oracle.score(world.render(changed), scene)
+        assert not s.all_right
+        assert oracle.score(world.render(changed), changed).all_right
+    blank = np.full((64, 64, 3), 140, dtype=np.uint8)
+    reading = oracle.read(blank)
+    assert reading.objects == [] and reading.background == Background("plain", ("gray",))
+
+
+def test_oracle_object_masks_match_ground_truth():
+    for seed in range(20):
+        scene = world.sample_scene(seed, num_objects=2, **BROAD)
+        reading = oracle.read(world.render(scene))
+        for truth, read in zip(world.object_masks(scene), oracle.match_objects(reading, scene)):
+            iou = (truth & read.mask).sum() / (truth | read.mask).sum()
+            assert iou > 0.9
+
+
+def test_tokenizer_gives_each_world_word_one_token(tmp_path):
+    from transformers import AutoTokenizer, CLIPTokenizer, CLIPTokenizerFast
+
+    from data.shapes.tokenizer import save_tokenizer
+
+    save_tokenizer(tmp_path)
+    caption = "an orange circle, a red square and a blue diamond on a white to gray gradient background"
+    for cls in (CLIPTokenizer, CLIPTokenizerFast, AutoTokenizer):
+        tok = cls.from_pretrained(tmp_path)
+        assert tok.model_max_length == 77
+        for word in world.scene_words():
+            assert len(tok(word, add_special_tokens=False).input_ids) == 1, word
+        ids = tok(caption, padding="max_length", max_length=tok.model_max_length).input_ids
+        assert len(ids) == 77
+        assert tok.decode(ids, skip_special_tokens=True).replace(" ,", ",").strip() == caption
+    # vocab.json + merges.txt alone are enough
+    (tmp_path / "tokenizer.json").unlink()
+    tok = CLIPTokenizer.from_pretrained(tmp_path)
+    assert all(len(tok(w, add_special_tokens=False).input_ids) == 1 for w in world.scene_words())
+
+
+def test_captioner_captions_renders(tmp_path):
+    from data.shapes.captioner import ShapesCaptioner, write_captioner_folder
+
+    write_captioner_folder(tmp_path)
+    captioner = ShapesCaptioner.from_pretrained(tmp_path)
+    scenes = [world.sample_scene(500 + i) for i in range(20)]
+    assert captioner([world.render(s) for s in scenes]) == [s.caption for s in scenes]
+    # larger images are read at the world's size
+    big = world.render(scenes[0]).resize((256, 256))
+    assert captioner([big]) == [scenes[0].caption]

@@ -1,0 +1,335 @@
+"""Student training: losses, the LightningModule, the DataModule, train.py's CLI, checkpoints, DDP.
+
+Everything runs on the CPU with tiny students at 64 px and pair shards drawn here (shapes on a
+background, edited by a known transform), written with webdataset's TarWriter in the teacher's format.
+"""
+
+from __future__ import annotations
+
+import copy
+import io
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import lightning.pytorch as pl
+import numpy as np
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+TINY = str(REPO / "configs" / "tiny.yaml")
+
+
+# --------------------------------------------------------------------------------------------------
+# Procedural pairs in the teacher's shard format
+
+
+def draw_shapes(rng: np.random.Generator, size: int) -> np.ndarray:
+    """An RGB uint8 image: a flat background with 1-3 coloured discs, squares and triangles."""
+    yy, xx = np.mgrid[0:size, 0:size].astype(np.float32) + 0.5
+    image = np.empty((size, size, 3), np.float32)
+    image[:] = rng.uniform(0.1, 0.5, size=3) * 255
+    for _ in range(rng.integers(1, 4)):
+        kind = rng.integers(3)
+        cx, cy = rng.uniform(0.2, 0.8, size=2) * size
+        r = rng.uniform(0.1, 0.22) * size
+        if kind == 0:
+            mask = (xx - cx) ** 2 + (yy - cy) ** 2 <= r * r
+        elif kind == 1:
+            mask = (np.abs(xx - cx) <= r) & (np.abs(yy - cy) <= r)
+        else:
+            mask = (yy <= cy + r) & (yy >= cy - r) & (np.abs(xx - cx) <= (yy - (cy - r)) / 2)
+        image[mask] = rng.uniform(0.5, 1.0, size=3) * 255 * rng.permutation([1.0, 1.0, 0.3])
+    return image.round().clip(0, 255).astype(np.uint8)
+
+
+def mirror_and_swap(image: np.ndarray) -> np.ndarray:
+    """The known edit: mirror left-right and rotate the colour channels (RGB -> GBR)."""
+    return np.ascontiguousarray(image[:, ::-1, [1, 2, 0]])
+
+
+def _png(array: np.ndarray) -> bytes:
+    from PIL import Image
+
+    buffer = io.BytesIO()
+    Image.fromarray(array).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def write_pair_shards(directory: Path, shards: int, per_shard: int, size: int = 64, seed: int = 0,
+                      edit=mirror_and_swap) -> Path:
+    """``pairs-%06d.tar`` shards of (src, edit, json) samples with unique keys ``s<shard>-<index>``."""
+    import webdataset as wds
+
+    directory.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    for shard in range(shards):
+        with wds.TarWriter(str(directory / f"pairs-{shard:06d}.tar")) as sink:
+            for index in range(per_shard):
+                src = draw_shapes(rng, size)
+                meta = {"caption": "shapes", "edit": {"source": "shapes", "target": "mirrored shapes"}}
+                sink.write({"__key__": f"s{shard:03d}-{index:05d}", "src.png": _png(src),
+                            "edit.png": _png(edit(src)), "json": json.dumps(meta).encode()})
+    return directory
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory) -> Path:
+    """Four training-size shards of 8 pairs (three for training, one held out for validation)."""
+    return write_pair_shards(tmp_path_factory.mktemp("pairs"), shards=4, per_shard=8)
+
+
+def fit(shards: Path, run: Path, *extra: str, ckpt_path: str | None = None, callbacks=()):
+    """``train.py fit --config configs/tiny.yaml ...`` in this process, plus test callbacks."""
+    import train
+
+    args = ["--config", TINY, "--data.shards", str(shards), "--trainer.default_root_dir", str(run),
+            "--trainer.enable_progress_bar", "false", *extra]
+    cli = train.main(args=args, run=False)
+    cli.trainer.callbacks.extend(callbacks)
+    cli.trainer.fit(cli.model, datamodule=cli.datamodule, ckpt_path=ckpt_path)
+    return cli
+
+
+def load_ckpt(path: Path) -> dict:
+    return torch.load(path, map_location="cpu", weights_only=False)
+
+
+# --------------------------------------------------------------------------------------------------
+# Losses
+
+
+def test_r1_is_the_squared_input_gradient_and_reaches_the_weights():
+    from student.losses import r1_penalty
+
+    torch.manual_seed(0)
+    weight = torch.randn(3 * 4 * 4, requires_grad=True)
+
+    def critic(y):  # D(y) = sum(w * y)^2 per sample: grad_y = 2 * (w.y) * w
+        return (y.flatten(1) @ weight).square().unsqueeze(1)
+
+    y = torch.randn(2, 3, 4, 4, requires_grad=True)
+    penalty = r1_penalty(critic(y), y)
+    dots = (y.flatten(1) @ weight).detach()
+    expected = (4 * dots.square() * weight.detach().square().sum()).mean()
+    torch.testing.assert_close(penalty, expected)
+    penalty.backward()  # second order: d/dw of ||grad_y D||^2
+    assert weight.grad is not None and weight.grad.abs().sum() > 0
+
+
+def test_gan_losses_are_the_logistic_ones():
+    from student.losses import discriminator_gan_loss, generator_gan_loss
+
+    real, fake = torch.tensor([[2.0], [-1.0]]), torch.tensor([[0.5], [-3.0]])
+    torch.testing.assert_close(generator_gan_loss(fake), torch.log1p(torch.exp(-fake)).mean())
+    torch.testing.assert_close(discriminator_gan_loss(real, fake),
+                               torch.log1p(torch.exp(fake)).mean() + torch.log1p(torch.exp(-real)).mean())
+
+
+def test_lpips_loads_a_user_backbone_and_refuses_to_run_without_one(tmp_path):
+    import torchvision
+
+    from p2pz.errors import UserError
+    from student.losses import PerceptualLoss
+
+    with pytest.raises(UserError, match="lpips_backbone"):
+        PerceptualLoss("alex")
+    alexnet = torchvision.models.alexnet(weights=None)
+    path = tmp_path / "alexnet-owt-7be5be79.pth"
+    torch.save(alexnet.state_dict(), path)
+    loss = PerceptualLoss("alex", str(path))
+    torch.testing.assert_close(loss.lpips.net.slice5._modules["10"].weight, alexnet.features[10].weight)
+    assert not loss.random_backbone and not any(p.requires_grad for p in loss.parameters())
+    a, b = torch.rand(2, 3, 64, 64) * 2 - 1, torch.rand(2, 3, 64, 64) * 2 - 1
+    assert loss(a, a).item() == pytest.approx(0.0, abs=1e-6) and loss(a, b).item() > 0
+    torch.save(torchvision.models.vgg16(weights=None).state_dict(), tmp_path / "vgg.pth")
+    with pytest.raises(UserError, match="does not match"):
+        PerceptualLoss("alex", str(tmp_path / "vgg.pth"))
+
+
+# --------------------------------------------------------------------------------------------------
+# Training runs
+
+
+def test_tiny_fit_counts_iterations_saves_and_logs(shards, tmp_path):
+    """max_steps counts iterations; last.ckpt, grids, validation metrics and the config all land."""
+    run = tmp_path / "run"
+    cli = fit(shards, run, "--trainer.max_steps", "3", "--trainer.val_check_interval", "3")
+    assert cli.trainer.global_step == 3
+    ckpt = load_ckpt(run / "checkpoints" / "last.ckpt")
+    assert ckpt["global_step"] == 3
+    g_state, d_state = (s["state"] for s in ckpt["optimizer_states"])
+    assert {int(s["step"]) for s in g_state.values()} == {3}  # one G and one D update per iteration
+    assert {int(s["step"]) for s in d_state.values()} == {3}
+    assert any(k.startswith("g_ema.") for k in ckpt["state_dict"])
+    assert not any(k.startswith("_perceptual") or "lpips" in k for k in ckpt["state_dict"])
+    assert "resolution" in ckpt["generator_config"]
+    assert sorted(p.name for p in (run / "grids").glob("*.png")) == ["step-0000001.png"]
+    metrics = next(run.glob("lightning_logs/version_*/metrics.csv")).read_text()
+    assert "val/l1" in metrics and "val/l1_copy" in metrics and "train/g_l1" in metrics
+
+    from student.training import load_generator
+
+    generator = load_generator(run / "checkpoints" / "last.ckpt")
+    x = torch.rand(2, 3, 64, 64) * 2 - 1
+    with torch.no_grad():
+        torch.testing.assert_close(generator(x), cli.model.g_ema.eval()(x))
+
+
+class _Crash(Exception):
+    pass
+
+
+def _crash_at(step: int):
+    import lightning.pytorch as pl
+
+    class CrashAt(pl.Callback):
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            if trainer.global_step == step:
+                raise _Crash(f"killed at step {step}")
+
+    return CrashAt()
+
+
+def _snapshot(module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in module.state_dict().items()}
+
+
+def test_killed_run_resumes_to_the_same_step_with_optimiser_and_ema_state(shards, tmp_path):
+    import lightning.pytorch as pl
+
+    run = tmp_path / "run"
+    common = ["--trainer.max_steps", "5", "--checkpoint.every_n_train_steps", "2",
+              "--trainer.limit_val_batches", "0"]
+    with pytest.raises(_Crash):
+        fit(shards, run, *common, callbacks=[_crash_at(3)])
+    saved = load_ckpt(run / "checkpoints" / "last.ckpt")
+    assert saved["global_step"] == 2  # the save at step 2 survives, nothing was written at the crash
+
+    seen = {}
+
+    class Inspect(pl.Callback):
+        def on_train_start(self, trainer, pl_module):
+            seen["step"] = trainer.global_step
+            seen["g_ema"] = _snapshot(pl_module.g_ema)
+            seen["opt_d"] = copy.deepcopy(trainer.optimizers[1].state_dict())
+
+    cli = fit(shards, run, *common, ckpt_path="last", callbacks=[Inspect()])
+    assert seen["step"] == 2 and cli.trainer.global_step == 5
+    for name, value in seen["g_ema"].items():
+        torch.testing.assert_close(value, saved["state_dict"][f"g_ema.{name}"])
+    d_state = seen["opt_d"]["state"]
+    for index, state in saved["optimizer_states"][1]["state"].items():
+        torch.testing.assert_close(d_state[index]["exp_avg_sq"], state["exp_avg_sq"])
+    assert load_ckpt(run / "checkpoints" / "last.ckpt")["global_step"] == 5
+
+    uninterrupted = fit(shards, tmp_path / "straight", *common)
+    assert uninterrupted.trainer.global_step == cli.trainer.global_step
+
+
+def test_a_nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint(shards, tmp_path):
+    import lightning.pytorch as pl
+
+    from student.training import NonFiniteLossError
+
+    class Diverge(pl.Callback):  # fault injection: the generator's weights blow up at step 3
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            if trainer.global_step == 3:
+                with torch.no_grad():
+                    next(pl_module.G.parameters()).fill_(float("nan"))
+
+    run = tmp_path / "run"
+    with pytest.raises(NonFiniteLossError, match="step 3.*last good checkpoint is .*last.ckpt"):
+        fit(shards, run, "--trainer.max_steps", "6", "--checkpoint.every_n_train_steps", "2",
+            "--trainer.limit_val_batches", "0", callbacks=[Diverge()])
+    kept = load_ckpt(run / "checkpoints" / "last.ckpt")
+    assert kept["global_step"] == 2
+    assert all(torch.isfinite(v).all() for v in kept["state_dict"].values() if v.is_floating_point())
+
+
+def test_train_py_reports_a_missing_lpips_backbone_in_one_line(shards, tmp_path):
+    result = subprocess.run(
+        [sys.executable, str(REPO / "train.py"), "fit", "--config", TINY, "--data.shards", str(shards),
+         "--trainer.default_root_dir", str(tmp_path), "--model.lpips_weight", "1"],
+        capture_output=True, text=True, cwd=tmp_path, timeout=300,
+    )
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert result.stderr.strip().splitlines()[-1].startswith("error: LPIPS needs ImageNet weights")
+    assert "Traceback" not in result.stderr
+
+
+# --------------------------------------------------------------------------------------------------
+# DDP on the CPU
+
+
+class RecordRank(pl.Callback):
+    """Each rank's sample keys, and its weights before and after training (picklable for ddp_spawn)."""
+
+    def __init__(self, out_dir: str):
+        self.out_dir = out_dir
+        self.keys: list[str] = []
+
+    def on_train_start(self, trainer, pl_module):
+        torch.save(_snapshot(pl_module), Path(self.out_dir, f"initial-{trainer.global_rank}.pt"))
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        self.keys.extend(batch["__key__"])
+
+    def on_train_end(self, trainer, pl_module):
+        rank = trainer.global_rank
+        Path(self.out_dir, f"keys-{rank}.json").write_text(json.dumps(self.keys))
+        torch.save(_snapshot(pl_module), Path(self.out_dir, f"weights-{rank}.pt"))
+
+
+def test_ddp_two_cpu_ranks_see_disjoint_data_and_keep_identical_weights(shards, tmp_path):
+    import lightning.pytorch as pl
+
+    from student.callbacks import StepCheckpoint
+    from student.datamodule import PairDataModule
+    from student.training import StudentModule
+
+    # four training shards, two per rank; validation from its own shard
+    train_dir = write_pair_shards(tmp_path / "train", shards=4, per_shard=6, seed=1)
+    import yaml
+
+    config = yaml.safe_load(Path(TINY).read_text())
+    model = StudentModule(**{**config["model"], "r1_interval": 1})
+    data = PairDataModule(shards=str(train_dir), val_shards=str(shards / "pairs-000003.tar"),
+                          resolution=model.hparams.resolution, batch_size=2, epoch_length=2, val_samples=2,
+                          num_workers=0)
+    trainer = pl.Trainer(
+        accelerator="cpu", devices=2, strategy="ddp_spawn_find_unused_parameters_true", max_steps=2,
+        default_root_dir=str(tmp_path / "run"), logger=False, enable_progress_bar=False,
+        enable_model_summary=False, num_sanity_val_steps=0, limit_val_batches=0,
+        callbacks=[StepCheckpoint(every_n_train_steps=2), RecordRank(str(tmp_path))],
+    )
+    trainer.fit(model, datamodule=data)
+
+    keys = [json.loads((tmp_path / f"keys-{rank}.json").read_text()) for rank in (0, 1)]
+    assert len(keys[0]) == len(keys[1]) == 4
+    shard_of = [{k.split("-")[0] for k in rank_keys} for rank_keys in keys]
+    assert not set(keys[0]) & set(keys[1]) and not shard_of[0] & shard_of[1]
+    weights = [torch.load(tmp_path / f"weights-{rank}.pt") for rank in (0, 1)]
+    initial = torch.load(tmp_path / "initial-0.pt")
+    changed = 0
+    for name, value in weights[0].items():
+        torch.testing.assert_close(value, weights[1][name], rtol=0, atol=0, msg=name)
+        changed += not torch.equal(value, initial[name])
+    assert changed > 0  # they trained, and stayed in sync
+    assert load_ckpt(tmp_path / "run" / "checkpoints" / "last.ckpt")["global_step"] == 2
+
+
+def test_datamodule_holds_out_validation_shards(shards):
+    from student.datamodule import PairDataModule
+
+    data = PairDataModule(shards=str(shards), val_fraction=0.25, resolution=64, batch_size=3, val_samples=5)
+    data.setup("fit")
+    assert [Path(u).name for u in data.val_urls] == ["pairs-000003.tar"]
+    assert len(data.train_urls) == 3
+    batches = list(data.val_dataloader())
+    assert [b["src"].shape[0] for b in batches] == [3, 3]  # ceil(5 / 3) batches, deterministic
+    assert [b["__key__"] for b in batches] == [b["__key__"] for b in data.val_dataloader()]
+    assert math.isclose(float(batches[0]["src"].min()), -1.0, abs_tol=0.5)
