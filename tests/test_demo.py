@@ -16,9 +16,27 @@ from p2pz.cli import main
 @pytest.mark.slow
 def test_demo_small(tmp_path):
     out = tmp_path / "demo"
-    code = main(["demo", "--out", str(out), "--pairs", "16", "--steps", "4", "--train-steps", "10",
-                 "--test-scenes", "4", "--bench-backends", "eager,pt2,onnx", "--bench-batches", "1,4",
-                 "--bench-iters", "3"])
+    code = main(
+        [
+            "demo",
+            "--out",
+            str(out),
+            "--pairs",
+            "16",
+            "--steps",
+            "4",
+            "--train-steps",
+            "10",
+            "--test-scenes",
+            "4",
+            "--bench-backends",
+            "eager,pt2,onnx",
+            "--bench-batches",
+            "1,4",
+            "--bench-iters",
+            "3",
+        ]
+    )
     assert code == 0
     assert sorted(p.name for p in out.glob("shards/pairs-*.tar"))
     assert (out / "model" / "config.json").is_file() and (out / "model" / "generator.onnx").is_file()

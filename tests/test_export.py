@@ -24,8 +24,12 @@ def package(tmp_path_factory):
     module = StudentModule(resolution=64, preset="lite", lpips_weight=0.0)
     for p in module.g_ema.parameters():  # make the EMA weights differ from G's: export must take g_ema
         p.data.add_(0.01 * torch.randn_like(p))
-    checkpoint = {"state_dict": module.state_dict(), "generator_config": dict(module.g_ema.config),
-                  "global_step": 7, "hyper_parameters": dict(module.hparams)}
+    checkpoint = {
+        "state_dict": module.state_dict(),
+        "generator_config": dict(module.g_ema.config),
+        "global_step": 7,
+        "hyper_parameters": dict(module.hparams),
+    }
     torch.save(checkpoint, root / "last.ckpt")
     out = export_package(root / "last.ckpt", root / "model")
     return out, module.g_ema.eval()
@@ -62,7 +66,9 @@ def test_apply_cli(package, tmp_path):
     inputs.mkdir()
     Image.fromarray(np.full((80, 100, 3), 200, np.uint8)).save(inputs / "a.png")
     Image.fromarray(np.zeros((64, 64), np.uint8)).save(inputs / "b.jpg")  # grayscale
-    assert main(["apply", str(model_dir), str(inputs), "--out", str(tmp_path / "out"), "--backend", "onnx"]) == 0
+    assert (
+        main(["apply", str(model_dir), str(inputs), "--out", str(tmp_path / "out"), "--backend", "onnx"]) == 0
+    )
     a = Image.open(tmp_path / "out" / "a.png")
     assert a.size == (100, 80) and a.mode == "RGB"
     assert (tmp_path / "out" / "b.png").exists()
@@ -85,8 +91,26 @@ def test_load_rejects_non_package(tmp_path):
 def test_bench_json_has_every_field(package, tiny_model_dir, tmp_path):
     model_dir, _ = package
     out = tmp_path / "bench.json"
-    code = main(["bench", str(model_dir), "--out", str(out), "--batches", "1,2", "--backends", "eager,pt2,onnx",
-                 "--iters", "2", "--warmup", "1", "--teacher", str(tiny_model_dir), "--teacher-steps", "2"])
+    code = main(
+        [
+            "bench",
+            str(model_dir),
+            "--out",
+            str(out),
+            "--batches",
+            "1,2",
+            "--backends",
+            "eager,pt2,onnx",
+            "--iters",
+            "2",
+            "--warmup",
+            "1",
+            "--teacher",
+            str(tiny_model_dir),
+            "--teacher-steps",
+            "2",
+        ]
+    )
     assert code == 0
     report = json.loads(out.read_text())
     for backend in ("eager", "pt2", "onnx"):
