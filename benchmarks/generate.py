@@ -7,9 +7,9 @@
    clock starts, as a real job reuses it for every pair).
 2. The reader: samples/s of ``pair_loader`` (one process, augmentation on) over pairs stored at the
    real teacher's 512 px, decoded to the student's 256 px.
-3. What one student training step consumes: the time of one generator + discriminator step of the
-   lite student (``student.networks``) at that batch size and resolution, if it exists; otherwise a
-   stand-in (said so in the output). The ratio reader samples/s / (batch / step time) says how many
+3. What one student training step consumes: the time of one generator + discriminator iteration of
+   the lite student (``student.networks``, the losses of ``student.losses``) at that batch size and
+   resolution. The ratio reader samples/s / (batch / step time) says how many
    times faster the reader is than training needs (>1: the reader keeps up with one worker).
 
 The last line is one JSON object with ``pairs_per_hour_b1``, ``pairs_per_hour_b4`` and
@@ -124,35 +124,29 @@ def bench_reader(folder: Path, batch_size: int, resolution: int, batches: int) -
 
 
 def training_step_seconds(batch_size: int, resolution: int, device: str, repeats: int) -> tuple[float, str]:
-    """Seconds of one G + D optimisation step of the lite student, or of a stand-in."""
-    x = torch.randn(batch_size, 3, resolution, resolution, device=device)
-    y = torch.randn(batch_size, 3, resolution, resolution, device=device)
-    try:
-        from student.networks import Discriminator, Generator  # noqa: F401
+    """Seconds of one training iteration of the lite student: a generator step (L1 + GAN) and a
+    discriminator step, as ``student.training.StudentModule.training_step`` does them (without the
+    lazy R1 term, which runs one iteration in 16, and without LPIPS, which is off by default)."""
+    from student.losses import discriminator_gan_loss, generator_gan_loss
+    from student.networks import Discriminator, Generator
 
-        generator, discriminator, what = _lite_student(resolution, device)
-    except Exception as err:  # noqa: BLE001 - any failure: say what was timed instead
-        generator, discriminator = _stand_in(device)
-        what = (
-            f"STAND-IN conv G+D (student.networks unavailable: {type(err).__name__}: "
-            f"{str(err).splitlines()[0] if str(err) else ''})"
-        )
+    x = torch.randn(batch_size, 3, resolution, resolution, device=device)
+    target = torch.randn(batch_size, 3, resolution, resolution, device=device)
+    generator = Generator(resolution=resolution, preset="lite").to(device).train()
+    discriminator = Discriminator(resolution=resolution, preset="lite").to(device).train()
     opt_g = torch.optim.Adam(generator.parameters(), 2e-3, betas=(0.0, 0.99))
     opt_d = torch.optim.Adam(discriminator.parameters(), 2e-3, betas=(0.0, 0.99))
 
     def step():
         fake = generator(x)
-        d_loss = (
-            torch.nn.functional.softplus(discriminator(fake.detach(), x)).mean()
-            + torch.nn.functional.softplus(-discriminator(y, x)).mean()
-        )
-        opt_d.zero_grad(set_to_none=True)
-        d_loss.backward()
-        opt_d.step()
-        g_loss = torch.nn.functional.softplus(-discriminator(generator(x), x)).mean()
+        g_loss = 10.0 * (fake - target).abs().mean() + generator_gan_loss(discriminator(x, fake))
         opt_g.zero_grad(set_to_none=True)
         g_loss.backward()
         opt_g.step()
+        d_loss = discriminator_gan_loss(discriminator(x, target), discriminator(x, fake.detach()))
+        opt_d.zero_grad(set_to_none=True)
+        d_loss.backward()
+        opt_d.step()
 
     step()  # warm-up
     if device.startswith("cuda"):
@@ -162,81 +156,8 @@ def training_step_seconds(batch_size: int, resolution: int, device: str, repeats
         step()
     if device.startswith("cuda"):
         torch.cuda.synchronize()
+    what = f"lite student G+D iteration, {sum(p.numel() for p in generator.parameters()) / 1e6:.2f}M-param G"
     return (time.perf_counter() - start) / repeats, what
-
-
-def _lite_student(resolution: int, device: str):
-    """The lite student's G and D, called as G(x) -> image and D(image, condition) -> logits."""
-    import inspect
-
-    from student.networks import Discriminator, Generator
-
-    kwargs = {}
-    params = inspect.signature(Generator).parameters
-    if "resolution" in params:
-        kwargs["resolution"] = resolution
-    if "preset" in params:
-        kwargs["preset"] = "lite"
-    generator = Generator(**kwargs).to(device)
-    dkwargs = {k: v for k, v in kwargs.items() if k in inspect.signature(Discriminator).parameters}
-    discriminator = Discriminator(**dkwargs).to(device)
-
-    class G(torch.nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.net = generator
-
-        def forward(self, x):
-            out = self.net(x)
-            return out[0] if isinstance(out, (tuple, list)) else out
-
-    class D(torch.nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.net = discriminator
-
-        def forward(self, image, condition):
-            try:
-                return self.net(image, condition)
-            except TypeError:
-                return self.net(torch.cat([image, condition], 1))
-
-    return G(), D(), f"lite student G+D step (student.networks, kwargs {kwargs})"
-
-
-def _stand_in(device: str):
-    conv = torch.nn.Conv2d
-
-    class G(torch.nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.net = torch.nn.Sequential(
-                conv(3, 32, 3, 1, 1),
-                torch.nn.LeakyReLU(0.2),
-                conv(32, 32, 3, 1, 1),
-                torch.nn.LeakyReLU(0.2),
-                conv(32, 3, 3, 1, 1),
-                torch.nn.Tanh(),
-            )
-
-        def forward(self, x):
-            return self.net(x)
-
-    class D(torch.nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.net = torch.nn.Sequential(
-                conv(6, 32, 4, 2, 1),
-                torch.nn.LeakyReLU(0.2),
-                conv(32, 64, 4, 2, 1),
-                torch.nn.LeakyReLU(0.2),
-                conv(64, 1, 3, 1, 1),
-            )
-
-        def forward(self, image, condition):
-            return self.net(torch.cat([image, condition], 1))
-
-    return G().to(device), D().to(device)
 
 
 def main() -> None:

@@ -409,6 +409,10 @@ def pair_loader(
         wds.batched(batch_size, collation_fn=_Collate(stats), partial=not resampled),
     ]
     dataset = wds.DataPipeline(*stages)
-    loader = wds.WebLoader(dataset, batch_size=None, num_workers=num_workers,
-                           worker_init_fn=_ignore_cluster_signals if num_workers else None)
+    loader = wds.WebLoader(
+        dataset,
+        batch_size=None,
+        num_workers=num_workers,
+        worker_init_fn=_ignore_cluster_signals if num_workers else None,
+    )
     return PairLoader(dataset, loader, epoch_length, state, stats, rank_urls)

@@ -55,8 +55,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--steps", type=int, default=20, help="teacher DDIM steps (default: 20)")
     p.add_argument("--batch-size", type=int, default=8, help="teacher batch size (default: 8)")
     p.add_argument("--train-steps", type=int, default=400, help="student training iterations (default: 400)")
-    p.add_argument("--train-config", default=str(REPO / "configs" / "cpu.yaml"),
-                   help="train.py config (default: configs/cpu.yaml)")
+    p.add_argument(
+        "--train-config",
+        default=str(REPO / "configs" / "cpu.yaml"),
+        help="train.py config (default: configs/cpu.yaml)",
+    )
     p.add_argument("--test-scenes", type=int, default=16, help="held-out scenes in the report (default: 16)")
     p.add_argument("--bench-backends", default="eager,compile,pt2,onnx", help="backends to benchmark")
     p.add_argument("--bench-batches", default="1,4,16", help="batch sizes to benchmark")
@@ -78,8 +81,10 @@ def make_scenes(edit_source: str, count: int, first_seed: int) -> list[Any]:
     elif edit_source in world.COLOURS:
         kwargs = {"colours": (edit_source,)}
     else:
-        raise UserError(f"'{edit_source}' is not a shape or colour of the shapes world "
-                        f"({', '.join(world.SHAPES + tuple(world.COLOURS))})")
+        raise UserError(
+            f"'{edit_source}' is not a shape or colour of the shapes world "
+            f"({', '.join(world.SHAPES + tuple(world.COLOURS))})"
+        )
     return [world.sample_scene(first_seed + i, **kwargs) for i in range(count)]
 
 
@@ -96,17 +101,38 @@ def write_inputs(scenes: list[Any], folder: Path) -> None:
 def generate_pairs(args: argparse.Namespace, out: Path, inputs: Path) -> dict:
     from data.generate import Settings, run
 
-    settings = Settings(out=str(out), model=args.model, edit=[args.edit], inputs=str(inputs),
-                        samples_per_shard=max(16, args.pairs // 8), batch_size=args.batch_size,
-                        seed=args.seed, steps=args.steps, device="cpu", dtype="float32")
+    settings = Settings(
+        out=str(out),
+        model=args.model,
+        edit=[args.edit],
+        inputs=str(inputs),
+        samples_per_shard=max(16, args.pairs // 8),
+        batch_size=args.batch_size,
+        seed=args.seed,
+        steps=args.steps,
+        device="cpu",
+        dtype="float32",
+    )
     return run(settings)
 
 
 def train_student(args: argparse.Namespace, shards: Path, run_dir: Path) -> Path:
     """``train.py fit`` in a subprocess: the very command a cluster job runs."""
-    cmd = [sys.executable, str(TRAIN_SCRIPT), "fit", "--config", args.train_config,
-           "--data.shards", str(shards), "--trainer.default_root_dir", str(run_dir),
-           "--trainer.max_steps", str(args.train_steps), "--seed_everything", str(args.seed)]
+    cmd = [
+        sys.executable,
+        str(TRAIN_SCRIPT),
+        "fit",
+        "--config",
+        args.train_config,
+        "--data.shards",
+        str(shards),
+        "--trainer.default_root_dir",
+        str(run_dir),
+        "--trainer.max_steps",
+        str(args.train_steps),
+        "--seed_everything",
+        str(args.seed),
+    ]
     if (run_dir / "checkpoints" / "last.ckpt").exists():
         cmd += ["--ckpt_path", "last"]  # a demo interrupted in training picks up where it was
     result = subprocess.run(cmd, cwd=REPO)
@@ -127,9 +153,13 @@ def edit_held_out(args: argparse.Namespace, scenes: list[Any], model_dir: Path) 
     direction = teacher.direction(source, target)
     teacher_out = []
     for start in range(0, len(inputs), args.batch_size):
-        chunk = inputs[start:start + args.batch_size]
-        results = teacher.edit(chunk, [direction] * len(chunk), seeds=list(range(start, start + len(chunk))),
-                               num_steps=args.steps)
+        chunk = inputs[start : start + args.batch_size]
+        results = teacher.edit(
+            chunk,
+            [direction] * len(chunk),
+            seeds=list(range(start, start + len(chunk))),
+            num_steps=args.steps,
+        )
         teacher_out.extend(r.edited for r in results)
     student = load_exported(model_dir, "eager")
     student_out = apply_to_images(student, read_config(model_dir)["resolution"], inputs)
@@ -192,9 +222,18 @@ METRICS_NOTE = (
 )
 
 
-def write_report(path: Path, *, edit: str, images: dict[str, list], scores: dict[str, dict],
-                 per_scene: dict[str, list], bench: dict, timings: dict[str, float],
-                 facts: dict[str, Any], chart: Path) -> None:
+def write_report(
+    path: Path,
+    *,
+    edit: str,
+    images: dict[str, list],
+    scores: dict[str, dict],
+    per_scene: dict[str, list],
+    bench: dict,
+    timings: dict[str, float],
+    facts: dict[str, Any],
+    chart: Path,
+) -> None:
     """A single self-contained HTML file (images inlined)."""
     from p2pz.atomic import atomic_path
 
@@ -214,8 +253,13 @@ def write_report(path: Path, *, edit: str, images: dict[str, list], scores: dict
 
     batches = sorted({b for r in bench["student"].values() for b in r}, key=int)
     latency_rows = [
-        [backend] + [f"{r[b]['p50_ms']:.2f} / {r[b]['p99_ms']:.2f} ms, {r[b]['images_per_s']:.0f} img/s"
-                     if b in r else "" for b in batches]
+        [backend]
+        + [
+            f"{r[b]['p50_ms']:.2f} / {r[b]['p99_ms']:.2f} ms, {r[b]['images_per_s']:.0f} img/s"
+            if b in r
+            else ""
+            for b in batches
+        ]
         for backend, r in bench["student"].items()
     ]
     latency = _table(["backend"] + [f"batch {b}" for b in batches], latency_rows)
@@ -239,18 +283,26 @@ def write_report(path: Path, *, edit: str, images: dict[str, list], scores: dict
     run_rows += [[html.escape(k), f"{v:.0f} s"] for k, v in timings.items()]
 
     title = html.escape(edit.replace(":", " → "))
-    page = "\n".join([
-        f"<!doctype html><html><head><meta charset='utf-8'><title>p2pz demo: {title}</title>",
-        f"<style>{STYLE}</style></head><body>",
-        f"<h1>pix2pix-zero → student: <code>{title}</code></h1>",
-        f"<p class=big>{headline}</p>",
-        "<h2>Held-out scenes</h2>", grid,
-        "<h2>Scores on the shapes world (oracle)</h2>", score_table, f"<p>{METRICS_NOTE}</p>",
-        f"<h2>Student latency (p50 / p99, {html.escape(bench['device'])})</h2>", latency,
-        f"<p>{roofline}</p>", chart_img,
-        "<h2>Run</h2>", _table(["", ""], run_rows),
-        "</body></html>",
-    ])
+    page = "\n".join(
+        [
+            f"<!doctype html><html><head><meta charset='utf-8'><title>p2pz demo: {title}</title>",
+            f"<style>{STYLE}</style></head><body>",
+            f"<h1>pix2pix-zero → student: <code>{title}</code></h1>",
+            f"<p class=big>{headline}</p>",
+            "<h2>Held-out scenes</h2>",
+            grid,
+            "<h2>Scores on the shapes world (oracle)</h2>",
+            score_table,
+            f"<p>{METRICS_NOTE}</p>",
+            f"<h2>Student latency (p50 / p99, {html.escape(bench['device'])})</h2>",
+            latency,
+            f"<p>{roofline}</p>",
+            chart_img,
+            "<h2>Run</h2>",
+            _table(["", ""], run_rows),
+            "</body></html>",
+        ]
+    )
     with atomic_path(path, suffix=".html") as tmp:
         tmp.write_text(page)
 
@@ -266,8 +318,10 @@ def cmd_demo(args: argparse.Namespace) -> int:
     out = Path(args.out)
     model = Path(args.model)
     if not (model / "model_index.json").is_file() and not str(args.model).count("/") == 1:
-        raise UserError(f"teacher model not found at {args.model}; the toy model ships in data/toy_model "
-                        "(reinstall from the repository) or pass --model")
+        raise UserError(
+            f"teacher model not found at {args.model}; the toy model ships in data/toy_model "
+            "(reinstall from the repository) or pass --model"
+        )
     if ":" not in args.edit:
         raise UserError(f"--edit must be SOURCE:TARGET, got {args.edit!r}")
     source, _ = args.edit.split(":")
@@ -295,28 +349,48 @@ def cmd_demo(args: argparse.Namespace) -> int:
     timings["export"] = time.perf_counter() - t
 
     t = stage("5/6 bench")
-    bench = run_benchmark(out / "model", batches=[int(b) for b in args.bench_batches.split(",")],
-                          backends=args.bench_backends.split(","), iters=args.bench_iters,
-                          teacher_model=str(args.model), teacher_steps=args.steps,
-                          progress=lambda msg: print(f"   {msg}", flush=True))
+    bench = run_benchmark(
+        out / "model",
+        batches=[int(b) for b in args.bench_batches.split(",")],
+        backends=args.bench_backends.split(","),
+        iters=args.bench_iters,
+        teacher_model=str(args.model),
+        teacher_steps=args.steps,
+        progress=lambda msg: print(f"   {msg}", flush=True),
+    )
     bench_json, chart = write_bench(bench, out / "bench.json")
     timings["bench"] = time.perf_counter() - t
 
     t = stage(f"6/6 report: {args.test_scenes} held-out scenes")
     scenes = make_scenes(source, args.test_scenes, HELD_OUT_SEED + args.seed * 1_000_000)
     images = edit_held_out(args, scenes, out / "model")
-    scores = {"teacher": score(scenes, images["teacher"], args.edit),
-              "student": score(scenes, images["student"], args.edit)}
+    scores = {
+        "teacher": score(scenes, images["teacher"], args.edit),
+        "student": score(scenes, images["student"], args.edit),
+    }
     (out / "scores.json").write_text(json.dumps(scores, indent=2, default=str))
     per_scene = {who: [verdict(e) for e in s.pop("per_image")] for who, s in scores.items()}
     timings["report"] = time.perf_counter() - t
     facts = {
-        "teacher model": args.model, "edit": args.edit, "pairs": args.pairs, "teacher steps": args.steps,
-        "student iterations": args.train_steps, "package": str(out / "model"),
-        "python": sys.version.split()[0], "cpu cores": os.cpu_count(),
+        "teacher model": args.model,
+        "edit": args.edit,
+        "pairs": args.pairs,
+        "teacher steps": args.steps,
+        "student iterations": args.train_steps,
+        "package": str(out / "model"),
+        "python": sys.version.split()[0],
+        "cpu cores": os.cpu_count(),
     }
-    write_report(out / "report.html", edit=args.edit, images=images, scores=scores,
-                 per_scene=per_scene, bench=bench,
-                 timings=timings, facts=facts, chart=chart)
+    write_report(
+        out / "report.html",
+        edit=args.edit,
+        images=images,
+        scores=scores,
+        per_scene=per_scene,
+        bench=bench,
+        timings=timings,
+        facts=facts,
+        chart=chart,
+    )
     print(f"\nreport: {out / 'report.html'}\nmodel: {out / 'model'}\nbench: {bench_json}")
     return 0

@@ -70,7 +70,7 @@ def _load_backbone(net: nn.Module, weights_path: str, net_name: str) -> None:
         raise UserError(f"cannot read the LPIPS backbone weights {weights_path}: {exc}") from exc
     if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
         state = state["state_dict"]
-    features = {k[len("features."):]: v for k, v in state.items() if k.startswith("features.")}
+    features = {k[len("features.") :]: v for k, v in state.items() if k.startswith("features.")}
     if not features:
         raise UserError(
             f"{weights_path} is not a torchvision {net_name} state dict (no 'features.*' keys); "

@@ -162,8 +162,11 @@ class StudentModule(pl.LightningModule):
                 g_terms["lpips"] = self.perceptual(fake, target)
             if use_gan:
                 g_terms["gan"] = generator_gan_loss(self.D(x, fake))
-            g_total = (hp.l1_weight * g_terms["l1"] + hp.lpips_weight * g_terms.get("lpips", 0.0)
-                       + hp.gan_weight * g_terms.get("gan", 0.0))
+            g_total = (
+                hp.l1_weight * g_terms["l1"]
+                + hp.lpips_weight * g_terms.get("lpips", 0.0)
+                + hp.gan_weight * g_terms.get("gan", 0.0)
+            )
             self._stop_if_not_finite("generator", {**g_terms, "total": g_total})
             opt_g.zero_grad(set_to_none=True)
             self.manual_backward(g_total)
@@ -287,7 +290,7 @@ def load_generator(checkpoint_path: str | os.PathLike, ema: bool = True) -> nn.M
     if "generator_config" not in checkpoint:
         raise UserError(f"{checkpoint_path} is not a student training checkpoint (no generator_config)")
     prefix = "g_ema." if ema else "G."
-    state = {k[len(prefix):]: v for k, v in checkpoint["state_dict"].items() if k.startswith(prefix)}
+    state = {k[len(prefix) :]: v for k, v in checkpoint["state_dict"].items() if k.startswith(prefix)}
     generator = Generator(**checkpoint["generator_config"])
     generator.load_state_dict(state)
     return generator.eval().requires_grad_(False)

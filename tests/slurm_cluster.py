@@ -35,8 +35,15 @@ import pytest
 DAEMONS = ("munged", "slurmctld", "slurmd")
 CLIENTS = ("sbatch", "srun", "squeue", "scontrol", "scancel", "sinfo")
 FINISHED_STATES = {
-    "COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "PREEMPTED", "OUT_OF_MEMORY",
-    "BOOT_FAIL", "DEADLINE",
+    "COMPLETED",
+    "FAILED",
+    "CANCELLED",
+    "TIMEOUT",
+    "NODE_FAIL",
+    "PREEMPTED",
+    "OUT_OF_MEMORY",
+    "BOOT_FAIL",
+    "DEADLINE",
 }
 
 
@@ -125,16 +132,26 @@ class SlurmCluster:
     def start(self, timeout: float = 60.0) -> SlurmCluster:
         self._write_conf()
         m = self.root / "munge"
-        self._daemon([
-            _sbin("munged"), "--foreground", "--force", f"--socket={self.munge_socket}",
-            f"--key-file={m}/munge.key", f"--log-file={m}/munged.log", f"--pid-file={m}/munged.pid",
-            f"--seed-file={m}/munged.seed",
-        ])
+        self._daemon(
+            [
+                _sbin("munged"),
+                "--foreground",
+                "--force",
+                f"--socket={self.munge_socket}",
+                f"--key-file={m}/munge.key",
+                f"--log-file={m}/munged.log",
+                f"--pid-file={m}/munged.pid",
+                f"--seed-file={m}/munged.seed",
+            ]
+        )
         self._wait_for(lambda: self.munge_socket.exists(), timeout, "munged to open its socket")
         started = time.time()
         self._daemon([_sbin("slurmctld"), "-D", "-f", str(self.conf)])
-        self._wait_for(lambda: self.run(["scontrol", "ping"], check=False).returncode == 0,
-                       timeout, "slurmctld to answer")
+        self._wait_for(
+            lambda: self.run(["scontrol", "ping"], check=False).returncode == 0,
+            timeout,
+            "slurmctld to answer",
+        )
         self._daemon([_sbin("slurmd"), "-D", "-f", str(self.conf), "-N", self.node])
         self._wait_for(lambda: self._node_ready(started), timeout, "the node to be idle")
         return self
@@ -143,8 +160,16 @@ class SlurmCluster:
         # In the foreground, as our children: we reap them when they stop (a container's init
         # may not), and they still write their pid files, by which stop() finds them.
         log = open(self.root / "log" / f"{Path(argv[0]).name}.stderr", "ab")
-        self._procs.append(subprocess.Popen(argv, env=self.env, stdin=subprocess.DEVNULL, stdout=log,
-                                            stderr=subprocess.STDOUT, start_new_session=True))
+        self._procs.append(
+            subprocess.Popen(
+                argv,
+                env=self.env,
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
+        )
         log.close()
 
     def _node_ready(self, started: float) -> bool:
@@ -215,11 +240,17 @@ class SlurmCluster:
         return found
 
     # --- clients -------------------------------------------------------------------------
-    def run(self, argv: Sequence[str], check: bool = True, timeout: float = 60.0,
-            env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    def run(
+        self,
+        argv: Sequence[str],
+        check: bool = True,
+        timeout: float = 60.0,
+        env: dict[str, str] | None = None,
+    ) -> subprocess.CompletedProcess:
         """Run a SLURM client command against this cluster; text output captured."""
-        result = subprocess.run(list(argv), env={**self.env, **(env or {})}, capture_output=True,
-                                text=True, timeout=timeout)
+        result = subprocess.run(
+            list(argv), env={**self.env, **(env or {})}, capture_output=True, text=True, timeout=timeout
+        )
         if check and result.returncode != 0:
             raise RuntimeError(
                 f"{shlex.join(argv)} exited {result.returncode}:\n{result.stdout}{result.stderr}"
@@ -228,8 +259,14 @@ class SlurmCluster:
 
     def sbatch(self, args: Sequence[str], env: dict[str, str] | None = None, cwd: Path | None = None) -> str:
         """Submit without waiting; returns the job id (``sbatch --parsable``)."""
-        result = subprocess.run(["sbatch", "--parsable", *args], env={**self.env, **(env or {})},
-                                capture_output=True, text=True, timeout=60, cwd=cwd)
+        result = subprocess.run(
+            ["sbatch", "--parsable", *args],
+            env={**self.env, **(env or {})},
+            capture_output=True,
+            text=True,
+            timeout=60,
+            cwd=cwd,
+        )
         if result.returncode != 0:
             raise RuntimeError(f"sbatch {' '.join(args)} failed:\n{result.stdout}{result.stderr}")
         return result.stdout.strip().split(";")[0]

@@ -220,8 +220,12 @@ def test_shard_inputs(tmp_path):
         shard.write({"__key__": "c", "json": {"no": "image"}})
         shard.write({"__key__": "d", "edit.png": _encode(_rgb(64)), "src.png": good})  # a pairs dataset
     inputs = ShardInputs([str(tmp_path / sh.shard_name(0))], min_size=64, convert_modes=False)
-    assert inputs.ids("cat") == ["pairs-000000.tar/a", "pairs-000000.tar/b", "pairs-000000.tar/c",
-                                 "pairs-000000.tar/d"]
+    assert inputs.ids("cat") == [
+        "pairs-000000.tar/a",
+        "pairs-000000.tar/b",
+        "pairs-000000.tar/c",
+        "pairs-000000.tar/d",
+    ]
     loaded = inputs.load("pairs-000000.tar/a")
     assert loaded.caption == "a cat" and np.array_equal(np.asarray(loaded.image), np.asarray(_rgb()))
     with pytest.raises(InputSkipped, match="not an image"):

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from slurm_cluster import SlurmCluster, slurm_cluster  # noqa: F401  (slurm_cluster is the fixture)
+from slurm_cluster import SlurmCluster
 
 pytestmark = pytest.mark.slow
 
@@ -39,16 +39,28 @@ def _timed(label: str, started: float) -> None:
     print(f"[slurm timing] {label}: {time.monotonic() - started:.1f} s", file=sys.stderr)
 
 
-def _sbatch_wait(cluster: SlurmCluster, args: list[str], env: dict[str, str] | None = None,
-                 timeout: float = 300) -> subprocess.CompletedProcess:
+def _sbatch_wait(
+    cluster: SlurmCluster, args: list[str], env: dict[str, str] | None = None, timeout: float = 300
+) -> subprocess.CompletedProcess:
     """``sbatch --wait`` from the repository root: returns once the job (every array task) ended,
     with the job's exit code (the highest over an array's tasks) as the return code."""
-    return subprocess.run(["sbatch", "--wait", *args], cwd=REPO, env={**cluster.env, **(env or {})},
-                          capture_output=True, text=True, timeout=timeout)
+    return subprocess.run(
+        ["sbatch", "--wait", *args],
+        cwd=REPO,
+        env={**cluster.env, **(env or {})},
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
 
 
-def _run_job(cluster: SlurmCluster, args: list[str], logs: Path, env: dict[str, str] | None = None,
-             timeout: float = 300) -> None:
+def _run_job(
+    cluster: SlurmCluster,
+    args: list[str],
+    logs: Path,
+    env: dict[str, str] | None = None,
+    timeout: float = 300,
+) -> None:
     """Submit from the repository root and poll until every task ended (faster than ``sbatch
     --wait``, whose polling interval grows to 10 s); each task must have completed with exit 0."""
     job = cluster.sbatch(args, env=env, cwd=REPO)
@@ -100,7 +112,7 @@ def generate_config(tmp_path_factory, tiny_model_dir) -> Path:
 
 
 @pytest.fixture(scope="module")
-def generated(slurm_cluster: SlurmCluster, generate_config: Path) -> Path:  # noqa: F811
+def generated(slurm_cluster: SlurmCluster, generate_config: Path) -> Path:
     """The array job's output folder (generate.sbatch, 3 tasks)."""
     out = generate_config.parent / "pairs"
     logs = generate_config.parent / "logs"
@@ -116,12 +128,16 @@ def generated(slurm_cluster: SlurmCluster, generate_config: Path) -> Path:  # no
     return out
 
 
-def test_cluster_runs_jobs(slurm_cluster: SlurmCluster, tmp_path: Path) -> None:  # noqa: F811
+def test_cluster_runs_jobs(slurm_cluster: SlurmCluster, tmp_path: Path) -> None:
     """The fixture itself: array tasks see their ids, and ``sbatch --wait`` returns a job's exit code."""
     started = time.monotonic()
     job = slurm_cluster.sbatch(
-        ["--array=0-2", f"--output={tmp_path}/%a.out", "--wrap",
-         "echo $SLURM_ARRAY_TASK_ID/$SLURM_ARRAY_TASK_COUNT"]
+        [
+            "--array=0-2",
+            f"--output={tmp_path}/%a.out",
+            "--wrap",
+            "echo $SLURM_ARRAY_TASK_ID/$SLURM_ARRAY_TASK_COUNT",
+        ]
     )
     assert slurm_cluster.wait(job, timeout=60)["JobState"] == "COMPLETED"
     assert sorted((tmp_path / f"{i}.out").read_text().strip() for i in range(3)) == ["0/3", "1/3", "2/3"]
@@ -130,8 +146,9 @@ def test_cluster_runs_jobs(slurm_cluster: SlurmCluster, tmp_path: Path) -> None:
     _timed("fixture self-check (array of 3 + failing job)", started)
 
 
-def test_generate_array_is_split_of_single_run(generated: Path, generate_config: Path,
-                                               tmp_path: Path) -> None:
+def test_generate_array_is_split_of_single_run(
+    generated: Path, generate_config: Path, tmp_path: Path
+) -> None:
     shards_per_task = {}
     for task in range(GEN_TASKS):
         records = _manifest(generated, task, GEN_TASKS)
@@ -151,14 +168,21 @@ def test_generate_array_is_split_of_single_run(generated: Path, generate_config:
     single = tmp_path / "single"
     subprocess.run(
         ["p2pz", "generate", "--config", str(generate_config), "--out", str(single), "--no-progress"],
-        check=True, capture_output=True, cwd=tmp_path, timeout=300,
+        check=True,
+        capture_output=True,
+        cwd=tmp_path,
+        timeout=300,
     )
     _timed("single-task p2pz generate for comparison", started)
     assert _shard_contents(single) == contents
 
 
-def test_generate_rerun_skips_finished_shards(slurm_cluster: SlurmCluster, generated: Path,  # noqa: F811
-                                              generate_config: Path, tmp_path: Path) -> None:
+def test_generate_rerun_skips_finished_shards(
+    slurm_cluster: SlurmCluster,
+    generated: Path,
+    generate_config: Path,
+    tmp_path: Path,
+) -> None:
     """Re-running task 1 alone (NUM_TASKS, --array=1) leaves its finished shards untouched."""
     before = {p.name: p.stat().st_mtime_ns for p in generated.glob("pairs-*.tar")}
     started = time.monotonic()
@@ -180,8 +204,11 @@ def _global_step(checkpoint: Path) -> int:
     return int(torch.load(checkpoint, map_location="cpu", weights_only=False)["global_step"])
 
 
-def test_train_runs_to_last_checkpoint(slurm_cluster: SlurmCluster, generated: Path,  # noqa: F811
-                                       tmp_path: Path) -> None:
+def test_train_runs_to_last_checkpoint(
+    slurm_cluster: SlurmCluster,
+    generated: Path,
+    tmp_path: Path,
+) -> None:
     run_dir = tmp_path / "run"
     started = time.monotonic()
     _run_job(
@@ -195,15 +222,25 @@ def test_train_runs_to_last_checkpoint(slurm_cluster: SlurmCluster, generated: P
     assert not list(run_dir.glob("hpc_ckpt_*.ckpt"))
 
 
-def test_train_requeue_on_sigusr1_resumes(slurm_cluster: SlurmCluster, generated: Path,  # noqa: F811
-                                          tmp_path: Path) -> None:
+def test_train_requeue_on_sigusr1_resumes(
+    slurm_cluster: SlurmCluster,
+    generated: Path,
+    tmp_path: Path,
+) -> None:
     run_dir = tmp_path / "run"
     last = run_dir / "checkpoints" / "last.ckpt"
     started = time.monotonic()
     job = slurm_cluster.sbatch(
-        [f"--output={tmp_path}/train.out", str(TRAIN), "--trainer.max_steps", str(REQUEUE_STEPS),
-         "--checkpoint.every_n_train_steps", "2",
-         "--data.num_workers", "1"],  # a DataLoader worker, as on a cluster, must survive the signal
+        [
+            f"--output={tmp_path}/train.out",
+            str(TRAIN),
+            "--trainer.max_steps",
+            str(REQUEUE_STEPS),
+            "--checkpoint.every_n_train_steps",
+            "2",
+            "--data.num_workers",
+            "1",
+        ],  # a DataLoader worker, as on a cluster, must survive the signal
         env={"CONFIG": "configs/tiny.yaml", "SHARDS": str(generated), "RUN_DIR": str(run_dir)},
         cwd=REPO,
     )

@@ -59,8 +59,9 @@ def _png(array: np.ndarray) -> bytes:
     return buffer.getvalue()
 
 
-def write_pair_shards(directory: Path, shards: int, per_shard: int, size: int = 64, seed: int = 0,
-                      edit=mirror_and_swap) -> Path:
+def write_pair_shards(
+    directory: Path, shards: int, per_shard: int, size: int = 64, seed: int = 0, edit=mirror_and_swap
+) -> Path:
     """``pairs-%06d.tar`` shards of (src, edit, json) samples with unique keys ``s<shard>-<index>``."""
     import webdataset as wds
 
@@ -71,8 +72,14 @@ def write_pair_shards(directory: Path, shards: int, per_shard: int, size: int = 
             for index in range(per_shard):
                 src = draw_shapes(rng, size)
                 meta = {"caption": "shapes", "edit": {"source": "shapes", "target": "mirrored shapes"}}
-                sink.write({"__key__": f"s{shard:03d}-{index:05d}", "src.png": _png(src),
-                            "edit.png": _png(edit(src)), "json": json.dumps(meta).encode()})
+                sink.write(
+                    {
+                        "__key__": f"s{shard:03d}-{index:05d}",
+                        "src.png": _png(src),
+                        "edit.png": _png(edit(src)),
+                        "json": json.dumps(meta).encode(),
+                    }
+                )
     return directory
 
 
@@ -86,8 +93,17 @@ def fit(shards: Path, run: Path, *extra: str, ckpt_path: str | None = None, call
     """``train.py fit --config configs/tiny.yaml ...`` in this process, plus test callbacks."""
     import train
 
-    args = ["--config", TINY, "--data.shards", str(shards), "--trainer.default_root_dir", str(run),
-            "--trainer.enable_progress_bar", "false", *extra]
+    args = [
+        "--config",
+        TINY,
+        "--data.shards",
+        str(shards),
+        "--trainer.default_root_dir",
+        str(run),
+        "--trainer.enable_progress_bar",
+        "false",
+        *extra,
+    ]
     cli = train.main(args=args, run=False)
     cli.trainer.callbacks.extend(callbacks)
     cli.trainer.fit(cli.model, datamodule=cli.datamodule, ckpt_path=ckpt_path)
@@ -125,8 +141,10 @@ def test_gan_losses_are_the_logistic_ones():
 
     real, fake = torch.tensor([[2.0], [-1.0]]), torch.tensor([[0.5], [-3.0]])
     torch.testing.assert_close(generator_gan_loss(fake), torch.log1p(torch.exp(-fake)).mean())
-    torch.testing.assert_close(discriminator_gan_loss(real, fake),
-                               torch.log1p(torch.exp(fake)).mean() + torch.log1p(torch.exp(-real)).mean())
+    torch.testing.assert_close(
+        discriminator_gan_loss(real, fake),
+        torch.log1p(torch.exp(fake)).mean() + torch.log1p(torch.exp(-real)).mean(),
+    )
 
 
 def test_lpips_loads_a_user_backbone_and_refuses_to_run_without_one(tmp_path):
@@ -202,8 +220,14 @@ def test_killed_run_resumes_to_the_same_step_with_optimiser_and_ema_state(shards
     import lightning.pytorch as pl
 
     run = tmp_path / "run"
-    common = ["--trainer.max_steps", "5", "--checkpoint.every_n_train_steps", "2",
-              "--trainer.limit_val_batches", "0"]
+    common = [
+        "--trainer.max_steps",
+        "5",
+        "--checkpoint.every_n_train_steps",
+        "2",
+        "--trainer.limit_val_batches",
+        "0",
+    ]
     with pytest.raises(_Crash):
         fit(shards, run, *common, callbacks=[_crash_at(3)])
     saved = load_ckpt(run / "checkpoints" / "last.ckpt")
@@ -243,8 +267,17 @@ def test_a_nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint(shards, tmp
 
     run = tmp_path / "run"
     with pytest.raises(NonFiniteLossError, match="step 3.*last good checkpoint is .*last.ckpt"):
-        fit(shards, run, "--trainer.max_steps", "6", "--checkpoint.every_n_train_steps", "2",
-            "--trainer.limit_val_batches", "0", callbacks=[Diverge()])
+        fit(
+            shards,
+            run,
+            "--trainer.max_steps",
+            "6",
+            "--checkpoint.every_n_train_steps",
+            "2",
+            "--trainer.limit_val_batches",
+            "0",
+            callbacks=[Diverge()],
+        )
     kept = load_ckpt(run / "checkpoints" / "last.ckpt")
     assert kept["global_step"] == 2
     assert all(torch.isfinite(v).all() for v in kept["state_dict"].values() if v.is_floating_point())
@@ -252,9 +285,23 @@ def test_a_nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint(shards, tmp
 
 def test_train_py_reports_a_missing_lpips_backbone_in_one_line(shards, tmp_path):
     result = subprocess.run(
-        [sys.executable, str(REPO / "train.py"), "fit", "--config", TINY, "--data.shards", str(shards),
-         "--trainer.default_root_dir", str(tmp_path), "--model.lpips_weight", "1"],
-        capture_output=True, text=True, cwd=tmp_path, timeout=300,
+        [
+            sys.executable,
+            str(REPO / "train.py"),
+            "fit",
+            "--config",
+            TINY,
+            "--data.shards",
+            str(shards),
+            "--trainer.default_root_dir",
+            str(tmp_path),
+            "--model.lpips_weight",
+            "1",
+        ],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        timeout=300,
     )
     assert result.returncode == 2, result.stderr[-2000:]
     assert result.stderr.strip().splitlines()[-1].startswith("error: LPIPS needs ImageNet weights")
@@ -297,13 +344,26 @@ def test_ddp_two_cpu_ranks_see_disjoint_data_and_keep_identical_weights(shards, 
 
     config = yaml.safe_load(Path(TINY).read_text())
     model = StudentModule(**{**config["model"], "r1_interval": 1})
-    data = PairDataModule(shards=str(train_dir), val_shards=str(shards / "pairs-000003.tar"),
-                          resolution=model.hparams.resolution, batch_size=2, epoch_length=2, val_samples=2,
-                          num_workers=0)
+    data = PairDataModule(
+        shards=str(train_dir),
+        val_shards=str(shards / "pairs-000003.tar"),
+        resolution=model.hparams.resolution,
+        batch_size=2,
+        epoch_length=2,
+        val_samples=2,
+        num_workers=0,
+    )
     trainer = pl.Trainer(
-        accelerator="cpu", devices=2, strategy="ddp_spawn_find_unused_parameters_true", max_steps=2,
-        default_root_dir=str(tmp_path / "run"), logger=False, enable_progress_bar=False,
-        enable_model_summary=False, num_sanity_val_steps=0, limit_val_batches=0,
+        accelerator="cpu",
+        devices=2,
+        strategy="ddp_spawn_find_unused_parameters_true",
+        max_steps=2,
+        default_root_dir=str(tmp_path / "run"),
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+        limit_val_batches=0,
         callbacks=[StepCheckpoint(every_n_train_steps=2), RecordRank(str(tmp_path))],
     )
     trainer.fit(model, datamodule=data)

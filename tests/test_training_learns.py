@@ -29,8 +29,12 @@ def read_curve(run: Path) -> list[dict]:
     with next(run.glob("lightning_logs/version_*/metrics.csv")).open() as handle:
         for row in csv.DictReader(handle):
             if row.get("val/l1"):
-                rows.append({"step": int(row["step"]),
-                             **{k: float(v) for k, v in row.items() if k.startswith("val/") and v}})
+                rows.append(
+                    {
+                        "step": int(row["step"]),
+                        **{k: float(v) for k, v in row.items() if k.startswith("val/") and v},
+                    }
+                )
     return rows
 
 
@@ -40,12 +44,28 @@ def test_lite_student_learns_mirror_and_colour_swap(tmp_path):
 
     shards = write_pair_shards(tmp_path / "pairs", shards=8, per_shard=64, size=64, seed=3)
     run = tmp_path / "run"
-    args = ["--config", CPU, "--data.shards", str(shards), "--data.val_fraction", "0.125",
-            "--data.augment", "false",  # crops do not commute with the mirror
-            "--data.val_samples", "64", "--trainer.max_steps", str(STEPS),
-            "--trainer.val_check_interval", "100",
-            "--model.lpips_random_backbone", "true", "--trainer.default_root_dir", str(run),
-            "--trainer.enable_progress_bar", "false"]
+    args = [
+        "--config",
+        CPU,
+        "--data.shards",
+        str(shards),
+        "--data.val_fraction",
+        "0.125",
+        "--data.augment",
+        "false",  # crops do not commute with the mirror
+        "--data.val_samples",
+        "64",
+        "--trainer.max_steps",
+        str(STEPS),
+        "--trainer.val_check_interval",
+        "100",
+        "--model.lpips_random_backbone",
+        "true",
+        "--trainer.default_root_dir",
+        str(run),
+        "--trainer.enable_progress_bar",
+        "false",
+    ]
     start = time.monotonic()
     cli = train.main(args=args, run=False)
     cli.trainer.fit(cli.model, datamodule=cli.datamodule)
@@ -55,8 +75,10 @@ def test_lite_student_learns_mirror_and_colour_swap(tmp_path):
     (run / "learning_curve.json").write_text(json.dumps({"seconds": seconds, "curve": curve}, indent=1))
     print(f"\n{STEPS} iterations in {seconds:.0f} s")
     for row in curve:
-        print("step {step:4d}  L1 {val/l1:.4f} (copy {val/l1_copy:.4f})  "
-              "LPIPS {val/lpips:.4f} (copy {val/lpips_copy:.4f})".format(**row))
+        print(
+            "step {step:4d}  L1 {val/l1:.4f} (copy {val/l1_copy:.4f})  "
+            "LPIPS {val/lpips:.4f} (copy {val/lpips_copy:.4f})".format(**row)
+        )
 
     assert cli.trainer.global_step == STEPS and len(curve) == STEPS // 100
     final = curve[-1]
