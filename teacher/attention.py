@@ -38,6 +38,7 @@ class CrossAttentionMaps:
         self.mode: str | None = None
         self.step: int | None = None
         self.num_samples: int = 1
+        self.reference_rows: str = "all"
         self.loss: torch.Tensor | None = None
 
     # -- installing ------------------------------------------------------------------------------
@@ -67,9 +68,12 @@ class CrossAttentionMaps:
             yield
 
     @contextlib.contextmanager
-    def guiding(self, step: int, num_samples: int) -> Iterator[None]:
+    def guiding(self, step: int, num_samples: int, reference_rows: str = "all") -> Iterator[None]:
+        """``reference_rows``: compare against all recorded rows, or only their ``"last_half"``
+        (the conditional CFG branch, when the guided pass runs that branch alone)."""
         self.loss = None
         self.num_samples = num_samples
+        self.reference_rows = reference_rows
         with self._mode("guide", step):
             yield
 
@@ -92,6 +96,8 @@ class CrossAttentionMaps:
             self.reference[(self.step, layer)] = probs.detach()
         elif self.mode == "guide":
             ref = self.reference.pop((self.step, layer))  # each map is used once: free it
+            if self.reference_rows == "last_half":
+                ref = ref[ref.shape[0] // 2 :]
             rows_per_sample = probs.shape[0] / self.num_samples
             term = (probs - ref).float().pow(2).sum() / rows_per_sample  # fp32 sum: no fp16 overflow
             self.loss = term if self.loss is None else self.loss + term

@@ -15,7 +15,13 @@ Two DDIM trajectories start from the same x_T (the inversion of a real image, or
       eps = CFG(eps_theta(x_in, [neg, c + Δc]));  x <- DDIM step(eps, first half of x_in)
 
   Keeping the first (negative-prompt) half of the updated pair is the official code's choice,
-  which diffusers copies; both reproduce it here.
+  which diffusers copies; both reproduce it here (``guided_branch="negative"``). Its gradient comes
+  from the negative branch's maps only, which for real images (negative prompt = caption) are the
+  *unedited* caption's. ``guided_branch="edit"`` follows the paper's text instead: the loss is the
+  conditional branch's maps under c + Δc against the reference's conditional maps, and its gradient
+  moves the one latent that both CFG branches then denoise:
+
+      L = sum_layers sum((M(x, c + Δc) - M_ref,cond)^2) / heads;   x <- x - xa_guidance * dL/dx
 
 Unlike both reference implementations, the two passes run in lockstep: step i of the reference
 pass, whose maps are needed only by step i of the edit pass, runs just before it. Only one step's
@@ -73,13 +79,17 @@ def edit_with_guidance(
     guidance_scale: float,
     xa_guidance: float,
     progress: bool = False,
+    guided_branch: str = "negative",
 ) -> EditOutput:
     """Reference and guided edit passes from ``x_T [B, 4, h, w]``.
 
     ``uncond``/``cond``: negative-prompt and caption embeddings ``[B, 77, D]``; ``direction``:
     per-sample edit directions ``[B, 77, D]`` added to ``cond`` in the edit pass. ``maps`` must be
-    installed on ``unet``.
+    installed on ``unet``. ``guided_branch``: ``"negative"`` (official) or ``"edit"`` (paper), see
+    the module docstring.
     """
+    if guided_branch not in ("negative", "edit"):
+        raise ValueError(f"guided_branch must be 'negative' or 'edit', got {guided_branch!r}")
     batch = x_T.shape[0]
     cfg = guidance_scale > 1.0  # as both codes: no negative branch at all for scale <= 1
     ref_embeds = torch.cat([uncond, cond]) if cfg else cond
@@ -100,7 +110,18 @@ def edit_with_guidance(
 
         # Edit step i: one gradient step on the latent against the reference maps ...
         x_in = pair(x_edit).detach()
-        if xa_guidance > 0:
+        if xa_guidance > 0 and guided_branch == "edit":
+            x_edit = x_edit.detach().requires_grad_(True)
+            rows = "last_half" if cfg else "all"
+            with torch.enable_grad(), maps.guiding(i, num_samples=batch, reference_rows=rows):
+                unet(x_edit, t, encoder_hidden_states=edit_cond)
+                loss = maps.loss
+            (grad,) = torch.autograd.grad(loss, x_edit)
+            losses.append(float(loss.detach()))
+            del loss
+            x_edit = x_edit.detach() - xa_guidance * grad
+            x_in = pair(x_edit)
+        elif xa_guidance > 0:
             x_in.requires_grad_(True)
             with torch.enable_grad(), maps.guiding(i, num_samples=batch):
                 unet(x_in, t, encoder_hidden_states=edit_embeds)

@@ -312,7 +312,7 @@ class Pix2PixZero:
         tic = time.perf_counter()
         out = edit_with_guidance(
             self.unet, self.maps, self.scheduler_config, x_T, uncond, cond, dirs, num_steps, cfg, xa,
-            progress=self.progress,
+            progress=self.progress, guided_branch=self.preset.guided_branch,
         )  # fmt: skip
         timings["edit"] = time.perf_counter() - tic
         tic = time.perf_counter()

@@ -8,6 +8,8 @@
               computes, random-number draws included, for one image; used with the docs' real-image
               recipe (negative prompt = caption). For batches we keep every sample independent
               (the pipeline itself edits only row 1 of a batch).
+``paper``     ``official`` with the guidance step as the paper describes it: the gradient of the
+              edit branch's cross-attention loss moves the latent (see ``guided_branch``).
 """
 
 from __future__ import annotations
@@ -30,6 +32,10 @@ class Preset:
     xa_guidance_real: float  # cross-attention guidance step size, real images
     xa_guidance_synthetic: float  # ... synthetic images (seed + prompt)
     negative_prompt_real: Literal["caption", "empty"]  # negative prompt of real-image edits
+    # which maps drive the guidance step (see teacher/editing.py): "negative" = the official code's
+    # kept half, whose gradient comes from the negative-prompt branch; "edit" = the paper's text,
+    # the maps under c + Δc, stepping the one latent both branches share
+    guided_branch: Literal["negative", "edit"]
     # inversion
     inversion: Literal["official", "diffusers"]  # timesteps and inverse DDIM step (see inversion.py)
     inversion_guidance_scale: float  # CFG during inversion (1 = none)
@@ -56,6 +62,7 @@ OFFICIAL = Preset(
     xa_guidance_real=0.1,  # --xa_guidance 0.1 (edit_real.py)
     xa_guidance_synthetic=0.15,  # --xa_guidance 0.15 (edit_synthetic.py)
     negative_prompt_real="caption",  # edit_real.py: negative_prompt=prompt_str
+    guided_branch="negative",  # edit_pipeline.py: latents = x_in.detach().chunk(2)[0]
     inversion="official",  # ddim_inv.py: timesteps.flip(0)[1:-1], scheduler.py: step(reverse=True)
     inversion_guidance_scale=1.0,  # inversion.py: pipe(..., guidance_scale=1)
     lambda_ac=20.0,  # ddim_inv.py: lambda_ac=20.0
@@ -74,6 +81,7 @@ DIFFUSERS = Preset(
     xa_guidance_real=0.1,  # __call__(cross_attention_guidance_amount=0.1)
     xa_guidance_synthetic=0.1,  # the same argument
     negative_prompt_real="caption",  # the docs' real-image example passes negative_prompt=caption
+    guided_branch="negative",  # __call__: latents = latent_model_input.detach().chunk(2)[0]
     inversion="diffusers",  # DDIMInverseScheduler (v0.19+ semantics) over all timesteps
     inversion_guidance_scale=1.0,  # invert(guidance_scale=1)
     lambda_ac=20.0,  # invert(lambda_auto_corr=20.0)
@@ -85,7 +93,14 @@ DIFFUSERS = Preset(
     captioner_style="diffusers",  # generate_caption: prefix "a photography of" kept, greedy, 128 tokens
 )
 
-PRESETS = {p.name: p for p in (OFFICIAL, DIFFUSERS)}
+# The paper's description of the guidance step (§3.2: the edit pass's maps under c + Δc are pulled
+# towards the reference's), with every number of `official`. The official code instead keeps the
+# negative-prompt half of the guided pair, whose gradient comes from the *unedited* caption's maps
+# when the negative prompt is the caption (real images): that pulls the latent back towards the
+# reconstruction, attribute included, and fights attribute edits such as colour changes.
+PAPER = dataclasses.replace(OFFICIAL, name="paper", guided_branch="edit")
+
+PRESETS = {p.name: p for p in (OFFICIAL, DIFFUSERS, PAPER)}
 
 
 def get_preset(preset: str | Preset) -> Preset:

@@ -18,16 +18,15 @@ Layout written::
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 
 from p2pz.atomic import atomic_path
+from teacher.clip_tokenizer import BOS, EOS, MODEL_MAX_LENGTH, build_vocab, save_tokenizer
 
 # Shapes: SD-like but tiny. The VAE halves the resolution three times (factor 8, as SD);
 # the UNet has cross-attention (attn2) at two down/up resolutions plus the mid block.
 TEXT_HIDDEN = 32  # = UNet cross_attention_dim (SD 1.x: 768)
-MAX_TOKENS = 77  # CLIP context length, as SD
 DEFAULT_IMAGE_SIZE = 64  # px; any multiple of 8 works
 VAE_SCALING_FACTOR = 0.18215  # SD 1.x latent scale
 
@@ -44,8 +43,6 @@ SD14_SCHEDULER = dict(
     prediction_type="epsilon",
 )
 
-BOS, EOS = "<|startoftext|>", "<|endoftext|>"
-
 # Words the tiny captioner can say: enough for caption-like gibberish around the test concepts.
 CAPTION_WORDS = (
     "a an the of picture photography photo image with and in on at near by is are two three some "
@@ -57,49 +54,12 @@ CAPTION_WORDS = (
 ).split()
 
 
-def bytes_to_unicode() -> dict[int, str]:
-    """GPT-2/CLIP byte-level map: each of the 256 bytes gets a printable unicode symbol."""
-    printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1))
-    printable += list(range(ord("®"), ord("ÿ") + 1))
-    codes = printable[:]
-    extra = 0
-    for b in range(256):
-        if b not in printable:
-            printable.append(b)
-            codes.append(256 + extra)
-            extra += 1
-    return dict(zip(printable, (chr(c) for c in codes)))
-
-
-def byte_level_clip_vocab() -> tuple[dict[str, int], list[str]]:
-    """CLIP's vocabulary order without merges: 256 byte symbols, their ``</w>`` forms, specials.
-
-    With no merges every word is spelled byte by byte, so any text tokenizes without ``unk``
-    and different words give different ids.
-    """
-    symbols = list(bytes_to_unicode().values())
-    tokens = symbols + [s + "</w>" for s in symbols] + [BOS, EOS]
-    return {tok: i for i, tok in enumerate(tokens)}, []
-
-
-def _write_tokenizer(folder: Path) -> None:
-    from transformers import CLIPTokenizer
-
-    vocab, merges = byte_level_clip_vocab()
-    tok = CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=MAX_TOKENS)
-    tok.save_pretrained(folder)
-    # transformers v5 writes only tokenizer.json; the slow-format files let older loaders
-    # (and anyone reading the folder) use it too.
-    (folder / "vocab.json").write_text(json.dumps(vocab, ensure_ascii=False, indent=2) + "\n", "utf-8")
-    (folder / "merges.txt").write_text("\n".join(["#version: 0.2", *merges]) + "\n", "utf-8")
-
-
 def _build_sd_components(seed: int):
     import torch
     from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
-    vocab, _ = byte_level_clip_vocab()
+    vocab, _ = build_vocab()  # byte-level: no merges
     # Seed before each component so that each one's weights do not depend on the others.
     torch.manual_seed(seed)
     unet = UNet2DConditionModel(
@@ -136,7 +96,7 @@ def _build_sd_components(seed: int):
             projection_dim=TEXT_HIDDEN,
             num_hidden_layers=2,
             num_attention_heads=2,
-            max_position_embeddings=MAX_TOKENS,
+            max_position_embeddings=MODEL_MAX_LENGTH,
             hidden_act="quick_gelu",
             layer_norm_eps=1e-5,
             bos_token_id=vocab[BOS],
@@ -245,7 +205,7 @@ def _write_all(tmp: Path, seed: int) -> None:
     from transformers import CLIPTokenizer
 
     tmp.mkdir(parents=True)
-    _write_tokenizer(tmp / "tokenizer")
+    save_tokenizer(tmp / "tokenizer")
     unet, vae, text_encoder, scheduler = _build_sd_components(seed)
     tokenizer = CLIPTokenizer.from_pretrained(tmp / "tokenizer")
     pipe = StableDiffusionPipeline(
@@ -259,7 +219,7 @@ def _write_all(tmp: Path, seed: int) -> None:
         requires_safety_checker=False,
     )
     pipe.save_pretrained(tmp, safe_serialization=True)
-    _write_tokenizer(tmp / "tokenizer")  # keep our own files (save_pretrained rewrote the folder)
+    save_tokenizer(tmp / "tokenizer")  # keep our own files (save_pretrained rewrote the folder)
     _write_captioner(tmp / "captioner", seed)
     (tmp / "README.md").write_text(
         f"Tiny random-weight Stable Diffusion made by `p2pz make-tiny` (seed {seed}).\n"

@@ -134,10 +134,13 @@ def test_batch_equals_single_runs(official, cat2dog):
         [single] = official.edit(
             [images[i]], [directions[i]], [captions[i]], [seeds[i]], num_steps=STEPS, return_latents=True
         )
-        assert torch.allclose(batch[i].inverted_latent, single.inverted_latent, atol=1e-4)
-        assert torch.allclose(batch[i].edited_latent, single.edited_latent, atol=1e-4), i
+        # Float sums in another order (batched GEMMs pick other kernels) differ by ~1e-7; the
+        # random UNet's inversion amplifies that to ~1e-4 (measured up to 7e-4 on edited latents of
+        # size ~1-4 on an AMD EPYC). Mixed-up samples would differ by O(1).
+        assert torch.allclose(batch[i].inverted_latent, single.inverted_latent, rtol=1e-3, atol=1e-3)
+        assert torch.allclose(batch[i].edited_latent, single.edited_latent, rtol=1e-3, atol=2e-3), i
         diff = np.abs(np.asarray(batch[i].edited, np.int16) - np.asarray(single.edited, np.int16))
-        assert diff.max() <= 1
+        assert diff.max() <= 2
         assert batch[i].caption == captions[i] and batch[i].seed == seeds[i] and batch[i].finite
     # Distinct inputs give distinct results (the batch is not one sample repeated).
     assert not torch.allclose(batch[0].edited_latent, batch[2].edited_latent, atol=1e-2)
@@ -261,6 +264,59 @@ def test_guidance_changes_the_edit(official, cat2dog):
     [guided] = official.edit([image], [cat2dog], xa_guidance=50.0, **kwargs)
     assert torch.equal(free.inverted_latent, guided.inverted_latent)
     assert not torch.allclose(free.edited_latent, guided.edited_latent, atol=1e-5)
+
+
+@pytest.fixture(scope="module")
+def paper(tiny_model_dir):
+    return Pix2PixZero.from_pretrained(tiny_model_dir, preset="paper", captioner=False)
+
+
+def test_paper_guidance_compares_the_edit_branch_with_the_reference_caption_branch(paper, cat2dog):
+    """guided_branch="edit": the loss is M(x, c + Δc) against the *conditional* rows of the
+    reference maps (recorded for the CFG pair [neg, c]), and a step against its gradient lowers it."""
+    latents, cond = _latents_and_caption(paper)
+    x_T = invert(paper.unet, paper.scheduler_config, latents, cond, OFFICIAL, [torch.Generator()], STEPS)
+    t = make_scheduler(paper.scheduler_config, STEPS, "cpu").timesteps[1]
+    uncond = paper.encode_text([""])
+    edit_cond = cond + cat2dog.tensor[None]
+    x = x_T + 0.3 * torch.randn(x_T.shape, generator=torch.Generator().manual_seed(0))
+
+    def sliced_loss(x: torch.Tensor) -> torch.Tensor:
+        paper.maps.clear()
+        with torch.no_grad(), paper.maps.recording(0):
+            paper.unet(torch.cat([x_T, x_T]), t, encoder_hidden_states=torch.cat([uncond, cond]))
+        with paper.maps.guiding(0, num_samples=1, reference_rows="last_half"):
+            paper.unet(x, t, encoder_hidden_states=edit_cond)
+            return paper.maps.loss
+
+    # The conditional rows, and not the negative ones, are what it compares against.
+    cond_only = cross_attention_loss(paper.unet, paper.maps, x, t, x_T, cond, edit_cond, 1)
+    uncond_only = cross_attention_loss(paper.unet, paper.maps, x, t, x_T, uncond, edit_cond, 1)
+    with torch.no_grad():
+        assert float(sliced_loss(x)) == pytest.approx(cond_only, rel=1e-5)
+    assert abs(cond_only - uncond_only) > 1e-3 * cond_only  # the two halves do differ
+
+    x_in = x.clone().requires_grad_(True)
+    with torch.enable_grad():
+        (grad,) = torch.autograd.grad(sliced_loss(x_in), x_in)
+    step = 0.05 / grad.abs().max()
+    with torch.no_grad():
+        losses = [float(sliced_loss(x + sign * step * grad)) for sign in (-1, 0, 1)]
+    assert losses[0] < losses[1] < losses[2]
+
+
+def test_paper_preset_edits_differ_from_official_and_batch_like_single_runs(official, paper, cat2dog):
+    images, captions, seeds = [picture(5), picture(6)], ["a cat", "a cat on a bed"], [3, 4]
+    kwargs = dict(num_steps=STEPS, xa_guidance=50.0, return_latents=True)
+    batch = paper.edit(images, [cat2dog, cat2dog], captions, seeds, **kwargs)
+    singles = [paper.edit([images[i]], [cat2dog], [captions[i]], [seeds[i]], **kwargs)[0] for i in range(2)]
+    for i, single in enumerate(singles):
+        assert torch.allclose(batch[i].edited_latent, single.edited_latent, rtol=1e-3, atol=2e-3), i
+    [theirs] = official.edit(images[:1], [cat2dog], captions[:1], seeds[:1], **kwargs)
+    assert torch.equal(theirs.inverted_latent, singles[0].inverted_latent)  # same inversion ...
+    assert not torch.allclose(theirs.edited_latent, singles[0].edited_latent, atol=1e-2)  # ... other step
+    assert paper.settings["preset"]["guided_branch"] == "edit"
+    assert official.settings["preset"]["guided_branch"] == "negative"
 
 
 # -------------------------------------------------------------------------------------------------

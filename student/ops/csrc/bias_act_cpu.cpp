@@ -76,15 +76,7 @@ void dispatch_act(Act act, const at::Tensor& x, const at::Tensor& dy, const at::
 #define P2PZ_CASE(A) \
   case A:            \
     return bias_act_kernel<A, ORDER, scalar_t>(x, dy, b, out, dim, prm);
-    P2PZ_CASE(kLinear)
-    P2PZ_CASE(kRelu)
-    P2PZ_CASE(kLrelu)
-    P2PZ_CASE(kTanh)
-    P2PZ_CASE(kSigmoid)
-    P2PZ_CASE(kElu)
-    P2PZ_CASE(kSelu)
-    P2PZ_CASE(kSoftplus)
-    P2PZ_CASE(kSwish)
+    P2PZ_FOR_EACH_ACT(P2PZ_CASE)
 #undef P2PZ_CASE
   }
 }
@@ -93,16 +85,10 @@ void dispatch_act(Act act, const at::Tensor& x, const at::Tensor& dy, const at::
 at::Tensor bias_act_any(const at::Tensor& x_in, const at::Tensor& dy_in, const std::optional<at::Tensor>& b_in,
                         int64_t dim, const std::string& act_name, double alpha, double gain, double clamp,
                         int64_t order) {
-  TORCH_CHECK(order >= 0 && order <= 2, "bias_act: only derivatives of order 1 and 2 are implemented");
-  const Act act = act_from_name(act_name);
-  dim = c10::maybe_wrap_dim(dim, x_in.dim());
-  const at::Tensor x = dense(x_in);
-  const at::Tensor dy = order > 0 ? same_strides(dy_in, x) : at::Tensor();
-  at::Tensor b;
-  if (b_in.has_value() && b_in->defined()) {
-    b = b_in->to(x.scalar_type()).contiguous();
-    TORCH_CHECK(b.dim() == 1 && b.numel() == x.size(dim), "bias_act: b must have shape [x.shape[dim]]");
-  }
+  const BiasActArgs args = bias_act_args(x_in, dy_in, b_in, dim, act_name, order);
+  const at::Tensor &x = args.x, &dy = args.dy, &b = args.b;
+  const Act act = args.act;
+  dim = args.dim;
   at::Tensor out = at::empty_like(x);
   if (x.numel() == 0) return out;
   const Params prm{alpha, gain, clamp};

@@ -41,12 +41,38 @@ inline at::Tensor same_strides(const at::Tensor& t, const at::Tensor& like) {
 
 enum Act : int { kLinear, kRelu, kLrelu, kTanh, kSigmoid, kElu, kSelu, kSoftplus, kSwish };
 
+// X-macro over every Act, for the kernels' `switch (act)` dispatch (one template instance per case).
+#define P2PZ_FOR_EACH_ACT(X) X(kLinear) X(kRelu) X(kLrelu) X(kTanh) X(kSigmoid) X(kElu) X(kSelu) X(kSoftplus) X(kSwish)
+
 inline Act act_from_name(const std::string& name) {
   static const char* names[] = {"linear", "relu", "lrelu", "tanh", "sigmoid", "elu", "selu", "softplus", "swish"};
   for (int i = 0; i < 9; ++i)
     if (name == names[i]) return static_cast<Act>(i);
   TORCH_CHECK(false, "bias_act: unknown activation '", name, "'");
   return kLinear;
+}
+
+// The checked, dense operands of bias_act / bias_act_grad, shared by the CPU and CUDA entry points.
+struct BiasActArgs {
+  at::Tensor x, dy, b;  // dy and b undefined when absent; all laid out like x
+  int64_t dim;
+  Act act;
+};
+
+inline BiasActArgs bias_act_args(const at::Tensor& x_in, const at::Tensor& dy_in,
+                                 const std::optional<at::Tensor>& b_in, int64_t dim, const std::string& act_name,
+                                 int64_t order) {
+  TORCH_CHECK(order >= 0 && order <= 2, "bias_act: only derivatives of order 1 and 2 are implemented");
+  BiasActArgs a;
+  a.act = act_from_name(act_name);
+  a.dim = c10::maybe_wrap_dim(dim, x_in.dim());
+  a.x = dense(x_in);
+  if (order > 0) a.dy = same_strides(dy_in, a.x);
+  if (b_in.has_value() && b_in->defined()) {
+    a.b = b_in->to(a.x.scalar_type()).contiguous();
+    TORCH_CHECK(a.b.dim() == 1 && a.b.numel() == a.x.size(a.dim), "bias_act: b must have shape [x.shape[dim]]");
+  }
+  return a;
 }
 
 P2PZ_HD float fexp(float v) { return expf(v); }
