@@ -32,13 +32,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
-# Settings for the toy model, from a sweep on 8 scenes x 20 steps (CFG 2/3/5 x lambda 0.1..300).
-# The guidance loss sums squared map differences over layers, heads, tokens and map sizes, so its
-# gradient's scale is the model's: ~3e-4 per latent element here, where the official step 0.1
-# (tuned on SD-1.4) moves nothing. CFG 5 with the caption as negative prompt regenerates colour
-# edits from scratch (objects move ~25 px) whatever the guidance; CFG 3 keeps them in reach.
-TOY_XA_GUIDANCE = 20.0
-TOY_GUIDANCE_SCALE = 3.0
+from data.shapes.teacher_settings import TOY_GUIDANCE_SCALE, TOY_XA_GUIDANCE  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -27,6 +27,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from data.shapes.teacher_settings import TOY_GUIDANCE_SCALE, TOY_XA_GUIDANCE
 from p2pz.errors import UserError
 
 REPO = Path(__file__).resolve().parents[1]
@@ -42,7 +43,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="run the whole job end to end on the built-in default (shapes world, CPU)",
         description=(
             "Teacher -> shards -> student training -> export -> benchmark -> report, on the shapes world "
-            "with the toy diffusion model the project ships. Takes about 15 minutes on a 2-core CPU and "
+            "with the toy diffusion model the project ships. Takes about 10 minutes on a 2-core CPU and "
             "leaves DIR/report.html, DIR/model/ (the exported student) and DIR/bench.json. Example:\n"
             "  p2pz demo --out demo_out"
         ),
@@ -54,7 +55,23 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--pairs", type=int, default=192, help="teacher pairs to generate (default: 192)")
     p.add_argument("--steps", type=int, default=20, help="teacher DDIM steps (default: 20)")
     p.add_argument("--batch-size", type=int, default=8, help="teacher batch size (default: 8)")
-    p.add_argument("--train-steps", type=int, default=400, help="student training iterations (default: 400)")
+    p.add_argument(
+        "--xa-guidance",
+        type=float,
+        default=TOY_XA_GUIDANCE,
+        help=f"cross-attention guidance step (default: {TOY_XA_GUIDANCE:g}, the toy model's; "
+        "see data/shapes/teacher_settings.py)",
+    )
+    p.add_argument(
+        "--guidance-scale",
+        type=float,
+        default=TOY_GUIDANCE_SCALE,
+        help=f"classifier-free guidance (default: {TOY_GUIDANCE_SCALE:g}, the toy model's)",
+    )
+    p.add_argument("--preset", default="official", help="teacher preset (default: official)")
+    p.add_argument(
+        "--train-steps", type=int, default=1000, help="student training iterations (default: 1000)"
+    )
     p.add_argument(
         "--train-config",
         default=str(REPO / "configs" / "cpu.yaml"),
@@ -98,13 +115,29 @@ def write_inputs(scenes: list[Any], folder: Path) -> None:
     (folder.parent / f"{folder.name}-scenes.json").write_text(json.dumps(truth))
 
 
-def generate_pairs(args: argparse.Namespace, out: Path, inputs: Path) -> dict:
+def world_direction_file(args: argparse.Namespace, out: Path) -> Path:
+    """The edit's direction from the world's captions, saved once for the generator and the report."""
+    from data.eval.ablation import world_direction
+    from data.eval.world_metrics import parse_world_edit
+    from teacher import Pix2PixZero
+
+    path = out / "direction.safetensors"
+    if not path.is_file():
+        teacher = Pix2PixZero.from_pretrained(args.model, preset=args.preset, device="cpu", captioner=False)
+        world_direction(teacher, parse_world_edit(args.edit)).save(path)
+    return path
+
+
+def generate_pairs(args: argparse.Namespace, out: Path, inputs: Path, direction: Path) -> dict:
     from data.generate import Settings, run
 
     settings = Settings(
         out=str(out),
         model=args.model,
-        edit=[args.edit],
+        preset=args.preset,
+        direction=[str(direction)],
+        guidance_scale=args.guidance_scale,
+        xa_guidance=args.xa_guidance,
         inputs=str(inputs),
         samples_per_shard=max(16, args.pairs // 8),
         batch_size=args.batch_size,
@@ -141,16 +174,17 @@ def train_student(args: argparse.Namespace, shards: Path, run_dir: Path) -> Path
     return run_dir / "checkpoints" / "last.ckpt"
 
 
-def edit_held_out(args: argparse.Namespace, scenes: list[Any], model_dir: Path) -> dict[str, list]:
+def edit_held_out(
+    args: argparse.Namespace, scenes: list[Any], model_dir: Path, direction_file: Path
+) -> dict[str, list]:
     """Teacher and student edits of the held-out scenes (the student from its exported package)."""
     from data.shapes import world
     from student.export import apply_to_images, load_exported, read_config
-    from teacher import Pix2PixZero
+    from teacher import EditDirection, Pix2PixZero
 
     inputs = [world.render(s) for s in scenes]
-    teacher = Pix2PixZero.from_pretrained(args.model, device="cpu")
-    source, target = args.edit.split(":")
-    direction = teacher.direction(source, target)
+    teacher = Pix2PixZero.from_pretrained(args.model, preset=args.preset, device="cpu")
+    direction = EditDirection.load(direction_file)
     teacher_out = []
     for start in range(0, len(inputs), args.batch_size):
         chunk = inputs[start : start + args.batch_size]
@@ -159,6 +193,8 @@ def edit_held_out(args: argparse.Namespace, scenes: list[Any], model_dir: Path) 
             [direction] * len(chunk),
             seeds=list(range(start, start + len(chunk))),
             num_steps=args.steps,
+            xa_guidance=args.xa_guidance,
+            guidance_scale=args.guidance_scale,
         )
         teacher_out.extend(r.edited for r in results)
     student = load_exported(model_dir, "eager")
@@ -337,7 +373,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
     timings["inputs"] = time.perf_counter() - t
 
     t = stage(f"2/6 teacher: pix2pix-zero {args.edit} into shards ({args.steps} steps)")
-    generate_pairs(args, out / "shards", out / "inputs")
+    direction = world_direction_file(args, out)
+    generate_pairs(args, out / "shards", out / "inputs", direction)
     timings["teacher (generate)"] = time.perf_counter() - t
 
     t = stage(f"3/6 student: train.py fit, {args.train_steps} iterations")
@@ -363,7 +400,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
     t = stage(f"6/6 report: {args.test_scenes} held-out scenes")
     scenes = make_scenes(source, args.test_scenes, HELD_OUT_SEED + args.seed * 1_000_000)
-    images = edit_held_out(args, scenes, out / "model")
+    images = edit_held_out(args, scenes, out / "model", direction)
     scores = {
         "teacher": score(scenes, images["teacher"], args.edit),
         "student": score(scenes, images["student"], args.edit),
@@ -376,6 +413,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
         "edit": args.edit,
         "pairs": args.pairs,
         "teacher steps": args.steps,
+        "teacher settings": f"preset {args.preset}, CFG {args.guidance_scale:g}, "
+        f"xa guidance {args.xa_guidance:g}, direction from world captions",
         "student iterations": args.train_steps,
         "package": str(out / "model"),
         "python": sys.version.split()[0],

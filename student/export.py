@@ -17,6 +17,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import logging
 import os
 import tarfile
 from pathlib import Path
@@ -123,6 +124,9 @@ class _UnfusedModconv(nn.Module):
 def export_onnx(generator: nn.Module, example: torch.Tensor, path: Path) -> None:
     from student.ops import force_impl
 
+    # The exporter's optimiser logs one INFO line per deduplicated initializer (hundreds); keep
+    # its warnings only, whatever logging level the caller set.
+    logging.getLogger("onnx_ir").setLevel(logging.WARNING)
     with force_impl("ref"), torch.no_grad():
         torch.onnx.export(
             _UnfusedModconv(generator).eval(),

@@ -71,6 +71,10 @@ GENERATOR_DEFAULTS: dict[str, Any] = dict(
     use_noise=False,  # per-pixel noise inputs; off so that a distilled edit is deterministic
     conv_clamp=None,  # clamp pre-activations (StyleGAN2 uses 256 with fp16)
     resample_filter=(1, 3, 3, 1),
+    # Add the input image to the output (the network predicts the edit as a change of the input).
+    # Off in CoModGAN; for structure-keeping edits it makes copying the untouched pixels free,
+    # so a small student spends its capacity on the edit (configs/cpu.yaml turns it on).
+    input_residual=False,
 )
 
 DISCRIMINATOR_DEFAULTS: dict[str, Any] = dict(
@@ -493,7 +497,8 @@ class Generator(nn.Module):
     * fused_modconv: default True in eval mode (one grouped conv per layer), False in training.
 
     The output is the raw skip-RGB sum in training (losses see it unclamped, as in CoModGAN) and is
-    clamped to [-1, 1] in eval mode. ``Generator(**G.config)`` rebuilds the same architecture.
+    clamped to [-1, 1] in eval mode; with ``input_residual=True`` it is the input plus that sum.
+    ``Generator(**G.config)`` rebuilds the same architecture.
     """
 
     def __init__(self, resolution: int = 256, img_channels: int = 3, preset: str = "lite", **overrides: Any):
@@ -508,6 +513,7 @@ class Generator(nn.Module):
         self.w_dim = int(cfg["w_dim"]) if self.z_dim > 0 else 0
         self.truncation_psi = float(cfg["truncation_psi"])
         self.use_noise = bool(cfg["use_noise"])
+        self.input_residual = bool(cfg["input_residual"])
         common = dict(resample_filter=cfg["resample_filter"], conv_clamp=cfg["conv_clamp"])
 
         self.encoder = Encoder(
@@ -557,6 +563,8 @@ class Generator(nn.Module):
         w = self.style_vector(x.shape[0], z, truncation_psi, like=global_code)
         mod = global_code if w is None else torch.cat([w, global_code], dim=1)  # co-modulation
         img = self.synthesis(global_code, features, mod, noise_mode, fused_modconv)
+        if self.input_residual:
+            img = img + x
         if not self.training:
             img = img.clamp(-1, 1)
         return img

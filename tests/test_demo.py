@@ -39,6 +39,7 @@ def test_demo_small(tmp_path):
     )
     assert code == 0
     assert sorted(p.name for p in out.glob("shards/pairs-*.tar"))
+    assert (out / "direction.safetensors").is_file()  # from the world's captions, shared by both uses
     assert (out / "model" / "config.json").is_file() and (out / "model" / "generator.onnx").is_file()
 
     bench = json.loads((out / "bench.json").read_text())
@@ -52,6 +53,7 @@ def test_demo_small(tmp_path):
     page = (out / "report.html").read_text()
     assert "teacher_over_student" not in page  # numbers are rendered, not raw keys
     assert f"{bench['teacher_over_student']:.3g}" in page
+    assert "CFG 3, xa guidance 20" in page  # the toy model's teacher settings, stated
     images = re.findall(r"data:image/png;base64,([A-Za-z0-9+/=]+)", page)
     assert len(images) >= 3 * 4 + 1  # the 4-scene grid (input | teacher | student) and the chart
     for data in images:

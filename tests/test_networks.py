@@ -145,3 +145,18 @@ def test_torch_export_with_dynamic_batch():
         for n in (1, 3):
             xi = torch.rand(n, 3, 64, 64) * 2 - 1
             torch.testing.assert_close(ep.module()(xi), G(xi), atol=1e-5, rtol=1e-5)
+
+
+def test_input_residual_adds_the_input_to_the_same_network():
+    torch.manual_seed(0)
+    plain = Generator(64, preset="lite", channel_base=256, channel_max=16).train()
+    residual = Generator(64, preset="lite", channel_base=256, channel_max=16, input_residual=True).train()
+    residual.load_state_dict(plain.state_dict())  # same parameters: the option adds none
+    x = torch.rand(2, 3, 64, 64) * 2 - 1
+    z = torch.randn(2, plain.z_dim)
+    torch.manual_seed(1)  # training mode draws dropout: the same draws for both calls
+    out_residual = residual(x, z=z)
+    torch.manual_seed(1)
+    torch.testing.assert_close(out_residual, plain(x, z=z) + x)
+    # It survives the config round trip that export and checkpoints use.
+    assert Generator(**residual.config).input_residual and not Generator(**plain.config).input_residual

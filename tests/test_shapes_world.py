@@ -151,3 +151,27 @@ def test_captioner_captions_renders(tmp_path):
     # larger images are read at the world's size
     big = world.render(scenes[0]).resize((256, 256))
     assert captioner([big]) == [scenes[0].caption]
+
+
+def test_toy_model_training_is_reproducible(tmp_path):
+    """``train_toy`` with fixed step counts (its ``reproduce`` command) writes the same weights twice.
+
+    Every random draw comes from the seed and the step number (scenes, noise, timesteps), so a
+    short run on a small dataset must repeat bit for bit; a time-budgeted run plans its steps from
+    the machine's speed and is not meant to.
+    """
+    import hashlib
+
+    from data.shapes import train_toy
+
+    def train(name: str) -> dict[str, str]:
+        out = tmp_path / name
+        args = ["--out", str(out), "--seed", "3", "--vae-steps", "2", "--unet-steps", "3"]
+        args += ["--scenes", "32", "--batch", "4", "--threads", "1", "--minutes", "30"]
+        assert train_toy.main(args) == 0
+        files = sorted(out.glob("*/*.safetensors"))
+        assert {f.parent.name for f in files} >= {"unet", "vae", "text_encoder"}
+        return {f"{f.parent.name}/{f.name}": hashlib.sha256(f.read_bytes()).hexdigest() for f in files}
+
+    first, second = train("a"), train("b")
+    assert first == second
