@@ -109,27 +109,18 @@ def edit_with_guidance(
         x_ref = ref_sched.step(_guided(eps, guidance_scale, cfg), t, x_ref).prev_sample
 
         # Edit step i: one gradient step on the latent against the reference maps ...
-        x_in = pair(x_edit).detach()
-        if xa_guidance > 0 and guided_branch == "edit":
-            x_edit = x_edit.detach().requires_grad_(True)
+        if xa_guidance > 0 and guided_branch == "edit":  # the paper: the shared latent, edit maps
             rows = "last_half" if cfg else "all"
-            with torch.enable_grad(), maps.guiding(i, num_samples=batch, reference_rows=rows):
-                unet(x_edit, t, encoder_hidden_states=edit_cond)
-                loss = maps.loss
-            (grad,) = torch.autograd.grad(loss, x_edit)
-            losses.append(float(loss.detach()))
-            del loss
-            x_edit = x_edit.detach() - xa_guidance * grad
+            x_edit, loss = _guidance_step(unet, maps, x_edit, t, edit_cond, i, batch, rows, xa_guidance)
             x_in = pair(x_edit)
-        elif xa_guidance > 0:
-            x_in.requires_grad_(True)
-            with torch.enable_grad(), maps.guiding(i, num_samples=batch):
-                unet(x_in, t, encoder_hidden_states=edit_embeds)
-                loss = maps.loss
-            (grad,) = torch.autograd.grad(loss, x_in)
-            losses.append(float(loss.detach()))
-            del loss
-            x_in = x_in.detach() - xa_guidance * grad
+        elif xa_guidance > 0:  # official: both halves of the CFG pair, all maps
+            x_in, loss = _guidance_step(
+                unet, maps, pair(x_edit), t, edit_embeds, i, batch, "all", xa_guidance
+            )
+        else:
+            x_in, loss = pair(x_edit), None
+        if loss is not None:
+            losses.append(loss)
         # ... then the noise prediction at the moved latent and a DDIM step.
         with torch.no_grad():
             eps = unet(x_in, t, encoder_hidden_states=edit_embeds).sample
@@ -137,6 +128,27 @@ def edit_with_guidance(
         x_edit = edit_sched.step(_guided(eps, guidance_scale, cfg), t, x_edit).prev_sample
     maps.clear()
     return EditOutput(edited=x_edit, reconstruction=x_ref, xa_loss=losses)
+
+
+def _guidance_step(
+    unet: Any,
+    maps: CrossAttentionMaps,
+    x: torch.Tensor,
+    t: torch.Tensor,
+    embeds: torch.Tensor,
+    step: int,
+    num_samples: int,
+    reference_rows: str,
+    xa_guidance: float,
+) -> tuple[torch.Tensor, float]:
+    """One plain gradient step ``x - xa_guidance * dL/dx`` on the cross-attention loss of ``x``
+    under ``embeds`` against the maps recorded at ``step``; returns the moved latent and L."""
+    x = x.detach().requires_grad_(True)
+    with torch.enable_grad(), maps.guiding(step, num_samples=num_samples, reference_rows=reference_rows):
+        unet(x, t, encoder_hidden_states=embeds)
+        loss = maps.loss
+    (grad,) = torch.autograd.grad(loss, x)
+    return x.detach() - xa_guidance * grad, float(loss.detach())
 
 
 @torch.no_grad()
