@@ -43,7 +43,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="run the whole job end to end on the built-in default (shapes world, CPU)",
         description=(
             "Teacher -> shards -> student training -> export -> benchmark -> report, on the shapes world "
-            "with the toy diffusion model the project ships. Takes about 10 minutes on a 2-core CPU and "
+            "with the toy diffusion model the project ships. Takes about 13 minutes on a 2-core CPU and "
             "leaves DIR/report.html, DIR/model/ (the exported student) and DIR/bench.json. Example:\n"
             "  p2pz demo --out demo_out"
         ),
