@@ -115,26 +115,30 @@ def write_inputs(scenes: list[Any], folder: Path) -> None:
     (folder.parent / f"{folder.name}-scenes.json").write_text(json.dumps(truth))
 
 
-def world_direction_file(args: argparse.Namespace, out: Path) -> Path:
+def demo_settings(args: argparse.Namespace, **more: Any) -> Any:
+    """``p2pz generate`` settings of the demo's teacher (CPU, float32, the demo's preset)."""
+    from data.generate import Settings
+
+    return Settings(model=args.model, preset=args.preset, device="cpu", dtype="float32", **more)
+
+
+def world_direction_file(args: argparse.Namespace, out: Path, teacher: Any) -> Path:
     """The edit's direction from the world's captions, saved once for the generator and the report."""
     from data.eval.ablation import world_direction
     from data.eval.world_metrics import parse_world_edit
-    from teacher import Pix2PixZero
 
     path = out / "direction.safetensors"
     if not path.is_file():
-        teacher = Pix2PixZero.from_pretrained(args.model, preset=args.preset, device="cpu", captioner=False)
         world_direction(teacher, parse_world_edit(args.edit)).save(path)
     return path
 
 
-def generate_pairs(args: argparse.Namespace, out: Path, inputs: Path, direction: Path) -> dict:
-    from data.generate import Settings, run
+def generate_pairs(args: argparse.Namespace, out: Path, inputs: Path, direction: Path, teacher: Any) -> dict:
+    from data.generate import run
 
-    settings = Settings(
+    settings = demo_settings(
+        args,
         out=str(out),
-        model=args.model,
-        preset=args.preset,
         direction=[str(direction)],
         guidance_scale=args.guidance_scale,
         xa_guidance=args.xa_guidance,
@@ -143,10 +147,8 @@ def generate_pairs(args: argparse.Namespace, out: Path, inputs: Path, direction:
         batch_size=args.batch_size,
         seed=args.seed,
         steps=args.steps,
-        device="cpu",
-        dtype="float32",
     )
-    return run(settings)
+    return run(settings, teacher=teacher)
 
 
 def train_student(args: argparse.Namespace, shards: Path, run_dir: Path) -> Path:
@@ -175,15 +177,14 @@ def train_student(args: argparse.Namespace, shards: Path, run_dir: Path) -> Path
 
 
 def edit_held_out(
-    args: argparse.Namespace, scenes: list[Any], model_dir: Path, direction_file: Path
+    args: argparse.Namespace, scenes: list[Any], model_dir: Path, direction_file: Path, teacher: Any
 ) -> dict[str, list]:
     """Teacher and student edits of the held-out scenes (the student from its exported package)."""
     from data.shapes import world
     from student.export import apply_to_images, load_exported, read_config
-    from teacher import EditDirection, Pix2PixZero
+    from teacher import EditDirection
 
     inputs = [world.render(s) for s in scenes]
-    teacher = Pix2PixZero.from_pretrained(args.model, preset=args.preset, device="cpu")
     direction = EditDirection.load(direction_file)
     teacher_out = []
     for start in range(0, len(inputs), args.batch_size):
@@ -358,9 +359,9 @@ def cmd_demo(args: argparse.Namespace) -> int:
             f"teacher model not found at {args.model}; the toy model ships in data/toy_model "
             "(reinstall from the repository) or pass --model"
         )
-    if ":" not in args.edit:
-        raise UserError(f"--edit must be SOURCE:TARGET, got {args.edit!r}")
-    source, _ = args.edit.split(":")
+    from data.eval.world_metrics import parse_world_edit
+
+    source = parse_world_edit(args.edit).source  # a shapes-world edit, checked before anything is written
     out.mkdir(parents=True, exist_ok=True)
     timings: dict[str, float] = {}
 
@@ -373,8 +374,11 @@ def cmd_demo(args: argparse.Namespace) -> int:
     timings["inputs"] = time.perf_counter() - t
 
     t = stage(f"2/6 teacher: pix2pix-zero {args.edit} into shards ({args.steps} steps)")
-    direction = world_direction_file(args, out)
-    generate_pairs(args, out / "shards", out / "inputs", direction)
+    from data.generate import load_teacher
+
+    teacher = load_teacher(demo_settings(args))  # one teacher for the pairs and the report
+    direction = world_direction_file(args, out, teacher)
+    generate_pairs(args, out / "shards", out / "inputs", direction, teacher)
     timings["teacher (generate)"] = time.perf_counter() - t
 
     t = stage(f"3/6 student: train.py fit, {args.train_steps} iterations")
@@ -400,7 +404,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
     t = stage(f"6/6 report: {args.test_scenes} held-out scenes")
     scenes = make_scenes(source, args.test_scenes, HELD_OUT_SEED + args.seed * 1_000_000)
-    images = edit_held_out(args, scenes, out / "model", direction)
+    images = edit_held_out(args, scenes, out / "model", direction, teacher)
     scores = {
         "teacher": score(scenes, images["teacher"], args.edit),
         "student": score(scenes, images["student"], args.edit),

@@ -19,10 +19,12 @@ Layout written::
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 from p2pz.atomic import atomic_path
-from teacher.clip_tokenizer import BOS, EOS, MODEL_MAX_LENGTH, build_vocab, save_tokenizer
+from teacher.clip_tokenizer import BOS, EOS, MODEL_MAX_LENGTH, build_tokenizer, build_vocab, save_tokenizer
 
 # Shapes: SD-like but tiny. The VAE halves the resolution three times (factor 8, as SD);
 # the UNet has cross-attention (attn2) at two down/up resolutions plus the mid block.
@@ -199,27 +201,33 @@ def _make_readable(folder: Path) -> None:
         p.chmod((0o777 if p.is_dir() else 0o666) & ~umask)
 
 
-def _write_all(tmp: Path, seed: int) -> None:
-    """Build every component from ``seed`` and save the folders into the empty path ``tmp``."""
+def save_sd_folder(
+    folder: Path, *, vae: Any, text_encoder: Any, unet: Any, scheduler: Any, words: Sequence[str] = ()
+) -> None:
+    """Write a diffusers Stable Diffusion 1.x folder (no safety checker) with our offline CLIP
+    tokenizer for ``words``; shared by the tiny random model and the shapes world's toy model."""
     from diffusers import StableDiffusionPipeline
-    from transformers import CLIPTokenizer
 
-    tmp.mkdir(parents=True)
-    save_tokenizer(tmp / "tokenizer")
-    unet, vae, text_encoder, scheduler = _build_sd_components(seed)
-    tokenizer = CLIPTokenizer.from_pretrained(tmp / "tokenizer")
     pipe = StableDiffusionPipeline(
         vae=vae,
         text_encoder=text_encoder,
-        tokenizer=tokenizer,
+        tokenizer=build_tokenizer(words),
         unet=unet,
         scheduler=scheduler,
         safety_checker=None,
         feature_extractor=None,
         requires_safety_checker=False,
     )
-    pipe.save_pretrained(tmp, safe_serialization=True)
-    save_tokenizer(tmp / "tokenizer")  # keep our own files (save_pretrained rewrote the folder)
+    pipe.save_pretrained(folder, safe_serialization=True)
+    # save_pretrained writes only tokenizer.json (transformers v5): add the slow-format files too.
+    save_tokenizer(folder / "tokenizer", words)
+
+
+def _write_all(tmp: Path, seed: int) -> None:
+    """Build every component from ``seed`` and save the folders into the empty path ``tmp``."""
+    tmp.mkdir(parents=True)
+    unet, vae, text_encoder, scheduler = _build_sd_components(seed)
+    save_sd_folder(tmp, vae=vae, text_encoder=text_encoder, unet=unet, scheduler=scheduler)
     _write_captioner(tmp / "captioner", seed)
     (tmp / "README.md").write_text(
         f"Tiny random-weight Stable Diffusion made by `p2pz make-tiny` (seed {seed}).\n"

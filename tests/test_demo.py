@@ -58,3 +58,10 @@ def test_demo_small(tmp_path):
     assert len(images) >= 3 * 4 + 1  # the 4-scene grid (input | teacher | student) and the chart
     for data in images:
         Image.open(io.BytesIO(base64.b64decode(data))).verify()
+
+
+def test_demo_rejects_an_edit_outside_the_world_before_writing(tmp_path, capsys):
+    out = tmp_path / "demo"
+    assert main(["demo", "--out", str(out), "--edit", "cat:dog"]) == 2
+    assert "not a shapes-world edit" in capsys.readouterr().err
+    assert not out.exists()

@@ -413,32 +413,19 @@ def train_unet(args, data, tokenizer, state_dir: Path, deadline: float):
     return ema_unet.eval(), ema_text.eval(), scheduler, unet_log
 
 
-def write_model(out: Path, vae, text_encoder, tokenizer, unet, scheduler, scaling_factor: float) -> None:
+def write_model(out: Path, vae, text_encoder, unet, scheduler, scaling_factor: float) -> None:
     """The Stable Diffusion folder, plus the world's captioner."""
-    from diffusers import StableDiffusionPipeline
-
     from data.shapes.captioner import write_captioner_folder
+    from data.shapes.world import scene_words
+    from teacher.tiny import save_sd_folder
 
     vae.register_to_config(scaling_factor=scaling_factor)
     from diffusers.models.attention_processor import AttnProcessor
 
     for m in (vae, unet):  # save plain modules (processors are a runtime choice)
         m.set_attn_processor(AttnProcessor())
-    pipe = StableDiffusionPipeline(
-        vae=vae,
-        text_encoder=text_encoder,
-        tokenizer=tokenizer,
-        unet=unet,
-        scheduler=scheduler,
-        safety_checker=None,
-        feature_extractor=None,
-        requires_safety_checker=False,
-    )
-    pipe.save_pretrained(out, safe_serialization=True)
-    # Make sure both tokenizer classes load the folder (v5 writes only tokenizer.json).
-    from data.shapes.tokenizer import save_tokenizer
-
-    save_tokenizer(out / "tokenizer")
+    words = scene_words()
+    save_sd_folder(out, vae=vae, text_encoder=text_encoder, unet=unet, scheduler=scheduler, words=words)
     write_captioner_folder(out / "captioner")
 
 
@@ -506,7 +493,7 @@ def main(argv: list[str] | None = None) -> int:
     from p2pz.atomic import atomic_path
 
     with atomic_path(out) as tmp:
-        write_model(tmp, vae, text_encoder, tokenizer, unet, scheduler, data["scaling_factor"])
+        write_model(tmp, vae, text_encoder, unet, scheduler, data["scaling_factor"])
         record = {
             "seed": args.seed,
             "vae": vae_log,
