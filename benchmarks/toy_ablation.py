@@ -13,7 +13,7 @@ bounding-box centre shift. Targets on the trained toy model: with guidance, succ
 IoU >= 0.8, median shift <= 1.5 px, and better structure than both other rows.
 
     python benchmarks/toy_ablation.py                        # 100 scenes per edit, 50 steps
-    python benchmarks/toy_ablation.py --xa-guidance 0.1 --guidance-scale 5   # the official preset's values
+    python benchmarks/toy_ablation.py --preset official      # the official code's guidance step
     python benchmarks/toy_ablation.py --scenes 24 --steps 20 --log runs/ablation.jsonl
 
 Slow on a CPU (a guided edit costs about 3 plain ones): ``--log FILE`` records every scored scene
@@ -32,7 +32,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
-from data.shapes.teacher_settings import TOY_GUIDANCE_SCALE, TOY_XA_GUIDANCE  # noqa: E402
+from data.shapes.teacher_settings import add_toy_teacher_arguments  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -50,20 +50,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--steps", type=int, default=50, help="DDIM steps of inversion and editing (default 50)"
     )
-    parser.add_argument(
-        "--xa-guidance",
-        type=float,
-        default=TOY_XA_GUIDANCE,
-        help=f"guidance step of direction_xa (default {TOY_XA_GUIDANCE:g}, for the toy model; the official "
-        "preset's 0.1 is tuned for SD-1.4)",
-    )
-    parser.add_argument(
-        "--guidance-scale",
-        type=float,
-        default=TOY_GUIDANCE_SCALE,
-        help=f"classifier-free guidance of all rows (default {TOY_GUIDANCE_SCALE:g}, for the toy model)",
-    )
-    parser.add_argument("--preset", default="official", help="teacher preset (default official)")
+    add_toy_teacher_arguments(parser)  # --preset, --xa-guidance, --guidance-scale
     parser.add_argument(
         "--sentences", default="world", help="sentence banks of the directions (default: world captions)"
     )
@@ -106,7 +93,7 @@ def main(argv: list[str] | None = None) -> int:
     xa, cfg = args.xa_guidance, args.guidance_scale
     settings = {
         "fingerprint": teacher.fingerprint,
-        "preset": args.preset,
+        "preset": teacher.preset.to_dict(),
         "steps": args.steps,
         "xa_guidance": xa,
         "guidance_scale": cfg,
@@ -115,8 +102,9 @@ def main(argv: list[str] | None = None) -> int:
     }
     log = ScoreLog(args.log, settings)
     print(
-        f"toy ablation: {args.model}, {args.scenes} scenes per edit, {args.steps} steps, CFG {cfg:g}, "
-        f"xa_guidance {xa:g} (direction_xa), {torch.get_num_threads()} threads",
+        f"toy ablation: {args.model}, {args.scenes} scenes per edit, {args.steps} steps, "
+        f"preset {args.preset}, CFG {cfg:g}, xa_guidance {xa:g} (direction_xa), "
+        f"{torch.get_num_threads()} threads",
         flush=True,
     )
 

@@ -27,7 +27,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from data.shapes.teacher_settings import TOY_GUIDANCE_SCALE, TOY_XA_GUIDANCE
+from data.shapes.teacher_settings import add_toy_teacher_arguments
 from p2pz.errors import UserError
 
 REPO = Path(__file__).resolve().parents[1]
@@ -55,20 +55,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--pairs", type=int, default=192, help="teacher pairs to generate (default: 192)")
     p.add_argument("--steps", type=int, default=20, help="teacher DDIM steps (default: 20)")
     p.add_argument("--batch-size", type=int, default=8, help="teacher batch size (default: 8)")
-    p.add_argument(
-        "--xa-guidance",
-        type=float,
-        default=TOY_XA_GUIDANCE,
-        help=f"cross-attention guidance step (default: {TOY_XA_GUIDANCE:g}, the toy model's; "
-        "see data/shapes/teacher_settings.py)",
-    )
-    p.add_argument(
-        "--guidance-scale",
-        type=float,
-        default=TOY_GUIDANCE_SCALE,
-        help=f"classifier-free guidance (default: {TOY_GUIDANCE_SCALE:g}, the toy model's)",
-    )
-    p.add_argument("--preset", default="official", help="teacher preset (default: official)")
+    add_toy_teacher_arguments(p)
     p.add_argument(
         "--train-steps", type=int, default=1000, help="student training iterations (default: 1000)"
     )

@@ -23,6 +23,15 @@ Two DDIM trajectories start from the same x_T (the inversion of a real image, or
 
       L = sum_layers sum((M(x, c + Δc) - M_ref,cond)^2) / heads;   x <- x - xa_guidance * dL/dx
 
+  ``guided_branch="both"`` keeps the official loss over both branches but differentiates it with
+  respect to the one latent that both branches denoise, x_in = [x, x]:
+
+      x <- x - xa_guidance * (dL/dx_neg + dL/dx_edit)
+
+  The negative branch's half holds the structure (and, for an attribute edit, pulls the attribute
+  back); the edit branch's half lets the attribute change where its maps match the reference's.
+  On the shapes world this is what keeps a colour edit's structure without cancelling it.
+
 Unlike both reference implementations, the two passes run in lockstep: step i of the reference
 pass, whose maps are needed only by step i of the edit pass, runs just before it. Only one step's
 maps are alive at any time (the official code keeps all of them, 6.6 GB at 512 px, on the CPU),
@@ -42,6 +51,8 @@ import torch
 from tqdm.auto import tqdm
 
 from teacher.attention import CrossAttentionMaps
+
+GUIDED_BRANCHES = ("negative", "edit", "both")
 
 
 @dataclass
@@ -85,11 +96,11 @@ def edit_with_guidance(
 
     ``uncond``/``cond``: negative-prompt and caption embeddings ``[B, 77, D]``; ``direction``:
     per-sample edit directions ``[B, 77, D]`` added to ``cond`` in the edit pass. ``maps`` must be
-    installed on ``unet``. ``guided_branch``: ``"negative"`` (official) or ``"edit"`` (paper), see
-    the module docstring.
+    installed on ``unet``. ``guided_branch``: ``"negative"`` (official), ``"edit"`` (paper) or
+    ``"both"`` (the official loss on the shared latent), see the module docstring.
     """
-    if guided_branch not in ("negative", "edit"):
-        raise ValueError(f"guided_branch must be 'negative' or 'edit', got {guided_branch!r}")
+    if guided_branch not in GUIDED_BRANCHES:
+        raise ValueError(f"guided_branch must be one of {GUIDED_BRANCHES}, got {guided_branch!r}")
     batch = x_T.shape[0]
     cfg = guidance_scale > 1.0  # as both codes: no negative branch at all for scale <= 1
     ref_embeds = torch.cat([uncond, cond]) if cfg else cond
@@ -109,16 +120,19 @@ def edit_with_guidance(
         x_ref = ref_sched.step(_guided(eps, guidance_scale, cfg), t, x_ref).prev_sample
 
         # Edit step i: one gradient step on the latent against the reference maps ...
-        if xa_guidance > 0 and guided_branch == "edit":  # the paper: the shared latent, edit maps
-            rows = "last_half" if cfg else "all"
-            x_edit, loss = _guidance_step(unet, maps, x_edit, t, edit_cond, i, batch, rows, xa_guidance)
-            x_in = pair(x_edit)
-        elif xa_guidance > 0:  # official: both halves of the CFG pair, all maps
-            x_in, loss = _guidance_step(
-                unet, maps, pair(x_edit), t, edit_embeds, i, batch, "all", xa_guidance
-            )
-        else:
+        if xa_guidance <= 0:
             x_in, loss = pair(x_edit), None
+        elif guided_branch == "negative":  # official: each half of the CFG pair moves by its own gradient
+            x_pair = pair(x_edit)
+            grad, loss = _xa_gradient(unet, maps, x_pair, t, edit_embeds, i, batch, "all")
+            x_in = x_pair - xa_guidance * grad
+        elif guided_branch == "edit":  # the paper: the edit branch's maps move the shared latent
+            rows = "last_half" if cfg else "all"
+            grad, loss = _xa_gradient(unet, maps, x_edit, t, edit_cond, i, batch, rows)
+            x_in = pair(x_edit - xa_guidance * grad)
+        else:  # "both": the official loss over both branches, differentiated w.r.t. the shared latent
+            grad, loss = _xa_gradient(unet, maps, x_edit, t, edit_embeds, i, batch, "all", duplicate=cfg)
+            x_in = pair(x_edit - xa_guidance * grad)
         if loss is not None:
             losses.append(loss)
         # ... then the noise prediction at the moved latent and a DDIM step.
@@ -130,7 +144,7 @@ def edit_with_guidance(
     return EditOutput(edited=x_edit, reconstruction=x_ref, xa_loss=losses)
 
 
-def _guidance_step(
+def _xa_gradient(
     unet: Any,
     maps: CrossAttentionMaps,
     x: torch.Tensor,
@@ -139,16 +153,17 @@ def _guidance_step(
     step: int,
     num_samples: int,
     reference_rows: str,
-    xa_guidance: float,
+    duplicate: bool = False,
 ) -> tuple[torch.Tensor, float]:
-    """One plain gradient step ``x - xa_guidance * dL/dx`` on the cross-attention loss of ``x``
-    under ``embeds`` against the maps recorded at ``step``; returns the moved latent and L."""
+    """dL/dx and L, the cross-attention loss of ``x`` under ``embeds`` against the maps recorded at
+    ``step``. ``duplicate``: feed ``[x, x]`` (one copy per CFG branch), so the gradient is the sum
+    of both branches' gradients."""
     x = x.detach().requires_grad_(True)
     with torch.enable_grad(), maps.guiding(step, num_samples=num_samples, reference_rows=reference_rows):
-        unet(x, t, encoder_hidden_states=embeds)
+        unet(torch.cat([x, x]) if duplicate else x, t, encoder_hidden_states=embeds)
         loss = maps.loss
     (grad,) = torch.autograd.grad(loss, x)
-    return x.detach() - xa_guidance * grad, float(loss.detach())
+    return grad, float(loss.detach())
 
 
 @torch.no_grad()

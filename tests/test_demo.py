@@ -10,6 +10,7 @@ import re
 import pytest
 from PIL import Image
 
+from data.shapes.teacher_settings import TOY_GUIDANCE_SCALE, TOY_XA_GUIDANCE
 from p2pz.cli import main
 
 
@@ -53,7 +54,8 @@ def test_demo_small(tmp_path):
     page = (out / "report.html").read_text()
     assert "teacher_over_student" not in page  # numbers are rendered, not raw keys
     assert f"{bench['teacher_over_student']:.3g}" in page
-    assert "CFG 3, xa guidance 20" in page  # the toy model's teacher settings, stated
+    # the toy model's teacher settings, stated
+    assert f"CFG {TOY_GUIDANCE_SCALE:g}, xa guidance {TOY_XA_GUIDANCE:g}" in page
     images = re.findall(r"data:image/png;base64,([A-Za-z0-9+/=]+)", page)
     assert len(images) >= 3 * 4 + 1  # the 4-scene grid (input | teacher | student) and the chart
     for data in images:

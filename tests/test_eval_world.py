@@ -127,3 +127,18 @@ def test_score_log_shares_unguided_rows_across_guidance_steps(tmp_path):
     other = ScoreLog(path, {"steps": 2, "xa_guidance": 20.0})
     assert list(other.done("circle-square", "word_swap")) == [0]
     assert other.done("circle-square", "direction_xa") == {}
+
+
+def test_score_log_shares_unguided_rows_across_guided_branches_only(tmp_path):
+    from teacher.presets import DIFFUSERS, JOINT, OFFICIAL
+
+    path = tmp_path / "log.jsonl"
+    score = wm.score_world_edit(CIRCLE, world.render(CIRCLE), "circle:square")
+    log = ScoreLog(path, {"preset": OFFICIAL.to_dict(), "xa_guidance": 20.0})
+    log.add("circle-square", "direction", 0, score, 0.5)
+    log.add("circle-square", "direction_xa", 0, score, 0.5)
+    joint = ScoreLog(path, {"preset": JOINT.to_dict(), "xa_guidance": 20.0})
+    assert list(joint.done("circle-square", "direction")) == [0]  # no guidance: the branch is unused
+    assert joint.done("circle-square", "direction_xa") == {}
+    other = ScoreLog(path, {"preset": DIFFUSERS.to_dict(), "xa_guidance": 20.0})  # another inversion
+    assert other.done("circle-square", "direction") == {}

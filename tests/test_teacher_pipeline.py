@@ -11,7 +11,7 @@ from PIL import Image
 
 from p2pz.errors import UserError
 from teacher.directions import compute_direction
-from teacher.editing import cross_attention_loss, make_scheduler
+from teacher.editing import cross_attention_loss, edit_with_guidance, make_scheduler
 from teacher.inversion import auto_corr_loss, draw_shifts, invert
 from teacher.pipeline import Pix2PixZero
 from teacher.presets import DIFFUSERS, OFFICIAL
@@ -317,6 +317,63 @@ def test_paper_preset_edits_differ_from_official_and_batch_like_single_runs(offi
     assert not torch.allclose(theirs.edited_latent, singles[0].edited_latent, atol=1e-2)  # ... other step
     assert paper.settings["preset"]["guided_branch"] == "edit"
     assert official.settings["preset"]["guided_branch"] == "negative"
+
+
+def test_joint_guidance_steps_the_shared_latent_by_both_branches_gradients(official, cat2dog):
+    """guided_branch="both": one edit step is x <- x - λ dL/dx with L the official loss of the pair
+    [x, x] under [neg, c + Δc], i.e. the sum of the per-half gradients the official step applies
+    separately; both CFG branches then denoise that one latent."""
+    unet, maps, config = official.unet, official.maps, official.scheduler_config
+    latents, cond = _latents_and_caption(official)
+    x_T = invert(unet, config, latents, cond, OFFICIAL, [torch.Generator()], STEPS)
+    uncond, direction = official.encode_text([""]), cat2dog.tensor[None]
+    edit_embeds = torch.cat([uncond, cond + direction])
+    scale, xa = 3.0, 50.0
+    sched = make_scheduler(config, 1, "cpu")
+    [t] = sched.timesteps
+
+    def pair_loss(x_pair: torch.Tensor) -> torch.Tensor:
+        maps.clear()
+        with torch.no_grad(), maps.recording(0):
+            unet(torch.cat([x_T, x_T]), t, encoder_hidden_states=torch.cat([uncond, cond]))
+        with maps.guiding(0, num_samples=1):
+            unet(x_pair, t, encoder_hidden_states=edit_embeds)
+            return maps.loss
+
+    x_pair = torch.cat([x_T, x_T]).requires_grad_(True)
+    (per_half,) = torch.autograd.grad(pair_loss(x_pair), x_pair)
+    x_in = x_T - xa * (per_half[:1] + per_half[1:])
+    with torch.no_grad():
+        eps_neg, eps_edit = unet(torch.cat([x_in, x_in]), t, encoder_hidden_states=edit_embeds).sample.chunk(
+            2
+        )
+    expected = sched.step(eps_neg + scale * (eps_edit - eps_neg), t, x_in).prev_sample
+
+    def one_step(branch: str) -> torch.Tensor:
+        out = edit_with_guidance(
+            unet, maps, config, x_T, uncond, cond, direction, 1, scale, xa, guided_branch=branch
+        )
+        return out.edited
+
+    joint = one_step("both")
+    assert torch.allclose(joint, expected, rtol=1e-4, atol=1e-5)
+    for other in ("negative", "edit"):
+        assert not torch.allclose(joint, one_step(other), atol=1e-3), other
+
+
+@pytest.fixture(scope="module")
+def joint(tiny_model_dir):
+    return Pix2PixZero.from_pretrained(tiny_model_dir, preset="joint", captioner=False)
+
+
+def test_joint_preset_batches_like_single_runs(joint, cat2dog):
+    images, captions, seeds = [picture(5), picture(6)], ["a cat", "a cat on a bed"], [3, 4]
+    kwargs = dict(num_steps=STEPS, xa_guidance=50.0, return_latents=True)
+    batch = joint.edit(images, [cat2dog, cat2dog], captions, seeds, **kwargs)
+    for i in range(2):
+        [single] = joint.edit([images[i]], [cat2dog], [captions[i]], [seeds[i]], **kwargs)
+        assert torch.allclose(batch[i].edited_latent, single.edited_latent, rtol=1e-3, atol=2e-3), i
+    assert joint.settings["preset"]["guided_branch"] == "both"
 
 
 # -------------------------------------------------------------------------------------------------

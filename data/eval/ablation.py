@@ -175,8 +175,9 @@ def edit_world_scenes(
 class ScoreLog:
     """Append-only JSONL of per-scene scores under a settings key, so a killed run resumes.
 
-    Rows without guidance do not depend on ``xa_guidance``, so their key leaves it out: runs that
-    differ only in the guidance step share their word-swap and direction scores.
+    Rows without guidance depend neither on ``xa_guidance`` nor on which branch the guidance
+    step follows, so their key leaves both out (``settings["preset"]`` is the preset's fields):
+    runs that differ only in the guidance share their word-swap and direction scores.
     """
 
     def __init__(self, path: str | os.PathLike | None, settings: dict):
@@ -193,11 +194,13 @@ class ScoreLog:
                     self.records.setdefault((rec["edit"], rec["row"]), {})[rec["index"]] = rec
 
     def key(self, row: str) -> str:
-        settings = (
-            self.settings
-            if row == "direction_xa"
-            else {k: v for k, v in self.settings.items() if k != "xa_guidance"}
-        )
+        settings = dict(self.settings)
+        if row != "direction_xa":
+            settings.pop("xa_guidance", None)
+            if isinstance(settings.get("preset"), dict):  # presets that differ only in the guided branch
+                settings["preset"] = {
+                    k: v for k, v in settings["preset"].items() if k not in ("name", "guided_branch")
+                }
         return json.dumps(settings, sort_keys=True)
 
     def done(self, edit: str, row: str) -> dict[int, dict]:
