@@ -43,7 +43,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="run the whole job end to end on the built-in default (shapes world, CPU)",
         description=(
             "Teacher -> shards -> student training -> export -> benchmark -> report, on the shapes world "
-            "with the toy diffusion model the project ships. Takes about 13 minutes on a 2-core CPU and "
+            "with the toy diffusion model the project ships. Takes about 15 minutes on a 2-core CPU and "
             "leaves DIR/report.html, DIR/model/ (the exported student) and DIR/bench.json. Example:\n"
             "  p2pz demo --out demo_out"
         ),
@@ -57,7 +57,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--batch-size", type=int, default=8, help="teacher batch size (default: 8)")
     add_toy_teacher_arguments(p)
     p.add_argument(
-        "--train-steps", type=int, default=1000, help="student training iterations (default: 1000)"
+        "--train-steps", type=int, default=2000, help="student training iterations (default: 2000)"
     )
     p.add_argument(
         "--train-config",
