@@ -109,15 +109,18 @@ def demo_settings(args: argparse.Namespace, **more: Any) -> Any:
     return Settings(model=args.model, preset=args.preset, device="cpu", dtype="float32", **more)
 
 
-def world_direction_file(args: argparse.Namespace, out: Path, teacher: Any) -> Path:
-    """The edit's direction from the world's captions, saved once for the generator and the report."""
+def save_world_direction(args: argparse.Namespace, out: Path, teacher: Any) -> tuple[Path, Any]:
+    """The edit's direction from the world's captions, saved for the generator and kept for the report.
+
+    Computed on every run (a second or so), so a re-run into the same folder with another edit or
+    model never picks up a stale file; the same edit gives the same tensor, whose digest is what
+    resumed shards check.
+    """
     from data.eval.ablation import world_direction
     from data.eval.world_metrics import parse_world_edit
 
-    path = out / "direction.safetensors"
-    if not path.is_file():
-        world_direction(teacher, parse_world_edit(args.edit)).save(path)
-    return path
+    direction = world_direction(teacher, parse_world_edit(args.edit))
+    return direction.save(out / "direction.safetensors"), direction
 
 
 def generate_pairs(args: argparse.Namespace, out: Path, inputs: Path, direction: Path, teacher: Any) -> dict:
@@ -164,15 +167,13 @@ def train_student(args: argparse.Namespace, shards: Path, run_dir: Path) -> Path
 
 
 def edit_held_out(
-    args: argparse.Namespace, scenes: list[Any], model_dir: Path, direction_file: Path, teacher: Any
+    args: argparse.Namespace, scenes: list[Any], model_dir: Path, direction: Any, teacher: Any
 ) -> dict[str, list]:
     """Teacher and student edits of the held-out scenes (the student from its exported package)."""
     from data.shapes import world
     from student.export import apply_to_images, load_exported, read_config
-    from teacher import EditDirection
 
     inputs = [world.render(s) for s in scenes]
-    direction = EditDirection.load(direction_file)
     teacher_out = []
     for start in range(0, len(inputs), args.batch_size):
         chunk = inputs[start : start + args.batch_size]
@@ -364,8 +365,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
     from data.generate import load_teacher
 
     teacher = load_teacher(demo_settings(args))  # one teacher for the pairs and the report
-    direction = world_direction_file(args, out, teacher)
-    generate_pairs(args, out / "shards", out / "inputs", direction, teacher)
+    direction_file, direction = save_world_direction(args, out, teacher)
+    generate_pairs(args, out / "shards", out / "inputs", direction_file, teacher)
     timings["teacher (generate)"] = time.perf_counter() - t
 
     t = stage(f"3/6 student: train.py fit, {args.train_steps} iterations")
