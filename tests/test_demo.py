@@ -67,3 +67,12 @@ def test_demo_rejects_an_edit_outside_the_world_before_writing(tmp_path, capsys)
     assert main(["demo", "--out", str(out), "--edit", "cat:dog"]) == 2
     assert "not a shapes-world edit" in capsys.readouterr().err
     assert not out.exists()
+
+
+def test_demo_rejects_an_unknown_preset_before_writing(tmp_path, capsys):
+    out = tmp_path / "demo"
+    with pytest.raises(SystemExit) as exit_info:
+        main(["demo", "--out", str(out), "--preset", "bogus"])
+    assert exit_info.value.code == 2
+    assert "invalid choice: 'bogus'" in capsys.readouterr().err
+    assert not out.exists()

@@ -33,8 +33,13 @@ TOY_GUIDANCE_SCALE = 3.0
 
 def add_toy_teacher_arguments(parser: argparse.ArgumentParser) -> None:
     """``--preset``, ``--xa-guidance`` and ``--guidance-scale``, defaulting to the toy model's values."""
+    from teacher.presets import PRESETS
+
     parser.add_argument(
-        "--preset", default=TOY_PRESET, help=f"teacher preset (default: {TOY_PRESET}, the toy model's)"
+        "--preset",
+        default=TOY_PRESET,
+        choices=sorted(PRESETS),  # rejected before anything is written
+        help=f"teacher preset (default: {TOY_PRESET}, the toy model's)",
     )
     parser.add_argument(
         "--xa-guidance",
