@@ -21,11 +21,11 @@ from __future__ import annotations
 import sys
 
 from lightning.pytorch.cli import LightningCLI
+from p2pz.student.callbacks import StepCheckpoint
+from p2pz.student.datamodule import PairDataModule
+from p2pz.student.training import StudentModule
 
-from p2pz.errors import UserError
-from student.callbacks import StepCheckpoint
-from student.datamodule import PairDataModule
-from student.training import StudentModule
+from p2pz.utils.errors import UserError
 
 
 class StudentCLI(LightningCLI):

@@ -8,7 +8,7 @@
 2. The reader: samples/s of ``pair_loader`` (one process, augmentation on) over pairs stored at the
    real teacher's 512 px, decoded to the student's 256 px.
 3. What one student training step consumes: the time of one generator + discriminator iteration of
-   the lite student (``student.networks``, the losses of ``student.losses``) at that batch size and
+   the lite student (``p2pz.student.networks``, the losses of ``p2pz.student.losses``) at that batch size and
    resolution. The ratio reader samples/s / (batch / step time) says how many
    times faster the reader is than training needs (>1: the reader keeps up with one worker).
 
@@ -22,18 +22,16 @@ import argparse
 import io
 import json
 import os
-import sys
 import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-from PIL import Image  # noqa: E402
+import numpy as np
+import torch
+from PIL import Image
 
 NUM_SENTENCES = 16  # the direction is computed once before timing; a small bank keeps the run short
 
@@ -49,7 +47,7 @@ def make_inputs(folder: Path, count: int, size: int) -> None:
 def bench_generate(
     model_dir: Path, inputs: Path, work: Path, batch_size: int, steps: int, device: str, teacher
 ) -> dict:
-    from data.generate import Settings, run
+    from p2pz.data.pairs.generate import Settings, run
 
     out = work / f"pairs-b{batch_size}"
     settings = Settings(
@@ -76,7 +74,7 @@ def bench_generate(
 
 
 def write_reader_data(folder: Path, count: int, size: int) -> None:
-    from data.shards import atomic_shard
+    from p2pz.data.pairs.shards import atomic_shard
 
     rng = np.random.default_rng(1)
 
@@ -104,7 +102,7 @@ def write_reader_data(folder: Path, count: int, size: int) -> None:
 
 
 def bench_reader(folder: Path, batch_size: int, resolution: int, batches: int) -> float:
-    from data.reader import list_shards, pair_loader
+    from p2pz.data.pairs.reader import list_shards, pair_loader
 
     loader = pair_loader(
         list_shards(folder),
@@ -125,10 +123,10 @@ def bench_reader(folder: Path, batch_size: int, resolution: int, batches: int) -
 
 def training_step_seconds(batch_size: int, resolution: int, device: str, repeats: int) -> tuple[float, str]:
     """Seconds of one training iteration of the lite student: a generator step (L1 + GAN) and a
-    discriminator step, as ``student.training.StudentModule.training_step`` does them (without the
+    discriminator step, as ``p2pz.student.training.StudentModule.training_step`` does them (without the
     lazy R1 term, which runs one iteration in 16, and without LPIPS, which is off by default)."""
-    from student.losses import discriminator_gan_loss, generator_gan_loss
-    from student.networks import Discriminator, Generator
+    from p2pz.student.losses import discriminator_gan_loss, generator_gan_loss
+    from p2pz.student.networks import Discriminator, Generator
 
     x = torch.randn(batch_size, 3, resolution, resolution, device=device)
     target = torch.randn(batch_size, 3, resolution, resolution, device=device)
@@ -172,8 +170,8 @@ def main() -> None:
     parser.add_argument("--resolution", type=int, default=256, help="student resolution (default 256)")
     args = parser.parse_args()
 
-    from data.generate import Settings, ensure_direction, load_teacher, resolve_edits
-    from teacher.tiny import make_tiny
+    from p2pz.data.models.tiny import make_tiny
+    from p2pz.data.pairs.generate import Settings, ensure_direction, load_teacher, resolve_edits
 
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)

@@ -44,11 +44,6 @@ import tempfile
 import time
 from pathlib import Path
 
-# This file is named like the package it measures: keep its folder off the import path so that
-# ``import teacher`` finds the package (the repository root comes first instead).
-_HERE = Path(__file__).resolve().parent
-sys.path[:] = [str(_HERE.parent)] + [p for p in sys.path if Path(p or ".").resolve() != _HERE]
-
 CAPTION = "a cat sitting on a couch"
 
 
@@ -56,8 +51,7 @@ def build_model(out: Path, seed: int = 0) -> Path:
     """The tiny model of ``make_tiny`` with a wider UNet and a 4x VAE (see the module docstring)."""
     import torch
     from diffusers import AutoencoderKL, UNet2DConditionModel
-
-    from teacher.tiny import TEXT_HIDDEN, VAE_SCALING_FACTOR, make_tiny
+    from p2pz.data.models.tiny import TEXT_HIDDEN, VAE_SCALING_FACTOR, make_tiny
 
     make_tiny(out, seed=seed)
     with torch.random.fork_rng(devices=[]):
@@ -115,9 +109,8 @@ def worker(impl: str, model: str, steps: int, size: int, device: str, out_npy: s
     """One measurement in this (fresh) process: the first edit's peak memory, the second's time."""
     import numpy as np
     import torch
-
-    from teacher.directions import compute_direction
-    from teacher.pipeline import Pix2PixZero
+    from p2pz.teacher.directions import compute_direction
+    from p2pz.teacher.pipeline import Pix2PixZero
 
     image = test_image(size)
     sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)

@@ -1,13 +1,13 @@
 """The paper's ablation on the shapes world: does cross-attention guidance keep the structure?
 
 For each edit (a shape edit and a colour edit by default), the teacher edits the same seeded
-scenes three ways (``data.eval.ablation``):
+scenes three ways (``p2pz.data.eval.ablation``):
 
     word_swap      DDIM inversion, then the caption with the word swapped (no direction, no guidance)
     direction      pix2pix-zero edit directions, no cross-attention guidance
     direction_xa   directions with cross-attention guidance (the method)
 
-and the oracle scores every edit against the scene's ground truth (``data.eval.world_metrics``):
+and the oracle scores every edit against the scene's ground truth (``p2pz.data.eval.world_metrics``):
 success (target word read, everything else kept), mask IoU with the ideal edit, median
 bounding-box centre shift. Targets on the trained toy model: with guidance, success >= 80%,
 IoU >= 0.8, median shift <= 1.5 px, and better structure than both other rows.
@@ -30,9 +30,8 @@ import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
-
-from data.shapes.teacher_settings import add_toy_teacher_arguments  # noqa: E402
+from p2pz.data.models import TOY_MODEL
+from p2pz.data.shapes.teacher_settings import add_toy_teacher_arguments
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -41,7 +40,7 @@ def main(argv: list[str] | None = None) -> int:
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("--model", default="data/toy_model", help="toy model folder (default data/toy_model)")
+    parser.add_argument("--model", default=str(TOY_MODEL), help="toy model folder (default: the shipped one)")
     parser.add_argument("--edits", nargs="+", default=["circle-square", "red-blue"], help="world edits")
     parser.add_argument(
         "--rows", nargs="+", default=["word_swap", "direction", "direction_xa"], help="rows to run"
@@ -64,12 +63,13 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     import torch
+    from p2pz.data.eval.ablation import ROWS, ScoreLog, edit_world_scenes
+    from p2pz.data.eval.world_metrics import aggregate
+    from p2pz.data.shapes.edits import parse_world_edit, world_direction
+    from p2pz.teacher import Pix2PixZero
     from tqdm.auto import tqdm
 
-    from data.eval.ablation import ROWS, ScoreLog, edit_world_scenes, world_direction
-    from data.eval.world_metrics import aggregate, parse_world_edit
-    from p2pz.errors import UserError
-    from teacher import Pix2PixZero
+    from p2pz.utils.errors import UserError
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -78,7 +78,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"unknown rows {sorted(unknown)}; rows are {', '.join(ROWS)}")
     if not Path(args.model).is_dir():
         print(
-            f"error: no model folder {args.model} (train it with `python -m data.shapes.train_toy`)",
+            f"error: no model folder {args.model} (train it with `python -m p2pz.data.models.train_toy`)",
             file=sys.stderr,
         )
         return 2

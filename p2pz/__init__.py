@@ -1,7 +1,15 @@
-"""Command line and shared plumbing of the pix2pix-zero distillation project.
+"""pix2pix-zero edits distilled into fast single-pass students: the one installed import name.
 
-The method lives in the `teacher`, `data` and `student` packages; this package only wires
-them into the `p2pz` command and holds the few helpers they share.
+The layers, bottom to top (a module imports only from layers below its own):
+
+- ``p2pz.utils``: errors and atomic writes, shared by everything;
+- ``p2pz.teacher`` (``teacher/``): pix2pix-zero on Stable Diffusion 1.x;
+- ``p2pz.data`` (``data/``): the shapes world, model building, the teacher's pairs in shards,
+  and the metrics that score edits;
+- ``p2pz.student`` (``student/``): the CoModGAN student, its ops, training, export and bench;
+- ``p2pz.cli``: the ``p2pz`` command.
+
+See ARCHITECTURE.md for the data's path from teacher to shards to student to package.
 """
 
 __version__ = "0.1.0"

@@ -1,5 +1,5 @@
 import sys
 
-from p2pz.cli import main
+from p2pz.cli.main import main
 
 sys.exit(main())

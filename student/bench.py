@@ -22,8 +22,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from p2pz.atomic import atomic_path
-from p2pz.errors import UserError
+from p2pz.utils.atomic import atomic_path
+from p2pz.utils.errors import UserError
 
 BACKENDS = ("eager", "compile", "pt2", "onnx")
 
@@ -78,9 +78,8 @@ def matmul_peak_flops(device: torch.device, size: int = 1024, seconds: float = 1
 
 def count_flops(model: nn.Module, x: torch.Tensor) -> int:
     """FLOPs of one forward pass (a multiply-add counts 2), by PyTorch's own counter."""
+    from p2pz.student.ops import force_impl
     from torch.utils.flop_counter import FlopCounterMode
-
-    from student.ops import force_impl
 
     counter = FlopCounterMode(display=False)
     with force_impl("ref"), counter, torch.no_grad():  # the reference ops are what the counter can see
@@ -89,7 +88,7 @@ def count_flops(model: nn.Module, x: torch.Tensor) -> int:
 
 
 def _student_backends(model_dir: Path, backends: Sequence[str], device: torch.device) -> dict[str, nn.Module]:
-    from student.export import load_exported
+    from p2pz.student.export import load_exported
 
     models: dict[str, nn.Module] = {}
     for name in backends:
@@ -118,9 +117,8 @@ def teacher_latency_ms(
     preset: str = "official",
 ) -> dict[str, Any]:
     """One real-image edit by the teacher (inversion + guided edit), timed after a warm-up edit."""
+    from p2pz.teacher import Pix2PixZero
     from PIL import Image
-
-    from teacher import Pix2PixZero
 
     teacher = Pix2PixZero.from_pretrained(teacher_model, preset=preset, device=device)
     direction = teacher.direction(source, target)
@@ -151,7 +149,7 @@ def run_benchmark(
     progress: Callable[[str], None] | None = None,
 ) -> dict[str, Any]:
     """Measure an exported student (and its teacher); returns the JSON-ready report."""
-    from student.export import read_config
+    from p2pz.student.export import read_config
 
     model_dir = Path(model_dir)
     config = read_config(model_dir)

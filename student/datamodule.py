@@ -1,7 +1,7 @@
 """The teacher's (input, edit) shards as a LightningDataModule: training and validation splits.
 
 Training reads with replacement (``resampled``) from the training shards, each rank from its own
-disjoint share of them (``data.reader`` splits by ``trainer.global_rank``), so an "epoch" is simply
+disjoint share of them (``p2pz.data.pairs.reader`` splits by ``trainer.global_rank``), so an "epoch" is simply
 ``epoch_length`` batches per rank and no rank ever runs dry. Validation reads a fixed, unaugmented,
 deterministic set of samples: ``val_samples`` pairs from the validation shards, the same on every rank
 (the metrics are then identical across ranks and need no gathering).
@@ -16,9 +16,9 @@ import math
 
 import lightning.pytorch as pl
 from lightning.pytorch.utilities import rank_zero_warn
+from p2pz.data.pairs.reader import PairLoader, ReaderStats, list_shards, pair_loader
 
-from data.reader import PairLoader, ReaderStats, list_shards, pair_loader
-from p2pz.errors import UserError
+from p2pz.utils.errors import UserError
 
 
 class PairDataModule(pl.LightningDataModule):

@@ -26,8 +26,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from p2pz.atomic import atomic_path
-from p2pz.errors import UserError
+from p2pz.utils.atomic import atomic_path
+from p2pz.utils.errors import UserError
 
 FORMAT_VERSION = 1
 WEIGHTS = "generator.safetensors"
@@ -55,7 +55,7 @@ def data_provenance(shards: str | None) -> dict[str, Any]:
     """The edit, the teacher's settings and a digest of the shard manifests behind ``shards``."""
     if not shards:
         return {}
-    from data.reader import list_shards
+    from p2pz.data.pairs.reader import list_shards
 
     try:
         urls = list_shards(shards)
@@ -100,7 +100,7 @@ def export_program(generator: nn.Module, example: torch.Tensor) -> torch.export.
     The reference decomposition of the custom ops keeps the program loadable where the project's
     compiled kernels are not (another machine, C++ serving through AOTInductor).
     """
-    from student.ops import force_impl
+    from p2pz.student.ops import force_impl
 
     with force_impl("ref"), torch.no_grad():
         return torch.export.export(generator, (example,), dynamic_shapes=_dynamic_batch(), strict=False)
@@ -122,7 +122,7 @@ class _UnfusedModconv(nn.Module):
 
 
 def export_onnx(generator: nn.Module, example: torch.Tensor, path: Path) -> None:
-    from student.ops import force_impl
+    from p2pz.student.ops import force_impl
 
     # The exporter's optimiser logs one INFO line per deduplicated initializer (hundreds); keep
     # its warnings only, whatever logging level the caller set.
@@ -153,9 +153,8 @@ def export_package(
 
     The folder appears complete or not at all (written beside it, then renamed into place).
     """
+    from p2pz.student.training import load_generator
     from safetensors.torch import save_file
-
-    from student.training import load_generator
 
     checkpoint = Path(checkpoint)
     if not checkpoint.is_file():
@@ -243,7 +242,7 @@ def load_exported(
     config = read_config(model_dir)
     files = config.get("files", {})
     if backend == "eager":
-        from student.networks import Generator
+        from p2pz.student.networks import Generator
 
         generator = Generator(**config["generator"])
         generator.load_state_dict(load_file(model_dir / files.get("weights", WEIGHTS)))

@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from p2pz.errors import UserError
+from p2pz.utils.errors import UserError
 
 # torchvision file names of the backbones, as cached by torch.hub (for error messages)
 BACKBONE_FILES = {

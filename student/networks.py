@@ -24,10 +24,10 @@ import math
 from typing import Any
 
 import torch
+from p2pz.student.ops import bias_act, conv2d_resample, upfirdn2d
 from torch import nn
 
-from p2pz.errors import UserError
-from student.ops import bias_act, conv2d_resample, upfirdn2d
+from p2pz.utils.errors import UserError
 
 # ---------------------------------------------------------------------------------------------------
 # Presets

@@ -32,10 +32,10 @@ from pathlib import Path
 
 import lightning.pytorch as pl
 import torch
+from p2pz.student.losses import PerceptualLoss, discriminator_gan_loss, generator_gan_loss, r1_penalty
 from torch import nn
 
-from p2pz.errors import UserError
-from student.losses import PerceptualLoss, discriminator_gan_loss, generator_gan_loss, r1_penalty
+from p2pz.utils.errors import UserError
 
 # g_ema (and only it) is in eval mode when training starts, on purpose
 warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode at the start of training")
@@ -99,7 +99,7 @@ class StudentModule(pl.LightningModule):
         grid_samples: int = 8,
     ):
         super().__init__()
-        from student.networks import Discriminator, Generator
+        from p2pz.student.networks import Discriminator, Generator
 
         self.save_hyperparameters()
         self.automatic_optimization = False
@@ -246,7 +246,7 @@ class StudentModule(pl.LightningModule):
         """Rows of (input | teacher | student-EMA): ``<default_root_dir>/grids/<tag>.png`` and the logger."""
         import torchvision.utils as vutils
 
-        from p2pz.atomic import atomic_path
+        from p2pz.utils.atomic import atomic_path
 
         n = min(self.hparams.grid_samples, x.shape[0])
         x, target = x[:n], target[:n]
@@ -280,7 +280,7 @@ class StudentModule(pl.LightningModule):
 
 def load_generator(checkpoint_path: str | os.PathLike, ema: bool = True) -> nn.Module:
     """The (EMA, by default) generator of a training checkpoint, in eval mode, on the CPU."""
-    from student.networks import Generator
+    from p2pz.student.networks import Generator
 
     try:
         # Lightning checkpoints hold plain Python objects (hyper-parameters, loop state) besides tensors

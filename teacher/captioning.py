@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
-from p2pz.errors import UserError
+from p2pz.utils.errors import UserError
 
 DEFAULT_CAPTIONER = "Salesforce/blip-image-captioning-base"
 PLUGIN_CONFIG = "captioner.json"
@@ -66,9 +66,8 @@ class BlipCaptioner:
     def from_pretrained(
         cls, path_or_id: str | os.PathLike, style: str = "official", device: Any = "cpu", dtype: Any = None
     ) -> BlipCaptioner:
+        from p2pz.teacher.models import from_pretrained_or_explain, parse_dtype
         from transformers import BlipForConditionalGeneration, BlipProcessor
-
-        from teacher.models import from_pretrained_or_explain, parse_dtype
 
         source = str(path_or_id)
         processor = from_pretrained_or_explain(BlipProcessor, source)
@@ -145,7 +144,7 @@ def load_captioner(
     ``preset`` picks the caption style (``official`` or ``diffusers``, see the module doc). A model
     folder that holds a ``captioner/`` subfolder may be passed directly.
     """
-    from teacher.models import resolve_model
+    from p2pz.teacher.models import resolve_model
 
     if preset not in CAPTION_STYLES:
         raise UserError(f"unknown caption preset '{preset}'; choose from {', '.join(CAPTION_STYLES)}")

@@ -19,7 +19,6 @@ import hashlib
 import json
 import logging
 import os
-import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,8 +26,8 @@ from typing import Any
 
 import torch
 
-from p2pz.atomic import atomic_path
-from p2pz.errors import UserError
+from p2pz.utils.atomic import atomic_path
+from p2pz.utils.errors import UserError
 
 log = logging.getLogger(__name__)
 
@@ -63,7 +62,10 @@ class EditDirection:
 
     @property
     def name(self) -> str:
-        return f"{_safe_name(self.source)}-{_safe_name(self.target)}"
+        """The edit's name (``cat-to-dog``), as in ``teacher.edits``."""
+        from p2pz.teacher.edits import Edit
+
+        return Edit(self.source, self.target).name
 
     def save(self, path: str | os.PathLike) -> Path:
         """Write a ``.safetensors`` file atomically (the suffix is added if missing)."""
@@ -141,11 +143,6 @@ class EditDirection:
                 self.name,
                 self.metadata.get("model", "unknown model"),
             )
-
-
-def _safe_name(concept: str) -> str:
-    """A concept as a file-name part: spaces become '_', anything odd is dropped ('2' is kept)."""
-    return re.sub(r"[^\w.+]+", "_", concept.strip()).strip("_") or "concept"
 
 
 def _split_task_name(stem: str) -> tuple[str, str]:

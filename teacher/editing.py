@@ -48,9 +48,8 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+from p2pz.teacher.attention import CrossAttentionMaps
 from tqdm.auto import tqdm
-
-from teacher.attention import CrossAttentionMaps
 
 GUIDED_BRANCHES = ("negative", "edit", "both")
 

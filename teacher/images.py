@@ -23,7 +23,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from p2pz.errors import UserError
+from p2pz.utils.errors import UserError
 
 
 def load_image(path: str | os.PathLike) -> Image.Image:

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from p2pz.errors import UserError
+from p2pz.utils.errors import UserError
 
 DEFAULT_MODEL = "CompVis/stable-diffusion-v1-4"  # the model of all published pix2pix-zero results
 ALL_COMPONENTS = ("tokenizer", "text_encoder", "unet", "vae", "scheduler")

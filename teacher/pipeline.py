@@ -29,14 +29,14 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from p2pz.teacher.attention import CrossAttentionMaps
+from p2pz.teacher.editing import edit_with_guidance
+from p2pz.teacher.images import numpy_to_pil, pil_to_tensor, prepare_image, tensor_to_numpy
+from p2pz.teacher.inversion import invert
+from p2pz.teacher.presets import Preset, get_preset
 from PIL import Image
 
-from p2pz.errors import UserError
-from teacher.attention import CrossAttentionMaps
-from teacher.editing import edit_with_guidance
-from teacher.images import numpy_to_pil, pil_to_tensor, prepare_image, tensor_to_numpy
-from teacher.inversion import invert
-from teacher.presets import Preset, get_preset
+from p2pz.utils.errors import UserError
 
 log = logging.getLogger(__name__)
 
@@ -100,12 +100,12 @@ class Pix2PixZero:
         dtype: Any = torch.float32,
         captioner: str | os.PathLike | bool | None = None,
     ) -> Pix2PixZero:
-        """Load an SD 1.x folder or Hub id (``teacher.models``: clear errors for bad paths / offline).
+        """Load an SD 1.x folder or Hub id (``p2pz.teacher.models``: clear errors for bad paths / offline).
 
         ``captioner``: None -> ``path_or_id/captioner`` if present, else the preset's BLIP id;
         a path or id; or False (then every edit needs its captions).
         """
-        from teacher.models import load_sd_components
+        from p2pz.teacher.models import load_sd_components
 
         preset = get_preset(preset)  # fail on a bad preset before loading anything
         components = load_sd_components(path_or_id, device=device, dtype=dtype)
@@ -136,7 +136,7 @@ class Pix2PixZero:
 
     @functools.cached_property
     def text_encoder_fingerprint(self) -> str:
-        from teacher.directions import text_encoder_fingerprint
+        from p2pz.teacher.directions import text_encoder_fingerprint
 
         return text_encoder_fingerprint(self.tokenizer, self.text_encoder)
 
@@ -165,7 +165,7 @@ class Pix2PixZero:
         if self._captioner_spec is None:
             raise UserError("no captioner is configured (captioner=False); pass captions for every image")
         if self._captioner is None:
-            from teacher.captioning import load_captioner
+            from p2pz.teacher.captioning import load_captioner
 
             self._captioner = load_captioner(
                 self._captioner_spec, self.preset.captioner_style, self.device, self.dtype
@@ -180,9 +180,9 @@ class Pix2PixZero:
         seed: int = 0,
         sentences: str = "template",
     ) -> Any:
-        """Edit direction source -> target from sentence banks (``teacher.sentences``), cached."""
-        from teacher.directions import compute_direction
-        from teacher.sentences import DEFAULT_NUM_SENTENCES, make_sentences
+        """Edit direction source -> target from sentence banks (``p2pz.teacher.sentences``), cached."""
+        from p2pz.teacher.directions import compute_direction
+        from p2pz.teacher.sentences import DEFAULT_NUM_SENTENCES, make_sentences
 
         n = num_sentences or DEFAULT_NUM_SENTENCES
         key = (source, target, n, seed, sentences)
@@ -230,7 +230,7 @@ class Pix2PixZero:
         """Edit real images: caption (unless given), invert, reference + guided edit passes.
 
         One direction (or caption, or seed) may be given for the whole batch. Images are
-        converted by ``teacher.images`` (RGB, shorter side to the model's resolution, centre crop).
+        converted by ``p2pz.teacher.images`` (RGB, shorter side to the model's resolution, centre crop).
         """
         timings: dict[str, float] = {}
         start = time.perf_counter()

@@ -21,7 +21,7 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from p2pz.errors import UserError
+from p2pz.utils.errors import UserError
 
 BLIP_BASE = "Salesforce/blip-image-captioning-base"
 

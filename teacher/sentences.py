@@ -23,7 +23,7 @@ import re
 from pathlib import Path
 from typing import Any
 
-from p2pz.errors import UserError
+from p2pz.utils.errors import UserError
 
 DEFAULT_LLM = "google/flan-t5-xl"
 DEFAULT_NUM_SENTENCES = 1000  # the official app and the paper's reported bank size
@@ -283,10 +283,9 @@ def llm_sentences(
     every sentence mentions the concept. Same seed, same sentences.
     """
     import torch
+    from p2pz.teacher.models import from_pretrained_or_explain, parse_dtype, resolve_model
     from tqdm.auto import tqdm
     from transformers import AutoModelForSeq2SeqLM, AutoTokenizer
-
-    from teacher.models import from_pretrained_or_explain, parse_dtype, resolve_model
 
     source = resolve_model(model)
     dtype = parse_dtype(dtype)

@@ -20,6 +20,6 @@ def tiny_model_dir(tmp_path_factory):
     Holds model_index.json, unet/, vae/, text_encoder/, tokenizer/, scheduler/ and captioner/.
     Treat it as read-only: every test of the session shares it.
     """
-    from teacher.tiny import make_tiny
+    from p2pz.data.models.tiny import make_tiny
 
     return make_tiny(tmp_path_factory.mktemp("tiny") / "tiny-sd", seed=0)

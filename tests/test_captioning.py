@@ -5,10 +5,10 @@ from __future__ import annotations
 import json
 
 import pytest
+from p2pz.teacher.captioning import DEFAULT_CAPTIONER, Captioner, find_captioner, load_captioner
 from PIL import Image
 
-from p2pz.errors import UserError
-from teacher.captioning import DEFAULT_CAPTIONER, Captioner, find_captioner, load_captioner
+from p2pz.utils.errors import UserError
 
 
 def _images():

@@ -8,10 +8,10 @@ import json
 import re
 
 import pytest
+from p2pz.data.shapes.teacher_settings import TOY_GUIDANCE_SCALE, TOY_XA_GUIDANCE
 from PIL import Image
 
-from data.shapes.teacher_settings import TOY_GUIDANCE_SCALE, TOY_XA_GUIDANCE
-from p2pz.cli import main
+from p2pz.cli.main import main
 
 
 @pytest.mark.slow

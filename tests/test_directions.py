@@ -4,15 +4,26 @@ from __future__ import annotations
 
 import pytest
 import torch
+from p2pz.teacher.directions import (
+    EditDirection,
+    compute_direction,
+    embed_sentences,
+    text_encoder_fingerprint,
+)
+from p2pz.teacher.sentences import (
+    TEMPLATES,
+    clean_sentence,
+    make_sentences,
+    read_sentences,
+    template_sentences,
+)
 
-from p2pz.errors import UserError
-from teacher.directions import EditDirection, compute_direction, embed_sentences, text_encoder_fingerprint
-from teacher.sentences import TEMPLATES, clean_sentence, make_sentences, read_sentences, template_sentences
+from p2pz.utils.errors import UserError
 
 
 @pytest.fixture(scope="module")
 def text_model(tiny_model_dir):
-    from teacher.models import load_sd_components
+    from p2pz.teacher.models import load_sd_components
 
     sd = load_sd_components(tiny_model_dir, components=("tokenizer", "text_encoder"))
     return sd.tokenizer, sd.text_encoder
@@ -118,7 +129,7 @@ def test_safetensors_round_trip(text_model, tmp_path):
         source="cat", target="dog2", model="tiny", metadata={"seed": 0},
     )  # fmt: skip
     path = d.save(tmp_path / "out" / d.name)
-    assert path.name == "cat-dog2.safetensors"
+    assert path.name == "cat-to-dog2.safetensors"
     back = EditDirection.load(path)
     assert torch.equal(back.tensor, d.tensor)
     assert torch.equal(back.source_embedding, d.source_embedding)
@@ -178,7 +189,7 @@ def test_bad_direction_files(tmp_path, text_model):
 
 
 def test_cli_direction(tiny_model_dir, tmp_path, capsys):
-    from p2pz.cli import main
+    from p2pz.cli.main import main
 
     out = tmp_path / "dirs"
     argv = [
@@ -193,7 +204,7 @@ def test_cli_direction(tiny_model_dir, tmp_path, capsys):
         str(out),
     ]
     assert main([*argv, "--num-sentences", "12"]) == 0
-    path = out / "cat2-dog.safetensors"
+    path = out / "cat2-to-dog.safetensors"
     assert str(path) in capsys.readouterr().out
     d = EditDirection.load(path)
     assert (d.source, d.target, d.metadata["num_source_sentences"]) == ("cat2", "dog", "12")
@@ -207,7 +218,7 @@ def test_cli_direction(tiny_model_dir, tmp_path, capsys):
 
 
 def test_cli_direction_errors(tiny_model_dir, tmp_path, capsys):
-    from p2pz.cli import main
+    from p2pz.cli.main import main
 
     base = ["direction", "--source", "cat", "--target", "dog", "--out", str(tmp_path / "d")]
     assert main([*base, "--model", str(tmp_path / "nowhere")]) == 2
@@ -240,7 +251,7 @@ def tiny_llm(tmp_path_factory):
 
 
 def test_llm_sentences_with_local_model(tiny_llm):
-    from teacher.sentences import llm_sentences
+    from p2pz.teacher.sentences import llm_sentences
 
     bank = llm_sentences("cat", n=6, seed=0, model=str(tiny_llm), max_length=16)
     assert len(bank) == 6 and all("cat" in s and len(s) >= 10 for s in bank)

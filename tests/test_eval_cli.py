@@ -4,11 +4,11 @@ import io
 import json
 
 import pytest
+from p2pz.data.shapes import world
+from p2pz.data.shapes.edits import parse_world_edit
 from PIL import Image
 
-from data.eval.world_metrics import parse_world_edit
-from data.shapes import world
-from p2pz.cli import main
+from p2pz.cli.main import main
 
 
 def test_eval_world_end_to_end_on_the_tiny_model(tiny_model_dir, tmp_path, capsys):
@@ -34,14 +34,14 @@ def test_eval_world_end_to_end_on_the_tiny_model(tiny_model_dir, tmp_path, capsy
     assert rc == 0
     report = json.loads((out / "metrics.json").read_text())
     assert report["kind"] == "world" and report["settings"]["row"] == "direction_xa"
-    assert set(report["metrics"]) == {"circle-square", "red-blue"}
+    assert set(report["metrics"]) == {"circle-to-square", "red-to-blue"}
     for m in report["metrics"].values():
         assert m["n"] == 2 and len(m["per_image"]) == 2
         assert 0.0 <= m["success"] <= 1.0 and 0.0 <= m["iou"] <= 1.0
         assert {"centre_shift_px", "psnr_outside", "reconstruction_shift_px"} <= set(m)
     grid = Image.open(out / "grid.png")
     assert grid.width >= 2 * 2 * 128 and grid.height > 128
-    assert "circle-square" in capsys.readouterr().out
+    assert "circle-to-square" in capsys.readouterr().out
 
 
 def test_eval_world_needs_a_world_edit(tiny_model_dir, tmp_path, capsys):
@@ -78,7 +78,7 @@ def test_eval_pairs_scores_world_shards_with_world_metrics(tmp_path, ideal):
     out = tmp_path / "eval"
     assert main(["eval", "--pairs", str(shards), "--out", str(out)]) == 0
     report = json.loads((out / "metrics.json").read_text())
-    m = report["metrics"]["circle-triangle"]
+    m = report["metrics"]["circle-to-triangle"]
     assert m["metrics"] == "world" and m["n"] == 5
     if ideal:
         assert m["success"] == 1.0 and m["iou"] > 0.9
@@ -89,9 +89,8 @@ def test_eval_pairs_scores_world_shards_with_world_metrics(tmp_path, ideal):
 
 def test_word_swap_direction_turns_the_caption_into_the_swapped_one(tiny_model_dir):
     import torch
-
-    from data.eval.ablation import word_swap_directions
-    from teacher import Pix2PixZero
+    from p2pz.data.shapes.edits import word_swap_directions
+    from p2pz.teacher import Pix2PixZero
 
     teacher = Pix2PixZero.from_pretrained(tiny_model_dir, captioner=False)
     edit = parse_world_edit("red:blue")

@@ -3,10 +3,10 @@
 import numpy as np
 import pytest
 import torch
+from p2pz.data.eval import paper_metrics as pm
 from PIL import Image
 
-from data.eval import paper_metrics as pm
-from p2pz.errors import UserError
+from p2pz.utils.errors import UserError
 
 WORDS = ["a", "photo", "of", "red", "blue", "green"]
 
@@ -25,9 +25,8 @@ def _pattern(seed, size=32):
 @pytest.fixture(scope="module")
 def tiny_clip_dir(tmp_path_factory):
     """A tiny CLIP, briefly trained so that red images match "a photo of a red" and blue ones "... blue"."""
+    from p2pz.data.shapes.tokenizer import build_tokenizer
     from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor
-
-    from data.shapes.tokenizer import build_tokenizer
 
     torch.manual_seed(0)
     tokenizer = build_tokenizer(WORDS)
@@ -190,7 +189,7 @@ def test_eval_pairs_cli_uses_the_papers_metrics_for_real_pairs(tiny_clip_dir, ti
     import torchvision
     import webdataset as wds
 
-    from p2pz.cli import main
+    from p2pz.cli.main import main
 
     backbone = tmp_path / "alexnet.pth"
     torch.save(torchvision.models.alexnet(weights=None).state_dict(), backbone)
@@ -231,6 +230,6 @@ def test_eval_pairs_cli_uses_the_papers_metrics_for_real_pairs(tiny_clip_dir, ti
         ]
     )
     assert rc == 0
-    m = json.loads((out / "metrics.json").read_text())["metrics"]["red-blue"]
+    m = json.loads((out / "metrics.json").read_text())["metrics"]["red-to-blue"]
     assert m["metrics"] == "paper" and m["n"] == 3
     assert m["clip_acc"] == 1.0 and m["bg_lpips_n"] == 2 and m["structure_dist"] >= 0

@@ -5,12 +5,14 @@ import math
 
 import numpy as np
 import pytest
+from p2pz.data.eval import world_metrics as wm
+from p2pz.data.eval.ablation import ScoreLog
+from p2pz.data.shapes import edits as we
+from p2pz.data.shapes import world
+from p2pz.data.shapes.edits import world_sentence_banks
+from p2pz.data.shapes.world import Background, Scene, ShapeObject
 
-from data.eval import world_metrics as wm
-from data.eval.ablation import ScoreLog, world_sentence_banks
-from data.shapes import world
-from data.shapes.world import Background, Scene, ShapeObject
-from p2pz.errors import UserError
+from p2pz.utils.errors import UserError
 
 CIRCLE = Scene((ShapeObject("circle", "red", (30.0, 34.0), 26.0),), Background("plain", ("white",)))
 TWO = Scene(
@@ -23,12 +25,12 @@ TWO = Scene(
 
 
 def test_parse_world_edit():
-    assert wm.parse_world_edit("circle:square") == wm.WorldEdit("circle", "square", "shape")
-    assert wm.parse_world_edit("red-blue") == wm.WorldEdit("red", "blue", "colour")
-    assert wm.parse_world_edit("circle-to-triangle").name == "circle-triangle"
+    assert we.parse_world_edit("circle:square") == we.WorldEdit("circle", "square", "shape")
+    assert we.parse_world_edit("red-to-blue") == we.WorldEdit("red", "blue", "colour")
+    assert we.parse_world_edit("circle-to-triangle").name == "circle-to-triangle"
     for bad in ("cat:dog", "circle:red", "circle", "red:red"):
         with pytest.raises(UserError):
-            wm.parse_world_edit(bad)
+            we.parse_world_edit(bad)
 
 
 def test_unchanged_image_fails_a_shape_edit_but_keeps_structure():
@@ -40,14 +42,14 @@ def test_unchanged_image_fails_a_shape_edit_but_keeps_structure():
 
 
 def test_ideal_edit_succeeds_with_full_overlap():
-    edit = wm.parse_world_edit("circle:square")
+    edit = we.parse_world_edit("circle:square")
     score = wm.score_world_edit(CIRCLE, world.render(edit.apply(CIRCLE)), edit)
     assert score.success and score.iou == 1.0 and score.centre_shift_px < 0.75
     assert 0.7 < score.iou_input < 0.85  # a square around a circle: about pi / 4
 
 
 def test_colour_edit_that_also_changes_the_shape_is_not_kept():
-    edit = wm.parse_world_edit("red:blue")
+    edit = we.parse_world_edit("red:blue")
     assert wm.score_world_edit(CIRCLE, world.render(edit.apply(CIRCLE)), edit).success
     wrong = CIRCLE.replace_object(0, colour="blue", shape="triangle")
     score = wm.score_world_edit(CIRCLE, world.render(wrong), edit)
@@ -55,7 +57,7 @@ def test_colour_edit_that_also_changes_the_shape_is_not_kept():
 
 
 def test_moved_object_shows_shift_lower_iou_and_background_change():
-    edit = wm.parse_world_edit("circle:square")
+    edit = we.parse_world_edit("circle:square")
     moved = dataclasses.replace(edit.apply(CIRCLE).objects[0], centre=(34.0, 37.0))
     score = wm.score_world_edit(CIRCLE, world.render(Scene((moved,), CIRCLE.background)), edit)
     assert score.success  # right shape and colour ...
@@ -64,7 +66,7 @@ def test_moved_object_shows_shift_lower_iou_and_background_change():
 
 
 def test_editing_the_wrong_object_breaks_others_kept():
-    edit = wm.parse_world_edit("circle:square")
+    edit = we.parse_world_edit("circle:square")
     assert wm.score_world_edit(TWO, world.render(edit.apply(TWO)), edit).success
     wrong = TWO.replace_object(1, colour="yellow")  # the circle untouched, the other object recoloured
     score = wm.score_world_edit(TWO, world.render(edit.apply(wrong)), edit)
@@ -73,7 +75,7 @@ def test_editing_the_wrong_object_breaks_others_kept():
 
 def test_missing_object_counts_as_infinite_shift_in_the_median():
     blank = np.full((64, 64, 3), 245, dtype=np.uint8)
-    edit = wm.parse_world_edit("circle:square")
+    edit = we.parse_world_edit("circle:square")
     lost = wm.score_world_edit(CIRCLE, blank, edit)
     assert not lost.found and lost.iou == 0.0 and math.isnan(lost.centre_shift_px)
     good = wm.score_world_edit(CIRCLE, world.render(edit.apply(CIRCLE)), edit)
@@ -84,7 +86,7 @@ def test_missing_object_counts_as_infinite_shift_in_the_median():
 
 
 def test_score_world_edits_on_many_scenes_and_from_readings():
-    edit = wm.parse_world_edit("red:green")
+    edit = we.parse_world_edit("red:green")
     scenes = edit.scenes(6, seed=3)
     assert all(s.objects[0].colour == "red" for s in scenes)
     ideal = [world.render(edit.apply(s)) for s in scenes]
@@ -99,7 +101,7 @@ def test_score_world_edits_on_many_scenes_and_from_readings():
 
 
 def test_sentence_banks_differ_by_the_edited_word_only():
-    source, target = world_sentence_banks(wm.parse_world_edit("circle:square"))
+    source, target = world_sentence_banks(we.parse_world_edit("circle:square"))
     assert len(source) == len(world.TOY_COLOURS) * len(world.TOY_BACKGROUNDS)
     for s, t in zip(source, target):
         assert "circle" in s and s.replace("circle", "square") == t
@@ -107,38 +109,38 @@ def test_sentence_banks_differ_by_the_edited_word_only():
 
 def test_score_log_resumes_only_matching_settings(tmp_path):
     path = tmp_path / "log.jsonl"
-    edit = wm.parse_world_edit("circle:square")
+    edit = we.parse_world_edit("circle:square")
     score = wm.score_world_edit(CIRCLE, world.render(CIRCLE), edit)
     log = ScoreLog(path, {"steps": 2})
-    log.add("circle-square", "direction", 3, score, float("nan"))
+    log.add("circle-to-square", "direction", 3, score, float("nan"))
     with open(path, "a") as f:
         f.write('{"settings": "cut in the mid')  # a line cut by kill -9
-    again = ScoreLog(path, {"steps": 2}).done("circle-square", "direction")
+    again = ScoreLog(path, {"steps": 2}).done("circle-to-square", "direction")
     assert list(again) == [3] and ScoreLog.to_score(again[3]) == score
-    assert ScoreLog(path, {"steps": 50}).done("circle-square", "direction") == {}
+    assert ScoreLog(path, {"steps": 50}).done("circle-to-square", "direction") == {}
 
 
 def test_score_log_shares_unguided_rows_across_guidance_steps(tmp_path):
     path = tmp_path / "log.jsonl"
     score = wm.score_world_edit(CIRCLE, world.render(CIRCLE), "circle:square")
     log = ScoreLog(path, {"steps": 2, "xa_guidance": 10.0})
-    log.add("circle-square", "word_swap", 0, score, 0.5)
-    log.add("circle-square", "direction_xa", 0, score, 0.5)
+    log.add("circle-to-square", "word_swap", 0, score, 0.5)
+    log.add("circle-to-square", "direction_xa", 0, score, 0.5)
     other = ScoreLog(path, {"steps": 2, "xa_guidance": 20.0})
-    assert list(other.done("circle-square", "word_swap")) == [0]
-    assert other.done("circle-square", "direction_xa") == {}
+    assert list(other.done("circle-to-square", "word_swap")) == [0]
+    assert other.done("circle-to-square", "direction_xa") == {}
 
 
 def test_score_log_shares_unguided_rows_across_guided_branches_only(tmp_path):
-    from teacher.presets import DIFFUSERS, JOINT, OFFICIAL
+    from p2pz.teacher.presets import DIFFUSERS, JOINT, OFFICIAL
 
     path = tmp_path / "log.jsonl"
     score = wm.score_world_edit(CIRCLE, world.render(CIRCLE), "circle:square")
     log = ScoreLog(path, {"preset": OFFICIAL.to_dict(), "xa_guidance": 20.0})
-    log.add("circle-square", "direction", 0, score, 0.5)
-    log.add("circle-square", "direction_xa", 0, score, 0.5)
+    log.add("circle-to-square", "direction", 0, score, 0.5)
+    log.add("circle-to-square", "direction_xa", 0, score, 0.5)
     joint = ScoreLog(path, {"preset": JOINT.to_dict(), "xa_guidance": 20.0})
-    assert list(joint.done("circle-square", "direction")) == [0]  # no guidance: the branch is unused
-    assert joint.done("circle-square", "direction_xa") == {}
+    assert list(joint.done("circle-to-square", "direction")) == [0]  # no guidance: the branch is unused
+    assert joint.done("circle-to-square", "direction_xa") == {}
     other = ScoreLog(path, {"preset": DIFFUSERS.to_dict(), "xa_guidance": 20.0})  # another inversion
-    assert other.done("circle-square", "direction") == {}
+    assert other.done("circle-to-square", "direction") == {}

@@ -9,15 +9,15 @@ import pytest
 import torch
 from PIL import Image
 
-from p2pz.cli import main
-from p2pz.errors import UserError
+from p2pz.cli.main import main
+from p2pz.utils.errors import UserError
 
 
 @pytest.fixture(scope="module")
 def package(tmp_path_factory):
     """A lite student at 64 px with random weights, saved as train.py saves it, then exported."""
-    from student.export import export_package
-    from student.training import StudentModule
+    from p2pz.student.export import export_package
+    from p2pz.student.training import StudentModule
 
     root = tmp_path_factory.mktemp("export")
     torch.manual_seed(0)
@@ -36,7 +36,7 @@ def package(tmp_path_factory):
 
 
 def test_backends_agree_with_eager(package):
-    from student.export import load_exported
+    from p2pz.student.export import load_exported
 
     model_dir, g_ema = package
     x = torch.rand(3, 3, 64, 64) * 2 - 1  # batch 3: not the export example's batch, so the dim is dynamic
@@ -82,7 +82,7 @@ def test_apply_bad_input_writes_nothing(package, tmp_path):
 
 
 def test_load_rejects_non_package(tmp_path):
-    from student.export import load_exported
+    from p2pz.student.export import load_exported
 
     with pytest.raises(UserError, match="not an exported student"):
         load_exported(tmp_path)

@@ -19,11 +19,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from p2pz.data.pairs import shards as sh
+from p2pz.data.pairs.generate import Settings, load_teacher, run
+from p2pz.data.pairs.reader import ReaderStats, list_shards, pair_loader
 from PIL import Image
-
-from data import shards as sh
-from data.generate import Settings, load_teacher, run
-from data.reader import ReaderStats, list_shards, pair_loader
 
 STEPS = 3
 GOOD = 4  # usable images; 6 bad files are mixed in
@@ -283,13 +282,13 @@ def test_synthetic_two_edits_direction_once(tiny_model_dir, teacher, tmp_path):
 
 
 def test_inspect_summary_and_sheet(reference, tmp_path):
-    from p2pz.cli import main
+    from p2pz.cli.main import main
 
     sheet = tmp_path / "sheet.png"
     assert main(["shards", "inspect", str(reference), "--sheet", str(sheet), "--pairs", "4"]) == 0
     image = Image.open(sheet)
     assert image.size[0] == 3 * 128 and image.size[1] > 4 * 128  # input | edit | reconstruction, 4 rows
-    from data.inspect import summarise
+    from p2pz.data.pairs.inspect import summarise
 
     summary = summarise(reference, sheet_pairs=0)
     assert summary["samples"] == GOOD and summary["shards"] == summary["shards_planned"] == 3

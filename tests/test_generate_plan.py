@@ -10,12 +10,12 @@ import tarfile
 
 import numpy as np
 import pytest
+from p2pz.data.pairs import shards as sh
+from p2pz.data.pairs.generate import add_arguments, resolve_settings
+from p2pz.data.pairs.inputs import FolderInputs, InputSkipped, check_image
 from PIL import Image
 
-from data import shards as sh
-from data.generate import add_arguments, resolve_settings
-from data.inputs import FolderInputs, InputSkipped, check_image
-from p2pz.errors import UserError
+from p2pz.utils.errors import UserError
 
 
 def _plan(ids=None, sps=3, seed=0):
@@ -211,7 +211,7 @@ def test_plan_json_roundtrip():
 
 
 def test_shard_inputs(tmp_path):
-    from data.inputs import ShardInputs
+    from p2pz.data.pairs.inputs import ShardInputs
 
     good = _encode(_rgb())
     with sh.atomic_shard(tmp_path, 0) as shard:

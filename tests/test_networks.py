@@ -6,10 +6,9 @@ import json
 
 import pytest
 import torch
+from p2pz.student.networks import Discriminator, Generator
+from p2pz.student.ops import force_impl
 from torch._subclasses.fake_tensor import FakeTensorMode
-
-from student.networks import Discriminator, Generator
-from student.ops import force_impl
 
 
 @pytest.fixture(autouse=True)

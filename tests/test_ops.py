@@ -12,9 +12,8 @@ import warnings
 
 import pytest
 import torch
-
-from student.ops import _runtime, bias_act, conv2d_resample, force_impl, upfirdn2d
-from student.ops.upfirdn2d import downsample2d, filter2d, setup_filter, upsample2d
+from p2pz.student.ops import _runtime, bias_act, conv2d_resample, force_impl, upfirdn2d
+from p2pz.student.ops.upfirdn2d import downsample2d, filter2d, setup_filter, upsample2d
 
 
 @pytest.fixture(scope="module", autouse=True)

@@ -12,9 +12,8 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import torch
+from p2pz.student.ops import _runtime, bias_act, upfirdn2d
 from test_ops import random_upfirdn_config, run_upfirdn
-
-from student.ops import _runtime, bias_act, upfirdn2d
 
 
 def nvcc_command(source, output) -> list[str]:

@@ -8,11 +8,11 @@ import io
 import numpy as np
 import pytest
 import torch
+from p2pz.data.pairs.reader import ReaderStats, joint_crop_flip, list_shards, pair_loader
+from p2pz.data.pairs.shards import atomic_shard, shard_name
 from PIL import Image
 
-from data.reader import ReaderStats, joint_crop_flip, list_shards, pair_loader
-from data.shards import atomic_shard, shard_name
-from p2pz.errors import UserError
+from p2pz.utils.errors import UserError
 
 
 def _png(array: np.ndarray) -> bytes:

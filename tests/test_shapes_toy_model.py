@@ -7,8 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-
-from data.shapes import oracle, world
+from p2pz.data.shapes import oracle, world
 
 MODEL = Path(__file__).resolve().parents[1] / "data" / "toy_model"
 
@@ -116,13 +115,14 @@ def test_the_toy_teacher_keeps_a_colour_edit_in_place():
     """red -> blue with the toy model's teacher settings (the `joint` preset): the colour changes
     and the object stays where it was, on the first 8 scenes of the ablation (which measures 100:
     success 0.98, IoU 0.82, median shift 1.0 px)."""
-    from data.eval.ablation import edit_world_scenes
-    from data.eval.world_metrics import aggregate, parse_world_edit
-    from data.shapes.teacher_settings import TOY_GUIDANCE_SCALE, TOY_PRESET, TOY_XA_GUIDANCE
-    from teacher import Pix2PixZero
+    from p2pz.data.eval.ablation import edit_world_scenes
+    from p2pz.data.eval.world_metrics import aggregate
+    from p2pz.data.shapes.edits import parse_world_edit
+    from p2pz.data.shapes.teacher_settings import TOY_GUIDANCE_SCALE, TOY_PRESET, TOY_XA_GUIDANCE
+    from p2pz.teacher import Pix2PixZero
 
     teacher = Pix2PixZero.from_pretrained(MODEL, preset=TOY_PRESET, captioner=False)
-    edit = parse_world_edit("red-blue")
+    edit = parse_world_edit("red-to-blue")
     result = edit_world_scenes(
         teacher,
         edit,

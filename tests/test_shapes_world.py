@@ -2,9 +2,8 @@
 
 import numpy as np
 import pytest
-
-from data.shapes import oracle, world
-from data.shapes.world import Background, Scene, ShapeObject
+from p2pz.data.shapes import oracle, world
+from p2pz.data.shapes.world import Background, Scene, ShapeObject
 
 BROAD = dict(
     shapes=world.SHAPES,
@@ -121,9 +120,8 @@ def test_oracle_object_masks_match_ground_truth():
 
 
 def test_tokenizer_gives_each_world_word_one_token(tmp_path):
+    from p2pz.data.shapes.tokenizer import save_tokenizer
     from transformers import AutoTokenizer, CLIPTokenizer, CLIPTokenizerFast
-
-    from data.shapes.tokenizer import save_tokenizer
 
     save_tokenizer(tmp_path)
     caption = "an orange circle, a red square and a blue diamond on a white to gray gradient background"
@@ -142,7 +140,7 @@ def test_tokenizer_gives_each_world_word_one_token(tmp_path):
 
 
 def test_captioner_captions_renders(tmp_path):
-    from data.shapes.captioner import ShapesCaptioner, write_captioner_folder
+    from p2pz.data.shapes.captioner import ShapesCaptioner, write_captioner_folder
 
     write_captioner_folder(tmp_path)
     captioner = ShapesCaptioner.from_pretrained(tmp_path)
@@ -162,7 +160,7 @@ def test_toy_model_training_is_reproducible(tmp_path):
     """
     import hashlib
 
-    from data.shapes import train_toy
+    from p2pz.data.models import train_toy
 
     def train(name: str) -> dict[str, str]:
         out = tmp_path / name

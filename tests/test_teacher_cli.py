@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from p2pz.cli import main
+from p2pz.cli.main import main
 
 
 @pytest.fixture(autouse=True)

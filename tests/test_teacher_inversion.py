@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-
-from teacher.inversion import (
+from p2pz.data.models.tiny import SD14_SCHEDULER
+from p2pz.teacher.inversion import (
     auto_corr_grad,
     auto_corr_loss,
     draw_shifts,
@@ -14,7 +14,6 @@ from teacher.inversion import (
     kl_loss,
     pyramid_sizes,
 )
-from teacher.tiny import SD14_SCHEDULER
 
 
 @pytest.mark.parametrize("size", [(64, 64), (16, 16), (8, 8), (18, 14)])

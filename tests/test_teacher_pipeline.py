@@ -7,14 +7,14 @@ import dataclasses
 import numpy as np
 import pytest
 import torch
+from p2pz.teacher.directions import compute_direction
+from p2pz.teacher.editing import cross_attention_loss, edit_with_guidance, make_scheduler
+from p2pz.teacher.inversion import auto_corr_loss, draw_shifts, invert
+from p2pz.teacher.pipeline import Pix2PixZero
+from p2pz.teacher.presets import DIFFUSERS, OFFICIAL
 from PIL import Image
 
-from p2pz.errors import UserError
-from teacher.directions import compute_direction
-from teacher.editing import cross_attention_loss, edit_with_guidance, make_scheduler
-from teacher.inversion import auto_corr_loss, draw_shifts, invert
-from teacher.pipeline import Pix2PixZero
-from teacher.presets import DIFFUSERS, OFFICIAL
+from p2pz.utils.errors import UserError
 
 STEPS = 5  # enough to exercise every stage; the default run must stay fast on a 2-core CI box
 
@@ -395,8 +395,7 @@ def test_settings_and_fingerprint(official, tiny_model_dir):
 
 def test_only_cross_attention_is_hooked(official):
     from diffusers.models.attention_processor import AttnProcessor2_0
-
-    from teacher.attention import CrossAttentionCaptureProcessor
+    from p2pz.teacher.attention import CrossAttentionCaptureProcessor
 
     procs = official.unet.attn_processors
     assert all(isinstance(p, CrossAttentionCaptureProcessor) for n, p in procs.items() if "attn2" in n)

@@ -8,8 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
-
-from teacher.tiny import make_tiny
+from p2pz.data.models.tiny import make_tiny
 
 
 def _hashes(folder: Path) -> dict[str, str]:

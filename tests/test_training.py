@@ -119,7 +119,7 @@ def load_ckpt(path: Path) -> dict:
 
 
 def test_r1_is_the_squared_input_gradient_and_reaches_the_weights():
-    from student.losses import r1_penalty
+    from p2pz.student.losses import r1_penalty
 
     torch.manual_seed(0)
     weight = torch.randn(3 * 4 * 4, requires_grad=True)
@@ -137,7 +137,7 @@ def test_r1_is_the_squared_input_gradient_and_reaches_the_weights():
 
 
 def test_gan_losses_are_the_logistic_ones():
-    from student.losses import discriminator_gan_loss, generator_gan_loss
+    from p2pz.student.losses import discriminator_gan_loss, generator_gan_loss
 
     real, fake = torch.tensor([[2.0], [-1.0]]), torch.tensor([[0.5], [-3.0]])
     torch.testing.assert_close(generator_gan_loss(fake), torch.log1p(torch.exp(-fake)).mean())
@@ -149,9 +149,9 @@ def test_gan_losses_are_the_logistic_ones():
 
 def test_lpips_loads_a_user_backbone_and_refuses_to_run_without_one(tmp_path):
     import torchvision
+    from p2pz.student.losses import PerceptualLoss
 
-    from p2pz.errors import UserError
-    from student.losses import PerceptualLoss
+    from p2pz.utils.errors import UserError
 
     with pytest.raises(UserError, match="lpips_backbone"):
         PerceptualLoss("alex")
@@ -189,7 +189,7 @@ def test_tiny_fit_counts_iterations_saves_and_logs(shards, tmp_path):
     metrics = next(run.glob("lightning_logs/version_*/metrics.csv")).read_text()
     assert "val/l1" in metrics and "val/l1_copy" in metrics and "train/g_l1" in metrics
 
-    from student.training import load_generator
+    from p2pz.student.training import load_generator
 
     generator = load_generator(run / "checkpoints" / "last.ckpt")
     x = torch.rand(2, 3, 64, 64) * 2 - 1
@@ -256,8 +256,7 @@ def test_killed_run_resumes_to_the_same_step_with_optimiser_and_ema_state(shards
 
 def test_a_nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint(shards, tmp_path):
     import lightning.pytorch as pl
-
-    from student.training import NonFiniteLossError
+    from p2pz.student.training import NonFiniteLossError
 
     class Diverge(pl.Callback):  # fault injection: the generator's weights blow up at step 3
         def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
@@ -333,10 +332,9 @@ class RecordRank(pl.Callback):
 
 def test_ddp_two_cpu_ranks_see_disjoint_data_and_keep_identical_weights(shards, tmp_path):
     import lightning.pytorch as pl
-
-    from student.callbacks import StepCheckpoint
-    from student.datamodule import PairDataModule
-    from student.training import StudentModule
+    from p2pz.student.callbacks import StepCheckpoint
+    from p2pz.student.datamodule import PairDataModule
+    from p2pz.student.training import StudentModule
 
     # four training shards, two per rank; validation from its own shard
     train_dir = write_pair_shards(tmp_path / "train", shards=4, per_shard=6, seed=1)
@@ -383,7 +381,7 @@ def test_ddp_two_cpu_ranks_see_disjoint_data_and_keep_identical_weights(shards, 
 
 
 def test_datamodule_holds_out_validation_shards(shards):
-    from student.datamodule import PairDataModule
+    from p2pz.student.datamodule import PairDataModule
 
     data = PairDataModule(shards=str(shards), val_fraction=0.25, resolution=64, batch_size=3, val_samples=5)
     data.setup("fit")

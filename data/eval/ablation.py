@@ -19,7 +19,6 @@ saw, whose embeddings are untrained.
 
 from __future__ import annotations
 
-import itertools
 import json
 import math
 import os
@@ -29,58 +28,13 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from p2pz.data.eval.world_metrics import WorldEditScore, aggregate, score_world_edit
+from p2pz.data.shapes import world
+from p2pz.data.shapes.edits import WorldEdit, word_swap_directions, world_direction
+from p2pz.data.shapes.world import Scene
 from PIL import Image
 
-from data.eval.world_metrics import WorldEdit, WorldEditScore, aggregate, score_world_edit
-from data.shapes import world
-from data.shapes.world import Scene
-
 ROWS = ("word_swap", "direction", "direction_xa")
-
-
-def world_sentence_banks(edit: WorldEdit) -> tuple[list[str], list[str]]:
-    """Captions of the toy distribution with the source word, and the same with the target word."""
-    source, target = [], []
-    for shape, colour, background in itertools.product(
-        world.TOY_SHAPES, world.TOY_COLOURS, world.TOY_BACKGROUNDS
-    ):
-        obj = world.ShapeObject(shape, colour, (32.0, 32.0), 30.0)
-        scene = Scene((obj,), world.Background("plain", (background,)))
-        if getattr(obj, edit.attribute) != edit.source:
-            continue
-        source.append(scene.caption)
-        target.append(edit.apply(scene).caption)
-    return source, target
-
-
-def world_direction(teacher: Any, edit: WorldEdit, sentences: str = "world") -> Any:
-    """The edit direction of ``edit`` for ``teacher``: from world captions, or the teacher's own banks."""
-    if sentences != "world":
-        return teacher.direction(edit.source, edit.target, sentences=sentences)
-    from teacher.directions import compute_direction
-
-    source, target = world_sentence_banks(edit)
-    return compute_direction(
-        teacher.tokenizer,
-        teacher.text_encoder,
-        source,
-        target,
-        source=edit.source,
-        target=edit.target,
-        model=teacher.model,
-        metadata={"sentences": "shapes-world captions"},
-    )
-
-
-def word_swap_directions(teacher: Any, scenes: Sequence[Scene], edit: WorldEdit) -> list[Any]:
-    """Per scene, embedding(caption with the word swapped) - embedding(caption): a plain word swap."""
-    from teacher.directions import EditDirection
-
-    before = teacher.encode_text([s.caption for s in scenes]).float().cpu()
-    after = teacher.encode_text([edit.apply(s).caption for s in scenes]).float().cpu()
-    return [
-        EditDirection(a - b, edit.source, edit.target, {"method": "word swap"}) for a, b in zip(after, before)
-    ]
 
 
 @dataclass

@@ -29,9 +29,10 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
+from p2pz.teacher.edits import Edit
 from PIL import Image
 
-from p2pz.errors import UserError
+from p2pz.utils.errors import UserError
 
 DEFAULT_CLIP = "openai/clip-vit-base-patch32"
 DEFAULT_DINO = "facebook/dino-vitb8"
@@ -291,7 +292,7 @@ def score_paper_metrics(
 
     BG LPIPS needs ``object_masks``; pairs without a mask are left out of its mean (``bg_lpips_n``).
     """
-    report: dict[str, Any] = {"edit": f"{source}-{target}", "n": len(inputs)}
+    report: dict[str, Any] = {"edit": Edit(source, target).name, "n": len(inputs)}
     if clip is not None:
         report["clip_acc"] = clip(edited, source, target)["clip_acc"]
     if lpips is not None and object_masks is not None:

@@ -31,81 +31,13 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 
 import numpy as np
+from p2pz.data.shapes import oracle, world
+from p2pz.data.shapes.edits import WorldEdit, parse_world_edit
+from p2pz.data.shapes.world import Scene
 from PIL import Image
-
-from data.shapes import oracle, world
-from data.shapes.world import Scene
-from p2pz.errors import UserError
 
 MAX_PSNR = 100.0  # dB reported for identical pixels (keeps the JSON finite)
 RIM_PX = 1  # masks are grown by this much before taking "outside" pixels
-
-
-# ---------------------------------------------------------------------------------------------
-# Edits of the world
-
-
-@dataclass(frozen=True)
-class WorldEdit:
-    """Swap ``source`` for ``target`` on the ``attribute`` ("shape" or "colour") of one object."""
-
-    source: str
-    target: str
-    attribute: str
-
-    @property
-    def name(self) -> str:
-        """``circle-square``: the name used in benchmark keys."""
-        return f"{self.source}-{self.target}"
-
-    @property
-    def other_attribute(self) -> str:
-        return "colour" if self.attribute == "shape" else "shape"
-
-    def object_index(self, scene: Scene) -> int:
-        """Index of the object the edit applies to: the first one with the source word."""
-        for i, obj in enumerate(scene.objects):
-            if getattr(obj, self.attribute) == self.source:
-                return i
-        raise UserError(f"the scene '{scene.caption}' has no {self.source} object to edit into {self.target}")
-
-    def apply(self, scene: Scene) -> Scene:
-        """The ideal edit of ``scene``: the same scene with the object's attribute swapped."""
-        return scene.replace_object(self.object_index(scene), **{self.attribute: self.target})
-
-    def scenes(self, count: int, seed: int = 0, **sample_kwargs) -> list[Scene]:
-        """``count`` seeded scenes of the toy distribution whose (single) object has the source word."""
-        key = "shapes" if self.attribute == "shape" else "colours"
-        kwargs = {key: (self.source,), **sample_kwargs}
-        return [world.sample_scene(np.random.default_rng([seed, i]), **kwargs) for i in range(count)]
-
-
-def parse_world_edit(spec: str) -> WorldEdit:
-    """``circle:square``, ``circle-square`` or ``circle-to-square`` -> WorldEdit (UserError otherwise)."""
-    text = spec.strip().replace("-to-", ":")
-    for sep in (":", "-"):
-        if text.count(sep) == 1:
-            source, target = (w.strip().lower() for w in text.split(sep))
-            break
-    else:
-        raise UserError(f"edit {spec!r} is not SOURCE:TARGET (for example circle:square or red:blue)")
-    for attribute, words in (("shape", world.SHAPES), ("colour", tuple(world.COLOURS))):
-        if source in words and target in words:
-            if source == target:
-                raise UserError(f"edit {spec!r} changes nothing; give two different words")
-            return WorldEdit(source, target, attribute)
-    raise UserError(
-        f"edit {spec!r} is not a shapes-world edit: give two shapes ({', '.join(world.SHAPES)}) "
-        f"or two colours ({', '.join(world.COLOURS)})"
-    )
-
-
-def is_world_edit(source: str, target: str) -> bool:
-    try:
-        parse_world_edit(f"{source}:{target}")
-    except UserError:
-        return False
-    return True
 
 
 # ---------------------------------------------------------------------------------------------

@@ -1,7 +1,7 @@
 """A captioner for the shapes world, used through the same interface as BLIP.
 
 The teacher loads a captioner folder; when the folder holds ``captioner.json`` naming a class
-(``{"class": "data.shapes.captioner:ShapesCaptioner"}``), it imports that class and calls
+(``{"class": "p2pz.data.shapes.captioner:ShapesCaptioner"}``), it imports that class and calls
 ``from_pretrained(folder)``. Instances turn a list of images into a list of captions, which the
 oracle writes from what it reads: "a red circle on a white background".
 """
@@ -12,12 +12,11 @@ import json
 import os
 from pathlib import Path
 
+from p2pz.data.shapes import oracle
+from p2pz.data.shapes.world import SHAPES, SIZE, TOY_SHAPES
 from PIL import Image
 
-from data.shapes import oracle
-from data.shapes.world import SHAPES, SIZE, TOY_SHAPES
-
-CLASS_PATH = "data.shapes.captioner:ShapesCaptioner"
+CLASS_PATH = "p2pz.data.shapes.captioner:ShapesCaptioner"
 
 
 class ShapesCaptioner:

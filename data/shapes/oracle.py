@@ -17,9 +17,7 @@ from collections import deque
 from dataclasses import dataclass
 
 import numpy as np
-from PIL import Image
-
-from data.shapes.world import (
+from p2pz.data.shapes.world import (
     BACKGROUNDS,
     COLOURS,
     SHAPES,
@@ -30,6 +28,7 @@ from data.shapes.world import (
     mask_centre,
     shape_coverage,
 )
+from PIL import Image
 
 _PALETTE_NAMES = list(COLOURS)
 _PALETTE = np.array([COLOURS[n] for n in _PALETTE_NAMES], dtype=np.float32)

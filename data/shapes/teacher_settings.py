@@ -17,7 +17,7 @@ in the closing notes of the shapes-world issue and ``benchmarks/toy_ablation.py`
   at step 8).
 - CFG 5 with the caption as negative prompt amplifies the edit five times and regenerates colour
   edits from scratch (objects move ~25 px) whatever the guidance; CFG 3 keeps them in reach.
-- Directions come from the world's own captions (``data.eval.ablation.world_direction``): the
+- Directions come from the world's own captions (``p2pz.data.eval.ablation.world_direction``): the
   built-in sentence templates are mostly words the toy model never saw.
 
 Same teacher code, same presets: these are the values to pass as ``preset``, ``xa_guidance`` and
@@ -33,7 +33,7 @@ TOY_GUIDANCE_SCALE = 3.0
 
 def add_toy_teacher_arguments(parser: argparse.ArgumentParser) -> None:
     """``--preset``, ``--xa-guidance`` and ``--guidance-scale``, defaulting to the toy model's values."""
-    from teacher.presets import PRESETS
+    from p2pz.teacher.presets import PRESETS
 
     parser.add_argument(
         "--preset",

@@ -1,6 +1,6 @@
 """The shapes world's offline CLIP tokenizer: every caption word is exactly one token.
 
-Built by ``teacher.clip_tokenizer`` (CLIP's byte-level layout plus one merge chain per word) from
+Built by ``p2pz.teacher.clip_tokenizer`` (CLIP's byte-level layout plus one merge chain per word) from
 the world's words; any other word still tokenises, into byte symbols.
 """
 
@@ -9,9 +9,9 @@ from __future__ import annotations
 import os
 from collections.abc import Sequence
 
-from data.shapes.world import scene_words
-from teacher import clip_tokenizer
-from teacher.clip_tokenizer import MODEL_MAX_LENGTH, build_vocab
+from p2pz.data.shapes.world import scene_words
+from p2pz.teacher import clip_tokenizer
+from p2pz.teacher.clip_tokenizer import MODEL_MAX_LENGTH, build_vocab
 
 __all__ = ["MODEL_MAX_LENGTH", "build_tokenizer", "build_vocab", "save_tokenizer"]
 

@@ -14,7 +14,7 @@ and fall back to ``ref`` (with one warning) when the build fails. Choose an impl
 variable ``P2PZ_OPS_IMPL=ref|cpu|cuda``.
 """
 
-from student.ops import bias_act, conv2d_resample, upfirdn2d
-from student.ops._runtime import force_impl
+from p2pz.student.ops import bias_act, conv2d_resample, upfirdn2d
+from p2pz.student.ops._runtime import force_impl
 
 __all__ = ["bias_act", "conv2d_resample", "upfirdn2d", "force_impl"]

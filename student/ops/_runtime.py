@@ -139,9 +139,8 @@ def compile_extension(kind: str, directory: Path, verbose: bool = False) -> None
     Loading the shared library registers its kernels for the ``p2pz`` ops (see _library.py).
     """
     from filelock import FileLock
+    from p2pz.student.ops import _library
     from torch.utils import cpp_extension
-
-    from student.ops import _library
 
     _library.define_ops()  # the schemas must exist before the kernels register against them
     directory.mkdir(parents=True, exist_ok=True)

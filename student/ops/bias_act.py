@@ -14,9 +14,8 @@ from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
-
-from student.ops import _library
-from student.ops._runtime import choose_impl
+from p2pz.student.ops import _library
+from p2pz.student.ops._runtime import choose_impl
 
 
 class Activation(NamedTuple):

@@ -20,9 +20,8 @@ from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
-
-from student.ops import _library
-from student.ops._runtime import choose_impl
+from p2pz.student.ops import _library
+from p2pz.student.ops._runtime import choose_impl
 
 Scaling = int | Sequence[int]
 Padding = int | Sequence[int]

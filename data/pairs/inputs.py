@@ -15,7 +15,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from p2pz.errors import UserError
+from p2pz.utils.errors import UserError
 
 IMAGE_EXTENSIONS = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff", ".ppm", ".pgm"}
 # Files beside images that are metadata, not inputs (``cat1.txt`` is the caption of ``cat1.png``).
@@ -46,7 +46,7 @@ def check_image(data: bytes, *, min_size: int, convert_modes: bool) -> object:
     Refused by default: files that are not images or are corrupt/truncated, images whose short side
     is below ``min_size``, and images whose pixels need a judgement call — CMYK, 16-bit or float
     channels, transparency. With ``convert_modes`` those are converted by the teacher's colour rule
-    (``teacher.images.to_rgb``: alpha composited over white, CMYK through Pillow, 16-bit scaled
+    (``p2pz.teacher.images.to_rgb``: alpha composited over white, CMYK through Pillow, 16-bit scaled
     to 8 bits); plain grayscale and palette images are always converted that way.
     """
     from PIL import Image, ImageOps, UnidentifiedImageError
@@ -79,7 +79,7 @@ def check_image(data: bytes, *, min_size: int, convert_modes: bool) -> object:
         raise InputSkipped(f"16-bit or float image (mode {mode}; use --convert-modes to scale it to 8 bits)")
     if has_alpha and not convert_modes:
         raise InputSkipped(f"image with transparency (mode {mode}; use --convert-modes to put it on white)")
-    from teacher.images import to_rgb  # the teacher's documented colour rule, so both stages agree
+    from p2pz.teacher.images import to_rgb  # the teacher's documented colour rule, so both stages agree
 
     return to_rgb(image)
 

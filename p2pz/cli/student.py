@@ -6,7 +6,7 @@ import argparse
 import json
 from pathlib import Path
 
-from p2pz.errors import UserError
+from p2pz.utils.errors import UserError
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff"}
 
@@ -92,7 +92,7 @@ def _csv(text: str) -> list[str]:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    from student.export import export_package
+    from p2pz.student.export import export_package
 
     out = export_package(args.checkpoint, args.out, formats=tuple(_csv(args.formats)))
     print(f"exported {args.checkpoint} -> {out}")
@@ -118,7 +118,7 @@ def cmd_apply(args: argparse.Namespace) -> int:
     from PIL import Image, UnidentifiedImageError
     from tqdm import tqdm
 
-    from student.export import apply_to_images, load_exported, read_config, save_image_atomic
+    from p2pz.student.export import apply_to_images, load_exported, read_config, save_image_atomic
 
     files = _image_files(args.images)
     images = []
@@ -149,7 +149,7 @@ def cmd_apply(args: argparse.Namespace) -> int:
 def cmd_bench(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
-    from student.bench import run_benchmark, write_report
+    from p2pz.student.bench import run_benchmark, write_report
 
     batches = [int(b) for b in _csv(args.batches)]
     bar = tqdm(desc="bench", unit="step")

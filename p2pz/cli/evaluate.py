@@ -21,7 +21,9 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
-from p2pz.errors import UserError
+from p2pz.data.models import TOY_MODEL
+from p2pz.teacher.edits import Edit
+from p2pz.utils.errors import UserError
 
 log = logging.getLogger(__name__)
 
@@ -50,7 +52,7 @@ def register(subparsers) -> None:
 
     w = p.add_argument_group("--world")
     w.add_argument(
-        "--model", default="data/toy_model", help="teacher model folder or id (default: data/toy_model)"
+        "--model", default=str(TOY_MODEL), help="teacher model folder or id (default: the shipped toy model)"
     )
     w.add_argument(
         "--edit",
@@ -151,19 +153,14 @@ def eval_world(args: argparse.Namespace) -> dict:
     import torch
     from tqdm.auto import tqdm
 
-    from data.eval.ablation import edit_world_scenes
-    from data.eval.world_metrics import parse_world_edit
-    from data.shapes import world
-    from teacher import Pix2PixZero
+    from p2pz.data.eval.ablation import edit_world_scenes
+    from p2pz.data.shapes import world
+    from p2pz.data.shapes.edits import parse_world_edit
+    from p2pz.teacher import Pix2PixZero
 
     edits = [parse_world_edit(e) for e in (args.edit or ["circle:square"])]
     if args.scenes < 1:
         raise UserError(f"--scenes must be at least 1, got {args.scenes}")
-    if not Path(args.model).expanduser().exists() and args.model == "data/toy_model":
-        raise UserError(
-            "the toy model folder data/toy_model does not exist; train it with "
-            "`python -m data.shapes.train_toy` or pass --model DIR"
-        )
     torch.manual_seed(args.seed)
     teacher = Pix2PixZero.from_pretrained(args.model, preset=args.preset, device=args.device, captioner=False)
     metrics, shown = {}, []
@@ -218,7 +215,7 @@ def read_pairs(spec: str, limit: int | None = None):
     """(key, input image, edited image, metadata, mask image or None) from WebDataset shards."""
     from PIL import Image
 
-    from data.reader import list_shards
+    from p2pz.data.pairs.reader import list_shards
 
     count = 0
     for url in list_shards(spec):
@@ -265,14 +262,9 @@ def _edit_words(meta: dict) -> tuple[str, str]:
 def eval_pairs(args: argparse.Namespace) -> dict:
     import numpy as np
 
-    from data.eval import paper_metrics as pm
-    from data.eval.world_metrics import (
-        aggregate,
-        is_world_edit,
-        parse_world_edit,
-        scene_from_image,
-        score_world_edit,
-    )
+    from p2pz.data.eval import paper_metrics as pm
+    from p2pz.data.eval.world_metrics import aggregate, scene_from_image, score_world_edit
+    from p2pz.data.shapes.edits import is_world_edit, parse_world_edit
 
     world_scores: dict[str, list] = defaultdict(list)
     paper_pairs: dict[tuple[str, str], list] = defaultdict(list)
@@ -333,7 +325,7 @@ def eval_pairs(args: argparse.Namespace) -> dict:
                 structure=structure,
             )
             per = report.get("structure_dist_per_pair") or [math.nan] * len(keys)
-            metrics[f"{source}-{target}"] = {"metrics": "paper", **report}
+            metrics[Edit(source, target).name] = {"metrics": "paper", **report}
             for src, edited, d in zip(inputs, edits, per):
                 if len(shown) < GRID_PAIRS:
                     shown.append((src, edited, f"{source}->{target} sd {d:.3f}"))
@@ -369,7 +361,7 @@ def make_grid(pairs: list) -> Any:
 
 
 def write_outputs(out: Path, report: dict) -> None:
-    from p2pz.atomic import atomic_path
+    from p2pz.utils.atomic import atomic_path
 
     out.mkdir(parents=True, exist_ok=True)
     body = {k: v for k, v in report.items() if k != "grid"}

@@ -2,9 +2,9 @@
 
 The same code paths as a cluster run, at toy scale:
 
-1. inputs   — shapes-world scenes with their ground truth (``data.shapes``);
+1. inputs   — shapes-world scenes with their ground truth (``p2pz.data.shapes``);
 2. teacher  — pix2pix-zero with the shipped toy model edits them into WebDataset shards
-              (``data.generate``, exactly what ``p2pz generate`` runs);
+              (``p2pz.data.pairs.generate``, exactly what ``p2pz generate`` runs);
 3. student  — ``train.py fit`` (LightningCLI) trains the ``lite`` CoModGAN on the shards;
 4. export   — the per-edit package (``p2pz export``);
 5. bench    — latency per backend, teacher / student, roofline (``p2pz bench``);
@@ -27,11 +27,11 @@ import time
 from pathlib import Path
 from typing import Any
 
-from data.shapes.teacher_settings import add_toy_teacher_arguments
-from p2pz.errors import UserError
+from p2pz.data.models import TOY_MODEL
+from p2pz.data.shapes.teacher_settings import add_toy_teacher_arguments
+from p2pz.utils.errors import UserError
 
-REPO = Path(__file__).resolve().parents[1]
-TOY_MODEL = REPO / "data" / "toy_model"
+REPO = Path(__file__).resolve().parents[2]
 TRAIN_SCRIPT = REPO / "train.py"
 DEFAULT_EDIT = "circle:square"
 HELD_OUT_SEED = 10_000  # test scenes are drawn from seeds the training scenes never use
@@ -78,7 +78,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def make_scenes(edit_source: str, count: int, first_seed: int) -> list[Any]:
     """World scenes whose one object has the edit's source attribute (shape or colour)."""
-    from data.shapes import world
+    from p2pz.data.shapes import world
 
     if edit_source in world.SHAPES:
         kwargs = {"shapes": (edit_source,)}
@@ -93,7 +93,7 @@ def make_scenes(edit_source: str, count: int, first_seed: int) -> list[Any]:
 
 
 def write_inputs(scenes: list[Any], folder: Path) -> None:
-    from data.shapes import world
+    from p2pz.data.shapes import world
 
     folder.mkdir(parents=True, exist_ok=True)
     for i, scene in enumerate(scenes):
@@ -104,7 +104,7 @@ def write_inputs(scenes: list[Any], folder: Path) -> None:
 
 def demo_settings(args: argparse.Namespace, **more: Any) -> Any:
     """``p2pz generate`` settings of the demo's teacher (CPU, float32, the demo's preset)."""
-    from data.generate import Settings
+    from p2pz.data.pairs.generate import Settings
 
     return Settings(model=args.model, preset=args.preset, device="cpu", dtype="float32", **more)
 
@@ -116,15 +116,14 @@ def save_world_direction(args: argparse.Namespace, out: Path, teacher: Any) -> t
     model never picks up a stale file; the same edit gives the same tensor, whose digest is what
     resumed shards check.
     """
-    from data.eval.ablation import world_direction
-    from data.eval.world_metrics import parse_world_edit
+    from p2pz.data.shapes.edits import parse_world_edit, world_direction
 
     direction = world_direction(teacher, parse_world_edit(args.edit))
     return direction.save(out / "direction.safetensors"), direction
 
 
 def generate_pairs(args: argparse.Namespace, out: Path, inputs: Path, direction: Path, teacher: Any) -> dict:
-    from data.generate import run
+    from p2pz.data.pairs.generate import run
 
     settings = demo_settings(
         args,
@@ -170,8 +169,8 @@ def edit_held_out(
     args: argparse.Namespace, scenes: list[Any], model_dir: Path, direction: Any, teacher: Any
 ) -> dict[str, list]:
     """Teacher and student edits of the held-out scenes (the student from its exported package)."""
-    from data.shapes import world
-    from student.export import apply_to_images, load_exported, read_config
+    from p2pz.data.shapes import world
+    from p2pz.student.export import apply_to_images, load_exported, read_config
 
     inputs = [world.render(s) for s in scenes]
     teacher_out = []
@@ -192,7 +191,7 @@ def edit_held_out(
 
 
 def score(scenes: list[Any], images: list[Any], edit: str) -> dict[str, Any]:
-    from data.eval.world_metrics import score_world_edits
+    from p2pz.data.eval.world_metrics import score_world_edits
 
     return score_world_edits(scenes, images, edit)
 
@@ -260,7 +259,7 @@ def write_report(
     chart: Path,
 ) -> None:
     """A single self-contained HTML file (images inlined)."""
-    from p2pz.atomic import atomic_path
+    from p2pz.utils.atomic import atomic_path
 
     # held-out scenes: input | teacher | student, with the oracle's per-scene verdicts
     judges = [who for who in ("teacher", "student") if per_scene.get(who)]
@@ -336,9 +335,9 @@ def write_report(
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from student.bench import run_benchmark
-    from student.bench import write_report as write_bench
-    from student.export import export_package
+    from p2pz.student.bench import run_benchmark
+    from p2pz.student.bench import write_report as write_bench
+    from p2pz.student.export import export_package
 
     out = Path(args.out)
     model = Path(args.model)
@@ -347,7 +346,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
             f"teacher model not found at {args.model}; the toy model ships in data/toy_model "
             "(reinstall from the repository) or pass --model"
         )
-    from data.eval.world_metrics import parse_world_edit
+    from p2pz.data.shapes.edits import parse_world_edit
 
     source = parse_world_edit(args.edit).source  # a shapes-world edit, checked before anything is written
     out.mkdir(parents=True, exist_ok=True)
@@ -362,7 +361,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     timings["inputs"] = time.perf_counter() - t
 
     t = stage(f"2/6 teacher: pix2pix-zero {args.edit} into shards ({args.steps} steps)")
-    from data.generate import load_teacher
+    from p2pz.data.pairs.generate import load_teacher
 
     teacher = load_teacher(demo_settings(args))  # one teacher for the pairs and the report
     direction_file, direction = save_world_direction(args, out, teacher)

@@ -14,8 +14,9 @@ import json
 import tarfile
 from pathlib import Path
 
-from data import shards as sh
-from p2pz.errors import UserError
+from p2pz.data.pairs import shards as sh
+
+from p2pz.utils.errors import UserError
 
 SHEET_NAME = "contact-sheet.png"
 
@@ -193,47 +194,3 @@ def format_summary(summary: dict) -> str:
             "(re-run the same generate command to finish and clean up)"
         )
     return "\n".join(lines)
-
-
-def command(args) -> int:
-    from p2pz.atomic import atomic_path
-
-    summary = summarise(args.folder, sheet_pairs=args.pairs)
-    pairs = summary.pop("_sheet")
-    sheet_path = None
-    if args.pairs > 0 and pairs:
-        sheet_path = Path(args.sheet) if args.sheet else Path(args.folder) / SHEET_NAME
-        with atomic_path(sheet_path, suffix=".png") as tmp:
-            contact_sheet(pairs).save(tmp, format="PNG")
-    summary["contact_sheet"] = str(sheet_path) if sheet_path else None
-    if args.json:
-        print(json.dumps(summary, indent=2, default=list))
-    else:
-        print(format_summary(summary))
-        if sheet_path:
-            print(f"  sheet       {sheet_path} ({len(pairs)} pairs)")
-    return 0
-
-
-def register_parser(subparsers) -> None:
-    parser = subparsers.add_parser(
-        "shards",
-        help="look at generated datasets (see 'p2pz shards inspect')",
-        description="Tools for the WebDataset shards that 'p2pz generate' writes.",
-    )
-    sub = parser.add_subparsers(dest="shards_command", metavar="ACTION", required=True)
-    inspect = sub.add_parser(
-        "inspect",
-        help="summarise a dataset and draw a contact sheet of a few pairs",
-        description="Count shards, pairs, edits and skipped inputs of a 'p2pz generate' output folder, show "
-        "the teacher settings used, and save a contact sheet PNG (input | edit | reconstruction).",
-    )
-    inspect.add_argument("folder", metavar="DIR", help="the --out folder of 'p2pz generate'")
-    inspect.add_argument(
-        "--pairs", type=int, default=8, help="pairs on the contact sheet (0: none; default 8)"
-    )
-    inspect.add_argument(
-        "--sheet", metavar="PNG", help=f"where to save the contact sheet (default DIR/{SHEET_NAME})"
-    )
-    inspect.add_argument("--json", action="store_true", help="print the summary as JSON")
-    inspect.set_defaults(func=command)

@@ -3,8 +3,8 @@
 Stages, in order (each in one place below):
 
 1. settings   — YAML config merged with flags (:func:`resolve_settings`);
-2. inputs     — folder, shards or synthetic prompts, listed without being read (``data.inputs``);
-3. plan       — every (input, edit) item gets a shard number, key and seed (``data.shards``);
+2. inputs     — folder, shards or synthetic prompts, listed without being read (``p2pz.data.pairs.inputs``);
+3. plan       — every (input, edit) item gets a shard number, key and seed (``p2pz.data.pairs.shards``);
 4. directions — each edit's direction is computed once (or loaded from a file) and reused;
 5. editing    — this task's unfinished shards, inputs in teacher batches, each shard written to a
                 temporary file and renamed when complete; a manifest line per shard.
@@ -25,9 +25,12 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from data import shards as sh
-from data.inputs import FolderInputs, InputSkipped, LoadedInput, ShardInputs, SyntheticInputs
-from p2pz.errors import UserError
+from p2pz.data.pairs import shards as sh
+from p2pz.data.pairs.inputs import FolderInputs, InputSkipped, LoadedInput, ShardInputs, SyntheticInputs
+from p2pz.teacher.edits import NAME_SEPARATOR, parse_edit
+from p2pz.teacher.edits import Edit as EditName
+
+from p2pz.utils.errors import UserError
 
 log = logging.getLogger(__name__)
 
@@ -223,15 +226,7 @@ def _validate(s: Settings) -> None:
     if s.steps is not None and s.steps < 1:
         raise UserError("--steps must be at least 1")
     for spec in s.edit:
-        parse_edit(spec)
-
-
-def parse_edit(spec: str) -> tuple[str, str]:
-    """``"cat:dog"`` -> ``("cat", "dog")``."""
-    source, sep, target = spec.partition(":")
-    if not sep or not source.strip() or not target.strip():
-        raise UserError(f"edit {spec!r} is not SOURCE:TARGET (for example cat:dog)")
-    return source.strip(), target.strip()
+        parse_edit(spec)  # one-line error for a malformed edit
 
 
 # --------------------------------------------------------------------------------------------------
@@ -244,7 +239,7 @@ def open_inputs(s: Settings):
     path = Path(s.inputs)
     if path.is_dir() and not any(path.glob("*.tar")):
         return FolderInputs(path, min_size=s.min_size, convert_modes=s.convert_modes)
-    from data.reader import list_shards
+    from p2pz.data.pairs.reader import list_shards
 
     if path.is_file() and path.suffix != ".tar":
         raise UserError(f"--inputs {s.inputs} is a file; give a folder of images or .tar shards")
@@ -265,16 +260,16 @@ class Edit:
 
 
 def resolve_edits(s: Settings) -> list[Edit]:
-    edits = [Edit(sh.edit_name(src, tgt), src, tgt) for src, tgt in map(parse_edit, s.edit)]
+    edits = [Edit(e.name, e.source, e.target) for e in map(parse_edit, s.edit)]
     for path in s.direction:
-        from teacher import EditDirection
+        from p2pz.teacher import EditDirection
 
         try:
             direction = EditDirection.load(path)
         except FileNotFoundError:
             raise UserError(f"direction file {path} not found") from None
         source, target = _direction_words(direction, path)
-        edits.append(Edit(sh.edit_name(source, target), source, target, direction, str(path)))
+        edits.append(Edit(EditName(source, target).name, source, target, direction, str(path)))
     names = [e.name for e in edits]
     if len(set(names)) != len(names):
         raise UserError(f"the same edit is given twice: {', '.join(n for n in names if names.count(n) > 1)}")
@@ -285,7 +280,7 @@ def _direction_words(direction, path) -> tuple[str, str]:
     source, target = getattr(direction, "source", None), getattr(direction, "target", None)
     if not source or not target:
         stem = Path(path).stem
-        source, _, target = stem.partition("-to-") if "-to-" in stem else (stem, "", "edited")
+        source, _, target = stem.partition(NAME_SEPARATOR) if NAME_SEPARATOR in stem else (stem, "", "edited")
     return str(source), str(target)
 
 
@@ -532,7 +527,7 @@ def _pick_device(s: Settings):
 
 
 def load_teacher(s: Settings):
-    from teacher import Pix2PixZero
+    from p2pz.teacher import Pix2PixZero
 
     device, dtype = _pick_device(s)
     kwargs = {"preset": s.preset, "device": device, "dtype": dtype}
@@ -703,40 +698,3 @@ def run(s: Settings, teacher=None) -> dict:
     }
     manifest.append(done)
     return done
-
-
-def command(args) -> int:
-    settings = resolve_settings(args)
-    done = run(settings)
-    print(
-        f"task {done['task_index']}/{done['num_tasks']}: wrote {done['shards_written']} shards, "
-        f"{done['samples_written']} pairs ({done['skipped']} skipped) to {settings.out}"
-    )
-    return 0
-
-
-def register_parser(subparsers) -> None:
-    import argparse
-
-    parser = subparsers.add_parser(
-        "generate",
-        help="make (input, edit) pairs with the teacher into WebDataset shards",
-        description=(
-            "Run the pix2pix-zero teacher over many inputs and store (input, edited) pairs as\n"
-            "WebDataset shards pairs-000000.tar, ... in --out, with dataset.json and one manifest\n"
-            "(JSON lines: shards, counts, skipped inputs and why, throughput) per task.\n\n"
-            "Every setting can come from a YAML config (--config, keys = flag names) and be\n"
-            "overridden by its flag. Safe to kill and re-run: finished shards are kept, unfinished\n"
-            "ones redone, giving exactly the samples of an uninterrupted run. On a cluster, run one\n"
-            "task per array index (--task-index/--num-tasks, default SLURM_ARRAY_TASK_ID/COUNT)."
-        ),
-        epilog=(
-            "examples:\n"
-            "  p2pz generate --model CompVis/stable-diffusion-v1-4 --edit cat:dog \\\n"
-            "      --inputs photos/ --out pairs/\n"
-            "  p2pz generate --config configs/generate-cat-dog.yaml --task-index 3 --num-tasks 16\n"
-        ),
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    add_arguments(parser)
-    parser.set_defaults(func=command)

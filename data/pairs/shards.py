@@ -27,6 +27,8 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from p2pz.teacher.edits import slug
+
 SHARD_PATTERN = "pairs-%06d.tar"
 SHARD_GLOB = "pairs-[0-9][0-9][0-9][0-9][0-9][0-9]*.tar"
 DATASET_FILE = "dataset.json"
@@ -47,17 +49,6 @@ def shard_index(path: str | os.PathLike) -> int | None:
     """Shard number from a shard file name, or None if the name is not a shard's."""
     match = _SHARD_RE.match(Path(path).name)
     return int(match.group(1)) if match else None
-
-
-def slug(text: str) -> str:
-    """A word as it may appear inside a sample key: letters, digits, ``_`` and ``-`` only (no dots)."""
-    cleaned = re.sub(r"[^A-Za-z0-9_-]+", "_", text.strip()).strip("_")
-    return cleaned or "x"
-
-
-def edit_name(source: str, target: str) -> str:
-    """The name of an edit in keys, file names and metadata: ``cat-to-dog``."""
-    return f"{slug(source)}-to-{slug(target)}"
 
 
 def sample_key(edit: str, input_id: str) -> str:
@@ -263,8 +254,8 @@ def check_dataset_identity(out_dir: str | os.PathLike, identity: dict) -> None:
     Finished shards are skipped on a restart, so mixing two configurations in one folder would
     silently produce a dataset that neither command describes.
     """
-    from p2pz.atomic import atomic_path
-    from p2pz.errors import UserError
+    from p2pz.utils.atomic import atomic_path
+    from p2pz.utils.errors import UserError
 
     path = Path(out_dir) / DATASET_FILE
     identity = json.loads(json.dumps(identity))  # normalise tuples etc. for comparison

@@ -8,7 +8,7 @@ word-swap edits behave (the baseline pix2pix-zero has to beat)?
    the target word and everything else kept; shift is how far the object's bounding-box centre
    moved from the input render (and from a reconstruction at the same guidance scale).
 
-    python -m data.shapes.evaluate_toy --model data/toy_model
+    python -m p2pz.data.models.evaluate_toy --model data/toy_model
 
 The last printed line is one JSON object with every figure.
 """
@@ -21,8 +21,7 @@ import json
 import time
 
 import numpy as np
-
-from data.shapes import oracle, world
+from p2pz.data.shapes import oracle, world
 
 
 def load_pipeline(model: str):
@@ -169,7 +168,7 @@ def word_swap(pipe, edit: str, scenes_count: int, guidances: list[float], steps:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        prog="python -m data.shapes.evaluate_toy",
+        prog="python -m p2pz.data.models.evaluate_toy",
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )

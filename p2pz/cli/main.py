@@ -1,29 +1,21 @@
 """The ``p2pz`` command: one entry point, a subcommand per stage of the pipeline.
 
-Each stage registers its own subcommands from the package that implements it (a module with a
-``register(subparsers)`` function), so the code behind a command sits next to the method it runs.
+Each module of ``p2pz.cli`` registers the subcommands of one stage (``register(subparsers)``).
 Heavy imports (torch, diffusers) happen inside the command functions, which keeps ``--help`` fast.
 """
 
 from __future__ import annotations
 
 import argparse
-import importlib
 import logging
 import sys
 
 from p2pz import __version__
-from p2pz.errors import UserError
+from p2pz.cli import demo, edit, evaluate, pairs, student, teacher
+from p2pz.utils.errors import UserError
 
-# Modules that add subcommands, in the order they appear in ``p2pz --help``.
-COMMAND_MODULES = [
-    "teacher.commands",
-    "teacher.edit_cli",
-    "data.commands",
-    "data.eval.commands",
-    "student.commands",
-    "p2pz.demo",
-]
+# Stages that add subcommands, in the order they appear in ``p2pz --help``.
+COMMAND_MODULES = [teacher, edit, pairs, student, evaluate, demo]
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -39,8 +31,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     parser.add_argument("-v", "--verbose", action="store_true", help="log debug messages")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
-    for name in COMMAND_MODULES:
-        importlib.import_module(name).register(sub)
+    for module in COMMAND_MODULES:
+        module.register(sub)
     return parser
 
 

@@ -12,7 +12,7 @@ _FMT = argparse.RawDescriptionHelpFormatter
 
 
 def _make_tiny(args: argparse.Namespace) -> int:
-    from teacher.tiny import make_tiny
+    from p2pz.data.models.tiny import make_tiny
 
     out = make_tiny(args.out, seed=args.seed)
     print(out)
@@ -22,10 +22,10 @@ def _make_tiny(args: argparse.Namespace) -> int:
 def _direction(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from p2pz.errors import UserError
-    from teacher.directions import compute_direction
-    from teacher.models import load_sd_components
-    from teacher.sentences import make_sentences
+    from p2pz.teacher.directions import compute_direction
+    from p2pz.teacher.models import load_sd_components
+    from p2pz.teacher.sentences import make_sentences
+    from p2pz.utils.errors import UserError
 
     if len(args.sentences) > 2:
         raise UserError("--sentences takes one source for both concepts or two (source's, target's)")
@@ -80,8 +80,8 @@ def register(subparsers) -> None:
     p.add_argument("--seed", type=int, default=0, help="seed of the random weights (default: 0)")
     p.set_defaults(func=_make_tiny)
 
-    from teacher.models import DEFAULT_MODEL
-    from teacher.sentences import DEFAULT_LLM, DEFAULT_NUM_SENTENCES
+    from p2pz.teacher.models import DEFAULT_MODEL
+    from p2pz.teacher.sentences import DEFAULT_LLM, DEFAULT_NUM_SENTENCES
 
     p = subparsers.add_parser(
         "direction",

@@ -23,8 +23,16 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from p2pz.atomic import atomic_path
-from teacher.clip_tokenizer import BOS, EOS, MODEL_MAX_LENGTH, build_tokenizer, build_vocab, save_tokenizer
+from p2pz.teacher.clip_tokenizer import (
+    BOS,
+    EOS,
+    MODEL_MAX_LENGTH,
+    build_tokenizer,
+    build_vocab,
+    save_tokenizer,
+)
+
+from p2pz.utils.atomic import atomic_path
 
 # Shapes: SD-like but tiny. The VAE halves the resolution three times (factor 8, as SD);
 # the UNet has cross-attention (attn2) at two down/up resolutions plus the mid block.

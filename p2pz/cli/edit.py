@@ -26,9 +26,9 @@ def _edit(args: argparse.Namespace) -> int:
 
     import torch
 
-    from p2pz.atomic import atomic_path
-    from p2pz.errors import UserError
-    from teacher.images import load_image
+    from p2pz.teacher.images import load_image
+    from p2pz.utils.atomic import atomic_path
+    from p2pz.utils.errors import UserError
 
     out, recon_path, sidecar = output_paths(args.out)
     if out.suffix.lower() not in IMAGE_SUFFIXES:
@@ -43,11 +43,11 @@ def _edit(args: argparse.Namespace) -> int:
 
     direction = None
     if args.direction is not None:
-        from teacher.directions import EditDirection
+        from p2pz.teacher.directions import EditDirection
 
         direction = EditDirection.load(args.direction)
 
-    from teacher.pipeline import Pix2PixZero
+    from p2pz.teacher.pipeline import Pix2PixZero
 
     teacher = Pix2PixZero.from_pretrained(
         args.model,
@@ -123,7 +123,7 @@ def _pil_format(path: Path) -> str:
 
 
 def register(subparsers) -> None:
-    from teacher.presets import OFFICIAL, PRESETS
+    from p2pz.teacher.presets import OFFICIAL, PRESETS
 
     p = subparsers.add_parser(
         "edit",

@@ -1,7 +1,7 @@
 """The training reader: (input, edit) pairs from WebDataset shards as batches of tensors.
 
 ```python
-from data.reader import list_shards, pair_loader, ReaderStats
+from p2pz.data.pairs.reader import list_shards, pair_loader, ReaderStats
 urls = list_shards("out/pairs")                  # a folder, a glob or a brace pattern
 loader = pair_loader(urls, batch_size=8, resolution=256, epoch_length=1000, rank=rank, world_size=world)
 for batch in loader:
@@ -36,7 +36,7 @@ from pathlib import Path
 
 from torch.utils.data import IterableDataset as _IterableDataset
 
-from p2pz.errors import UserError
+from p2pz.utils.errors import UserError
 
 SHUFFLE_BUFFER = 256
 CROP_JITTER = 1.125  # augment: resize the short side to resolution * this, then crop (pix2pix's 286 -> 256)

@@ -171,8 +171,7 @@ def cosine_lr(step: int, planned: int, peak: float, final: float, warmup: int) -
 def render_batch(seeds, **scene_kwargs):
     """Images in [-1, 1] (B, 3, 64, 64), object masks (B, 1, 64, 64) and captions for scene seeds."""
     import torch
-
-    from data.shapes import world
+    from p2pz.data.shapes import world
 
     images, masks, captions = [], [], []
     for seed in seeds:
@@ -415,9 +414,9 @@ def train_unet(args, data, tokenizer, state_dir: Path, deadline: float):
 
 def write_model(out: Path, vae, text_encoder, unet, scheduler, scaling_factor: float) -> None:
     """The Stable Diffusion folder, plus the world's captioner."""
-    from data.shapes.captioner import write_captioner_folder
-    from data.shapes.world import scene_words
-    from teacher.tiny import save_sd_folder
+    from p2pz.data.models.tiny import save_sd_folder
+    from p2pz.data.shapes.captioner import write_captioner_folder
+    from p2pz.data.shapes.world import scene_words
 
     vae.register_to_config(scaling_factor=scaling_factor)
     from diffusers.models.attention_processor import AttnProcessor
@@ -431,7 +430,7 @@ def write_model(out: Path, vae, text_encoder, unet, scheduler, scaling_factor: f
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        prog="python -m data.shapes.train_toy",
+        prog="python -m p2pz.data.models.train_toy",
         description="Train the shapes world's toy text-to-image model (a diffusers Stable Diffusion "
         "folder) from scratch on a CPU within a time budget. The repository ships one in data/toy_model; "
         "you only need this to retrain it.",
@@ -467,8 +466,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     import torch
-
-    from data.shapes.tokenizer import build_tokenizer
+    from p2pz.data.shapes.tokenizer import build_tokenizer
 
     torch.set_num_threads(args.threads)
     start = time.time()
@@ -490,7 +488,7 @@ def main(argv: list[str] | None = None) -> int:
     unet, text_encoder, scheduler, unet_log = train_unet(
         args, data, tokenizer, state_dir, deadline=start + args.minutes * 60 - 30
     )
-    from p2pz.atomic import atomic_path
+    from p2pz.utils.atomic import atomic_path
 
     with atomic_path(out) as tmp:
         write_model(tmp, vae, text_encoder, unet, scheduler, data["scaling_factor"])
@@ -502,7 +500,7 @@ def main(argv: list[str] | None = None) -> int:
             "lr": args.lr,
             "ema": args.ema,
             "minutes": round((time.time() - start) / 60, 1),
-            "reproduce": f"python -m data.shapes.train_toy --out {out} --seed {args.seed} "
+            "reproduce": f"python -m p2pz.data.models.train_toy --out {out} --seed {args.seed} "
             f"--vae-steps {vae_log['steps']} --unet-steps {unet_log['steps']}",
         }
         (tmp / "train_log.json").write_text(json.dumps(record, indent=1) + "\n")
