@@ -19,6 +19,7 @@ import statistics
 import time
 
 import torch
+
 from p2pz.student.ops import _runtime, bias_act, upfirdn2d
 
 # Feature maps of a 256 px StyleGAN2-family generator (channel_base 16384, channel_max 512).

@@ -12,6 +12,7 @@ import warnings
 
 import pytest
 import torch
+
 from p2pz.student.ops import _runtime, bias_act, conv2d_resample, force_impl, upfirdn2d
 from p2pz.student.ops.upfirdn2d import downsample2d, filter2d, setup_filter, upsample2d
 
@@ -341,11 +342,11 @@ def test_impl_selection(monkeypatch):
 
 
 def test_failed_build_warns_once_with_the_compiler_error_and_falls_back(monkeypatch, tmp_path):
-    csrc = tmp_path / "csrc"
-    csrc.mkdir()
-    for name in _runtime._SOURCES["cpu"] + _runtime._HEADERS:
-        (csrc / name).write_text("#error p2pz-test-broken-source\n")
-    monkeypatch.setattr(_runtime, "CSRC", csrc)
+    src = tmp_path / "src"
+    src.mkdir()
+    for name in _runtime.sources("cpu") + _runtime.HEADERS:
+        (src / name).write_text("#error p2pz-test-broken-source\n")
+    monkeypatch.setattr(_runtime, "SOURCE_DIR", src)
     monkeypatch.setattr(_runtime, "_state", {})
     monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path / "ext"))
     x = torch.randn(1, 1, 4, 4)
@@ -362,14 +363,24 @@ def test_failed_build_warns_once_with_the_compiler_error_and_falls_back(monkeypa
 
 def test_source_digest_follows_the_sources(monkeypatch, tmp_path):
     before = _runtime.source_digest("cpu")
-    csrc = tmp_path / "csrc"
-    csrc.mkdir()
-    for name in _runtime._SOURCES["cpu"] + _runtime._HEADERS:
-        (csrc / name).write_bytes((_runtime.CSRC / name).read_bytes())
-    monkeypatch.setattr(_runtime, "CSRC", csrc)
+    for name in _runtime.sources("cpu") + _runtime.HEADERS:
+        (tmp_path / name).write_bytes((_runtime.SOURCE_DIR / name).read_bytes())
+    monkeypatch.setattr(_runtime, "SOURCE_DIR", tmp_path)
     assert _runtime.source_digest("cpu") == before
-    (csrc / _runtime._HEADERS[0]).write_text("// changed\n")
-    assert _runtime.source_digest("cpu") != before
+    for header in _runtime.HEADERS:  # the shared header and each op's own one
+        (tmp_path / header).write_text(f"// {header} changed\n")
+        assert _runtime.source_digest("cpu") != before
+        (tmp_path / header).write_bytes((_runtime.SOURCE_DIR / header).read_bytes())
+
+
+def test_each_op_has_its_own_file_set():
+    """One file set per op beside its Python module; the extensions are built from exactly these."""
+    for op in _runtime.OPS:
+        for suffix in (".py", ".h", ".cpp", ".cu"):
+            assert (_runtime.SOURCE_DIR / (op + suffix)).is_file(), op + suffix
+    assert _runtime.sources("cpu") == [op + ".cpp" for op in _runtime.OPS]
+    assert _runtime.sources("cuda") == [op + ".cu" for op in _runtime.OPS]
+    assert (_runtime.SOURCE_DIR / "common.h").is_file()
 
 
 @pytest.mark.slow

@@ -12,14 +12,16 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import torch
-from p2pz.student.ops import _runtime, bias_act, upfirdn2d
 from test_ops import random_upfirdn_config, run_upfirdn
+
+from p2pz.student.ops import _runtime, bias_act, upfirdn2d
 
 
 def nvcc_command(source, output) -> list[str]:
     from torch.utils import cpp_extension
 
-    includes = cpp_extension.include_paths("cuda") + [sysconfig.get_paths()["include"], str(_runtime.CSRC)]
+    includes = cpp_extension.include_paths("cuda") + [sysconfig.get_paths()["include"]]
+    includes.append(str(_runtime.SOURCE_DIR))  # the ops' own headers
     return (
         ["nvcc", "-c", str(source), "-o", str(output), "-std=c++20", "-Xcompiler", "-fPIC", "-arch=sm_80"]
         + [f"-I{p}" for p in includes]
@@ -35,11 +37,11 @@ def test_cuda_sources_compile(tmp_path):
     """Compile-only (about a minute per source on 2 cores): catches errors before they reach a GPU box."""
 
     def compile_one(name):
-        cmd = nvcc_command(_runtime.CSRC / name, tmp_path / (name + ".o"))
+        cmd = nvcc_command(_runtime.SOURCE_DIR / name, tmp_path / (name + ".o"))
         return name, subprocess.run(cmd, capture_output=True, text=True)
 
     with ThreadPoolExecutor(2) as pool:
-        results = list(pool.map(compile_one, _runtime._SOURCES["cuda"]))
+        results = list(pool.map(compile_one, _runtime.sources("cuda")))
     for name, proc in results:
         assert proc.returncode == 0, f"{name} failed to compile:\n{proc.stderr[-4000:]}"
         assert (tmp_path / (name + ".o")).stat().st_size > 0

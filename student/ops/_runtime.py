@@ -1,7 +1,13 @@
-"""Choosing an implementation, and building the compiled kernels just in time.
+"""What the ops share in Python: defining their operators, choosing an implementation, and building
+the compiled kernels just in time.
 
-The C++ CPU kernels and the CUDA kernels are two separate extensions, so a machine without a GPU only
-ever compiles the CPU one. Each is built into a directory named by a hash of its sources (and of
+Every op has its own file set beside this one: ``<op>.py`` (Python API, pure-PyTorch reference, and the
+operator's schema, fake kernel and autograd formula, defined through :func:`define_op`), ``<op>.h``
+(what its CPU and CUDA kernels share), ``<op>.cpp`` (CPU kernel) and ``<op>.cu`` (CUDA kernel);
+``common.h`` holds what the ops' kernels share.
+
+The CPU sources of all ops make one extension and the CUDA sources another, so a machine without a GPU
+only ever compiles the CPU one. Each is built into a directory named by a hash of its sources (and of
 everything else that changes the binary), under ``$TORCH_EXTENSIONS_DIR`` or
 ``~/.cache/torch_extensions``; concurrent processes serialise on a file lock, and a build that fails is
 tried once per process, warns once with the compiler's own error line, and leaves ``ref`` in charge.
@@ -11,27 +17,26 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import importlib
 import os
 import platform
 import re
 import sys
 import threading
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import torch
 
 IMPLS = ("ref", "cpu", "cuda")
 ENV_VAR = "P2PZ_OPS_IMPL"
-CSRC = Path(__file__).resolve().parent / "csrc"
-
-# Sources of each extension; the headers are hashed too, since ninja does not track them for nvcc.
-_SOURCES = {
-    "cpu": ["upfirdn2d_cpu.cpp", "bias_act_cpu.cpp"],
-    "cuda": ["upfirdn2d_cuda.cu", "bias_act_cuda.cu"],
-}
-_HEADERS = ["ops_common.h"]
+NAMESPACE = "p2pz"  # torch.ops.p2pz.*: the C++/CUDA sources register their kernels under this name
+OPS = ("upfirdn2d", "bias_act")  # each is the file set <op>.py, <op>.h, <op>.cpp, <op>.cu
+SOURCE_DIR = Path(__file__).resolve().parent
+_SUFFIXES = {"cpu": ".cpp", "cuda": ".cu"}  # the extensions, by device kind
+# The headers are hashed too, since ninja does not track them for nvcc.
+HEADERS = ["common.h"] + [f"{op}.h" for op in OPS]
 # -march=native: the build runs on the machine that uses it (the digest includes the CPU's identity);
 # without it the baseline x86-64 target turns lrelu's select into a branch and nothing vectorises.
 CPU_CFLAGS = ["-O3", "-fno-math-errno", "-march=native"]
@@ -40,6 +45,29 @@ CUDA_CFLAGS = ["-O3", "--use_fast_math"]
 _forced: list[str] = []  # stack of force_impl() contexts
 _state: dict[str, str] = {}  # kind -> "loaded" | "failed"
 _lock = threading.Lock()
+_libraries: list[torch.library.Library] = []  # the operators stay registered while these live
+
+
+# ---------------------------------------------------------------------------------------------------
+# Operators
+
+
+def define_op(schema: str, fake: Callable, backward: Callable, setup_context: Callable) -> None:
+    """Define the operator ``p2pz::<schema>`` with its fake kernel (shapes for torch.compile and
+    torch.export) and its autograd formula; the compiled extensions add the CPU and CUDA kernels.
+
+    Each op's module calls this on import, hence once per process.
+    """
+    lib = torch.library.Library(NAMESPACE, "FRAGMENT")  # a fragment per op: no op owns the namespace
+    lib.define(schema)
+    name = f"{NAMESPACE}::{schema.split('(', 1)[0]}"
+    torch.library.register_fake(name, fake, lib=lib)
+    torch.library.register_autograd(name, backward, setup_context=setup_context, lib=lib)
+    _libraries.append(lib)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Choosing an implementation
 
 
 def _check(impl: str | None, where: str) -> str | None:
@@ -83,13 +111,18 @@ def choose_impl(impl: str | None, x: torch.Tensor) -> str:
             f"ops implementation {requested!r} cannot run on {kind} tensors; "
             f"use impl='ref' or move the tensors to {requested}"
         )
-    if kind not in _SOURCES:
+    if kind not in _SUFFIXES:
         return "ref"
     return kind if load_extension(kind) else "ref"
 
 
 # ---------------------------------------------------------------------------------------------------
 # Just-in-time build
+
+
+def sources(kind: str) -> list[str]:
+    """File names of extension `kind` ('cpu' or 'cuda'): one source per op, in SOURCE_DIR."""
+    return [op + _SUFFIXES[kind] for op in OPS]
 
 
 def build_root() -> Path:
@@ -110,9 +143,9 @@ def _cpu_identity() -> str:
 def source_digest(kind: str) -> str:
     """Hash of everything that changes the binary: sources, headers, flags, torch and Python versions."""
     h = hashlib.sha256()
-    for name in sorted(_SOURCES[kind] + _HEADERS):
+    for name in sorted(sources(kind) + HEADERS):
         h.update(name.encode())
-        h.update((CSRC / name).read_bytes())
+        h.update((SOURCE_DIR / name).read_bytes())
     flags = CPU_CFLAGS + (CUDA_CFLAGS if kind == "cuda" else [])
     versions = (torch.__version__, torch.version.cuda, sys.version_info[:2], platform.machine())
     h.update(repr((flags, versions, _cpu_identity())).encode())
@@ -134,15 +167,14 @@ def _compiler_error_line(message: str) -> str:
 
 
 def compile_extension(kind: str, directory: Path, verbose: bool = False) -> None:
-    """Compile and load extension `kind` ('cpu' or 'cuda') from the sources in csrc/ into `directory`.
-
-    Loading the shared library registers its kernels for the ``p2pz`` ops (see _library.py).
+    """Compile and load extension `kind` ('cpu' or 'cuda') from the sources beside this file into
+    `directory`. Loading the shared library registers its kernels for the ``p2pz`` ops.
     """
     from filelock import FileLock
-    from p2pz.student.ops import _library
     from torch.utils import cpp_extension
 
-    _library.define_ops()  # the schemas must exist before the kernels register against them
+    for op in OPS:  # each op's module defines its schema on import; the kernels register against them
+        importlib.import_module(f"{__package__}.{op}")
     directory.mkdir(parents=True, exist_ok=True)
     with FileLock(str(directory) + ".lock"):
         # We hold the only lock that matters; a baton left by a build killed mid-way (Ctrl-C) would
@@ -151,8 +183,8 @@ def compile_extension(kind: str, directory: Path, verbose: bool = False) -> None
             (directory / "lock").unlink()
         cpp_extension.load(
             name=f"p2pz_ops_{kind}",
-            sources=[str(CSRC / s) for s in _SOURCES[kind]],
-            extra_include_paths=[str(CSRC)],
+            sources=[str(SOURCE_DIR / s) for s in sources(kind)],
+            extra_include_paths=[str(SOURCE_DIR)],
             extra_cflags=CPU_CFLAGS,
             extra_cuda_cflags=CUDA_CFLAGS if kind == "cuda" else None,
             build_directory=str(directory),
@@ -187,7 +219,3 @@ def load_extension(kind: str) -> bool:
                 stacklevel=3,
             )
     return _state[kind] == "loaded"
-
-
-def extension_available(kind: str) -> bool:
-    return load_extension(kind)

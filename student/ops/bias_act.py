@@ -5,6 +5,10 @@
 with b broadcast along dimension `dim`. Every step is optional: b=None adds nothing, gain=None uses the
 activation's default gain (sqrt(2) for the ReLU family and swish, which keeps the activations' variance
 under the equalised learning rate), clamp=None does not clamp.
+
+In this file: the Python API (`bias_act`, `ACTIVATIONS`), the pure-PyTorch reference, and the operators
+``torch.ops.p2pz.bias_act`` and ``torch.ops.p2pz.bias_act_grad`` (schemas, fake kernels, autograd
+formulas). Their kernels: bias_act.cpp (CPU), bias_act.cu (CUDA), and bias_act.h for what those two share.
 """
 
 from __future__ import annotations
@@ -14,8 +18,9 @@ from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
-from p2pz.student.ops import _library
-from p2pz.student.ops._runtime import choose_impl
+from torch.autograd.function import FunctionCtx
+
+from p2pz.student.ops._runtime import choose_impl, define_op
 
 
 class Activation(NamedTuple):
@@ -84,5 +89,105 @@ def _bias_act_ref(x, b, dim, act, alpha, gain, clamp):
     return x
 
 
+# ---------------------------------------------------------------------------------------------------
+# The operators p2pz::bias_act and p2pz::bias_act_grad. bias_act's gradient is bias_act_grad(order=1);
+# the gradient of bias_act_grad(order=k) is bias_act_grad(order=k) with respect to dy and
+# bias_act_grad(order=k+1) with respect to x and b, so gradients of gradients work (R1 needs them).
+
+MAX_ORDER = 2  # the kernels know the activations' first and second derivatives
+LINEAR_IN_X = ("linear", "relu", "lrelu")  # second derivative zero almost everywhere
+
+
+def _is_dense(x: torch.Tensor) -> bool:
+    """Non-overlapping and dense: memory is a permutation of a contiguous tensor (the kernels' rule)."""
+    expected = 1
+    for size, stride in sorted(zip(x.shape, x.stride()), key=lambda t: t[1]):
+        if size == 1:
+            continue
+        if stride != expected:
+            return False
+        expected *= size
+    return True
+
+
+def _elementwise_like(x: torch.Tensor) -> torch.Tensor:
+    """The operators' output allocation: x's strides when x is dense, else contiguous (bias_act.h)."""
+    return torch.empty_like(x) if _is_dense(x) else torch.empty(x.shape, dtype=x.dtype, device=x.device)
+
+
+def _reduce_to_bias(g: torch.Tensor, dim: int) -> torch.Tensor:
+    """Sum a gradient of x's shape down to the bias' shape [x.shape[dim]]."""
+    return g.sum(dim=[d for d in range(g.dim()) if d != dim])
+
+
+def _fake(
+    x: torch.Tensor, b: torch.Tensor | None, dim: int, act: str, alpha: float, gain: float, clamp: float
+) -> torch.Tensor:
+    """bias_act's output shape and strides, for torch.compile and torch.export."""
+    return _elementwise_like(x)
+
+
+def _setup(ctx: FunctionCtx, inputs: tuple, output: torch.Tensor) -> None:
+    x, b, *ctx.args = inputs
+    ctx.save_for_backward(x, b)
+
+
+def _backward(ctx: FunctionCtx, dy: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+    x, b = ctx.saved_tensors
+    dx = torch.ops.p2pz.bias_act_grad(dy, x, b, *ctx.args, 1)
+    db = _reduce_to_bias(dx, ctx.args[0]) if b is not None and ctx.needs_input_grad[1] else None
+    return dx, db, None, None, None, None, None
+
+
+def _grad_fake(
+    dy: torch.Tensor,
+    x: torch.Tensor,
+    b: torch.Tensor | None,
+    dim: int,
+    act: str,
+    alpha: float,
+    gain: float,
+    clamp: float,
+    order: int,
+) -> torch.Tensor:
+    """bias_act_grad's output shape and strides: those of bias_act's."""
+    return _elementwise_like(x)
+
+
+def _grad_setup(ctx: FunctionCtx, inputs: tuple, output: torch.Tensor) -> None:
+    dy, x, b, *args = inputs
+    ctx.args, ctx.order = args[:-1], args[-1]
+    ctx.save_for_backward(dy, x, b)
+
+
+def _grad_backward(ctx: FunctionCtx, ddx: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+    dy, x, b = ctx.saved_tensors
+    dim, act = ctx.args[0], ctx.args[1]
+    # bias_act_grad(order=k) = dy * f^(k)(x + b): linear in dy, and f^(k+1) for x and b.
+    d_dy = torch.ops.p2pz.bias_act_grad(ddx, x, b, *ctx.args, ctx.order) if ctx.needs_input_grad[0] else None
+    d_x = d_b = None
+    if (ctx.needs_input_grad[1] or ctx.needs_input_grad[2]) and act not in LINEAR_IN_X:
+        if ctx.order + 1 > MAX_ORDER:
+            raise NotImplementedError(
+                f"bias_act supports gradients up to order {MAX_ORDER}; use impl='ref' for higher orders"
+            )
+        d_x = torch.ops.p2pz.bias_act_grad(ddx * dy, x, b, *ctx.args, ctx.order + 1)
+        d_b = _reduce_to_bias(d_x, dim) if b is not None and ctx.needs_input_grad[2] else None
+    return d_dy, d_x, d_b, None, None, None, None, None, None
+
+
+define_op(
+    "bias_act(Tensor x, Tensor? b, int dim, str act, float alpha, float gain, float clamp) -> Tensor",
+    _fake,
+    _backward,
+    _setup,
+)
+define_op(
+    "bias_act_grad(Tensor dy, Tensor x, Tensor? b, int dim, str act, float alpha, float gain, "
+    "float clamp, int order) -> Tensor",
+    _grad_fake,
+    _grad_backward,
+    _grad_setup,
+)
+
 __all__ = ["ACTIVATIONS", "bias_act"]
-_ = _library  # the operators are defined on import

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+
 from p2pz.student.ops.upfirdn2d import Padding, _filter_size, _parse_padding, upfirdn2d
 
 

@@ -11,6 +11,11 @@ Output size per axis: ``(in * up + pad0 + pad1 - taps + down) // down``.
 
 ``ref`` below is the readable ground truth. The compiled kernels never materialise the zero-stuffed
 image: they visit only the filter taps that land on real samples (polyphase).
+
+In this file: the Python API (`setup_filter`, `upfirdn2d` and its `filter2d` / `upsample2d` /
+`downsample2d` helpers), the pure-PyTorch reference, and the operator ``torch.ops.p2pz.upfirdn2d``
+(schema, fake kernel, autograd formula). Its kernels: upfirdn2d.cpp (CPU), upfirdn2d.cu (CUDA), and
+upfirdn2d.h for what those two share.
 """
 
 from __future__ import annotations
@@ -20,8 +25,9 @@ from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
-from p2pz.student.ops import _library
-from p2pz.student.ops._runtime import choose_impl
+from torch.autograd.function import FunctionCtx
+
+from p2pz.student.ops._runtime import choose_impl, define_op
 
 Scaling = int | Sequence[int]
 Padding = int | Sequence[int]
@@ -214,5 +220,76 @@ def downsample2d(
     return upfirdn2d(x, f, down=(downx, downy), padding=p, flip_filter=flip_filter, gain=gain, impl=impl)
 
 
+# ---------------------------------------------------------------------------------------------------
+# The operator p2pz::upfirdn2d. Its gradient is upfirdn2d again (up and down swapped, the filter
+# flipped), so gradients of gradients work too (R1 needs them).
+
+
+def _out_size(in_size: int, up: int, down: int, pad0: int, pad1: int, taps: int) -> int:
+    """Output size along one axis (the module docstring's formula; upfirdn2d.h has the same)."""
+    return (in_size * up + pad0 + pad1 - taps + down) // down
+
+
+def _output_memory_format(x: torch.Tensor) -> torch.memory_format:
+    """Layout of the operator's output; the C++/CUDA kernels apply the same rule (upfirdn2d.h)."""
+    if x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last):
+        return torch.channels_last
+    return torch.contiguous_format
+
+
+def _fake(
+    x: torch.Tensor,
+    f: torch.Tensor,
+    upx: int,
+    upy: int,
+    downx: int,
+    downy: int,
+    padx0: int,
+    padx1: int,
+    pady0: int,
+    pady1: int,
+    flip_filter: bool,
+    gain: float,
+) -> torch.Tensor:
+    """The output's shape and layout, for torch.compile and torch.export."""
+    torch._check(x.dim() == 4, lambda: "upfirdn2d: x must be [N, C, H, W]")
+    torch._check(f.dim() == 2, lambda: "upfirdn2d: the operator takes a 2-D filter")
+    fh, fw = f.shape
+    oh = _out_size(x.shape[2], upy, downy, pady0, pady1, fh)
+    ow = _out_size(x.shape[3], upx, downx, padx0, padx1, fw)
+    out = x.new_empty((x.shape[0], x.shape[1], oh, ow))
+    return out.contiguous(memory_format=_output_memory_format(x))
+
+
+def _setup_context(ctx: FunctionCtx, inputs: tuple, output: torch.Tensor) -> None:
+    x, f, *args = inputs
+    ctx.save_for_backward(f)
+    ctx.args = args
+    ctx.in_hw = x.shape[2:]
+    ctx.out_hw = output.shape[2:]
+
+
+def _backward(ctx: FunctionCtx, dy: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+    (f,) = ctx.saved_tensors
+    upx, upy, downx, downy, padx0, padx1, pady0, pady1, flip_filter, gain = ctx.args
+    (ih, iw), (oh, ow) = ctx.in_hw, ctx.out_hw
+    fh, fw = f.shape
+    # Transposed op: swap up/down, flip the filter, and pad so that the output is x's size.
+    dx = torch.ops.p2pz.upfirdn2d(
+        dy, f, downx, downy, upx, upy,
+        fw - padx0 - 1, iw * upx - ow * downx + padx0 - upx + 1,
+        fh - pady0 - 1, ih * upy - oh * downy + pady0 - upy + 1,
+        not flip_filter, gain,
+    )  # fmt: skip
+    return (dx,) + (None,) * 11  # the filter is a constant: no gradient for it
+
+
+define_op(
+    "upfirdn2d(Tensor x, Tensor f, int upx, int upy, int downx, int downy, "
+    "int padx0, int padx1, int pady0, int pady1, bool flip_filter, float gain) -> Tensor",
+    _fake,
+    _backward,
+    _setup_context,
+)
+
 __all__ = ["setup_filter", "upfirdn2d", "filter2d", "upsample2d", "downsample2d"]
-_ = _library  # the operators are defined on import

@@ -1,11 +1,12 @@
-// Shared by the C++ CPU and the CUDA kernels of the p2pz ops: the activation table with its first and
-// second derivatives, and the output-layout rules that the Python fake kernels (_library.py) mirror.
+// bias_act's kernels, the part the CPU (bias_act.cpp) and CUDA (bias_act.cu) versions share: the
+// activation table with first and second derivatives, the checked operands, and the two operators'
+// entry points over one device's kernel. The Python fake kernel (bias_act.py) mirrors the layout rule.
 #pragma once
 
-#include <ATen/ATen.h>
-
-#include <cmath>
+#include <optional>
 #include <string>
+
+#include "common.h"
 
 #ifdef __CUDACC__
 #define P2PZ_HD __host__ __device__ __forceinline__
@@ -16,27 +17,6 @@
 namespace p2pz {
 
 // ------------------------------------------------------------------------------------------------
-// Layout rules
-
-// upfirdn2d writes channels_last exactly when its input is channels_last (and not also contiguous).
-inline at::MemoryFormat upfirdn2d_memory_format(const at::Tensor& x) {
-  if (x.dim() == 4 && !x.is_contiguous() && x.is_contiguous(at::MemoryFormat::ChannelsLast))
-    return at::MemoryFormat::ChannelsLast;
-  return at::MemoryFormat::Contiguous;
-}
-
-// bias_act runs over memory linearly, so it needs a dense tensor; its output has the same strides.
-inline at::Tensor dense(const at::Tensor& x) {
-  return x.is_non_overlapping_and_dense() ? x : x.contiguous();
-}
-
-// `t` laid out exactly like `like` (a dense tensor of the same shape).
-inline at::Tensor same_strides(const at::Tensor& t, const at::Tensor& like) {
-  if (t.strides() == like.strides()) return t;
-  return at::empty_like(like).copy_(t);
-}
-
-// ------------------------------------------------------------------------------------------------
 // Activations
 
 enum Act : int { kLinear, kRelu, kLrelu, kTanh, kSigmoid, kElu, kSelu, kSoftplus, kSwish };
@@ -44,35 +24,12 @@ enum Act : int { kLinear, kRelu, kLrelu, kTanh, kSigmoid, kElu, kSelu, kSoftplus
 // X-macro over every Act, for the kernels' `switch (act)` dispatch (one template instance per case).
 #define P2PZ_FOR_EACH_ACT(X) X(kLinear) X(kRelu) X(kLrelu) X(kTanh) X(kSigmoid) X(kElu) X(kSelu) X(kSoftplus) X(kSwish)
 
-inline Act act_from_name(const std::string& name) {
+inline Act act_from_name(c10::string_view name) {
   static const char* names[] = {"linear", "relu", "lrelu", "tanh", "sigmoid", "elu", "selu", "softplus", "swish"};
   for (int i = 0; i < 9; ++i)
     if (name == names[i]) return static_cast<Act>(i);
-  TORCH_CHECK(false, "bias_act: unknown activation '", name, "'");
+  TORCH_CHECK(false, "bias_act: unknown activation '", std::string(name), "'");
   return kLinear;
-}
-
-// The checked, dense operands of bias_act / bias_act_grad, shared by the CPU and CUDA entry points.
-struct BiasActArgs {
-  at::Tensor x, dy, b;  // dy and b undefined when absent; all laid out like x
-  int64_t dim;
-  Act act;
-};
-
-inline BiasActArgs bias_act_args(const at::Tensor& x_in, const at::Tensor& dy_in,
-                                 const std::optional<at::Tensor>& b_in, int64_t dim, const std::string& act_name,
-                                 int64_t order) {
-  TORCH_CHECK(order >= 0 && order <= 2, "bias_act: only derivatives of order 1 and 2 are implemented");
-  BiasActArgs a;
-  a.act = act_from_name(act_name);
-  a.dim = c10::maybe_wrap_dim(dim, x_in.dim());
-  a.x = dense(x_in);
-  if (order > 0) a.dy = same_strides(dy_in, a.x);
-  if (b_in.has_value() && b_in->defined()) {
-    a.b = b_in->to(a.x.scalar_type()).contiguous();
-    TORCH_CHECK(a.b.dim() == 1 && a.b.numel() == a.x.size(a.dim), "bias_act: b must have shape [x.shape[dim]]");
-  }
-  return a;
 }
 
 P2PZ_HD float fexp(float v) { return expf(v); }
@@ -147,37 +104,63 @@ P2PZ_HD T bias_act_value(T t, T dy, T alpha, T gain, T clamp) {
   return dy * d * gain * inside;
 }
 
-// upfirdn2d along one axis: output o uses upsampled sample v = o * down + k - pad0 of tap k (in the
-// flipped-filter frame); only v that are multiples of `up` are real input samples i = v / up.
-// Output positions of one tap form a progression o = o0 + j * o_step, i = i0 + j * i_step.
-struct TapRun {
-  int64_t o0 = 0, i0 = 0, n = 0;
+// ------------------------------------------------------------------------------------------------
+// Operands and entry points
+
+// The checked, dense operands of one bias_act (order 0) or bias_act_grad (order >= 1) call.
+struct BiasActArgs {
+  at::Tensor x, dy, b;  // dy and b undefined when absent; all laid out like x
+  int64_t dim;
+  Act act;
+  double alpha, gain, clamp;
+  int64_t order;
 };
 
-inline int64_t gcd64(int64_t a, int64_t b) {
-  while (b) {
-    const int64_t t = a % b;
-    a = b;
-    b = t;
+// A device's kernel: fills `out` (non-empty, laid out like a.x) with the value of order a.order.
+using BiasActKernel = void (*)(const BiasActArgs& a, at::Tensor& out);
+
+// The kernels run over memory linearly, so they need a dense x; the output gets its strides (the rule
+// that bias_act.py's fake kernel mirrors), and dy is copied to them when its own differ.
+inline BiasActArgs bias_act_args(const at::Tensor& x, const at::Tensor& dy, const std::optional<at::Tensor>& b,
+                                 int64_t dim, c10::string_view act, double alpha, double gain, double clamp,
+                                 int64_t order) {
+  TORCH_CHECK(order >= 0 && order <= 2, "bias_act: only derivatives of order 1 and 2 are implemented");
+  BiasActArgs a{};
+  a.act = act_from_name(act);
+  a.dim = c10::maybe_wrap_dim(dim, x.dim());
+  a.x = x.is_non_overlapping_and_dense() ? x : x.contiguous();
+  if (order > 0) a.dy = dy.strides() == a.x.strides() ? dy : at::empty_like(a.x).copy_(dy);
+  if (b.has_value() && b->defined()) {
+    a.b = b->to(a.x.scalar_type()).contiguous();
+    TORCH_CHECK(a.b.dim() == 1 && a.b.numel() == a.x.size(a.dim), "bias_act: b must have shape [x.shape[dim]]");
   }
+  a.alpha = alpha;
+  a.gain = gain;
+  a.clamp = clamp;
+  a.order = order;
   return a;
 }
 
-inline TapRun tap_run(int64_t k, int64_t up, int64_t down, int64_t pad0, int64_t in_size, int64_t out_size) {
-  const int64_t g = gcd64(up, down), o_step = up / g, i_step = down / g;
-  TapRun r;
-  for (int64_t o = 0; o < out_size; ++o) {
-    const int64_t v = o * down + k - pad0;
-    if (v >= 0 && v % up == 0) {  // the first real input sample; later ones only move further right
-      if (v / up >= in_size) break;
-      r.o0 = o;
-      r.i0 = v / up;
-      const int64_t n_out = (out_size - 1 - o) / o_step + 1, n_in = (in_size - 1 - r.i0) / i_step + 1;
-      r.n = n_out < n_in ? n_out : n_in;
-      break;
-    }
-  }
-  return r;
+inline at::Tensor run_bias_act(BiasActKernel kernel, const BiasActArgs& a) {
+  at::Tensor out = at::empty_like(a.x);
+  if (out.numel() > 0) kernel(a, out);
+  return out;
+}
+
+// p2pz::bias_act on the device of `Kernel`: y = clamp(act(x + b) * gain).
+template <BiasActKernel Kernel>
+at::Tensor bias_act_op(const at::Tensor& x, const std::optional<at::Tensor>& b, int64_t dim, c10::string_view act,
+                       double alpha, double gain, double clamp) {
+  return run_bias_act(Kernel, bias_act_args(x, at::Tensor(), b, dim, act, alpha, gain, clamp, 0));
+}
+
+// p2pz::bias_act_grad on the device of `Kernel`: dy times the order-th derivative of bias_act in x.
+template <BiasActKernel Kernel>
+at::Tensor bias_act_grad_op(const at::Tensor& dy, const at::Tensor& x, const std::optional<at::Tensor>& b,
+                            int64_t dim, c10::string_view act, double alpha, double gain, double clamp,
+                            int64_t order) {
+  TORCH_CHECK(order >= 1, "bias_act_grad: order must be >= 1");
+  return run_bias_act(Kernel, bias_act_args(x, dy, b, dim, act, alpha, gain, clamp, order));
 }
 
 }  // namespace p2pz

@@ -1,4 +1,5 @@
-// bias_act on the CPU: one fused pass over memory instead of PyTorch's four (add, act, scale, clamp).
+// bias_act on the CPU: one fused pass over memory instead of PyTorch's four (add, act, scale, clamp),
+// and its registration as the CPU kernel of p2pz::bias_act and p2pz::bias_act_grad.
 //
 // The tensor is walked in memory order. The bias index of element i is (i / stride(dim)) % size(dim),
 // valid for any dense layout (channels_last included). Runs of elements sharing one bias value (NCHW,
@@ -8,14 +9,12 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
-#include "ops_common.h"
+#include <algorithm>
+
+#include "bias_act.h"
 
 namespace p2pz {
 namespace {
-
-struct Params {
-  double alpha, gain, clamp;
-};
 
 // out[i] = bias_act_value(x[i] + bias, dy[i]) over a run of n elements; ORDER 0 ignores dy.
 template <int A, int ORDER, typename scalar_t, typename acc_t, bool VECTOR_BIAS>
@@ -29,17 +28,16 @@ inline void run(const scalar_t* __restrict__ x, const scalar_t* __restrict__ dy,
 }
 
 template <int A, int ORDER, typename scalar_t>
-void bias_act_kernel(const at::Tensor& x, const at::Tensor& dy, const at::Tensor& b, at::Tensor& out, int64_t dim,
-                     const Params& prm) {
-  using acc_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
-  const acc_t alpha = prm.alpha, gain = prm.gain, clamp = prm.clamp;
-  const scalar_t* xp = x.data_ptr<scalar_t>();
-  const scalar_t* dyp = ORDER == 0 ? nullptr : dy.data_ptr<scalar_t>();
-  const scalar_t* bp = b.defined() ? b.data_ptr<scalar_t>() : nullptr;
+void bias_act_kernel(const BiasActArgs& a, at::Tensor& out) {
+  using acc_t = acc_type<scalar_t>;
+  const acc_t alpha = a.alpha, gain = a.gain, clamp = a.clamp;
+  const scalar_t* xp = a.x.data_ptr<scalar_t>();
+  const scalar_t* dyp = ORDER == 0 ? nullptr : a.dy.data_ptr<scalar_t>();
+  const scalar_t* bp = a.b.defined() ? a.b.data_ptr<scalar_t>() : nullptr;
   scalar_t* op = out.data_ptr<scalar_t>();
-  const int64_t n = x.numel();
-  const int64_t size_b = bp ? x.size(dim) : 1;
-  const int64_t step_b = bp ? x.stride(dim) : n;
+  const int64_t n = a.x.numel();
+  const int64_t size_b = bp ? a.x.size(a.dim) : 1;
+  const int64_t step_b = bp ? a.x.stride(a.dim) : n;
   constexpr int64_t kGrain = 16384;
 
   if (size_b == 1) {  // no bias, or a single value: one flat run
@@ -70,53 +68,30 @@ void bias_act_kernel(const at::Tensor& x, const at::Tensor& dy, const at::Tensor
 }
 
 template <int ORDER, typename scalar_t>
-void dispatch_act(Act act, const at::Tensor& x, const at::Tensor& dy, const at::Tensor& b, at::Tensor& out,
-                  int64_t dim, const Params& prm) {
-  switch (act) {
+void dispatch_act(const BiasActArgs& a, at::Tensor& out) {
+  switch (a.act) {
 #define P2PZ_CASE(A) \
   case A:            \
-    return bias_act_kernel<A, ORDER, scalar_t>(x, dy, b, out, dim, prm);
+    return bias_act_kernel<A, ORDER, scalar_t>(a, out);
     P2PZ_FOR_EACH_ACT(P2PZ_CASE)
 #undef P2PZ_CASE
   }
 }
 
-// order 0: the forward value; order k >= 1: dy times the k-th derivative (see ops_common.h).
-at::Tensor bias_act_any(const at::Tensor& x_in, const at::Tensor& dy_in, const std::optional<at::Tensor>& b_in,
-                        int64_t dim, const std::string& act_name, double alpha, double gain, double clamp,
-                        int64_t order) {
-  const BiasActArgs args = bias_act_args(x_in, dy_in, b_in, dim, act_name, order);
-  const at::Tensor &x = args.x, &dy = args.dy, &b = args.b;
-  const Act act = args.act;
-  dim = args.dim;
-  at::Tensor out = at::empty_like(x);
-  if (x.numel() == 0) return out;
-  const Params prm{alpha, gain, clamp};
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "bias_act_cpu", [&] {
-    if (order == 0) dispatch_act<0, scalar_t>(act, x, dy, b, out, dim, prm);
-    if (order == 1) dispatch_act<1, scalar_t>(act, x, dy, b, out, dim, prm);
-    if (order == 2) dispatch_act<2, scalar_t>(act, x, dy, b, out, dim, prm);
+// order 0: the forward value; order k >= 1: dy times the k-th derivative (see bias_act.h).
+void bias_act_cpu(const BiasActArgs& a, at::Tensor& out) {
+  P2PZ_DISPATCH_FLOATING_TYPES(a.x.scalar_type(), "bias_act_cpu", [&] {
+    if (a.order == 0) dispatch_act<0, scalar_t>(a, out);
+    if (a.order == 1) dispatch_act<1, scalar_t>(a, out);
+    if (a.order == 2) dispatch_act<2, scalar_t>(a, out);
   });
-  return out;
-}
-
-at::Tensor bias_act_cpu(const at::Tensor& x, const std::optional<at::Tensor>& b, int64_t dim,
-                        c10::string_view act, double alpha, double gain, double clamp) {
-  return bias_act_any(x, at::Tensor(), b, dim, std::string(act), alpha, gain, clamp, 0);
-}
-
-at::Tensor bias_act_grad_cpu(const at::Tensor& dy, const at::Tensor& x, const std::optional<at::Tensor>& b,
-                             int64_t dim, c10::string_view act, double alpha, double gain, double clamp,
-                             int64_t order) {
-  TORCH_CHECK(order >= 1, "bias_act_grad: order must be >= 1");
-  return bias_act_any(x, dy, b, dim, std::string(act), alpha, gain, clamp, order);
 }
 
 }  // namespace
 
 TORCH_LIBRARY_IMPL(p2pz, CPU, m) {
-  m.impl("bias_act", &bias_act_cpu);
-  m.impl("bias_act_grad", &bias_act_grad_cpu);
+  m.impl("bias_act", &bias_act_op<bias_act_cpu>);
+  m.impl("bias_act_grad", &bias_act_grad_op<bias_act_cpu>);
 }
 
 }  // namespace p2pz

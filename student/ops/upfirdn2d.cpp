@@ -1,4 +1,5 @@
-// upfirdn2d on the CPU: polyphase FIR resampling, parallel over (image plane, output row).
+// upfirdn2d on the CPU: polyphase FIR resampling, parallel over (image plane, output row), and its
+// registration as the CPU kernel of p2pz::upfirdn2d.
 //
 // For every output row, each filter row that lands on a real (not zero-inserted) input row adds
 // weight * input row to the row's accumulator, one filter tap at a time. The output columns a tap
@@ -12,12 +13,46 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <vector>
 
-#include "ops_common.h"
+#include "upfirdn2d.h"
 
 namespace p2pz {
 namespace {
+
+// upfirdn2d along one axis: output o uses upsampled sample v = o * down + k - pad0 of tap k (in the
+// flipped-filter frame); only v that are multiples of `up` are real input samples i = v / up.
+// Output positions of one tap form a progression o = o0 + j * o_step, i = i0 + j * i_step.
+struct TapRun {
+  int64_t o0 = 0, i0 = 0, n = 0;
+};
+
+inline int64_t gcd64(int64_t a, int64_t b) {
+  while (b) {
+    const int64_t t = a % b;
+    a = b;
+    b = t;
+  }
+  return a;
+}
+
+inline TapRun tap_run(int64_t k, int64_t up, int64_t down, int64_t pad0, int64_t in_size, int64_t out_size) {
+  const int64_t g = gcd64(up, down), o_step = up / g, i_step = down / g;
+  TapRun r;
+  for (int64_t o = 0; o < out_size; ++o) {
+    const int64_t v = o * down + k - pad0;
+    if (v >= 0 && v % up == 0) {  // the first real input sample; later ones only move further right
+      if (v / up >= in_size) break;
+      r.o0 = o;
+      r.i0 = v / up;
+      const int64_t n_out = (out_size - 1 - o) / o_step + 1, n_in = (in_size - 1 - r.i0) / i_step + 1;
+      r.n = n_out < n_in ? n_out : n_in;
+      break;
+    }
+  }
+  return r;
+}
 
 struct Geometry {
   int64_t planes, minor, in_h, in_w, out_h, out_w;
@@ -84,44 +119,32 @@ void upfirdn2d_kernel(const scalar_t* x, scalar_t* y, const std::vector<acc_t>& 
   });
 }
 
-at::Tensor upfirdn2d_cpu(const at::Tensor& x_in, const at::Tensor& f, int64_t upx, int64_t upy, int64_t downx,
-                         int64_t downy, int64_t padx0, int64_t padx1, int64_t pady0, int64_t pady1,
-                         bool flip_filter, double gain) {
-  TORCH_CHECK(x_in.dim() == 4, "upfirdn2d: x must be [N, C, H, W]");
-  TORCH_CHECK(f.dim() == 2, "upfirdn2d: the operator takes a 2-D filter");
-  TORCH_CHECK(upx >= 1 && upy >= 1 && downx >= 1 && downy >= 1, "upfirdn2d: up and down must be >= 1");
-  const auto format = upfirdn2d_memory_format(x_in);
-  const at::Tensor x = x_in.contiguous(format);
+void upfirdn2d_cpu(const Upfirdn2dArgs& a, at::Tensor& y) {
+  const at::Tensor& x = a.x;
   const int64_t N = x.size(0), C = x.size(1), H = x.size(2), W = x.size(3);
-  const int64_t fh = f.size(0), fw = f.size(1);
-  const int64_t OH = (H * upy + pady0 + pady1 - fh + downy) / downy;
-  const int64_t OW = (W * upx + padx0 + padx1 - fw + downx) / downx;
-  TORCH_CHECK(OH >= 1 && OW >= 1, "upfirdn2d: the output would be empty (", OH, "x", OW, ")");
-  at::Tensor y = at::empty({N, C, OH, OW}, x.options().memory_format(format));
-  if (y.numel() == 0) return y;
-
-  const bool cl = format == at::MemoryFormat::ChannelsLast;
-  Geometry g{cl ? N : N * C, cl ? C : 1, H, W, OH, OW, upx, upy, downx, downy, padx0, pady0, fh, fw};
-  const at::Tensor fc = f.to(at::kDouble).contiguous();
+  const int64_t fh = a.f.size(0), fw = a.f.size(1);
+  const bool cl = a.format == at::MemoryFormat::ChannelsLast;
+  Geometry g{cl ? N : N * C, cl ? C : 1, H, W, y.size(2), y.size(3), a.upx, a.upy, a.downx, a.downy, a.padx0,
+             a.pady0, fh, fw};
+  const at::Tensor fc = a.f.to(at::kDouble).contiguous();
   const double* fp = fc.data_ptr<double>();
 
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "upfirdn2d_cpu", [&] {
-    using acc_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
+  P2PZ_DISPATCH_FLOATING_TYPES(x.scalar_type(), "upfirdn2d_cpu", [&] {
+    using acc_t = acc_type<scalar_t>;
     // Taps in the frame of the formula y[o] = sum_k taps[k] * u[o * down + k - pad0]: a convolution
     // flips the filter; flip_filter (correlation) keeps it as is. The gain is folded in.
     std::vector<acc_t> taps(fh * fw);
     for (int64_t ky = 0; ky < fh; ++ky)
       for (int64_t kx = 0; kx < fw; ++kx) {
-        const double v = flip_filter ? fp[ky * fw + kx] : fp[(fh - 1 - ky) * fw + (fw - 1 - kx)];
-        taps[ky * fw + kx] = static_cast<acc_t>(v * gain);
+        const double v = a.flip_filter ? fp[ky * fw + kx] : fp[(fh - 1 - ky) * fw + (fw - 1 - kx)];
+        taps[ky * fw + kx] = static_cast<acc_t>(v * a.gain);
       }
     upfirdn2d_kernel<scalar_t, acc_t>(x.data_ptr<scalar_t>(), y.data_ptr<scalar_t>(), taps, g);
   });
-  return y;
 }
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(p2pz, CPU, m) { m.impl("upfirdn2d", &upfirdn2d_cpu); }
+TORCH_LIBRARY_IMPL(p2pz, CPU, m) { m.impl("upfirdn2d", &upfirdn2d_op<upfirdn2d_cpu>); }
 
 }  // namespace p2pz

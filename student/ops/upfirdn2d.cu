@@ -1,4 +1,5 @@
-// upfirdn2d on CUDA: shared-memory tiles for the common cases, a generic kernel for everything else.
+// upfirdn2d on CUDA: shared-memory tiles for the common cases, a generic kernel for everything else; and
+// its registration as the CUDA kernel of p2pz::upfirdn2d.
 //
 // Both compute, per output pixel, y[oy, ox] = sum_{ky, kx} taps[ky, kx] * u[oy*down + ky - pad0, ...]
 // where u is the zero-stuffed input, visiting only the taps that land on real input samples (polyphase).
@@ -12,23 +13,16 @@
 // Indices are 64-bit in the generic kernel; the tiled one is chosen only when 32-bit offsets suffice.
 
 #include <c10/cuda/CUDAException.h>
-#include <c10/cuda/CUDAStream.h>
 #include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 
-#include "ops_common.h"
+#include <algorithm>
+
+#include "upfirdn2d.h"
 
 namespace p2pz {
 namespace {
-
-template <typename T>
-struct AccType {
-  using type = float;
-};
-template <>
-struct AccType<double> {
-  using type = double;
-};
 
 __device__ __forceinline__ int64_t floor_div(int64_t a, int64_t b) { return (a >= 0 ? a : a - (b - 1)) / b; }
 
@@ -145,36 +139,26 @@ bool try_tiled(const scalar_t* x, const acc_t* taps, scalar_t* y, const Params& 
   return false;
 }
 
-at::Tensor upfirdn2d_cuda(const at::Tensor& x_in, const at::Tensor& f, int64_t upx, int64_t upy, int64_t downx,
-                          int64_t downy, int64_t padx0, int64_t padx1, int64_t pady0, int64_t pady1,
-                          bool flip_filter, double gain) {
-  TORCH_CHECK(x_in.is_cuda() && x_in.dim() == 4, "upfirdn2d: x must be a CUDA tensor [N, C, H, W]");
-  TORCH_CHECK(f.dim() == 2, "upfirdn2d: the operator takes a 2-D filter");
-  TORCH_CHECK(upx >= 1 && upy >= 1 && downx >= 1 && downy >= 1, "upfirdn2d: up and down must be >= 1");
-  const c10::cuda::CUDAGuard guard(x_in.device());
-  const auto format = upfirdn2d_memory_format(x_in);
-  const at::Tensor x = x_in.contiguous(format);
-  const int64_t N = x.size(0), C = x.size(1), H = x.size(2), W = x.size(3), fh = f.size(0), fw = f.size(1);
-  const int64_t OH = (H * upy + pady0 + pady1 - fh + downy) / downy;
-  const int64_t OW = (W * upx + padx0 + padx1 - fw + downx) / downx;
-  TORCH_CHECK(OH >= 1 && OW >= 1, "upfirdn2d: the output would be empty (", OH, "x", OW, ")");
-  at::Tensor y = at::empty({N, C, OH, OW}, x.options().memory_format(format));
-  if (y.numel() == 0) return y;
-
-  Params p{N, C, H, W, OH, OW,
+void upfirdn2d_cuda(const Upfirdn2dArgs& a, at::Tensor& y) {
+  check_cuda(a.x, "upfirdn2d");
+  const c10::cuda::CUDAGuard guard(a.x.device());  // the launches go to x's GPU and its current stream
+  const at::Tensor& x = a.x;
+  const int64_t N = x.size(0), C = x.size(1);
+  Params p{N, C, x.size(2), x.size(3), y.size(2), y.size(3),
            x.stride(0), x.stride(1), x.stride(2), x.stride(3),
            y.stride(0), y.stride(1), y.stride(2), y.stride(3),
-           (int)upx, (int)upy, (int)downx, (int)downy, (int)padx0, (int)pady0, (int)fh, (int)fw};
-  const bool nchw = format == at::MemoryFormat::Contiguous;
+           (int)a.upx, (int)a.upy, (int)a.downx, (int)a.downy, (int)a.padx0, (int)a.pady0,
+           (int)a.f.size(0), (int)a.f.size(1)};
+  const bool nchw = a.format == at::MemoryFormat::Contiguous;
   const bool small = x.numel() < INT32_MAX && y.numel() < INT32_MAX && N * C <= 65535;
   cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
 
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "upfirdn2d_cuda", [&] {
-    using acc_t = typename AccType<scalar_t>::type;
+  P2PZ_DISPATCH_FLOATING_TYPES(x.scalar_type(), "upfirdn2d_cuda", [&] {
+    using acc_t = acc_type<scalar_t>;
     const auto acc_dtype = std::is_same_v<acc_t, double> ? at::kDouble : at::kFloat;
     // Taps in the formula's frame (a convolution flips the filter), gain folded in.
-    at::Tensor taps = flip_filter ? f : f.flip({0, 1});
-    taps = (taps.to(x.device(), acc_dtype) * gain).contiguous();
+    at::Tensor taps = a.flip_filter ? a.f : a.f.flip({0, 1});
+    taps = (taps.to(x.device(), acc_dtype) * a.gain).contiguous();
     const scalar_t* xp = x.data_ptr<scalar_t>();
     scalar_t* yp = y.data_ptr<scalar_t>();
     const acc_t* tp = taps.data_ptr<acc_t>();
@@ -186,11 +170,10 @@ at::Tensor upfirdn2d_cuda(const at::Tensor& x_in, const at::Tensor& f, int64_t u
     }
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
-  return y;
 }
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(p2pz, CUDA, m) { m.impl("upfirdn2d", &upfirdn2d_cuda); }
+TORCH_LIBRARY_IMPL(p2pz, CUDA, m) { m.impl("upfirdn2d", &upfirdn2d_op<upfirdn2d_cuda>); }
 
 }  // namespace p2pz
