@@ -19,7 +19,6 @@ The last line is one JSON object with ``pairs_per_hour_b1``, ``pairs_per_hour_b4
 from __future__ import annotations
 
 import argparse
-import io
 import json
 import os
 import tempfile
@@ -74,15 +73,10 @@ def bench_generate(
 
 
 def write_reader_data(folder: Path, count: int, size: int) -> None:
+    from p2pz.data.pairs.sample import build_sample
     from p2pz.data.pairs.shards import atomic_shard
 
     rng = np.random.default_rng(1)
-
-    def png(array):
-        buffer = io.BytesIO()
-        Image.fromarray(array).save(buffer, format="PNG")
-        return buffer.getvalue()
-
     per_shard = 16
     for index in range((count + per_shard - 1) // per_shard):
         with atomic_shard(folder, index) as shard:
@@ -91,14 +85,8 @@ def write_reader_data(folder: Path, count: int, size: int) -> None:
                 base = rng.integers(0, 256, (16, 16, 3), dtype=np.uint8)
                 img = np.asarray(Image.fromarray(base).resize((size, size), Image.BICUBIC)).astype(np.int16)
                 img = np.clip(img + rng.integers(-6, 7, img.shape), 0, 255).astype(np.uint8)
-                shard.write(
-                    {
-                        "__key__": f"k{index:04d}_{j:03d}",
-                        "src.png": png(img),
-                        "edit.png": png(255 - img),
-                        "json": {"i": j},
-                    }
-                )
+                key = f"k{index:04d}_{j:03d}"
+                shard.write(build_sample(key, Image.fromarray(img), Image.fromarray(255 - img), {"i": j}))
 
 
 def bench_reader(folder: Path, batch_size: int, resolution: int, batches: int) -> float:

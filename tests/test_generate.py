@@ -13,16 +13,17 @@ import json
 import signal
 import subprocess
 import sys
-import tarfile
 import time
 from pathlib import Path
 
 import numpy as np
 import pytest
+from PIL import Image
+
+from p2pz.data.pairs import sample as fmt
 from p2pz.data.pairs import shards as sh
 from p2pz.data.pairs.generate import Settings, load_teacher, run
 from p2pz.data.pairs.reader import ReaderStats, list_shards, pair_loader
-from PIL import Image
 
 STEPS = 3
 GOOD = 4  # usable images; 6 bad files are mixed in
@@ -111,15 +112,23 @@ def _argv(s: Settings) -> list[str]:
 
 
 def read_dataset(folder: Path) -> dict[str, dict[str, bytes]]:
-    """key -> {member extension: bytes} over all finished shards (json left out: it holds timings)."""
+    """key -> {member: bytes} over all finished shards (json left out: it holds timings)."""
     samples: dict[str, dict[str, bytes]] = {}
     for path in sorted(folder.glob(sh.SHARD_GLOB)):
-        with tarfile.open(path) as tar:
-            for member in tar.getmembers():
-                key, ext = member.name.split(".", 1)
-                if ext != "json":
-                    samples.setdefault(key, {})[ext] = tar.extractfile(member).read()
+        for raw in fmt.iter_shard(path, read=lambda member: member != fmt.META):
+            assert raw[fmt.KEY] not in samples
+            samples[raw[fmt.KEY]] = {
+                m: data for m, data in raw.items() if not m.startswith("__") and m != fmt.META
+            }
     return samples
+
+
+def read_metas(folder: Path) -> list[dict]:
+    return [
+        fmt.decode_meta(raw[fmt.META])
+        for path in sorted(folder.glob(sh.SHARD_GLOB))
+        for raw in fmt.iter_shard(path, read=lambda member: member == fmt.META)
+    ]
 
 
 @pytest.fixture(scope="module")
@@ -149,10 +158,7 @@ def test_round_trip(reference, teacher):
         assert latent.ndim >= 3 and np.isfinite(latent).all()
 
     # metadata: caption, edit, seeds, every teacher setting, fingerprint, timings
-    with tarfile.open(reference / sh.shard_name(0)) as tar:
-        meta = json.loads(
-            tar.extractfile(next(m for m in tar.getmembers() if m.name.endswith(".json"))).read()
-        )
+    meta = fmt.first_meta(reference / sh.shard_name(0))
     assert meta["edit"] == {"name": "cat-to-dog", "source": "cat", "target": "dog"}
     assert meta["teacher"]["fingerprint"] == teacher.fingerprint
     assert meta["teacher"]["settings"] == json.loads(json.dumps(teacher.settings))
@@ -271,12 +277,8 @@ def test_synthetic_two_edits_direction_once(tiny_model_dir, teacher, tmp_path):
     samples = read_dataset(tmp_path)
     assert len(samples) == 4 and all(set(m) == {"src.png", "edit.png"} for m in samples.values())
     assert sorted(p.name for p in tmp_path.glob("pairs-*.tar")) == [sh.shard_name(i) for i in range(4)]
-    metas = []
-    for path in sorted(tmp_path.glob("pairs-*.tar")):
-        with tarfile.open(path) as tar:
-            metas += [
-                json.loads(tar.extractfile(m).read()) for m in tar.getmembers() if m.name.endswith(".json")
-            ]
+    metas = read_metas(tmp_path)
+    assert len(metas) == 4
     assert {m["edit"]["name"] for m in metas} == {"cat-to-dog", "circle-to-square"}
     assert all(m["edit"]["source"] in m["input"]["prompt"] for m in metas)
 

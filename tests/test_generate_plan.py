@@ -1,20 +1,21 @@
 """The generate job's machinery without a teacher: work plan, task split, seeds, crash-safe shard
-writing, dataset identity, manifests, input checks and settings."""
+writing, dataset identity, manifests, input checks and settings (YAML config and flags)."""
 
 from __future__ import annotations
 
-import argparse
+import dataclasses
 import io
 import json
 import tarfile
 
 import numpy as np
 import pytest
-from p2pz.data.pairs import shards as sh
-from p2pz.data.pairs.generate import add_arguments, resolve_settings
-from p2pz.data.pairs.inputs import FolderInputs, InputSkipped, check_image
 from PIL import Image
 
+from p2pz.cli.pairs import generate_parser, parse_generate_args
+from p2pz.data.pairs import shards as sh
+from p2pz.data.pairs.inputs import FolderInputs, InputSkipped, check_image
+from p2pz.data.pairs.settings import Settings
 from p2pz.utils.errors import UserError
 
 
@@ -155,21 +156,21 @@ def test_folder_listing(tmp_path):
         inputs.load("notes.md")
 
 
-def _parse(argv):
-    parser = argparse.ArgumentParser()
-    add_arguments(parser)
-    return parser.parse_args(argv)
+CONFIG = (
+    "model: tiny-model\nedits: [cat:dog, circle:square]\ninputs: photos\nout: pairs\n"
+    "samples-per-shard: 10\nbatch_size: 2\nsave_latent: true\n"
+)
 
 
-def test_settings_config_then_flags(tmp_path):
-    config = tmp_path / "gen.yaml"
-    config.write_text(
-        "model: tiny-model\nedits: [cat:dog, circle:square]\ninputs: photos\nout: pairs\n"
-        "samples-per-shard: 10\nbatch_size: 2\nsave_latent: true\n"
-    )
-    s = resolve_settings(
-        _parse(["--config", str(config), "--batch-size", "8", "--no-save-recon"]), environ={}
-    )
+@pytest.fixture
+def config(tmp_path):
+    path = tmp_path / "gen.yaml"
+    path.write_text(CONFIG)
+    return str(path)
+
+
+def test_settings_config_then_flags(config):
+    s = parse_generate_args(["--config", config, "--batch-size", "8", "--no-save-recon"], environ={})
     assert (s.model, s.edit, s.samples_per_shard, s.batch_size) == (
         "tiny-model",
         ["cat:dog", "circle:square"],
@@ -179,12 +180,28 @@ def test_settings_config_then_flags(tmp_path):
     assert s.save_latent and not s.save_recon
     assert (s.task_index, s.num_tasks) == (0, 1)
     env = {"SLURM_ARRAY_TASK_ID": "5", "SLURM_ARRAY_TASK_COUNT": "8"}
-    s = resolve_settings(_parse(["--config", str(config)]), environ=env)
+    s = parse_generate_args(["--config", config], environ=env)
     assert (s.task_index, s.num_tasks) == (5, 8)
-    s = resolve_settings(
-        _parse(["--config", str(config), "--task-index", "1", "--num-tasks", "2"]), environ=env
-    )
+    s = parse_generate_args(["--config", config, "--task-index", "1", "--num-tasks", "2"], environ=env)
     assert (s.task_index, s.num_tasks) == (1, 2)
+
+
+def test_flags_override_the_config_wherever_it_stands(config):
+    s = parse_generate_args(["--steps", "5", "--batch-size=3", f"--config={config}"], environ={})
+    assert (s.steps, s.batch_size, s.samples_per_shard) == (5, 3, 10)
+    # a repeatable flag replaces the config's list on its first use and adds to it afterwards
+    s = parse_generate_args(["--config", config, "--edit", "red:blue", "--edit", "a:b"], environ={})
+    assert s.edit == ["red:blue", "a:b"]
+    s = parse_generate_args(["--config", config, "--direction", "d.safetensors"], environ={})
+    assert s.direction == ["d.safetensors"] and s.edit == ["cat:dog", "circle:square"]
+
+
+def test_settings_from_flags_only_are_the_dataclass():
+    argv = ["--model=m", "--out=o", "--inputs=i", "--edit=cat:dog", "--guidance-scale", "3"]
+    s = parse_generate_args(argv, environ={})
+    expected = Settings(model="m", out="o", inputs="i", edit=["cat:dog"], guidance_scale=3.0)
+    assert s == dataclasses.replace(expected, task_index=0, num_tasks=1)
+    assert isinstance(s.guidance_scale, float)
 
 
 @pytest.mark.parametrize(
@@ -192,16 +209,39 @@ def test_settings_config_then_flags(tmp_path):
     [
         ("model: m\nout: o\ninputs: i\nedit: [catdog]\n", "SOURCE:TARGET"),
         ("model: m\nout: o\nedit: [cat:dog]\n", "--inputs"),
-        ("model: m\nout: o\ninputs: i\nedit: [cat:dog]\nbatch_size: two\n", "integer"),
-        ("model: m\nout: o\ninputs: i\nedit: [cat:dog]\nwhatever: 1\n", "unknown setting"),
+        ("model: m\nout: o\ninputs: i\nedit: [cat:dog]\nbatch_size: two\n", "--batch-size .*integer"),
+        ("model: m\nout: o\ninputs: i\nedit: [cat:dog]\nwhatever: 1\n", "unknown setting 'whatever'"),
         ("model: m\nout: o\ninputs: i\nedit: [cat:dog]\ntask_index: 3\nnum_tasks: 3\n", "task-index"),
+        ("model: m\nout: o\ninputs: i\nedit: [1, 2]\n", "--edit .*list of texts"),
+        ("- model\n", "mapping"),
+        ("model: [\n", "not valid YAML"),
     ],
 )
 def test_settings_errors(tmp_path, text, message):
     config = tmp_path / "gen.yaml"
     config.write_text(text)
-    with pytest.raises(UserError, match=message):
-        resolve_settings(_parse(["--config", str(config)]), environ={})
+    with pytest.raises(UserError, match=message) as caught:
+        parse_generate_args(["--config", str(config)], environ={})
+    assert "\n" not in str(caught.value)  # one line
+
+
+def test_generate_command_errors_are_one_line(config, capsys):
+    from p2pz.cli.main import main
+
+    assert main(["generate", "--config", config, "--steps", "0"]) == 2
+    assert capsys.readouterr().err == "error: --steps must be at least 1\n"
+    assert main(["generate", "--config", config, "--whatever", "1"]) == 2
+    assert "unrecognized arguments: --whatever" in capsys.readouterr().err
+    assert main(["generate", "--config", config + ".missing"]) == 2
+    assert "does not exist" in capsys.readouterr().err
+
+
+def test_generate_help_names_every_setting():
+    text = generate_parser().format_help()
+    for f in dataclasses.fields(Settings):
+        assert f"--{f.name.replace('_', '-')}" in text
+    assert "--no-save-recon" in text and "--config" in text
+    assert "pairs per output shard" in text  # help from the dataclass's docstring
 
 
 def test_plan_json_roundtrip():

@@ -1,5 +1,6 @@
-"""The training reader on hand-made shards (no teacher needed): decoding, joint augmentation,
-rank/worker splits, resampled epochs, and corrupt shards skipped with a count."""
+"""The sample format and the training reader on hand-made shards (no teacher needed): the sample
+module's round trip, decoding, joint augmentation, rank/worker splits, resampled epochs, seeded
+shuffling, and corrupt shards skipped with a count."""
 
 from __future__ import annotations
 
@@ -8,10 +9,11 @@ import io
 import numpy as np
 import pytest
 import torch
-from p2pz.data.pairs.reader import ReaderStats, joint_crop_flip, list_shards, pair_loader
-from p2pz.data.pairs.shards import atomic_shard, shard_name
 from PIL import Image
 
+from p2pz.data.pairs import sample as fmt
+from p2pz.data.pairs.reader import ReaderStats, joint_crop_flip, list_shards, pair_loader
+from p2pz.data.pairs.shards import atomic_shard, shard_name
 from p2pz.utils.errors import UserError
 
 
@@ -32,9 +34,7 @@ def write_pairs(folder, num_shards: int, per_shard: int, size=(40, 32), seed=0) 
                 base = rng.integers(0, 256, (size[1] // 8, size[0] // 8, 3), dtype=np.uint8)
                 src = np.asarray(Image.fromarray(base).resize(size, Image.BILINEAR))
                 key = f"s{index:03d}_{j:03d}"
-                shard.write(
-                    {"__key__": key, "src.png": _png(src), "edit.png": _png(255 - src), "json": {"key": key}}
-                )
+                shard.write(fmt.build_sample(key, _png(src), _png(255 - src), {"key": key}))
                 keys.append(key)
     return keys
 
@@ -44,6 +44,58 @@ def dataset(tmp_path_factory):
     folder = tmp_path_factory.mktemp("pairs")
     keys = write_pairs(folder, num_shards=4, per_shard=5)
     return folder, keys
+
+
+def test_sample_round_trip(tmp_path):
+    rng = np.random.default_rng(0)
+    src = Image.fromarray(rng.integers(0, 256, (24, 32, 3), dtype=np.uint8))
+    edit = Image.fromarray(255 - np.asarray(src))
+    latent = rng.standard_normal((4, 3, 4)).astype(np.float64)
+    meta = {"edit": {"name": "cat-to-dog", "source": "cat", "target": "dog"}, "seed": 7}
+    with atomic_shard(tmp_path, 0) as shard:
+        shard.write(fmt.build_sample("a", src, edit, meta, reconstruction=src, latent=latent))
+        shard.write(fmt.build_sample("b", _png(np.asarray(src)), _png(np.asarray(edit)), {"seed": 8}))
+    path = tmp_path / shard_name(0)
+
+    samples = list(fmt.iter_shard(path))
+    assert [s[fmt.KEY] for s in samples] == ["a", "b"]
+    assert set(samples[0]) - {fmt.KEY, fmt.URL} == {fmt.SRC, fmt.EDIT, fmt.META, fmt.RECON, fmt.LATENT}
+    assert set(samples[1]) - {fmt.KEY, fmt.URL} == {fmt.SRC, fmt.EDIT, fmt.META}
+    pair = fmt.decode_sample(samples[0])
+    assert pair.key == "a" and pair.url == str(path) and pair.meta == meta and pair.mask is None
+    assert np.array_equal(np.asarray(pair.source), np.asarray(src))
+    assert np.array_equal(np.asarray(pair.edited), np.asarray(edit))
+    assert np.array_equal(np.asarray(pair.reconstruction), np.asarray(src))
+    assert pair.latent.dtype == np.float32 and np.allclose(pair.latent, latent, atol=1e-6)
+    assert fmt.first_meta(path) == meta
+
+    # members left unread are listed (None): complete, but not decodable; one image alone is incomplete
+    (listed,) = [s for s in fmt.iter_shard(path, read=lambda m: m == fmt.META) if s[fmt.KEY] == "b"]
+    assert (
+        listed[fmt.SRC] is None
+        and fmt.is_complete(listed)
+        and fmt.decode_meta(listed[fmt.META]) == {"seed": 8}
+    )
+    with pytest.raises(ValueError, match="lacks src.png"):
+        fmt.decode_sample(listed)
+    assert not fmt.is_complete({fmt.KEY: "c", fmt.SRC: b""})
+    with pytest.raises(ValueError):
+        fmt.build_sample("has.dot", src, edit, {})
+
+
+def test_damaged_shard_yields_what_precedes_the_damage(tmp_path):
+    write_pairs(tmp_path, num_shards=1, per_shard=4, size=(64, 64))
+    path = tmp_path / shard_name(0)
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+    seen = []
+    with pytest.raises(fmt.ShardError, match="cannot read shard") as caught:
+        for raw in fmt.iter_shard(path):
+            seen.append(raw)
+    assert 1 <= len(seen) < 4 and not fmt.is_complete(seen[-1])
+    assert caught.value.reason and isinstance(caught.value, UserError)
+    with pytest.raises(fmt.ShardError):
+        fmt.first_meta(tmp_path / "missing.tar")
 
 
 def test_list_shards_forms(dataset, tmp_path):
@@ -181,6 +233,20 @@ def test_resampled_epoch_length_and_reproducibility(dataset):
 
     assert keys_of(0, 0) == keys_of(0, 0)
     assert keys_of(0, 0) != keys_of(0, 1)
+
+
+def test_seeded_shuffle_is_a_reproducible_permutation():
+    from p2pz.data.pairs.reader import _EpochState, _Shuffle
+
+    state = _EpochState()
+
+    def order(seed, rank=0, epoch=0):
+        state.epoch = epoch
+        return list(_Shuffle(16, seed, rank, state)(iter(range(100))))
+
+    assert sorted(order(0)) == list(range(100)) and order(0) != list(range(100))
+    assert order(0) == order(0)
+    assert order(0) != order(1) and order(0) != order(0, rank=1) and order(0) != order(0, epoch=1)
 
 
 def test_truncated_shard_is_skipped_and_counted(tmp_path):

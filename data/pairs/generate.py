@@ -2,12 +2,14 @@
 
 Stages, in order (each in one place below):
 
-1. settings   — YAML config merged with flags (:func:`resolve_settings`);
+1. settings   — :class:`~p2pz.data.pairs.settings.Settings` (the command line builds it from a YAML
+                config and flags, ``p2pz.cli.pairs``);
 2. inputs     — folder, shards or synthetic prompts, listed without being read (``p2pz.data.pairs.inputs``);
 3. plan       — every (input, edit) item gets a shard number, key and seed (``p2pz.data.pairs.shards``);
 4. directions — each edit's direction is computed once (or loaded from a file) and reused;
 5. editing    — this task's unfinished shards, inputs in teacher batches, each shard written to a
-                temporary file and renamed when complete; a manifest line per shard.
+                temporary file and renamed when complete; a manifest line per shard. The samples'
+                format is ``p2pz.data.pairs.sample``.
 
 Re-running the same command after a crash skips finished shards and redoes the rest, which gives
 exactly the samples of an uninterrupted run; ``--task-index/--num-tasks`` (or a SLURM array) split
@@ -16,224 +18,44 @@ the shards over cluster tasks.
 
 from __future__ import annotations
 
-import dataclasses
-import io
 import logging
 import os
 import time
-from collections.abc import Iterator
-from dataclasses import dataclass, field
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING, Any, TypeVar
 
+from p2pz.data.pairs import sample as fmt
 from p2pz.data.pairs import shards as sh
 from p2pz.data.pairs.inputs import FolderInputs, InputSkipped, LoadedInput, ShardInputs, SyntheticInputs
-from p2pz.teacher.edits import NAME_SEPARATOR, parse_edit
-from p2pz.teacher.edits import Edit as EditName
-
+from p2pz.data.pairs.settings import Settings, validate, with_task_split
+from p2pz.teacher.edits import NAME_SEPARATOR, Edit, parse_edit
 from p2pz.utils.errors import UserError
+
+if TYPE_CHECKING:  # heavy modules, imported where they are used so that ``p2pz --help`` stays fast
+    import torch
+    from tqdm import tqdm
+
+    from p2pz.teacher.directions import EditDirection
+    from p2pz.teacher.pipeline import EditResult, Pix2PixZero
 
 log = logging.getLogger(__name__)
 
 DEFAULT_PROMPTS = ["a photo of a {source}"]
+MAX_CONSECUTIVE_FAILURES = 3
 
-
-# --------------------------------------------------------------------------------------------------
-# 1. Settings: defaults < YAML config < flags
-
-
-@dataclass
-class Settings:
-    """Every setting of a generate run; each is a YAML key (``samples_per_shard`` or
-    ``samples-per-shard``) and a flag (``--samples-per-shard``)."""
-
-    out: str | None = None
-    model: str | None = None
-    preset: str = "official"
-    edit: list[str] = field(default_factory=list)  # "cat:dog"
-    direction: list[str] = field(default_factory=list)  # EditDirection files
-    inputs: str | None = None
-    synthetic: bool = False
-    prompt: list[str] = field(default_factory=list)
-    num_synthetic: int = 64
-    samples_per_shard: int = 256
-    batch_size: int = 4
-    seed: int = 0
-    steps: int | None = None
-    guidance_scale: float | None = None
-    xa_guidance: float | None = None
-    num_sentences: int | None = None
-    captioner: str | None = None
-    save_recon: bool = True
-    save_latent: bool = False
-    min_size: int = 64
-    convert_modes: bool = False
-    task_index: int | None = None
-    num_tasks: int | None = None
-    device: str = "auto"
-    dtype: str = "auto"
-    progress: bool = True
-
-
-HELP = {
-    "config": "YAML file whose keys are these flags' names (without --); flags given here win",
-    "out": "output folder for pairs-%%06d.tar shards, dataset.json and the manifests",
-    "model": "teacher Stable Diffusion: a diffusers folder or a hub id",
-    "preset": "teacher preset (default: official, the paper's settings)",
-    "edit": "an edit as SOURCE:TARGET words, e.g. cat:dog (repeatable)",
-    "direction": "a saved edit direction file instead of words (repeatable)",
-    "inputs": "folder of images (recursive), or existing WebDataset shards (folder, glob, brace pattern)",
-    "synthetic": "no inputs: the teacher generates each input from a prompt with the source word",
-    "prompt": "synthetic prompt template; {source} is replaced by the source word (repeatable; "
-    "default 'a photo of a {source}')",
-    "num_synthetic": "synthetic inputs per edit (default 64)",
-    "samples_per_shard": "pairs per output shard; a crash redoes at most one shard per task (default 256)",
-    "batch_size": "inputs per teacher call (default 4)",
-    "seed": "global seed; each pair's seed is derived from it and the pair's identity (default 0)",
-    "steps": "DDIM steps for inversion and editing (default: the preset's)",
-    "guidance_scale": "classifier-free guidance of the edit (default: the preset's)",
-    "xa_guidance": "cross-attention guidance weight (default: the preset's)",
-    "num_sentences": "sentences per concept for the edit direction (default: the teacher's)",
-    "captioner": "captioner for inputs without a caption (default: the teacher's)",
-    "save_recon": "store the teacher's reconstruction as recon.png (default: yes)",
-    "save_latent": "store the inverted latent as latent.npy (default: no)",
-    "min_size": "skip images whose shorter side is below this many pixels (default 64)",
-    "convert_modes": "convert CMYK, 16-bit and transparent images (alpha over white) instead of skipping",
-    "task_index": "this task's index in a cluster split (default: SLURM_ARRAY_TASK_ID, else 0)",
-    "num_tasks": "number of tasks in the split (default: SLURM_ARRAY_TASK_COUNT, else 1)",
-    "device": "cpu, cuda, cuda:1 ... (default auto: cuda if available)",
-    "dtype": "float32, float16 or bfloat16 (default auto: float16 on cuda, float32 on cpu)",
-    "progress": "show a progress bar (default: yes)",
-}
-
-METAVARS = {
-    "out": "DIR",
-    "model": "PATH_OR_ID",
-    "preset": "NAME",
-    "edit": "SRC:TGT",
-    "direction": "FILE",
-    "inputs": "DIR_OR_SHARDS",
-    "prompt": "TEXT",
-    "captioner": "PATH_OR_ID",
-    "device": "DEVICE",
-    "dtype": "DTYPE",
-    "task_index": "I",
-    "num_tasks": "N",
-}
-
-
-def add_arguments(parser) -> None:
-    """Add every setting as a flag; defaults are left unset so that a config file can supply them."""
-    import argparse
-    import dataclasses
-
-    parser.add_argument("--config", metavar="YAML", help=HELP["config"])
-    for f in dataclasses.fields(Settings):
-        flag = "--" + f.name.replace("_", "-")
-        kind = str(f.type)
-        if kind == "bool":
-            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=HELP[f.name])
-        elif kind.startswith("list"):
-            parser.add_argument(
-                flag, action="append", default=None, metavar=METAVARS[f.name], help=HELP[f.name]
-            )
-        else:
-            convert = int if "int" in kind else float if "float" in kind else str
-            metavar = METAVARS.get(f.name, "N" if convert is int else "X" if convert is float else "VALUE")
-            parser.add_argument(flag, type=convert, default=None, metavar=metavar, help=HELP[f.name])
-
-
-def resolve_settings(args, environ: dict[str, str] | None = None) -> Settings:
-    """Merge the settings: dataclass defaults, then the YAML config, then flags given on the command line."""
-    import dataclasses
-
-    values: dict = {}
-    if getattr(args, "config", None):
-        values.update(_read_config(args.config))
-    for f in dataclasses.fields(Settings):
-        given = getattr(args, f.name, None)
-        if given is not None:
-            values[f.name] = given
-    settings = Settings(**values)
-    if settings.task_index is None or settings.num_tasks is None:
-        env_split = sh.tasks_from_env(environ)
-        if env_split is not None:
-            settings.task_index = env_split[0] if settings.task_index is None else settings.task_index
-            settings.num_tasks = env_split[1] if settings.num_tasks is None else settings.num_tasks
-    settings.task_index = 0 if settings.task_index is None else settings.task_index
-    settings.num_tasks = 1 if settings.num_tasks is None else settings.num_tasks
-    _validate(settings)
-    return settings
-
-
-def _read_config(path: str) -> dict:
-    import dataclasses
-
-    import yaml
-
-    try:
-        raw = yaml.safe_load(Path(path).read_text()) or {}
-    except OSError as err:
-        raise UserError(f"cannot read config {path}: {err.strerror}") from None
-    except yaml.YAMLError as err:
-        raise UserError(f"config {path} is not valid YAML: {err}") from None
-    if not isinstance(raw, dict):
-        raise UserError(f"config {path} must be a mapping of setting: value")
-    types = {f.name: str(f.type) for f in dataclasses.fields(Settings)}
-    values = {}
-    for key, value in raw.items():
-        name = str(key).replace("-", "_")
-        if name == "edits":  # plural is natural in YAML
-            name = "edit"
-        if name not in types:
-            raise UserError(f"config {path}: unknown setting {key!r}; known: {', '.join(sorted(types))}")
-        kind = types[name]
-        if kind.startswith("list"):
-            value = [value] if isinstance(value, str) else value
-            if not isinstance(value, list):
-                raise UserError(f"config {path}: {key} must be a list")
-            value = [str(v) for v in value]
-        elif kind == "bool" and not isinstance(value, bool):
-            raise UserError(f"config {path}: {key} must be true or false")
-        elif value is not None and "int" in kind and kind != "bool":
-            if not isinstance(value, int) or isinstance(value, bool):
-                raise UserError(f"config {path}: {key} must be an integer")
-        elif value is not None and "float" in kind:
-            if not isinstance(value, (int, float)) or isinstance(value, bool):
-                raise UserError(f"config {path}: {key} must be a number")
-            value = float(value)
-        elif value is not None and "str" in kind:
-            value = str(value)
-        values[name] = value
-    return values
-
-
-def _validate(s: Settings) -> None:
-    if not s.out:
-        raise UserError("give an output folder with --out (or 'out:' in the config)")
-    if not s.model:
-        raise UserError("give the teacher model with --model (a diffusers folder or hub id)")
-    if not s.edit and not s.direction:
-        raise UserError("give at least one edit, e.g. --edit cat:dog, or a --direction file")
-    if s.synthetic == bool(s.inputs):
-        raise UserError("give either --inputs DIR_OR_SHARDS or --synthetic (exactly one)")
-    for name in ("samples_per_shard", "batch_size", "num_tasks"):
-        if getattr(s, name) < 1:
-            raise UserError(f"--{name.replace('_', '-')} must be at least 1")
-    if not 0 <= s.task_index < s.num_tasks:
-        raise UserError(
-            f"--task-index {s.task_index} is not in [0, {s.num_tasks}) (--num-tasks {s.num_tasks})"
-        )
-    if s.steps is not None and s.steps < 1:
-        raise UserError("--steps must be at least 1")
-    for spec in s.edit:
-        parse_edit(spec)  # one-line error for a malformed edit
+InputSource = FolderInputs | ShardInputs | SyntheticInputs
+Item = tuple[sh.WorkItem, LoadedInput]  # a usable input of the plan
+Batch = list[Item]
+T = TypeVar("T")
 
 
 # --------------------------------------------------------------------------------------------------
 # 2. Inputs
 
 
-def open_inputs(s: Settings):
+def open_inputs(s: Settings) -> InputSource:
     if s.synthetic:
         return SyntheticInputs(s.prompt or DEFAULT_PROMPTS, s.num_synthetic)
     path = Path(s.inputs)
@@ -247,20 +69,33 @@ def open_inputs(s: Settings):
 
 
 # --------------------------------------------------------------------------------------------------
-# 3./4. Edits and their directions
+# 3./4. Edits, their directions and the plan
 
 
 @dataclass
-class Edit:
-    name: str  # "cat-to-dog"
-    source: str
-    target: str
-    direction: object | None = None  # teacher.EditDirection, computed lazily, once
+class EditJob:
+    """One edit of the run: its words (``edit``) and its direction, loaded from ``direction_file`` or
+    computed by the teacher the first time it is needed, then reused for every shard."""
+
+    edit: Edit
+    direction: EditDirection | None = None
     direction_file: str | None = None
 
+    @property
+    def name(self) -> str:  # "cat-to-dog"
+        return self.edit.name
 
-def resolve_edits(s: Settings) -> list[Edit]:
-    edits = [Edit(e.name, e.source, e.target) for e in map(parse_edit, s.edit)]
+    @property
+    def source(self) -> str:
+        return self.edit.source
+
+    @property
+    def target(self) -> str:
+        return self.edit.target
+
+
+def resolve_edits(s: Settings) -> list[EditJob]:
+    edits = [EditJob(parse_edit(spec)) for spec in s.edit]
     for path in s.direction:
         from p2pz.teacher import EditDirection
 
@@ -268,23 +103,23 @@ def resolve_edits(s: Settings) -> list[Edit]:
             direction = EditDirection.load(path)
         except FileNotFoundError:
             raise UserError(f"direction file {path} not found") from None
-        source, target = _direction_words(direction, path)
-        edits.append(Edit(EditName(source, target).name, source, target, direction, str(path)))
+        edits.append(EditJob(_direction_edit(direction, path), direction, str(path)))
     names = [e.name for e in edits]
     if len(set(names)) != len(names):
         raise UserError(f"the same edit is given twice: {', '.join(n for n in names if names.count(n) > 1)}")
     return edits
 
 
-def _direction_words(direction, path) -> tuple[str, str]:
+def _direction_edit(direction: EditDirection, path: str | os.PathLike) -> Edit:
+    """The edit a direction file makes: its stored words, else the file name's (``cat-to-dog.pt``)."""
     source, target = getattr(direction, "source", None), getattr(direction, "target", None)
     if not source or not target:
         stem = Path(path).stem
         source, _, target = stem.partition(NAME_SEPARATOR) if NAME_SEPARATOR in stem else (stem, "", "edited")
-    return str(source), str(target)
+    return Edit(str(source), str(target))
 
 
-def ensure_direction(teacher, edit: Edit, s: Settings):
+def ensure_direction(teacher: Pix2PixZero, edit: EditJob, s: Settings) -> EditDirection:
     """The edit's direction, computed by the teacher the first time it is needed, then reused."""
     if edit.direction is None:
         kwargs = {} if s.num_sentences is None else {"num_sentences": s.num_sentences}
@@ -292,25 +127,28 @@ def ensure_direction(teacher, edit: Edit, s: Settings):
     return edit.direction
 
 
+def plan_work(s: Settings, source: InputSource, edits: Sequence[EditJob]) -> list[sh.ShardPlan]:
+    """Every (input, edit) pair of the whole job, in shards (the same plan in every task)."""
+    plans = sh.plan_shards({e.name: source.ids(e.source) for e in edits}, s.samples_per_shard, s.seed)
+    if not plans:
+        raise UserError(f"no inputs found in {s.inputs}")
+    return plans
+
+
+def teacher_overrides(s: Settings) -> dict[str, Any]:
+    """Keyword arguments of every teacher call: the settings that replace the preset's."""
+    overrides = {"num_steps": s.steps, "guidance_scale": s.guidance_scale, "xa_guidance": s.xa_guidance}
+    kwargs: dict[str, Any] = {k: v for k, v in overrides.items() if v is not None}
+    if s.save_latent:
+        kwargs["return_latents"] = True
+    return kwargs
+
+
 # --------------------------------------------------------------------------------------------------
 # 5. Editing
 
 
-def png_bytes(image) -> bytes:
-    buffer = io.BytesIO()
-    image.save(buffer, format="PNG")
-    return buffer.getvalue()
-
-
-def npy_bytes(tensor) -> bytes:
-    import numpy as np
-
-    buffer = io.BytesIO()
-    np.save(buffer, tensor.detach().to("cpu").float().numpy(), allow_pickle=False)
-    return buffer.getvalue()
-
-
-def _jsonable(value):
+def _jsonable(value: Any) -> Any:
     """Teacher settings/timings as plain JSON values (tensors, paths, dtypes become numbers or text)."""
     import json
 
@@ -331,23 +169,25 @@ def _jsonable(value):
     return str(value)
 
 
+def _recorded_overrides(edit_kwargs: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in edit_kwargs.items() if k != "return_latents"}
+
+
 @dataclass
 class Job:
     """What every shard of this run shares."""
 
     settings: Settings
-    teacher: object
-    source: object  # FolderInputs | ShardInputs | SyntheticInputs
-    edits: dict[str, Edit]
+    teacher: Pix2PixZero
+    source: InputSource
+    edits: dict[str, EditJob]
     out: Path
-    edit_kwargs: dict
+    edit_kwargs: dict[str, Any]
     manifest: sh.Manifest
     consecutive_failures: int = 0
 
 
-def _load_items(
-    job: Job, plan: sh.ShardPlan, skipped: list[dict]
-) -> Iterator[tuple[sh.WorkItem, LoadedInput]]:
+def _load_items(job: Job, plan: sh.ShardPlan, skipped: list[dict]) -> Iterator[Item]:
     """The shard's usable inputs, in plan order; unusable ones go to ``skipped`` with the reason."""
     edit = job.edits[plan.edit]
     for item in plan.items:
@@ -362,7 +202,7 @@ def _load_items(
         yield item, loaded
 
 
-def _batches(iterable, size: int):
+def _batches(iterable: Iterable[T], size: int) -> Iterator[list[T]]:
     batch = []
     for element in iterable:
         batch.append(element)
@@ -373,7 +213,7 @@ def _batches(iterable, size: int):
         yield batch
 
 
-def _run_teacher(job: Job, batch: list[tuple[sh.WorkItem, LoadedInput]], direction) -> list:
+def _run_teacher(job: Job, batch: Batch, direction: EditDirection) -> list[EditResult]:
     seeds = [item.seed for item, _ in batch]
     directions = [direction] * len(batch)
     if isinstance(job.source, SyntheticInputs):
@@ -390,10 +230,9 @@ def _run_teacher(job: Job, batch: list[tuple[sh.WorkItem, LoadedInput]], directi
     )
 
 
-MAX_CONSECUTIVE_FAILURES = 3
-
-
-def _edit_batch(job: Job, batch, direction, skipped: list[dict]) -> list[tuple]:
+def _edit_batch(
+    job: Job, batch: Batch, direction: EditDirection, skipped: list[dict]
+) -> list[tuple[sh.WorkItem, LoadedInput, EditResult]]:
     """Teacher results for a batch as (item, loaded, result) triples.
 
     If the teacher raises on a batch, its items are retried one by one so that one bad input costs
@@ -433,14 +272,12 @@ def _edit_batch(job: Job, batch, direction, skipped: list[dict]) -> list[tuple]:
     return triples
 
 
-def make_sample(job: Job, plan: sh.ShardPlan, item: sh.WorkItem, loaded: LoadedInput, result) -> dict:
+def sample_meta(
+    job: Job, plan: sh.ShardPlan, item: sh.WorkItem, loaded: LoadedInput, result: EditResult
+) -> dict[str, Any]:
+    """The ``json`` member of a pair: where it came from and everything that made it."""
     s = job.settings
     edit = job.edits[item.edit]
-    sample = {"__key__": item.key, "src.png": png_bytes(result.source), "edit.png": png_bytes(result.edited)}
-    if s.save_recon and getattr(result, "reconstruction", None) is not None:
-        sample["recon.png"] = png_bytes(result.reconstruction)
-    if s.save_latent and getattr(result, "inverted_latent", None) is not None:
-        sample["latent.npy"] = npy_bytes(result.inverted_latent)
     meta = {
         "key": item.key,
         "input": {"kind": job.source.kind, "id": item.input_id},
@@ -458,7 +295,7 @@ def make_sample(job: Job, plan: sh.ShardPlan, item: sh.WorkItem, loaded: LoadedI
             "preset": s.preset,
             "fingerprint": job.teacher.fingerprint,
             "settings": _jsonable(job.teacher.settings),
-            "overrides": {k: v for k, v in job.edit_kwargs.items() if k != "return_latents"},
+            "overrides": _recorded_overrides(job.edit_kwargs),
         },
         "timings": _jsonable(dict(result.timings or {})),
         "shard": plan.index,
@@ -466,11 +303,26 @@ def make_sample(job: Job, plan: sh.ShardPlan, item: sh.WorkItem, loaded: LoadedI
     }
     if loaded.prompt:
         meta["input"]["prompt"] = loaded.prompt
-    sample["json"] = meta
-    return sample
+    return meta
 
 
-def produce_shard(job: Job, plan: sh.ShardPlan, progress) -> dict:
+def make_sample(
+    job: Job, plan: sh.ShardPlan, item: sh.WorkItem, loaded: LoadedInput, result: EditResult
+) -> dict[str, str | bytes]:
+    s = job.settings
+    reconstruction = getattr(result, "reconstruction", None) if s.save_recon else None
+    latent = getattr(result, "inverted_latent", None) if s.save_latent else None
+    return fmt.build_sample(
+        item.key,
+        result.source,
+        result.edited,
+        sample_meta(job, plan, item, loaded, result),
+        reconstruction=reconstruction,
+        latent=latent,
+    )
+
+
+def produce_shard(job: Job, plan: sh.ShardPlan, progress: _PairsPerHour) -> dict[str, Any]:
     """Edit one shard's inputs and write the shard; returns its manifest record."""
     edit = job.edits[plan.edit]
     direction = ensure_direction(job.teacher, edit, job.settings)
@@ -510,7 +362,11 @@ def produce_shard(job: Job, plan: sh.ShardPlan, progress) -> dict:
     return record
 
 
-def _pick_device(s: Settings):
+# --------------------------------------------------------------------------------------------------
+# The teacher, the progress bar and the dataset's identity
+
+
+def _pick_device(s: Settings) -> tuple[str, torch.dtype]:
     import torch
 
     device = s.device
@@ -526,17 +382,17 @@ def _pick_device(s: Settings):
     return device, dtype
 
 
-def load_teacher(s: Settings):
+def load_teacher(s: Settings) -> Pix2PixZero:
     from p2pz.teacher import Pix2PixZero
 
     device, dtype = _pick_device(s)
-    kwargs = {"preset": s.preset, "device": device, "dtype": dtype}
+    kwargs: dict[str, Any] = {"preset": s.preset, "device": device, "dtype": dtype}
     if s.captioner is not None:
         kwargs["captioner"] = s.captioner
     return Pix2PixZero.from_pretrained(s.model, **kwargs)
 
 
-def _progress(total: int, initial: int, enabled: bool, desc: str):
+def _progress(total: int, initial: int, enabled: bool, desc: str) -> tqdm:
     from tqdm import tqdm
 
     return tqdm(
@@ -554,7 +410,7 @@ def _progress(total: int, initial: int, enabled: bool, desc: str):
 class _PairsPerHour:
     """Keeps the progress bar's postfix at pairs/hour of this run (restarts excluded)."""
 
-    def __init__(self, bar):
+    def __init__(self, bar: tqdm):
         self.bar, self.start, self.first = bar, time.perf_counter(), bar.n
 
     def update(self, n: int) -> None:
@@ -566,7 +422,14 @@ class _PairsPerHour:
         self.bar.set_postfix_str(f"{rate:,.0f} pairs/h", refresh=False)
 
 
-def dataset_identity(s: Settings, source, edits: list[Edit], plans, teacher, edit_kwargs: dict) -> dict:
+def dataset_identity(
+    s: Settings,
+    source: InputSource,
+    edits: Sequence[EditJob],
+    plans: Sequence[sh.ShardPlan],
+    teacher: Pix2PixZero,
+    edit_kwargs: dict[str, Any],
+) -> dict[str, Any]:
     """Everything that decides the samples' contents (stored as dataset.json, checked on every run).
 
     Paths are left out (a task may run from another directory); the work plan enters as a digest of
@@ -595,7 +458,7 @@ def dataset_identity(s: Settings, source, edits: list[Edit], plans, teacher, edi
         "teacher_settings": {
             k: v for k, v in _jsonable(teacher.settings).items() if k not in ("model", "captioner")
         },
-        "overrides": {k: v for k, v in edit_kwargs.items() if k != "return_latents"},
+        "overrides": _recorded_overrides(edit_kwargs),
         "save_recon": s.save_recon,
         "save_latent": s.save_latent,
         "min_size": s.min_size,
@@ -603,7 +466,7 @@ def dataset_identity(s: Settings, source, edits: list[Edit], plans, teacher, edi
     }
 
 
-def _tensor_digest(direction) -> str:
+def _tensor_digest(direction: EditDirection | None) -> str:
     import hashlib
 
     tensor = getattr(direction, "tensor", None)
@@ -615,86 +478,109 @@ def _tensor_digest(direction) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
-def run(s: Settings, teacher=None) -> dict:
-    """Run (or resume) this task's share of the job; returns the ``done`` manifest record.
+# --------------------------------------------------------------------------------------------------
+# The run: this task's share of the plan
 
-    ``s`` should come from :func:`resolve_settings`; an unset task split means a single task.
-    """
-    if s.task_index is None or s.num_tasks is None:
-        s = dataclasses.replace(s, task_index=s.task_index or 0, num_tasks=s.num_tasks or 1)
-    _validate(s)
-    out = Path(s.out)
-    out.mkdir(parents=True, exist_ok=True)
-    source = open_inputs(s)
-    edits = resolve_edits(s)
-    plans = sh.plan_shards({e.name: source.ids(e.source) for e in edits}, s.samples_per_shard, s.seed)
-    if not plans:
-        raise UserError(f"no inputs found in {s.inputs}")
-    teacher = teacher if teacher is not None else load_teacher(s)
-    edit_kwargs = {
-        k: v
-        for k, v in {
-            "num_steps": s.steps,
-            "guidance_scale": s.guidance_scale,
-            "xa_guidance": s.xa_guidance,
-        }.items()
-        if v is not None
-    }
-    if s.save_latent:
-        edit_kwargs["return_latents"] = True
 
-    sh.check_dataset_identity(out, dataset_identity(s, source, edits, plans, teacher, edit_kwargs))
+@dataclass
+class TaskShare:
+    """The shards this task owns, those of them still to write, and the temporaries it cleaned up."""
 
-    mine = sh.task_shards(plans, s.task_index, s.num_tasks)
+    owned: list[sh.ShardPlan]
+    todo: list[sh.ShardPlan]
+    stale_temps_removed: int
+
+    @property
+    def pairs(self) -> int:
+        return sum(len(p.items) for p in self.owned)
+
+    @property
+    def pairs_done_before(self) -> int:
+        return self.pairs - sum(len(p.items) for p in self.todo)
+
+
+def claim_shards(s: Settings, plans: Sequence[sh.ShardPlan], out: Path) -> TaskShare:
+    """This task's shards that are not finished yet; their temporaries from a killed run are removed."""
+    owned = sh.task_shards(plans, s.task_index, s.num_tasks)
     finished = sh.finished_shards(out)
-    todo = [p for p in mine if p.index not in finished]
+    todo = [p for p in owned if p.index not in finished]
     stale = sh.remove_stale_temps(out, [p.index for p in todo])
-    manifest = sh.Manifest(out, s.task_index, s.num_tasks)
-    manifest.append(
-        {
-            "event": "start",
-            "task_index": s.task_index,
-            "num_tasks": s.num_tasks,
-            "shards_owned": len(mine),
-            "shards_finished_before": len(mine) - len(todo),
-            "stale_temps_removed": stale,
-            "model": s.model,
-            "inputs": source.describe(),
-            "pid": os.getpid(),
-            "host": os.uname().nodename,
-        }
-    )
-    log.info(
-        "task %d/%d: %d of %d shards to do (%d finished), %d pairs in all",
-        s.task_index,
-        s.num_tasks,
-        len(todo),
-        len(mine),
-        len(mine) - len(todo),
-        sum(len(p.items) for p in mine),
-    )
+    return TaskShare(owned, todo, stale)
 
-    job = Job(s, teacher, source, {e.name: e for e in edits}, out, edit_kwargs, manifest)
-    total = sum(len(p.items) for p in mine)
-    initial = total - sum(len(p.items) for p in todo)
+
+def _start_record(s: Settings, source: InputSource, share: TaskShare) -> dict[str, Any]:
+    return {
+        "event": "start",
+        "task_index": s.task_index,
+        "num_tasks": s.num_tasks,
+        "shards_owned": len(share.owned),
+        "shards_finished_before": len(share.owned) - len(share.todo),
+        "stale_temps_removed": share.stale_temps_removed,
+        "model": s.model,
+        "inputs": source.describe(),
+        "pid": os.getpid(),
+        "host": os.uname().nodename,
+    }
+
+
+def _produce_shards(job: Job, share: TaskShare) -> tuple[list[dict[str, Any]], float]:
+    """Write the unfinished shards under a progress bar; their manifest records and the seconds taken."""
+    s = job.settings
     started = time.perf_counter()
     records = []
-    with _progress(total, initial, s.progress, f"task {s.task_index}/{s.num_tasks}") as bar:
+    desc = f"task {s.task_index}/{s.num_tasks}"
+    with _progress(share.pairs, share.pairs_done_before, s.progress, desc) as bar:
         progress = _PairsPerHour(bar)
-        for plan in todo:
+        for plan in share.todo:
             records.append(produce_shard(job, plan, progress))
-    seconds = time.perf_counter() - started
+    return records, time.perf_counter() - started
+
+
+def _done_record(s: Settings, share: TaskShare, records: Sequence[dict], seconds: float) -> dict[str, Any]:
     samples = sum(r["samples"] for r in records)
-    done = {
+    return {
         "event": "done",
         "task_index": s.task_index,
         "num_tasks": s.num_tasks,
         "shards_written": len(records),
-        "shards_owned": len(mine),
+        "shards_owned": len(share.owned),
         "samples_written": samples,
         "skipped": sum(len(r["skipped"]) for r in records),
         "seconds": round(seconds, 3),
         "pairs_per_hour": round(samples / seconds * 3600, 1) if seconds > 0 and samples else None,
     }
+
+
+def run(s: Settings, teacher: Pix2PixZero | None = None) -> dict[str, Any]:
+    """Run (or resume) this task's share of the job; returns the ``done`` manifest record.
+
+    An unset task split means a single task (the command line fills it from SLURM first).
+    """
+    s = with_task_split(s, environ={})
+    validate(s)
+    out = Path(s.out)
+    out.mkdir(parents=True, exist_ok=True)
+    source = open_inputs(s)
+    edits = resolve_edits(s)
+    plans = plan_work(s, source, edits)
+    teacher = teacher if teacher is not None else load_teacher(s)
+    edit_kwargs = teacher_overrides(s)
+    sh.check_dataset_identity(out, dataset_identity(s, source, edits, plans, teacher, edit_kwargs))
+
+    share = claim_shards(s, plans, out)
+    manifest = sh.Manifest(out, s.task_index, s.num_tasks)
+    manifest.append(_start_record(s, source, share))
+    log.info(
+        "task %d/%d: %d of %d shards to do (%d finished), %d pairs in all",
+        s.task_index,
+        s.num_tasks,
+        len(share.todo),
+        len(share.owned),
+        len(share.owned) - len(share.todo),
+        share.pairs,
+    )
+    job = Job(s, teacher, source, {e.name: e for e in edits}, out, edit_kwargs, manifest)
+    records, seconds = _produce_shards(job, share)
+    done = _done_record(s, share, records, seconds)
     manifest.append(done)
     return done

@@ -9,52 +9,51 @@ wrong (damaged shards, samples missing an image, temporary files of interrupted 
 from __future__ import annotations
 
 import collections
-import io
 import json
-import tarfile
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
+from p2pz.data.pairs import sample as fmt
 from p2pz.data.pairs import shards as sh
-
 from p2pz.utils.errors import UserError
 
+if TYPE_CHECKING:
+    from PIL import Image
+
 SHEET_NAME = "contact-sheet.png"
+LABELS = {fmt.SRC: "input", fmt.EDIT: "edit", fmt.RECON: "reconstruction"}
 
 
-def _read_shard(path: Path, want_images: int) -> dict:
+def _read_shard(path: Path, want_images: int) -> dict[str, Any]:
     """Samples of one shard: keys, json records, completeness; the first images if asked."""
     samples: dict[str, dict] = {}
     images: list[dict] = []
+
+    def wanted(member: str) -> bool:  # images only for the first ``want_images`` samples
+        return member == fmt.META or (member in fmt.IMAGES and len(images) < want_images)
+
     error = None
     try:
-        with tarfile.open(path, "r|*") as tar:
-            for member in tar:
-                if not member.isreg() or "." not in Path(member.name).name:
-                    continue
-                key, ext = member.name.split(".", 1)
-                entry = samples.setdefault(key, {"exts": set()})
-                entry["exts"].add(ext)
-                if ext == "json":
-                    data = tar.extractfile(member).read()
-                    try:
-                        entry["json"] = json.loads(data)
-                    except ValueError:
-                        entry["json"] = None
-                elif ext in ("src.png", "edit.png", "recon.png"):
-                    current = bool(images) and images[-1]["key"] == key
-                    if not current and len(images) >= want_images:
-                        continue
-                    if not current:
-                        images.append({"key": key})
-                    images[-1][ext] = tar.extractfile(member).read()
-    except (tarfile.TarError, OSError, EOFError) as err:
-        error = f"{type(err).__name__}: {err}"
-    complete = {k: v for k, v in samples.items() if {"src.png", "edit.png"} <= v["exts"]}
+        for raw in fmt.iter_shard(path, read=wanted):
+            key = raw[fmt.KEY]
+            entry = samples.setdefault(key, {"exts": set()})
+            entry["exts"].update(m for m in raw if not m.startswith("__"))
+            if raw.get(fmt.META) is not None:
+                try:
+                    entry["json"] = fmt.decode_meta(raw[fmt.META])
+                except ValueError:
+                    entry["json"] = None
+            shown = {m: raw[m] for m in fmt.IMAGES if raw.get(m) is not None}
+            if shown and len(images) < want_images:
+                images.append({"key": key, **shown})
+    except fmt.ShardError as err:
+        error = err.reason
+    complete = {k: v for k, v in samples.items() if set(fmt.REQUIRED) <= v["exts"]}
     return {
         "samples": samples,
         "complete": complete,
         "error": error,
-        "images": [im for im in images if "src.png" in im and "edit.png" in im],
+        "images": [im for im in images if all(m in im for m in fmt.REQUIRED)],
     }
 
 
@@ -134,24 +133,20 @@ def _reason_kind(reason: str) -> str:
     return reason.split(" (", 1)[0].strip() or "unknown"
 
 
-def contact_sheet(pairs: list[dict], cell: int = 128):
+def contact_sheet(pairs: list[dict], cell: int = 128) -> Image.Image:
     """A PNG-ready image: one row per pair, columns input | edit | reconstruction (if stored)."""
     from PIL import Image, ImageDraw
 
-    columns = ["src.png", "edit.png"] + (["recon.png"] if any("recon.png" in p for p in pairs) else [])
+    columns = [m for m in fmt.IMAGES if m in fmt.REQUIRED or any(m in p for p in pairs)]
     label_h = 14
     sheet = Image.new("RGB", (cell * len(columns), label_h + cell * len(pairs)), "white")
     draw = ImageDraw.Draw(sheet)
     for c, name in enumerate(columns):
-        draw.text(
-            (c * cell + 4, 1),
-            {"src.png": "input", "edit.png": "edit", "recon.png": "reconstruction"}[name],
-            fill="black",
-        )
+        draw.text((c * cell + 4, 1), LABELS[name], fill="black")
     for r, pair in enumerate(pairs):
         for c, name in enumerate(columns):
             if name in pair:
-                image = Image.open(io.BytesIO(pair[name])).convert("RGB").resize((cell, cell), Image.BICUBIC)
+                image = fmt.decode_image(pair[name]).resize((cell, cell), Image.BICUBIC)
                 sheet.paste(image, (c * cell, label_h + r * cell))
     return sheet
 
@@ -187,7 +182,9 @@ def format_summary(summary: dict) -> str:
     for bad in summary["damaged_shards"]:
         lines.append(f"  DAMAGED     {bad['shard']}: {bad['error']}")
     if summary["incomplete_samples"]:
-        lines.append(f"  WARNING     {summary['incomplete_samples']} samples lack src.png or edit.png")
+        lines.append(
+            f"  WARNING     {summary['incomplete_samples']} samples lack {' or '.join(fmt.REQUIRED)}"
+        )
     if summary["temporary_files"]:
         lines.append(
             f"  note        {len(summary['temporary_files'])} temporary files of interrupted runs "

@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import glob
 import hashlib
-import io
 import multiprocessing
 import os
 import random
@@ -36,6 +35,7 @@ from pathlib import Path
 
 from torch.utils.data import IterableDataset as _IterableDataset
 
+from p2pz.data.pairs import sample as fmt
 from p2pz.utils.errors import UserError
 
 SHUFFLE_BUFFER = 256
@@ -174,14 +174,6 @@ class _ShardSource(_IterableDataset):
             yield {"url": url}
 
 
-def _decode_image(data: bytes):
-    from PIL import Image
-
-    image = Image.open(io.BytesIO(data))
-    image.load()
-    return image.convert("RGB")
-
-
 def joint_crop_flip(images: list, resolution: int, augment: bool, rng: random.Random) -> list:
     """Resize, crop and flip several aligned images with one set of random parameters.
 
@@ -230,12 +222,12 @@ class _DecodePairs:
     def __call__(self, samples: Iterator[dict]) -> Iterator[dict]:
         rng = random.Random(_stream_seed(self.seed, self.rank, self.state.epoch, "augment"))
         for sample in samples:
-            if "src.png" not in sample or "edit.png" not in sample:
+            if not fmt.is_complete(sample):
                 self.stats.add("incomplete")
                 continue
             try:
                 src, edit = joint_crop_flip(
-                    [_decode_image(sample["src.png"]), _decode_image(sample["edit.png"])],
+                    [fmt.decode_image(sample[fmt.SRC]), fmt.decode_image(sample[fmt.EDIT])],
                     self.resolution,
                     self.augment,
                     rng,
@@ -249,20 +241,22 @@ class _DecodePairs:
             yield {
                 "src": _to_tensor(src),
                 "edit": _to_tensor(edit),
-                "__key__": sample["__key__"],
-                "__url__": sample.get("__url__", ""),
+                "__key__": sample[fmt.KEY],
+                "__url__": sample.get(fmt.URL, ""),
             }
 
 
 class _Shuffle:
-    def __init__(self, bufsize, seed, rank, state):
+    """Stage: WebDataset's buffered shuffle, seeded per (seed, rank, worker, epoch)."""
+
+    def __init__(self, bufsize: int, seed: int, rank: int, state: _EpochState):
         self.bufsize, self.seed, self.rank, self.state = bufsize, seed, rank, state
 
-    def __call__(self, samples):
+    def __call__(self, samples: Iterator[dict]) -> Iterator[dict]:
         import webdataset as wds
 
-        seed = _stream_seed(self.seed, self.rank, self.state.epoch, "shuffle")
-        yield from wds.filters._shuffle(samples, self.bufsize, min(self.bufsize, 64), seed=seed)
+        rng = random.Random(_stream_seed(self.seed, self.rank, self.state.epoch, "shuffle"))
+        yield from wds.shuffle(self.bufsize, min(self.bufsize, 64), rng=rng)(samples)
 
 
 class _Collate:

@@ -1,10 +1,49 @@
-"""``p2pz generate`` (the teacher's pairs into shards) and ``p2pz shards inspect``."""
+"""``p2pz generate`` (the teacher's pairs into shards) and ``p2pz shards inspect``.
+
+``p2pz generate`` is configured like the training CLI: a jsonargparse parser built from the settings
+dataclass (:class:`p2pz.data.pairs.settings.Settings`), a ``--config`` YAML whose keys are the flags'
+names, flags that override it. The ``p2pz`` command (argparse) hands every argument after the word
+``generate`` to that parser, which is built only when the command runs (``p2pz --help`` stays fast).
+"""
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
+import re
+import typing
+from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+from p2pz.utils.errors import UserError
+
+if TYPE_CHECKING:
+    import jsonargparse
+
+    from p2pz.data.pairs.settings import Settings
+
+GENERATE_DESCRIPTION = """\
+Run the pix2pix-zero teacher over many inputs and store (input, edited) pairs as
+WebDataset shards pairs-000000.tar, ... in --out, with dataset.json and one manifest
+(JSON lines: shards, counts, skipped inputs and why, throughput) per task.
+
+Every setting can come from a YAML config (--config, keys = flag names, with _ or -)
+and be overridden by its flag, wherever --config stands. Safe to kill and re-run:
+finished shards are kept, unfinished ones redone, giving exactly the samples of an
+uninterrupted run. On a cluster, run one task per array index (--task-index/--num-tasks,
+default SLURM_ARRAY_TASK_ID/COUNT)."""
+
+GENERATE_EPILOG = """\
+examples:
+  p2pz generate --model CompVis/stable-diffusion-v1-4 --edit cat:dog \\
+      --inputs photos/ --out pairs/
+  p2pz generate --config configs/generate-cat-dog.yaml --task-index 3 --num-tasks 16
+  p2pz generate --config configs/generate-cat-dog.yaml --print_config   # the merged settings"""
+
+# Other names of a setting, as flags and YAML keys (a plural reads naturally over a YAML list).
+ALIASES = {"edit": ["edits"]}
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -12,10 +51,29 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     _register_shards(subparsers)
 
 
-def _generate(args: argparse.Namespace) -> int:
-    from p2pz.data.pairs.generate import resolve_settings, run
+# --------------------------------------------------------------------------------------------------
+# p2pz generate
 
-    settings = resolve_settings(args)
+
+def _register_generate(subparsers: argparse._SubParsersAction) -> None:
+    # Every argument after the word "generate", options and --help included, goes untouched to the
+    # command's own parser: with a prefix character that no argument starts with, argparse sees no
+    # options here and the REMAINDER positional takes them all.
+    parser = subparsers.add_parser(
+        "generate",
+        help="make (input, edit) pairs with the teacher into WebDataset shards",
+        description=GENERATE_DESCRIPTION,
+        add_help=False,
+        prefix_chars="\0",
+    )
+    parser.add_argument("generate_argv", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)
+    parser.set_defaults(func=_generate)
+
+
+def _generate(args: argparse.Namespace) -> int:
+    from p2pz.data.pairs.generate import run
+
+    settings = parse_generate_args(args.generate_argv)
     done = run(settings)
     print(
         f"task {done['task_index']}/{done['num_tasks']}: wrote {done['shards_written']} shards, "
@@ -24,31 +82,159 @@ def _generate(args: argparse.Namespace) -> int:
     return 0
 
 
-def _register_generate(subparsers: argparse._SubParsersAction) -> None:
-    from p2pz.data.pairs.generate import add_arguments
+def parse_generate_args(argv: Sequence[str], environ: Mapping[str, str] | None = None) -> Settings:
+    """``p2pz generate``'s arguments as validated settings: defaults < ``--config`` YAML < flags; an
+    unset task split comes from a SLURM array's environment (``environ``, default ``os.environ``).
 
-    parser = subparsers.add_parser(
-        "generate",
-        help="make (input, edit) pairs with the teacher into WebDataset shards",
-        description=(
-            "Run the pix2pix-zero teacher over many inputs and store (input, edited) pairs as\n"
-            "WebDataset shards pairs-000000.tar, ... in --out, with dataset.json and one manifest\n"
-            "(JSON lines: shards, counts, skipped inputs and why, throughput) per task.\n\n"
-            "Every setting can come from a YAML config (--config, keys = flag names) and be\n"
-            "overridden by its flag. Safe to kill and re-run: finished shards are kept, unfinished\n"
-            "ones redone, giving exactly the samples of an uninterrupted run. On a cluster, run one\n"
-            "task per array index (--task-index/--num-tasks, default SLURM_ARRAY_TASK_ID/COUNT)."
-        ),
-        epilog=(
-            "examples:\n"
-            "  p2pz generate --model CompVis/stable-diffusion-v1-4 --edit cat:dog \\\n"
-            "      --inputs photos/ --out pairs/\n"
-            "  p2pz generate --config configs/generate-cat-dog.yaml --task-index 3 --num-tasks 16\n"
-        ),
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+    Anything wrong raises a one-line :class:`UserError`; ``--help`` and ``--print_config`` print and
+    exit (``SystemExit``) as in every jsonargparse command.
+    """
+    from p2pz.data.pairs.settings import Settings, validate, with_task_split
+
+    argv = _configs_first(list(argv))
+    try:
+        namespace = generate_parser().parse_args(argv)
+    except argparse.ArgumentError as err:
+        raise UserError(_one_line(str(err), argv)) from None
+    values = {f.name: namespace[f.name] for f in dataclasses.fields(Settings)}
+    for name in _list_fields():
+        if isinstance(values[name], str):  # "edit: cat:dog" in a YAML: one item
+            values[name] = [values[name]]
+    settings = with_task_split(Settings(**values), environ)
+    validate(settings)
+    return settings
+
+
+def generate_parser() -> jsonargparse.ArgumentParser:
+    """The jsonargparse parser of ``p2pz generate``: a flag per field of ``Settings`` (``--seed``,
+    ``--samples-per-shard``), of the field's type, with the ``Args:`` of its docstring as help."""
+    import docstring_parser
+    from jsonargparse import ActionConfigFile, ActionYesNo, ArgumentParser, DefaultHelpFormatter
+
+    from p2pz.data.pairs.settings import Settings
+
+    class Formatter(DefaultHelpFormatter, argparse.RawDescriptionHelpFormatter):
+        """jsonargparse's help (every flag's type and default) with the description's line breaks."""
+
+        def _get_type_str(self, action: argparse.Action) -> str | None:
+            return "list[str]" if isinstance(action, _Repeatable) else super()._get_type_str(action)
+
+    parser = ArgumentParser(
+        prog="p2pz generate",
+        description=GENERATE_DESCRIPTION,
+        epilog=GENERATE_EPILOG,
+        formatter_class=Formatter,
+        exit_on_error=False,
+        default_env=False,
     )
-    add_arguments(parser)
-    parser.set_defaults(func=_generate)
+    parser.add_argument(
+        "--config", action=ActionConfigFile, help="YAML file whose keys are these flags' names (without --)"
+    )
+    docs = {
+        p.arg_name: " ".join(p.description.split()) for p in docstring_parser.parse(Settings.__doc__).params
+    }
+    hints = typing.get_type_hints(Settings)
+    lists = _list_fields()
+    for f in dataclasses.fields(Settings):
+        flags = ["--" + name.replace("_", "-") for name in [f.name, *ALIASES.get(f.name, [])]]
+        kwargs = {
+            "help": docs[f.name],
+            **({"metavar": f.metadata["metavar"]} if "metavar" in f.metadata else {}),
+        }
+        if hints[f.name] is bool:
+            parser.add_argument(*flags, action=ActionYesNo(no_prefix="no-"), default=f.default, **kwargs)
+        elif f.name in lists:
+            parser.add_argument(*flags, action=_Repeatable, type=_text_or_texts, default=[], **kwargs)
+        else:
+            parser.add_argument(*flags, type=hints[f.name], default=f.default, **kwargs)
+    return parser
+
+
+def _list_fields() -> set[str]:
+    from p2pz.data.pairs.settings import Settings
+
+    return {name for name, hint in typing.get_type_hints(Settings).items() if typing.get_origin(hint) is list}
+
+
+def _text_or_texts(value: object) -> str | list[str]:
+    """The type of a repeatable flag: one text from the command line; a text or a list in a YAML."""
+    if isinstance(value, str):
+        return value
+    if isinstance(value, list) and all(isinstance(v, str) for v in value):
+        return list(value)
+    raise TypeError("must be a text or a list of texts")
+
+
+class _Repeatable(argparse.Action):
+    """A repeatable flag (``--edit a --edit b``): its first use on the command line replaces the
+    config's list, the following ones add to it."""
+
+    def __call__(self, parser, namespace, values, option_string=None) -> None:
+        current = getattr(namespace, self.dest, None)
+        if current is not None and current is getattr(self, "_made", None):
+            current.append(values)
+        else:
+            self._made = [values]
+            setattr(namespace, self.dest, self._made)
+
+
+def _configs_first(argv: list[str]) -> list[str]:
+    """``argv`` with its ``--config FILE`` options first: jsonargparse applies arguments in order,
+    and flags override the config wherever they stand."""
+    configs: list[str] = []
+    rest: list[str] = []
+    i = 0
+    while i < len(argv):
+        arg = argv[i]
+        if arg == "--":
+            rest += argv[i:]
+            break
+        if arg == "--config" and i + 1 < len(argv):
+            configs += argv[i : i + 2]
+            i += 2
+            continue
+        (configs if arg.startswith("--config=") else rest).append(arg)
+        i += 1
+    return configs + rest
+
+
+def _one_line(message: str, argv: Sequence[str]) -> str:
+    """jsonargparse's error message, often several lines, as one line naming the setting and its flag."""
+    from p2pz.data.pairs.settings import Settings
+
+    hints = typing.get_type_hints(Settings)
+    configs = [a.removeprefix("--config=") for a in argv if a.startswith("--config=")]
+    configs += [argv[i + 1] for i, a in enumerate(argv[:-1]) if a == "--config"]
+    where = f"config {', '.join(configs)}: " if configs else ""
+    unknown = re.search(r"(?:Option|Key) '([^']+)' is not (?:accepted|expected)", message)
+    if unknown:
+        return f"{where}unknown setting {unknown.group(1)!r}; known: {', '.join(sorted(hints))}"
+    bad = re.match(r'Parser key "([\w-]+)":', message)
+    name = bad.group(1).replace("-", "_") if bad else None
+    if name in hints:
+        given = re.search(r"(?:Got|Given) value: (.*)$", message, flags=re.M)
+        got = f", got {given.group(1).strip()!r}" if given else ""
+        return f"--{name.replace('_', '-')} ({name}: in a config) must be {_kind(hints[name])}{got}"
+    if name == "config":  # the file itself: missing, unreadable
+        return f"cannot read --config: {' '.join(message.split()[3:])}"
+    if message.startswith("Problems parsing config"):
+        return f"{where}not valid YAML: {' '.join(message.split())}"
+    if message.startswith("Unexpected config"):
+        return f"{where}must be a mapping of setting: value"
+    return " ".join(message.split())
+
+
+def _kind(hint: object) -> str:
+    """What a setting's type takes, in words: ``int | None`` -> "an integer"."""
+    if typing.get_origin(hint) is list:
+        return "a text or a list of texts"
+    kinds = {int: "an integer", float: "a number", bool: "true or false", str: "a text"}
+    inner = [a for a in typing.get_args(hint) if a is not type(None)] or [hint]
+    return kinds.get(inner[0], str(hint))
+
+
+# --------------------------------------------------------------------------------------------------
+# p2pz shards inspect
 
 
 def _inspect(args: argparse.Namespace) -> int:
