@@ -3,7 +3,8 @@
 Everything is measured in one process on one device so that ratios hold on a noisy machine:
 
 * student latency per backend (eager, torch.compile, the ``.pt2`` program, onnxruntime) and batch
-  size, after warm-up: p50 / p90 / p99 in ms and images/s;
+  size, after warm-up: p50 / p90 / p99 in ms and images/s, timed by ``torch.utils.benchmark.Timer``
+  (``blocked_autorange``: blocks of calls, accelerator synchronisation, this process's threads);
 * the teacher's latency for one edit at the student's resolution, and teacher / student;
 * a roofline-style efficiency: the student's counted FLOPs per second as a fraction of a dense fp32
   matmul's FLOP/s measured here, a figure that compares across machines.
@@ -13,14 +14,13 @@ from __future__ import annotations
 
 import json
 import os
-import statistics
-import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
+from torch.utils.benchmark import Measurement, Timer
 
 from p2pz.utils.atomic import atomic_path
 from p2pz.utils.errors import UserError
@@ -28,37 +28,35 @@ from p2pz.utils.errors import UserError
 BACKENDS = ("eager", "compile", "pt2", "onnx")
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def time_calls(
-    fn: Callable[[], Any], device: torch.device, warmup: int, iters: int, min_seconds: float = 0.0
-) -> list[float]:
-    """Wall-clock milliseconds of ``iters`` calls (more while under ``min_seconds``), after warm-up."""
-    for _ in range(warmup):
-        fn()
-    _sync(device)
-    times: list[float] = []
-    start_all = time.perf_counter()
-    while len(times) < iters or time.perf_counter() - start_all < min_seconds:
-        start = time.perf_counter()
-        fn()
-        _sync(device)
-        times.append((time.perf_counter() - start) * 1e3)
-        if len(times) >= 10 * iters:
-            break
-    return times
+    fn: Callable[[], Any], *, warmup: int = 0, min_calls: int = 1, min_run_time: float = 0.0
+) -> Measurement:
+    """Time ``fn()`` with ``torch.utils.benchmark.Timer``: warm-up, blocks of calls, accelerator sync.
+
+    ``warmup`` untimed calls come first (``Timer.timeit`` adds two of its own); their mean time sizes
+    the run so that about ``min_calls`` calls are timed, for at least ``min_run_time`` seconds. With
+    ``warmup=0`` the first call of Timer's block-size estimate is the only warm-up. ``blocked_autorange``
+    times blocks of calls, as many per block as keep the timer's own overhead (and the accelerator
+    synchronisation) negligible; ``measurement.times`` holds one per-call time (s) per block.
+    Runs with this process's torch thread count (Timer's default is one thread).
+    """
+    timer = Timer(stmt="fn()", globals={"fn": fn}, num_threads=torch.get_num_threads())
+    per_call = timer.timeit(warmup).mean if warmup > 0 else 0.0
+    return timer.blocked_autorange(min_run_time=max(min_run_time, min_calls * per_call))
 
 
-def percentiles(times_ms: Sequence[float], batch: int) -> dict[str, float]:
-    ordered = sorted(times_ms)
+def percentiles(measurement: Measurement, batch: int) -> dict[str, float]:
+    """Per-call latency of a batch: p50 / p90 / p99 in ms over the timed blocks, and images/s.
+
+    ``samples`` is the number of timed blocks the percentiles are taken over (each the mean of
+    ``measurement.number_per_run`` calls; one call per block for calls slower than a few ms).
+    """
+    ordered = sorted(t * 1e3 for t in measurement.times)
 
     def pick(q: float) -> float:
         return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
 
-    p50 = statistics.median(ordered)
+    p50 = measurement.median * 1e3
     return {
         "p50_ms": p50,
         "p90_ms": pick(0.9),
@@ -72,14 +70,15 @@ def matmul_peak_flops(device: torch.device, size: int = 1024, seconds: float = 1
     """Dense fp32 matmul FLOP/s on ``device``: the roof of the roofline figure."""
     a = torch.randn(size, size, device=device)
     b = torch.randn(size, size, device=device)
-    times = time_calls(lambda: a @ b, device, warmup=3, iters=10, min_seconds=seconds)
-    return 2 * size**3 / (min(times) / 1e3)
+    measurement = time_calls(lambda: a @ b, warmup=3, min_calls=10, min_run_time=seconds)
+    return 2 * size**3 / min(measurement.times)
 
 
 def count_flops(model: nn.Module, x: torch.Tensor) -> int:
     """FLOPs of one forward pass (a multiply-add counts 2), by PyTorch's own counter."""
-    from p2pz.student.ops import force_impl
     from torch.utils.flop_counter import FlopCounterMode
+
+    from p2pz.student.ops import force_impl
 
     counter = FlopCounterMode(display=False)
     with force_impl("ref"), counter, torch.no_grad():  # the reference ops are what the counter can see
@@ -117,8 +116,9 @@ def teacher_latency_ms(
     preset: str = "official",
 ) -> dict[str, Any]:
     """One real-image edit by the teacher (inversion + guided edit), timed after a warm-up edit."""
-    from p2pz.teacher import Pix2PixZero
     from PIL import Image
+
+    from p2pz.teacher import Pix2PixZero
 
     teacher = Pix2PixZero.from_pretrained(teacher_model, preset=preset, device=device)
     direction = teacher.direction(source, target)
@@ -128,9 +128,10 @@ def teacher_latency_ms(
     def one_edit() -> None:
         teacher.edit([image], [direction], captions=[f"a {source}"], seeds=0, **kwargs)
 
-    times = time_calls(one_edit, device, warmup=1, iters=1)
+    # one untimed edit (Timer's block-size estimate, which settles on one edit per block), one timed
+    measurement = time_calls(one_edit)
     return {
-        "teacher_ms": statistics.median(times),
+        "teacher_ms": measurement.median * 1e3,
         "teacher_model": teacher_model,
         "teacher_steps": steps or teacher.settings.get("num_steps"),
     }
@@ -144,11 +145,16 @@ def run_benchmark(
     device: str | None = None,
     warmup: int = 3,
     iters: int = 20,
+    min_run_time: float = 0.2,
     teacher_model: str | None = None,
     teacher_steps: int | None = None,
     progress: Callable[[str], None] | None = None,
 ) -> dict[str, Any]:
-    """Measure an exported student (and its teacher); returns the JSON-ready report."""
+    """Measure an exported student (and its teacher); returns the JSON-ready report.
+
+    Per backend and batch size: ``warmup`` untimed calls, then about ``iters`` timed calls and at least
+    ``min_run_time`` seconds of them (see :func:`time_calls`).
+    """
     from p2pz.student.export import read_config
 
     model_dir = Path(model_dir)
@@ -170,9 +176,11 @@ def run_benchmark(
         for batch in batches:
             say(f"student {name} batch {batch}")
             x = torch.rand(batch, 3, res, res, device=dev) * 2 - 1
-            with torch.no_grad():
-                times = time_calls(lambda m=model, x=x: m(x), dev, warmup=warmup, iters=iters)
-            report["student"][name][str(batch)] = percentiles(times, batch)
+            with torch.no_grad():  # Timer calls fn in this thread: grad mode applies
+                measurement = time_calls(
+                    lambda m=model, x=x: m(x), warmup=warmup, min_calls=iters, min_run_time=min_run_time
+                )
+            report["student"][name][str(batch)] = percentiles(measurement, batch)
 
     say("roofline")
     eager = models.get("eager") or _student_backends(model_dir, ["eager"], dev)["eager"]

@@ -15,7 +15,7 @@ from __future__ import annotations
 import glob
 import os
 import warnings
-from typing import Literal
+from typing import Any, Literal
 
 import lightning.pytorch as pl
 from lightning.pytorch.callbacks import ModelCheckpoint
@@ -41,8 +41,8 @@ class StepCheckpoint(ModelCheckpoint):
         every_n_train_steps: int = 1000,
         save_top_k: int = 0,
         save_last: bool | Literal["link"] = True,
-        **kwargs,
-    ):
+        **kwargs: Any,
+    ) -> None:
         kwargs.setdefault("enable_version_counter", False)
         kwargs.setdefault("auto_insert_metric_name", False)
         super().__init__(

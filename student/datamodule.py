@@ -16,13 +16,13 @@ import math
 
 import lightning.pytorch as pl
 from lightning.pytorch.utilities import rank_zero_warn
-from p2pz.data.pairs.reader import PairLoader, ReaderStats, list_shards, pair_loader
 
+from p2pz.data.pairs.reader import PairLoader, ReaderStats, list_shards, pair_loader
 from p2pz.utils.errors import UserError
 
 
 class PairDataModule(pl.LightningDataModule):
-    """Shards of ``pairs-%06d.tar`` written by the teacher (``<key>.src.png``, ``<key>.edit.png``).
+    """Shards of ``pairs-%06d.tar`` written by the teacher (sample format: ``p2pz.data.pairs.sample``).
 
     Args:
         shards: the training shards: a folder, a glob or a brace pattern.
@@ -49,7 +49,7 @@ class PairDataModule(pl.LightningDataModule):
         augment: bool = True,
         num_workers: int = 2,
         seed: int = 0,
-    ):
+    ) -> None:
         super().__init__()
         if not 0.0 <= val_fraction < 1.0:
             raise UserError(f"val_fraction must be in [0, 1), got {val_fraction}")
@@ -101,7 +101,7 @@ class PairDataModule(pl.LightningDataModule):
             stats=self.stats,
         )
 
-    def val_dataloader(self) -> PairLoader | list:
+    def val_dataloader(self) -> PairLoader | list[PairLoader]:
         if not self.val_urls:
             return []
         batch_size = min(self.hparams.batch_size, self.hparams.val_samples)

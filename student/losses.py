@@ -10,29 +10,22 @@
   teacher, so unlike in unpaired translation it has an exact target for every input.
 
 LPIPS runs offline: the ``lpips`` wheel ships the calibrated linear heads, and the backbone's
-ImageNet weights (torchvision's alexnet/vgg16/squeezenet file) come from a path the user gives. The
-package would otherwise download them from the internet; a random backbone is only built when asked
-for explicitly (tests), because it is not a perceptual metric.
+ImageNet weights (torchvision's alexnet/vgg16/squeezenet file) come from a path the user gives,
+loaded by the project's one LPIPS loader (``p2pz.data.eval.paper_metrics.load_lpips``, shared with
+the background-LPIPS metric). The package would otherwise download them from the internet; a random
+backbone is only built when asked for explicitly (tests), because it is not a perceptual metric.
 """
 
 from __future__ import annotations
 
 import os
-import warnings
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from p2pz.data.eval.paper_metrics import load_lpips, lpips_backbone_file
 from p2pz.utils.errors import UserError
-
-# torchvision file names of the backbones, as cached by torch.hub (for error messages)
-BACKBONE_FILES = {
-    "alex": "alexnet-owt-7be5be79.pth",
-    "vgg": "vgg16-397923af.pth",
-    "squeeze": "squeezenet1_1-b8a52dc0.pth",
-}
-
 
 # --------------------------------------------------------------------------------------------------
 # Adversarial losses (logits are the raw discriminator outputs, [N, 1])
@@ -62,34 +55,6 @@ def r1_penalty(real_logits: torch.Tensor, real_images: torch.Tensor) -> torch.Te
 # LPIPS
 
 
-def _load_backbone(net: nn.Module, weights_path: str, net_name: str) -> None:
-    """Copy torchvision ``features.*`` weights into lpips' sliced backbone (``sliceK.<index>``)."""
-    try:
-        state = torch.load(weights_path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # unreadable, not a torch file, ...
-        raise UserError(f"cannot read the LPIPS backbone weights {weights_path}: {exc}") from exc
-    if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
-        state = state["state_dict"]
-    features = {k[len("features.") :]: v for k, v in state.items() if k.startswith("features.")}
-    if not features:
-        raise UserError(
-            f"{weights_path} is not a torchvision {net_name} state dict (no 'features.*' keys); "
-            f"give torchvision's {BACKBONE_FILES[net_name]}"
-        )
-    for block in net.children():  # slice1, slice2, ...
-        for index, layer in block.named_children():
-            wanted = {k.split(".", 1)[1]: v for k, v in features.items() if k.split(".", 1)[0] == index}
-            own = layer.state_dict()
-            if not own:
-                continue  # ReLU / pooling
-            if set(wanted) != set(own) or any(wanted[k].shape != own[k].shape for k in own):
-                raise UserError(
-                    f"{weights_path} does not match LPIPS' {net_name} backbone at layer features.{index}; "
-                    f"give torchvision's {BACKBONE_FILES[net_name]}"
-                )
-            layer.load_state_dict(wanted)
-
-
 class PerceptualLoss(nn.Module):
     """LPIPS distance per batch (mean), inputs in [-1, 1]; frozen and always in eval mode.
 
@@ -98,27 +63,20 @@ class PerceptualLoss(nn.Module):
     (a smoke-test stand-in, not a perceptual metric).
     """
 
-    def __init__(self, net: str = "alex", backbone_weights: str | None = None, random_backbone: bool = False):
+    def __init__(
+        self,
+        net: str = "alex",
+        backbone_weights: str | os.PathLike | None = None,
+        random_backbone: bool = False,
+    ) -> None:
         super().__init__()
-        import lpips
-
-        if net not in BACKBONE_FILES:
-            raise UserError(f"unknown LPIPS network {net!r}; choose one of {sorted(BACKBONE_FILES)}")
         if backbone_weights is None and not random_backbone:
             raise UserError(
                 f"LPIPS needs ImageNet weights for its {net} backbone and nothing is downloaded: pass "
-                f"--model.lpips_backbone PATH (torchvision's {BACKBONE_FILES[net]}), or set "
+                f"--model.lpips_backbone PATH (torchvision's {lpips_backbone_file(net)}), or set "
                 "--model.lpips_weight 0 to train without LPIPS"
             )
-        if backbone_weights is not None and not os.path.isfile(backbone_weights):
-            raise UserError(f"LPIPS backbone weights not found: {backbone_weights}")
-        with warnings.catch_warnings():  # torchvision's "pretrained is deprecated"
-            warnings.simplefilter("ignore")
-            # pnet_rand=True: build the backbone without downloading; the linear heads (pretrained=True)
-            # come from the wheel's lpips/weights/v0.1/<net>.pth
-            self.lpips = lpips.LPIPS(net=net, pretrained=True, pnet_rand=True, verbose=False)
-        if backbone_weights is not None:
-            _load_backbone(self.lpips.net, backbone_weights, net)
+        self.lpips = load_lpips(net, backbone_weights, flag="--model.lpips_backbone PATH")
         self.random_backbone = backbone_weights is None
         self.requires_grad_(False)
         self.eval()

@@ -13,10 +13,14 @@ One training iteration on a batch of teacher pairs ``(x, y)`` (input, teacher's 
    (ramped up over the first images, as in StyleGAN2-ADA). ``g_ema`` is what validation scores, the
    grids show and export ships; it has no optimiser.
 
-Steps: Lightning counts every ``optimizer.step()`` in ``trainer.global_step``, which would advance by
-2 per iteration here. This module steps the discriminator's optimiser without counting it, so
-**``global_step``, ``trainer.max_steps``, ``val_check_interval`` and checkpoint intervals all count
-training iterations** (one G and one D update each).
+Steps: in manual optimisation Lightning counts every ``LightningOptimizer.step()`` in
+``trainer.global_step``, which would advance by 2 per iteration here. The generator steps through its
+``LightningOptimizer`` (counted); the discriminator steps through ``trainer.strategy.optimizer_step`` on
+its underlying optimiser, which is what ``LightningOptimizer.step`` calls between its counting hooks: the
+precision plugin (AMP unscaling and ``GradScaler``, ``on_before_optimizer_step``) and the strategy (DDP)
+apply as for any step, only the count is left out. So **``global_step``, ``trainer.max_steps``,
+``val_check_interval`` and checkpoint intervals all count training iterations** (one G and one D update
+each).
 
 Checkpoints hold G, D, ``g_ema``, both optimisers and the loop state, plus ``generator_config``
 (``Generator(**config)`` rebuilds the network; see :func:`load_generator`). The LPIPS network is
@@ -29,12 +33,15 @@ import copy
 import os
 import warnings
 from pathlib import Path
+from typing import Any
 
 import lightning.pytorch as pl
 import torch
-from p2pz.student.losses import PerceptualLoss, discriminator_gan_loss, generator_gan_loss, r1_penalty
+from lightning.pytorch.core.optimizer import LightningOptimizer
+from lightning.pytorch.utilities.types import STEP_OUTPUT
 from torch import nn
 
+from p2pz.student.losses import PerceptualLoss, discriminator_gan_loss, generator_gan_loss, r1_penalty
 from p2pz.utils.errors import UserError
 
 # g_ema (and only it) is in eval mode when training starts, on purpose
@@ -45,8 +52,8 @@ class NonFiniteLossError(UserError):
     """A loss became NaN or infinite; training stops before the weights are touched."""
 
 
-def _no_op() -> None:
-    pass
+def _no_closure() -> None:
+    """Manual optimisation's closure: the backward pass already ran (``manual_backward``)."""
 
 
 class StudentModule(pl.LightningModule):
@@ -97,7 +104,7 @@ class StudentModule(pl.LightningModule):
         ema_rampup: float | None = 0.05,
         grid_every_n_steps: int = 500,
         grid_samples: int = 8,
-    ):
+    ) -> None:
         super().__init__()
         from p2pz.student.networks import Discriminator, Generator
 
@@ -120,7 +127,7 @@ class StudentModule(pl.LightningModule):
     # ----------------------------------------------------------------------------------------------
     # Setup
 
-    def configure_optimizers(self):
+    def configure_optimizers(self) -> tuple[torch.optim.Adam, torch.optim.Adam]:
         hp = self.hparams
         opt_g = torch.optim.Adam(self.G.parameters(), lr=hp.lr_g, betas=tuple(hp.betas), eps=1e-8)
         opt_d = torch.optim.Adam(self.D.parameters(), lr=hp.lr_d, betas=tuple(hp.betas), eps=1e-8)
@@ -144,13 +151,10 @@ class StudentModule(pl.LightningModule):
     # ----------------------------------------------------------------------------------------------
     # Training
 
-    def training_step(self, batch: dict, batch_idx: int) -> None:
+    def training_step(self, batch: dict[str, Any], batch_idx: int) -> None:
         hp = self.hparams
         x, target = batch["src"], batch["edit"]
         opt_g, opt_d = self.optimizers()
-        # D's step must not advance global_step: global_step counts iterations (see module docstring).
-        # Lightning re-installs its counting hooks before every training_step, so this is per batch.
-        opt_d._on_before_step = opt_d._on_after_step = _no_op
         iteration = self.global_step  # iterations completed before this one
         use_gan = hp.gan_weight > 0
 
@@ -188,7 +192,7 @@ class StudentModule(pl.LightningModule):
                 self._stop_if_not_finite("discriminator", {**d_terms, "total": d_total})
                 opt_d.zero_grad(set_to_none=True)
                 self.manual_backward(d_total)
-                opt_d.step()
+                self._step_uncounted(opt_d)
                 d_terms["real_logit"] = real_logits.detach().mean()
                 d_terms["fake_logit"] = fake_logits.detach().mean()
 
@@ -202,6 +206,16 @@ class StudentModule(pl.LightningModule):
         self.log("l1", g_terms["l1"].detach(), prog_bar=True, logger=False, batch_size=x.shape[0])
         if "gan" in d_terms:
             self.log("d", d_terms["gan"].detach(), prog_bar=True, logger=False, batch_size=x.shape[0])
+
+    def _step_uncounted(self, optimizer: LightningOptimizer) -> None:
+        """``optimizer.step()`` without advancing ``global_step`` (see the module docstring).
+
+        ``LightningOptimizer.step`` is the loop's step-count hooks around
+        ``strategy.optimizer_step(optimizer.optimizer, closure)``; this calls the latter alone, so the
+        precision plugin (AMP, hooks) and the strategy (DDP) handle the step exactly as a counted one.
+        """
+        with self.trainer.profiler.profile("optimizer_step"):
+            self.trainer.strategy.optimizer_step(optimizer.optimizer, closure=_no_closure)
 
     @torch.no_grad()
     def _update_ema(self, batch_size: int) -> None:
@@ -235,7 +249,7 @@ class StudentModule(pl.LightningModule):
     # ----------------------------------------------------------------------------------------------
     # Grids, validation, checkpoints
 
-    def on_train_batch_end(self, outputs, batch: dict, batch_idx: int) -> None:
+    def on_train_batch_end(self, outputs: STEP_OUTPUT, batch: dict[str, Any], batch_idx: int) -> None:
         every = self.hparams.grid_every_n_steps
         step = self.global_step
         if every > 0 and (step == 1 or step % every == 0) and self.trainer.is_global_zero:
@@ -264,7 +278,7 @@ class StudentModule(pl.LightningModule):
                 experiment.add_image("grid", grid, self.global_step)
         return path
 
-    def validation_step(self, batch: dict, batch_idx: int) -> None:
+    def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
         """Score ``g_ema`` against the teacher, next to the copy-the-input baseline."""
         x, target = batch["src"], batch["edit"]
         out = self.g_ema(x)
@@ -274,7 +288,7 @@ class StudentModule(pl.LightningModule):
             metrics["val/lpips_copy"] = self.perceptual(x, target)
         self.log_dict(metrics, on_step=False, on_epoch=True, batch_size=x.shape[0], sync_dist=True)
 
-    def on_save_checkpoint(self, checkpoint: dict) -> None:
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint["generator_config"] = dict(self.g_ema.config)
 
 

@@ -116,8 +116,8 @@ def test_bench_json_has_every_field(package, tiny_model_dir, tmp_path):
     for backend in ("eager", "pt2", "onnx"):
         for batch in ("1", "2"):
             row = report["student"][backend][batch]
-            assert {"p50_ms", "p90_ms", "p99_ms", "images_per_s"} <= set(row)
-            assert row["p50_ms"] > 0 and row["p50_ms"] <= row["p99_ms"]
+            assert {"p50_ms", "p90_ms", "p99_ms", "images_per_s", "samples"} <= set(row)
+            assert row["p50_ms"] > 0 and row["p50_ms"] <= row["p99_ms"] and row["samples"] >= 1
     assert report["teacher_ms"] > 0
     assert report["teacher_over_student"] > 0
     assert 0 < report["roofline_fraction"] < 10

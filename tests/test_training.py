@@ -1,4 +1,5 @@
-"""Student training: losses, the LightningModule, the DataModule, train.py's CLI, checkpoints, DDP.
+"""Student training: losses, the LightningModule, the DataModule, the CLI (`p2pz train` = train.py),
+checkpoints, DDP.
 
 Everything runs on the CPU with tiny students at 64 px and pair shards drawn here (shapes on a
 background, edited by a known transform), written with webdataset's TarWriter in the teacher's format.
@@ -10,6 +11,7 @@ import copy
 import io
 import json
 import math
+import runpy
 import subprocess
 import sys
 from pathlib import Path
@@ -90,8 +92,8 @@ def shards(tmp_path_factory) -> Path:
 
 
 def fit(shards: Path, run: Path, *extra: str, ckpt_path: str | None = None, callbacks=()):
-    """``train.py fit --config configs/tiny.yaml ...`` in this process, plus test callbacks."""
-    import train
+    """``p2pz train fit --config configs/tiny.yaml ...`` in this process, plus test callbacks."""
+    from p2pz.cli import train
 
     args = [
         "--config",
@@ -149,8 +151,8 @@ def test_gan_losses_are_the_logistic_ones():
 
 def test_lpips_loads_a_user_backbone_and_refuses_to_run_without_one(tmp_path):
     import torchvision
-    from p2pz.student.losses import PerceptualLoss
 
+    from p2pz.student.losses import PerceptualLoss
     from p2pz.utils.errors import UserError
 
     with pytest.raises(UserError, match="lpips_backbone"):
@@ -256,6 +258,7 @@ def test_killed_run_resumes_to_the_same_step_with_optimiser_and_ema_state(shards
 
 def test_a_nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint(shards, tmp_path):
     import lightning.pytorch as pl
+
     from p2pz.student.training import NonFiniteLossError
 
     class Diverge(pl.Callback):  # fault injection: the generator's weights blow up at step 3
@@ -282,11 +285,72 @@ def test_a_nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint(shards, tmp
     assert all(torch.isfinite(v).all() for v in kept["state_dict"].values() if v.is_floating_point())
 
 
-def test_train_py_reports_a_missing_lpips_backbone_in_one_line(shards, tmp_path):
+def test_discriminator_steps_through_the_precision_plugin_without_advancing_global_step(shards, tmp_path):
+    """D's step is not counted, yet goes where a counted one goes: the strategy and the precision plugin
+    (AMP's unscaling and GradScaler, on_before_optimizer_step hooks)."""
+    from lightning.pytorch.plugins.precision import Precision
+
+    class SpyPrecision(Precision):
+        def __init__(self):
+            super().__init__()
+            self.stepped: list[str] = []
+
+        def optimizer_step(self, optimizer, model, closure, **kwargs):
+            which = "D" if optimizer.param_groups[0]["params"][0] is next(model.D.parameters()) else "G"
+            self.stepped.append(f"{which}@{model.trainer.global_step}")
+            return super().optimizer_step(optimizer, model=model, closure=closure, **kwargs)
+
+    hooks: list[int] = []
+
+    class CountHooks(pl.Callback):
+        def on_before_optimizer_step(self, trainer, pl_module, optimizer):
+            hooks.append(trainer.global_step)
+
+    from p2pz.cli import train
+
+    cli = train.main(["--config", TINY, "--data.shards", str(shards)], run=False)  # the module and data
+    spy = SpyPrecision()
+    trainer = pl.Trainer(
+        accelerator="cpu",
+        plugins=[spy],
+        max_steps=2,
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        enable_checkpointing=False,
+        limit_val_batches=0,
+        default_root_dir=str(tmp_path / "run"),  # the iteration-1 grid lands there
+        callbacks=[CountHooks()],
+    )
+    trainer.fit(cli.model, datamodule=cli.datamodule)
+    assert trainer.global_step == 2
+    # G's step (counted) and D's (not) in iteration 0, then the same in iteration 1
+    assert spy.stepped == ["G@0", "D@1", "G@1", "D@2"]
+    assert hooks == [0, 1, 1, 2]
+
+
+def test_p2pz_train_is_the_same_cli_as_train_py(shards, tmp_path, capsys):
+    from p2pz.cli.main import main
+
+    args = ["fit", "--config", TINY, "--data.shards", str(shards), "--print_config"]
+    printed = []
+    train_py = runpy.run_path(str(REPO / "train.py"))  # the script's globals, without running it
+    for run in (lambda: main(["train", *args]), lambda: train_py["main"](args)):
+        with pytest.raises(SystemExit) as exit_info:
+            run()
+        assert exit_info.value.code == 0
+        printed.append(capsys.readouterr().out)
+    assert printed[0] == printed[1] and "checkpoint:" in printed[0] and "lpips_backbone" in printed[0]
+
+
+@pytest.mark.parametrize(
+    "command", [[str(REPO / "train.py")], ["-m", "p2pz", "train"]], ids=["train.py", "p2pz-train"]
+)
+def test_train_reports_a_missing_lpips_backbone_in_one_line(shards, tmp_path, command):
     result = subprocess.run(
         [
             sys.executable,
-            str(REPO / "train.py"),
+            *command,
             "fit",
             "--config",
             TINY,
@@ -332,6 +396,7 @@ class RecordRank(pl.Callback):
 
 def test_ddp_two_cpu_ranks_see_disjoint_data_and_keep_identical_weights(shards, tmp_path):
     import lightning.pytorch as pl
+
     from p2pz.student.callbacks import StepCheckpoint
     from p2pz.student.datamodule import PairDataModule
     from p2pz.student.training import StudentModule

@@ -1,4 +1,4 @@
-"""Does the student learn? The `lite` student at 64 px on the CPU, trained through train.py with
+"""Does the student learn? The `lite` student at 64 px on the CPU, trained through `p2pz train` with
 configs/cpu.yaml, on pairs whose target is a known, non-trivial transform of procedurally drawn shapes
 (mirror left-right + colour channels rotated), must end with validation L1 and LPIPS to the targets
 well below those of copying the input.
@@ -40,7 +40,7 @@ def read_curve(run: Path) -> list[dict]:
 
 @pytest.mark.slow
 def test_lite_student_learns_mirror_and_colour_swap(tmp_path):
-    import train
+    from p2pz.cli import train
 
     shards = write_pair_shards(tmp_path / "pairs", shards=8, per_shard=64, size=64, seed=3)
     run = tmp_path / "run"

@@ -24,15 +24,18 @@ from __future__ import annotations
 import os
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-from p2pz.teacher.edits import Edit
 from PIL import Image
 
+from p2pz.teacher.edits import Edit
 from p2pz.utils.errors import UserError
+
+if TYPE_CHECKING:
+    import lpips
 
 DEFAULT_CLIP = "openai/clip-vit-base-patch32"
 DEFAULT_DINO = "facebook/dino-vitb8"
@@ -113,22 +116,91 @@ class ClipAccuracy:
 
 
 # ---------------------------------------------------------------------------------------------
+# LPIPS: the one loader (BackgroundLPIPS here, the student's PerceptualLoss in p2pz.student.losses)
+
+# torchvision's ImageNet weights of each LPIPS backbone, as torch.hub caches them
+LPIPS_BACKBONE_FILES = {
+    "alex": "alexnet-owt-7be5be79.pth",
+    "vgg": "vgg16-397923af.pth",
+    "squeeze": "squeezenet1_1-b8a52dc0.pth",
+}
+
+
+def lpips_backbone_file(net: str) -> str:
+    """torchvision's file name of ``net``'s ImageNet weights; a UserError for an unknown network."""
+    if net not in LPIPS_BACKBONE_FILES:
+        raise UserError(f"unknown LPIPS network {net!r}; choose one of {', '.join(LPIPS_BACKBONE_FILES)}")
+    return LPIPS_BACKBONE_FILES[net]
+
+
+def load_lpips(net: str, backbone: str | os.PathLike | None, *, flag: str) -> lpips.LPIPS:
+    """An ``lpips.LPIPS`` (heads from the lpips wheel) with ``backbone``'s ImageNet weights, offline.
+
+    ``backbone``: a torchvision state dict of ``net`` (``features.*`` keys, optionally under
+    ``state_dict``), or None for random backbone weights (tests only: the distances then mean nothing).
+    Nothing is downloaded. Every problem is a one-line UserError naming ``flag``, the option that gives
+    the file. The network is returned in train mode, with gradients on: the caller freezes it.
+    """
+    import warnings
+
+    import lpips
+
+    file_name = lpips_backbone_file(net)
+    path = None if backbone is None else Path(backbone)
+    if path is not None and not path.is_file():
+        raise UserError(
+            f"LPIPS needs the ImageNet weights of its {net} backbone: '{path}' does not exist; "
+            f"download {file_name} from torchvision and pass it with {flag}"
+        )
+    with warnings.catch_warnings():  # lpips calls torchvision with its deprecated 'pretrained'
+        warnings.simplefilter("ignore")
+        # pnet_rand=True: build the backbone without downloading; the linear heads (pretrained=True)
+        # come from the wheel's lpips/weights/v0.1/<net>.pth
+        model = lpips.LPIPS(pretrained=True, net=net, pnet_rand=True, verbose=False)
+    if path is not None:
+        _load_lpips_backbone(model.net, path, net, flag)
+    return model
+
+
+def _load_lpips_backbone(net: torch.nn.Module, path: Path, net_name: str, flag: str) -> None:
+    """Copy torchvision ``features.<i>.*`` weights into lpips' sliced backbone (``sliceK.<i>``)."""
+    file_name = LPIPS_BACKBONE_FILES[net_name]
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # unreadable, not a torch file, pickled code, ...
+        first_line = (str(err).splitlines() or [""])[0]
+        raise UserError(
+            f"cannot read the LPIPS backbone weights '{path}' ({type(err).__name__}: {first_line}); "
+            f"pass torchvision's {file_name} with {flag}"
+        ) from err
+    if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
+        state = state["state_dict"]
+    features = (
+        {k[len("features.") :]: v for k, v in state.items() if k.startswith("features.")}
+        if isinstance(state, dict)
+        else {}
+    )
+    if not features:
+        raise UserError(
+            f"'{path}' is not a torchvision {net_name} state dict (no 'features.*' keys); "
+            f"pass torchvision's {file_name} with {flag}"
+        )
+    for block in net.children():  # slice1, slice2, ...: their children keep torchvision's indices
+        for index, layer in block.named_children():
+            own = layer.state_dict()
+            if not own:
+                continue  # ReLU / pooling
+            wanted = {k.split(".", 1)[1]: v for k, v in features.items() if k.split(".", 1)[0] == index}
+            if set(wanted) != set(own) or any(wanted[k].shape != own[k].shape for k in own):
+                raise UserError(
+                    f"'{path}' does not match LPIPS' {net_name} backbone at layer features.{index}; "
+                    f"pass torchvision's {file_name} with {flag}"
+                )
+            layer.load_state_dict(wanted)
+
+
+# ---------------------------------------------------------------------------------------------
 # Background LPIPS
-
-
-def _torchvision_backbone(net: str) -> tuple[Any, str]:
-    """An untrained torchvision model for LPIPS's ``net`` and the cache file name of its ImageNet weights."""
-    import torchvision.models as tvm
-
-    makers = {
-        "alex": (tvm.alexnet, tvm.AlexNet_Weights.IMAGENET1K_V1),
-        "vgg": (tvm.vgg16, tvm.VGG16_Weights.IMAGENET1K_V1),
-        "squeeze": (tvm.squeezenet1_1, tvm.SqueezeNet1_1_Weights.IMAGENET1K_V1),
-    }
-    if net not in makers:
-        raise UserError(f"unknown LPIPS network {net!r}; choose one of {', '.join(makers)}")
-    make, weights = makers[net]
-    return make(weights=None), Path(weights.url).name
 
 
 class BackgroundLPIPS:
@@ -139,45 +211,25 @@ class BackgroundLPIPS:
     distances then mean nothing). LPIPS's own linear layers ship with the lpips package.
     """
 
-    def __init__(self, net: str = "alex", backbone: str | os.PathLike | None = None, device: Any = "cpu"):
-        import warnings
-
-        import lpips
-
-        model, file_name = _torchvision_backbone(net)
-        with warnings.catch_warnings():  # lpips calls torchvision with its deprecated 'pretrained'
-            warnings.simplefilter("ignore", UserWarning)
-            self.lpips = lpips.LPIPS(pretrained=True, net=net, pnet_rand=True, verbose=False)
-        if str(backbone) != "random":
-            path = (
-                Path(backbone)
-                if backbone is not None
-                else Path(torch.hub.get_dir()) / "checkpoints" / file_name
-            )
-            if not path.is_file():
+    def __init__(
+        self, net: str = "alex", backbone: str | os.PathLike | None = None, device: Any = "cpu"
+    ) -> None:
+        flag = "--lpips-backbone FILE"
+        file_name = lpips_backbone_file(net)
+        if str(backbone) == "random":
+            backbone = None
+        elif backbone is None:
+            cached = Path(torch.hub.get_dir()) / "checkpoints" / file_name
+            if not cached.is_file():
                 raise UserError(
-                    f"LPIPS needs the ImageNet weights of its {net} backbone: "
-                    + (
-                        f"'{path}' does not exist"
-                        if backbone is not None
-                        else f"no {file_name} in {path.parent}"
-                    )
-                    + f"; download {file_name} from torchvision and pass it with --lpips-backbone FILE"
+                    f"LPIPS needs the ImageNet weights of its {net} backbone: no {file_name} in "
+                    f"{cached.parent}; download {file_name} from torchvision and pass it with {flag}"
                 )
-            try:
-                model.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
-            except Exception as err:
-                raise UserError(
-                    f"'{path}' is not a torchvision {net} state dict ({type(err).__name__})"
-                ) from err
-            # LPIPS wraps the backbone's ``features`` in slices whose children keep their indices.
-            for name, part in self.lpips.net.named_children():
-                if name.startswith("slice"):
-                    for index, layer in part.named_children():
-                        layer.load_state_dict(model.features[int(index)].state_dict())
+            backbone = cached
+        self.lpips = load_lpips(net, backbone, flag=flag)
         self.lpips = self.lpips.to(device).eval()
         self.device = device
-        self.backbone = "random" if str(backbone) == "random" else str(backbone or "torchvision cache")
+        self.backbone = "random" if backbone is None else str(backbone)
 
     @staticmethod
     def _tensor(image: Image.Image | np.ndarray, size: tuple[int, int]) -> torch.Tensor:

@@ -1,0 +1,127 @@
+"""Train a CoModGAN student on the teacher's pair shards (a LightningCLI).
+
+    p2pz train fit --config configs/tiny.yaml --data.shards out/pairs --trainer.default_root_dir run
+    p2pz train fit --config configs/cpu.yaml --data.shards out/pairs --trainer.default_root_dir run
+    p2pz train fit --config configs/cpu.yaml --data.shards out/pairs --trainer.default_root_dir run \\
+        --ckpt_path last                          # resume: same step, optimisers and EMA
+    p2pz train fit --config configs/tiny.yaml --print_config   # every option, with its value
+    p2pz train validate --config configs/cpu.yaml --data.shards out/pairs \\
+        --ckpt_path run/checkpoints/last.ckpt      # score a checkpoint
+
+``python train.py ...`` (the repository's script) and ``python -m p2pz.cli.train ...`` are the same
+command. The configs ship with the package too: ``importlib.resources.files("p2pz.configs")``.
+
+Steps are training iterations: ``--trainer.max_steps 5000`` means 5000 generator and 5000 discriminator
+updates (``global_step`` counts iterations, see ``p2pz.student.training``).
+
+The run folder (``--trainer.default_root_dir``) receives ``checkpoints/last.ckpt`` (every
+``--checkpoint.every_n_train_steps`` iterations and at the end), ``grids/step-*.png`` (input | teacher |
+student), ``lightning_logs/version_N/{metrics.csv,config.yaml}`` and, under SLURM, ``hpc_ckpt_*.ckpt``.
+Keep it the same across restarts. Under ``srun`` Lightning detects SLURM and requeues the job on
+``--signal=SIGUSR1@90``; the requeued job resumes from the ``hpc_ckpt`` on its own.
+
+This module is imported whenever the ``p2pz`` parser is built, so Lightning (seconds to import) is only
+imported when the command runs: :func:`student_cli_class` builds the LightningCLI subclass on first use
+(``p2pz.cli.train.StudentCLI`` names it too).
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import sys
+import warnings
+from typing import TYPE_CHECKING, Any
+
+from p2pz.utils.errors import UserError
+
+if TYPE_CHECKING:
+    from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
+
+DESCRIPTION = __doc__.split("\n\n")[0]
+
+
+@functools.cache
+def student_cli_class() -> type[LightningCLI]:
+    """The LightningCLI of student training: the module, the data module and a ``checkpoint`` group."""
+    from lightning.pytorch.cli import LightningCLI
+
+    from p2pz.student.callbacks import StepCheckpoint
+
+    class StudentCLI(LightningCLI):
+        def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
+            # always present, configured as --checkpoint.* (or `checkpoint:` in the YAML)
+            parser.add_lightning_class_args(StepCheckpoint, "checkpoint")
+            parser.link_arguments("model.resolution", "data.resolution")
+
+    StudentCLI.__module__, StudentCLI.__qualname__ = __name__, "StudentCLI"
+    return StudentCLI
+
+
+def __getattr__(name: str) -> Any:
+    if name == "StudentCLI":  # built on first use, see the module docstring
+        return student_cli_class()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def main(args: list[str] | None = None, run: bool = True, prog: str | None = None) -> LightningCLI:
+    """Parse ``args`` (default: ``sys.argv[1:]``) and, with ``run``, run the subcommand (``fit``, ...).
+
+    ``run=False`` parses and instantiates the trainer, model and data module without running anything
+    (``cli.trainer.fit(cli.model, datamodule=cli.datamodule)`` then trains).
+    """
+    from p2pz.student.datamodule import PairDataModule
+    from p2pz.student.training import StudentModule
+
+    parser_kwargs: dict[str, Any] = {"description": DESCRIPTION}
+    if prog:
+        parser_kwargs["prog"] = prog
+    return student_cli_class()(
+        StudentModule,
+        PairDataModule,
+        save_config_kwargs={"overwrite": True},  # a resumed run rewrites its config.yaml
+        auto_configure_optimizers=False,  # the module sets up its own two Adam optimisers
+        parser_kwargs=parser_kwargs,
+        args=args,
+        run=run,
+    )
+
+
+def script_main(args: list[str] | None = None, prog: str | None = None) -> int:
+    """``python train.py`` / ``python -m p2pz.cli.train``: a UserError is one ``error:`` line, exit 2."""
+    try:
+        main(args, prog=prog)
+    except UserError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+# ------------------------------------------------------------------------------------------------
+# p2pz train
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "train",
+        help="train a student on pair shards (a LightningCLI: fit, validate, ...; 'p2pz train --help')",
+        description=DESCRIPTION,
+        # Everything after `train` goes to the LightningCLI, its --help and --config included: no option
+        # of this parser's own (a prefix character no argument has), the rest of the line as one list.
+        add_help=False,
+        prefix_chars="\0",
+    )
+    p.add_argument("lightning_args", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)
+    p.set_defaults(func=cmd_train)
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    # LightningCLI warns when it is given args while sys.argv holds more than the program's name; here
+    # sys.argv is `p2pz train ...` on purpose: DDP's launcher starts the other ranks with it.
+    warnings.filterwarnings("ignore", message="LightningCLI's args parameter is intended to run from within")
+    main(list(args.lightning_args), prog="p2pz train")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(script_main(prog="python -m p2pz.cli.train"))
