@@ -22,10 +22,11 @@ import statistics
 import time
 
 import torch
-from p2pz.student.networks import GENERATOR_PRESETS, Discriminator, Generator
-from p2pz.student.ops import force_impl
 from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.utils.flop_counter import FlopCounterMode
+
+from p2pz.student.networks import GENERATOR_PRESETS, Discriminator, Generator
+from p2pz.student.ops import force_impl
 
 
 def count_params(module: torch.nn.Module) -> int:

@@ -51,6 +51,7 @@ def build_model(out: Path, seed: int = 0) -> Path:
     """The tiny model of ``make_tiny`` with a wider UNet and a 4x VAE (see the module docstring)."""
     import torch
     from diffusers import AutoencoderKL, UNet2DConditionModel
+
     from p2pz.data.models.tiny import TEXT_HIDDEN, VAE_SCALING_FACTOR, make_tiny
 
     make_tiny(out, seed=seed)
@@ -109,6 +110,7 @@ def worker(impl: str, model: str, steps: int, size: int, device: str, out_npy: s
     """One measurement in this (fresh) process: the first edit's peak memory, the second's time."""
     import numpy as np
     import torch
+
     from p2pz.teacher.directions import compute_direction
     from p2pz.teacher.pipeline import Pix2PixZero
 

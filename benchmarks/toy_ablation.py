@@ -29,19 +29,67 @@ import math
 import sys
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 from p2pz.data.models import TOY_MODEL
 from p2pz.data.shapes.teacher_settings import add_toy_teacher_arguments
 
+if TYPE_CHECKING:
+    from p2pz.data.eval.ablation import ScoreLog
+    from p2pz.data.shapes.edits import WorldEdit
+    from p2pz.data.shapes.world import Scene
+    from p2pz.teacher.directions import EditDirection
+    from p2pz.teacher.pipeline import Pix2PixZero
+
 
 def main(argv: list[str] | None = None) -> int:
+    """Run every row of every edit, one line per row as it ends, then the table and the JSON line."""
+    parser = _parser()
+    args = parser.parse_args(argv)
+
+    import torch
+
+    from p2pz.data.eval.ablation import ROWS, ScoreLog
+    from p2pz.data.shapes.edits import world_direction
+    from p2pz.utils.errors import UserError
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    unknown = set(args.rows) - set(ROWS)
+    if unknown:
+        parser.error(f"unknown rows {sorted(unknown)}; rows are {', '.join(ROWS)}")
+    try:
+        edits, teacher = _load_edits_and_teacher(args)
+    except UserError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    log = ScoreLog(args.log, _log_settings(args, teacher))
+    print(
+        f"toy ablation: {args.model}, {args.scenes} scenes per edit, {args.steps} steps, "
+        f"preset {args.preset}, CFG {args.guidance_scale:g}, xa_guidance {args.xa_guidance:g} "
+        f"(direction_xa), {torch.get_num_threads()} threads",
+        flush=True,
+    )
+
+    results: dict[str, dict] = {}
+    for edit in edits:
+        scenes = edit.scenes(args.scenes, seed=args.seed)
+        direction = world_direction(teacher, edit, args.sentences)  # one direction for the edit's rows
+        for row in args.rows:
+            results[f"{edit.name}/{row}"] = _run_row(args, teacher, log, edit, scenes, direction, row)
+    _print_results(results)
+    return 0
+
+
+def _parser() -> argparse.ArgumentParser:
+    """The command line (the module docstring is its description)."""
     parser = argparse.ArgumentParser(
         prog="python benchmarks/toy_ablation.py",
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--model", default=str(TOY_MODEL), help="toy model folder (default: the shipped one)")
-    parser.add_argument("--edits", nargs="+", default=["circle-square", "red-blue"], help="world edits")
+    parser.add_argument("--edits", nargs="+", default=["circle:square", "red:blue"], help="world edits")
     parser.add_argument(
         "--rows", nargs="+", default=["word_swap", "direction", "direction_xa"], help="rows to run"
     )
@@ -60,94 +108,95 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--log", default=None, metavar="FILE", help="JSONL of scored scenes: resume a killed run"
     )
-    args = parser.parse_args(argv)
+    return parser
 
-    import torch
-    from p2pz.data.eval.ablation import ROWS, ScoreLog, edit_world_scenes
-    from p2pz.data.eval.world_metrics import aggregate
-    from p2pz.data.shapes.edits import parse_world_edit, world_direction
+
+def _load_edits_and_teacher(args: argparse.Namespace) -> tuple[list[WorldEdit], Pix2PixZero]:
+    """The parsed ``--edits`` and the teacher; ``UserError`` for a missing model or a bad edit."""
+    from p2pz.data.shapes.edits import parse_world_edit
     from p2pz.teacher import Pix2PixZero
-    from tqdm.auto import tqdm
-
     from p2pz.utils.errors import UserError
 
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    unknown = set(args.rows) - set(ROWS)
-    if unknown:
-        parser.error(f"unknown rows {sorted(unknown)}; rows are {', '.join(ROWS)}")
     if not Path(args.model).is_dir():
-        print(
-            f"error: no model folder {args.model} (train it with `python -m p2pz.data.models.train_toy`)",
-            file=sys.stderr,
+        raise UserError(
+            f"no model folder {args.model} (train it with `python -m p2pz.data.models.train_toy`)"
         )
-        return 2
-    try:
-        edits = [parse_world_edit(e) for e in args.edits]
-        teacher = Pix2PixZero.from_pretrained(
-            args.model, preset=args.preset, device=args.device, captioner=False
-        )
-    except UserError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    xa, cfg = args.xa_guidance, args.guidance_scale
-    settings = {
+    edits = [parse_world_edit(e) for e in args.edits]
+    teacher = Pix2PixZero.from_pretrained(args.model, preset=args.preset, device=args.device, captioner=False)
+    return edits, teacher
+
+
+def _log_settings(args: argparse.Namespace, teacher: Pix2PixZero) -> dict[str, Any]:
+    """What the scores depend on: a ``--log`` record counts only for a run with the same settings."""
+    return {
         "fingerprint": teacher.fingerprint,
         "preset": teacher.preset.to_dict(),
         "steps": args.steps,
-        "xa_guidance": xa,
-        "guidance_scale": cfg,
+        "xa_guidance": args.xa_guidance,
+        "guidance_scale": args.guidance_scale,
         "sentences": args.sentences,
         "seed": args.seed,
     }
-    log = ScoreLog(args.log, settings)
-    print(
-        f"toy ablation: {args.model}, {args.scenes} scenes per edit, {args.steps} steps, "
-        f"preset {args.preset}, CFG {cfg:g}, xa_guidance {xa:g} (direction_xa), "
-        f"{torch.get_num_threads()} threads",
-        flush=True,
-    )
 
-    results: dict[str, dict] = {}
-    for edit in edits:
-        scenes = edit.scenes(args.scenes, seed=args.seed)
-        direction = world_direction(teacher, edit, args.sentences)
-        for row in args.rows:
-            done = log.done(edit.name, row)
-            pending = [i for i in range(len(scenes)) if i not in done]
-            tic = time.perf_counter()
-            with tqdm(
-                total=len(scenes),
-                initial=len(scenes) - len(pending),
-                desc=f"{edit.name}/{row}",
-                file=sys.stderr,
-            ) as bar:
-                edit_world_scenes(
-                    teacher,
-                    edit,
-                    scenes,
-                    row,
-                    num_steps=args.steps,
-                    xa_guidance=xa,
-                    guidance_scale=cfg,
-                    batch_size=args.batch_size,
-                    direction=direction,
-                    seed=args.seed,
-                    skip=sorted(done),
-                    done=lambda i, s, r, e=edit.name, w=row: log.add(e, w, i, s, r),
-                    progress=bar,
-                )
-            seconds = time.perf_counter() - tic
-            records = [log.done(edit.name, row)[i] for i in range(len(scenes))]
-            summary = aggregate([ScoreLog.to_score(r) for r in records])
-            recon = sorted(
-                r["reconstruction_shift_px"] for r in records if r["reconstruction_shift_px"] is not None
-            )
-            summary["reconstruction_shift_px"] = recon[len(recon) // 2] if recon else None
-            summary["seconds_this_run"] = round(seconds, 1)
-            results[f"{edit.name}/{row}"] = summary
-            print(f"{edit.name}/{row}: {_fmt(summary)} ({seconds:.0f} s)", flush=True)
 
+def _run_row(
+    args: argparse.Namespace,
+    teacher: Pix2PixZero,
+    log: ScoreLog,
+    edit: WorldEdit,
+    scenes: list[Scene],
+    direction: EditDirection,
+    row: str,
+) -> dict[str, Any]:
+    """Edit and score the scenes ``log`` lacks for one row, then summarise all of the row's scenes."""
+    from tqdm.auto import tqdm
+
+    from p2pz.data.eval.ablation import edit_world_scenes
+
+    done = log.done(edit.name, row)
+    pending = [i for i in range(len(scenes)) if i not in done]
+    tic = time.perf_counter()
+    with tqdm(
+        total=len(scenes),
+        initial=len(scenes) - len(pending),
+        desc=f"{edit.name}/{row}",
+        file=sys.stderr,
+    ) as bar:
+        edit_world_scenes(
+            teacher,
+            edit,
+            scenes,
+            row,
+            num_steps=args.steps,
+            xa_guidance=args.xa_guidance,
+            guidance_scale=args.guidance_scale,
+            batch_size=args.batch_size,
+            direction=direction,
+            seed=args.seed,
+            skip=sorted(done),
+            done=lambda i, s, r: log.add(edit.name, row, i, s, r),  # logged as it goes: resumable
+            progress=bar,
+        )
+    seconds = time.perf_counter() - tic
+    summary = _summarise([log.done(edit.name, row)[i] for i in range(len(scenes))])
+    summary["seconds_this_run"] = round(seconds, 1)
+    print(f"{edit.name}/{row}: {_fmt(summary)} ({seconds:.0f} s)", flush=True)
+    return summary
+
+
+def _summarise(records: list[dict[str, Any]]) -> dict[str, Any]:
+    """The world metrics of a row's logged scenes, plus the median reconstruction shift."""
+    from p2pz.data.eval.ablation import ScoreLog
+    from p2pz.data.eval.world_metrics import aggregate
+
+    summary = aggregate([ScoreLog.to_score(r) for r in records])
+    recon = sorted(r["reconstruction_shift_px"] for r in records if r["reconstruction_shift_px"] is not None)
+    summary["reconstruction_shift_px"] = recon[len(recon) // 2] if recon else None
+    return summary
+
+
+def _print_results(results: dict[str, dict[str, Any]]) -> None:
+    """The table of every row, then the last line: the headline metrics as one JSON object."""
     print()
     header = ("success", "iou", "iou_in", "shift px", "psnr out", "recon px")
     print(f"{'edit/row':28s} " + " ".join(f"{h:>8s}" for h in header))
@@ -163,14 +212,15 @@ def main(argv: list[str] | None = None) -> int:
             }
         )
     )
-    return 0
 
 
-def _num(value) -> str:
+def _num(value: float | None) -> str:
+    """A table cell: three decimals, or "-" for a missing value."""
     return "-" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{value:.3f}"
 
 
-def _fmt(m: dict) -> str:
+def _fmt(m: dict[str, Any]) -> str:
+    """A row's summary as the one progress line printed when the row ends."""
     return (
         f"success {m['success']:.2f}, iou {m['iou']:.3f}, shift {_num(m['centre_shift_px'])} px, "
         f"psnr outside {_num(m['psnr_outside'])} dB"

@@ -19,7 +19,6 @@ import io
 import json
 import logging
 import os
-import tarfile
 from pathlib import Path
 from typing import Any
 
@@ -42,26 +41,18 @@ ONNX_OPSET = 18
 # Provenance: where the student's training data came from
 
 
-def _first_sample_meta(shard: str) -> dict[str, Any]:
-    """The ``json`` member of the first sample of a shard (the teacher's settings and the edit)."""
-    with tarfile.open(shard) as tar:
-        for member in tar:
-            if member.name.endswith(".json"):
-                return json.loads(tar.extractfile(member).read())
-    return {}
-
-
 def data_provenance(shards: str | None) -> dict[str, Any]:
     """The edit, the teacher's settings and a digest of the shard manifests behind ``shards``."""
     if not shards:
         return {}
     from p2pz.data.pairs.reader import list_shards
+    from p2pz.data.pairs.sample import first_meta
 
     try:
         urls = list_shards(shards)
     except UserError:
         return {"shards": shards, "note": "shards not found at export time"}
-    meta = _first_sample_meta(urls[0])
+    meta = first_meta(urls[0])  # the teacher's settings and the edit
     folders = sorted({str(Path(u).parent) for u in urls})
     digest = hashlib.sha256()
     manifests = sorted(p for folder in folders for p in Path(folder).glob("*manifest*.jsonl"))
@@ -153,8 +144,9 @@ def export_package(
 
     The folder appears complete or not at all (written beside it, then renamed into place).
     """
-    from p2pz.student.training import load_generator
     from safetensors.torch import save_file
+
+    from p2pz.student.training import load_generator
 
     checkpoint = Path(checkpoint)
     if not checkpoint.is_file():

@@ -11,8 +11,8 @@ One file, read top to bottom (NVlabs' ``networks.py`` layout):
    minibatch standard deviation layer).
 
 CoModGAN (Zhao et al., ICLR 2021, zsyzzsoft/co-mod-gan) in pix2pix mode: the encoder sees the input image
-only, the discriminator sees the concatenated pair. Sizes and the analytic parameter counts behind the
-``comod`` preset are in ``shared/reference/student.md`` sections 2 and 4.
+only, the discriminator sees the concatenated pair. The ``comod`` preset's sizes follow CoModGAN's
+512 px configuration; ``benchmarks/student_size.py`` prints their parameter counts.
 
 Channels at resolution ``res`` are ``min(channel_base // res, channel_max)``, the same in the encoder,
 the decoder and the discriminator (``comod``: channel_base 32768, channel_max 512).
@@ -24,9 +24,9 @@ import math
 from typing import Any
 
 import torch
-from p2pz.student.ops import bias_act, conv2d_resample, upfirdn2d
 from torch import nn
 
+from p2pz.student.ops import bias_act, conv2d_resample, upfirdn2d
 from p2pz.utils.errors import UserError
 
 # ---------------------------------------------------------------------------------------------------

@@ -16,9 +16,12 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
+
+if TYPE_CHECKING:
+    from diffusers import UNet2DConditionModel
 
 
 class CrossAttentionMaps:
@@ -43,7 +46,7 @@ class CrossAttentionMaps:
 
     # -- installing ------------------------------------------------------------------------------
 
-    def install(self, unet: Any) -> list[str]:
+    def install(self, unet: UNet2DConditionModel) -> list[str]:
         """Put a map-capturing processor on every ``attn2`` layer of ``unet``; leave the others alone.
 
         Returns the names of the hooked layers (16 in SD 1.x).

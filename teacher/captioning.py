@@ -10,7 +10,8 @@ also uses the caption as the negative prompt of the edit. Two prompt styles:
   "a photography of", greedy, ``max_new_tokens=128``, prompt kept in the caption.
 
 A captioner folder can also name its own class: a ``captioner.json`` with
-``{"class": "package.module:ClassName", ...}`` makes ``load_captioner`` import that class and
+``{"class": "p2pz.module:ClassName", ...}`` makes ``load_captioner`` import that class (one of
+p2pz's own: a model folder may come from anyone, so it never names other code) and
 call ``ClassName.from_pretrained(folder)``; the result must be callable on a list of PIL images.
 """
 
@@ -22,11 +23,16 @@ import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 from p2pz.utils.errors import UserError
 
+if TYPE_CHECKING:
+    from PIL import Image
+    from transformers import BlipForConditionalGeneration, BlipProcessor
+
 DEFAULT_CAPTIONER = "Salesforce/blip-image-captioning-base"
+PLUGIN_NAMESPACE = "p2pz."
 PLUGIN_CONFIG = "captioner.json"
 
 
@@ -34,7 +40,7 @@ PLUGIN_CONFIG = "captioner.json"
 class Captioner(Protocol):
     """Anything that turns a list of PIL images into one caption per image."""
 
-    def __call__(self, images: list[Any]) -> list[str]: ...
+    def __call__(self, images: list[Image.Image]) -> list[str]: ...
 
 
 @dataclass(frozen=True)
@@ -55,7 +61,9 @@ CAPTION_STYLES = {
 class BlipCaptioner:
     """BLIP (BlipForConditionalGeneration + BlipProcessor) with one of the caption styles."""
 
-    def __init__(self, model: Any, processor: Any, style: str = "official") -> None:
+    def __init__(
+        self, model: BlipForConditionalGeneration, processor: BlipProcessor, style: str = "official"
+    ) -> None:
         if style not in CAPTION_STYLES:
             raise UserError(f"unknown caption style '{style}'; choose from {', '.join(CAPTION_STYLES)}")
         self.model = model
@@ -66,15 +74,16 @@ class BlipCaptioner:
     def from_pretrained(
         cls, path_or_id: str | os.PathLike, style: str = "official", device: Any = "cpu", dtype: Any = None
     ) -> BlipCaptioner:
-        from p2pz.teacher.models import from_pretrained_or_explain, parse_dtype
         from transformers import BlipForConditionalGeneration, BlipProcessor
+
+        from p2pz.teacher.models import from_pretrained_or_explain, parse_dtype
 
         source = str(path_or_id)
         processor = from_pretrained_or_explain(BlipProcessor, source)
         model = from_pretrained_or_explain(BlipForConditionalGeneration, source, dtype=parse_dtype(dtype))
         return cls(model.to(device).eval(), processor, style)
 
-    def __call__(self, images: list[Any]) -> list[str]:
+    def __call__(self, images: list[Image.Image]) -> list[str]:
         import torch
 
         if not images:
@@ -103,6 +112,9 @@ def _load_plugin(folder: Path, style: str, device: Any, dtype: Any) -> Captioner
         module_name, _, class_name = str(config["class"]).partition(":")
         if not module_name or not class_name:
             raise ValueError("'class' must look like 'package.module:ClassName'")
+        # A model folder may come from anyone: it may name one of our classes, never other code.
+        if not module_name.startswith(PLUGIN_NAMESPACE):
+            raise ValueError(f"'class' must name a class of the p2pz package, not {module_name}")
     except (OSError, ValueError, KeyError, TypeError) as err:
         raise UserError(f"bad captioner config '{config_path}': {err}") from err
     try:
@@ -121,16 +133,6 @@ def _load_plugin(folder: Path, style: str, device: Any, dtype: Any) -> Captioner
     if not callable(captioner):
         raise UserError(f"captioner class '{config['class']}' does not make a callable captioner")
     return captioner
-
-
-def find_captioner(model_path_or_id: str | os.PathLike | None) -> str:
-    """The captioner that goes with a model: its ``captioner/`` subfolder if it has one (as the
-    folders of ``p2pz make-tiny``), else the default BLIP."""
-    if model_path_or_id is not None:
-        sub = Path(model_path_or_id).expanduser() / "captioner"
-        if sub.is_dir():
-            return str(sub)
-    return DEFAULT_CAPTIONER
 
 
 def load_captioner(

@@ -22,12 +22,15 @@ import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from p2pz.utils.atomic import atomic_path
 from p2pz.utils.errors import UserError
+
+if TYPE_CHECKING:
+    from transformers import CLIPTextModel, CLIPTokenizer
 
 log = logging.getLogger(__name__)
 
@@ -126,7 +129,9 @@ class EditDirection:
         }
         return cls(tgt_mean - src_mean, Path(source_pt).stem, Path(target_pt).stem, meta, src_mean, tgt_mean)
 
-    def check_compatible(self, text_encoder: Any = None, fingerprint: str | None = None) -> None:
+    def check_compatible(
+        self, text_encoder: CLIPTextModel | None = None, fingerprint: str | None = None
+    ) -> None:
         """Raise if the direction cannot apply to this text encoder; warn if it was made with another one."""
         if text_encoder is not None:
             hidden = text_encoder.config.hidden_size
@@ -240,7 +245,7 @@ def embed_sentences(
     return (total / len(sentences)).cpu()
 
 
-def text_encoder_fingerprint(tokenizer: Any, text_encoder: Any) -> str:
+def text_encoder_fingerprint(tokenizer: CLIPTokenizer, text_encoder: CLIPTextModel) -> str:
     """sha256 over the tokenizer vocabulary and the text encoder's weights (rounded to fp16, on CPU).
 
     Rounding to fp16 first makes it the same whether the model was loaded in fp32 or fp16 and on

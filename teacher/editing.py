@@ -23,7 +23,7 @@ Two DDIM trajectories start from the same x_T (the inversion of a real image, or
 
       L = sum_layers sum((M(x, c + Δc) - M_ref,cond)^2) / heads;   x <- x - xa_guidance * dL/dx
 
-  ``guided_branch="both"`` keeps the official loss over both branches but differentiates it with
+  ``guided_branch="joint"`` keeps the official loss over both branches but differentiates it with
   respect to the one latent that both branches denoise, x_in = [x, x]:
 
       x <- x - xa_guidance * (dL/dx_neg + dL/dx_edit)
@@ -45,13 +45,17 @@ from __future__ import annotations
 
 import contextlib
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
-from p2pz.teacher.attention import CrossAttentionMaps
 from tqdm.auto import tqdm
 
-GUIDED_BRANCHES = ("negative", "edit", "both")
+from p2pz.teacher.attention import CrossAttentionMaps
+
+if TYPE_CHECKING:
+    from diffusers import DDIMScheduler
+
+GUIDED_BRANCHES = ("negative", "edit", "joint")
 
 
 @dataclass
@@ -61,7 +65,7 @@ class EditOutput:
     xa_loss: list[float]  # cross-attention loss (before the guidance step) per timestep
 
 
-def make_scheduler(scheduler_config: dict, num_steps: int, device: Any) -> Any:
+def make_scheduler(scheduler_config: dict, num_steps: int, device: torch.device | str) -> DDIMScheduler:
     """The sampling scheduler of both passes: DDIM (eta = 0) from the model's config, as both codes."""
     from diffusers import DDIMScheduler
 
@@ -96,7 +100,7 @@ def edit_with_guidance(
     ``uncond``/``cond``: negative-prompt and caption embeddings ``[B, 77, D]``; ``direction``:
     per-sample edit directions ``[B, 77, D]`` added to ``cond`` in the edit pass. ``maps`` must be
     installed on ``unet``. ``guided_branch``: ``"negative"`` (official), ``"edit"`` (paper) or
-    ``"both"`` (the official loss on the shared latent), see the module docstring.
+    ``"joint"`` (the official loss on the shared latent), see the module docstring.
     """
     if guided_branch not in GUIDED_BRANCHES:
         raise ValueError(f"guided_branch must be one of {GUIDED_BRANCHES}, got {guided_branch!r}")
@@ -129,7 +133,7 @@ def edit_with_guidance(
             rows = "last_half" if cfg else "all"
             grad, loss = _xa_gradient(unet, maps, x_edit, t, edit_cond, i, batch, rows)
             x_in = pair(x_edit - xa_guidance * grad)
-        else:  # "both": the official loss over both branches, differentiated w.r.t. the shared latent
+        else:  # "joint": the official loss over both branches, differentiated w.r.t. the shared latent
             grad, loss = _xa_gradient(unet, maps, x_edit, t, edit_embeds, i, batch, "all", duplicate=cfg)
             x_in = pair(x_edit - xa_guidance * grad)
         if loss is not None:

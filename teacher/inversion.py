@@ -32,8 +32,9 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from p2pz.teacher.presets import Preset
 from tqdm.auto import tqdm
+
+from p2pz.teacher.presets import Preset
 
 KL_EPS = 1e-7  # ddim_inv.py: torch.log(_var + 1e-7)
 PYRAMID_MIN = 8  # ddim_inv.py: stop once the map is 8 px high

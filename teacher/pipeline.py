@@ -2,7 +2,8 @@
 
 Stages (each in its own module): captioning (``captioning``), edit directions (``directions``),
 regularised DDIM inversion (``inversion``), reference + cross-attention-guided edit passes
-(``editing``, ``attention``). Numbers come from a preset (``presets``: ``official`` or ``diffusers``).
+(``editing``, ``attention``). Numbers come from a preset (``presets``: ``official``, ``diffusers``,
+``paper`` or ``joint``).
 
 Real images::
 
@@ -26,17 +27,20 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
+from PIL import Image
+
 from p2pz.teacher.attention import CrossAttentionMaps
 from p2pz.teacher.editing import edit_with_guidance
 from p2pz.teacher.images import numpy_to_pil, pil_to_tensor, prepare_image, tensor_to_numpy
 from p2pz.teacher.inversion import invert
 from p2pz.teacher.presets import Preset, get_preset
-from PIL import Image
-
 from p2pz.utils.errors import UserError
+
+if TYPE_CHECKING:
+    from p2pz.teacher.directions import EditDirection
 
 log = logging.getLogger(__name__)
 
@@ -179,7 +183,7 @@ class Pix2PixZero:
         num_sentences: int | None = None,
         seed: int = 0,
         sentences: str = "template",
-    ) -> Any:
+    ) -> EditDirection:
         """Edit direction source -> target from sentence banks (``p2pz.teacher.sentences``), cached."""
         from p2pz.teacher.directions import compute_direction
         from p2pz.teacher.sentences import DEFAULT_NUM_SENTENCES, make_sentences
@@ -385,7 +389,7 @@ class Pix2PixZero:
             raise UserError(f"got {n} images but {len(values)} {what}; give one per image (or one for all)")
         return values
 
-    def _direction_tensors(self, directions: Sequence[Any]) -> torch.Tensor:
+    def _direction_tensors(self, directions: Sequence[EditDirection]) -> torch.Tensor:
         tensors = []
         for d in directions:
             theirs = d.metadata.get("text_encoder_fingerprint")

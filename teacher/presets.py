@@ -11,7 +11,7 @@
 ``paper``     ``official`` with the guidance step as the paper describes it: the gradient of the
               edit branch's cross-attention loss moves the latent (see ``guided_branch``).
 ``joint``     ``official`` with its loss over both CFG branches differentiated with respect to the
-              one latent both branches denoise (``guided_branch="both"``); the shapes world's
+              one latent both branches denoise (``guided_branch="joint"``); the shapes world's
               teacher, where it keeps colour edits in place without cancelling them.
 """
 
@@ -37,9 +37,9 @@ class Preset:
     negative_prompt_real: Literal["caption", "empty"]  # negative prompt of real-image edits
     # which maps drive the guidance step (see teacher/editing.py): "negative" = the official code's
     # kept half, whose gradient comes from the negative-prompt branch; "edit" = the paper's text,
-    # the maps under c + Δc, stepping the one latent both branches share; "both" = the official
+    # the maps under c + Δc, stepping the one latent both branches share; "joint" = the official
     # loss over both branches, its gradient stepping that shared latent
-    guided_branch: Literal["negative", "edit", "both"]
+    guided_branch: Literal["negative", "edit", "joint"]
     # inversion
     inversion: Literal["official", "diffusers"]  # timesteps and inverse DDIM step (see inversion.py)
     inversion_guidance_scale: float  # CFG during inversion (1 = none)
@@ -106,7 +106,7 @@ PAPER = dataclasses.replace(OFFICIAL, name="paper", guided_branch="edit")
 
 # The official loss (both branches' maps) with its gradient taken with respect to the shared latent:
 # the negative branch's half keeps the structure, the edit branch's half lets an attribute change.
-JOINT = dataclasses.replace(OFFICIAL, name="joint", guided_branch="both")
+JOINT = dataclasses.replace(OFFICIAL, name="joint", guided_branch="joint")
 
 PRESETS = {p.name: p for p in (OFFICIAL, DIFFUSERS, PAPER, JOINT)}
 

@@ -283,9 +283,10 @@ def llm_sentences(
     every sentence mentions the concept. Same seed, same sentences.
     """
     import torch
-    from p2pz.teacher.models import from_pretrained_or_explain, parse_dtype, resolve_model
     from tqdm.auto import tqdm
     from transformers import AutoModelForSeq2SeqLM, AutoTokenizer
+
+    from p2pz.teacher.models import from_pretrained_or_explain, parse_dtype, resolve_model
 
     source = resolve_model(model)
     dtype = parse_dtype(dtype)

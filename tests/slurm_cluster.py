@@ -7,7 +7,7 @@ run side by side. The ``slurm_cluster`` fixture yields a started cluster and, on
 every job, then stops the daemons by the PIDs in their pid files (never by process name).
 
 Every client command needs ``SLURM_CONF``: use ``cluster.env`` (or ``cluster.run``), which jobs then
-inherit. Facts behind the configuration: ../shared/reference/slurm.md.
+inherit.
 
 Usage::
 

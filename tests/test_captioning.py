@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import json
+import sys
+import types
 
 import pytest
-from p2pz.teacher.captioning import DEFAULT_CAPTIONER, Captioner, find_captioner, load_captioner
 from PIL import Image
 
+from p2pz.teacher.captioning import DEFAULT_CAPTIONER, Captioner, load_captioner
 from p2pz.utils.errors import UserError
 
 
@@ -64,12 +66,6 @@ def test_batch_equals_singles(tiny_model_dir):
     assert captioner([]) == []
 
 
-def test_find_captioner(tiny_model_dir, tmp_path):
-    assert find_captioner(tiny_model_dir) == str(tiny_model_dir / "captioner")
-    assert find_captioner(tmp_path) == DEFAULT_CAPTIONER
-    assert find_captioner(None) == DEFAULT_CAPTIONER
-
-
 PLUGIN = '''
 class EchoCaptioner:
     """Names the size of each image; remembers how it was loaded."""
@@ -88,14 +84,18 @@ class EchoCaptioner:
 '''
 
 
+def _install_plugin(monkeypatch, name: str) -> None:
+    module = types.ModuleType(name)
+    exec(PLUGIN, module.__dict__)
+    monkeypatch.setitem(sys.modules, name, module)
+
+
 def test_plugin_captioner_from_folder_config(tmp_path, monkeypatch):
-    (tmp_path / "pkg").mkdir()
-    (tmp_path / "pkg" / "my_captioner.py").write_text(PLUGIN)
-    monkeypatch.syspath_prepend(str(tmp_path / "pkg"))
+    _install_plugin(monkeypatch, "p2pz._echo_captioner")  # a captioner class of the p2pz namespace
     folder = tmp_path / "cap"
     folder.mkdir()
     (folder / "captioner.json").write_text(
-        json.dumps({"class": "my_captioner:EchoCaptioner", "word": "shape"})
+        json.dumps({"class": "p2pz._echo_captioner:EchoCaptioner", "word": "shape"})
     )
     captioner = load_captioner(folder, preset="diffusers", device="cpu")
     assert captioner([Image.new("RGB", (8, 16))]) == ["a shape of 8x16"]
@@ -116,9 +116,21 @@ def test_bad_captioners(tmp_path, monkeypatch):
         load_captioner(DEFAULT_CAPTIONER)  # offline and not cached
     with pytest.raises(UserError, match="unknown caption preset"):
         load_captioner(tmp_path, preset="fancy")
-    (tmp_path / "captioner.json").write_text(json.dumps({"class": "no_such_module_xyz:Thing"}))
+    (tmp_path / "captioner.json").write_text(json.dumps({"class": "p2pz.no_such_module_xyz:Thing"}))
     with pytest.raises(UserError, match="cannot be imported"):
         load_captioner(tmp_path)
+
+
+def test_a_model_folder_cannot_make_us_import_other_code(tmp_path, monkeypatch):
+    """captioner.json comes with a model folder from anyone: only p2pz's own classes may be named."""
+    (tmp_path / "pkg").mkdir()
+    (tmp_path / "pkg" / "planted_captioner.py").write_text("raise SystemExit('planted code ran')\n" + PLUGIN)
+    monkeypatch.syspath_prepend(str(tmp_path / "pkg"))
+    for named in ("planted_captioner:EchoCaptioner", "os:system"):
+        (tmp_path / "captioner.json").write_text(json.dumps({"class": named}))
+        with pytest.raises(UserError, match="must name a class of the p2pz"):
+            load_captioner(tmp_path)
+    assert "planted_captioner" not in sys.modules
     (tmp_path / "captioner.json").write_text("{not json")
     with pytest.raises(UserError, match="bad captioner config"):
         load_captioner(tmp_path)

@@ -8,10 +8,10 @@ import json
 import re
 
 import pytest
-from p2pz.data.shapes.teacher_settings import TOY_GUIDANCE_SCALE, TOY_XA_GUIDANCE
 from PIL import Image
 
 from p2pz.cli.main import main
+from p2pz.data.shapes.teacher_settings import TOY_GUIDANCE_SCALE, TOY_XA_GUIDANCE
 
 
 @pytest.mark.slow
@@ -76,3 +76,31 @@ def test_demo_rejects_an_unknown_preset_before_writing(tmp_path, capsys):
     assert exit_info.value.code == 2
     assert "invalid choice: 'bogus'" in capsys.readouterr().err
     assert not out.exists()
+
+
+def test_demo_trains_through_the_package_with_the_shipped_config(tmp_path, monkeypatch):
+    """The training stage runs the installed package's CLI (not a repository file) with configs/cpu.yaml
+    as shipped in p2pz.configs, in the caller's folder (relative paths stay valid)."""
+    import subprocess
+    import sys
+    from importlib.resources import files
+
+    from p2pz.cli import demo
+    from p2pz.cli.main import build_parser
+
+    args = build_parser().parse_args(["demo", "--out", str(tmp_path)])
+    shipped = files("p2pz.configs") / "cpu.yaml"
+    assert args.train_config == str(shipped) and shipped.is_file()
+
+    calls = []
+
+    def fake_run(cmd, **kwargs):
+        calls.append((cmd, kwargs))
+        return subprocess.CompletedProcess(cmd, 0)
+
+    monkeypatch.setattr(demo.subprocess, "run", fake_run)
+    checkpoint = demo.train_student(args, tmp_path / "shards", tmp_path / "run")
+    [(cmd, kwargs)] = calls
+    assert cmd[:4] == [sys.executable, "-m", "p2pz.cli.train", "fit"]
+    assert cmd[cmd.index("--config") + 1] == str(shipped) and "cwd" not in kwargs
+    assert checkpoint == tmp_path / "run" / "checkpoints" / "last.ckpt"

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+
 from p2pz.teacher.directions import (
     EditDirection,
     compute_direction,
@@ -17,7 +18,6 @@ from p2pz.teacher.sentences import (
     read_sentences,
     template_sentences,
 )
-
 from p2pz.utils.errors import UserError
 
 

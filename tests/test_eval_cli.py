@@ -4,11 +4,11 @@ import io
 import json
 
 import pytest
-from p2pz.data.shapes import world
-from p2pz.data.shapes.edits import parse_world_edit
 from PIL import Image
 
 from p2pz.cli.main import main
+from p2pz.data.shapes import world
+from p2pz.data.shapes.edits import parse_world_edit
 
 
 def test_eval_world_end_to_end_on_the_tiny_model(tiny_model_dir, tmp_path, capsys):
@@ -89,6 +89,7 @@ def test_eval_pairs_scores_world_shards_with_world_metrics(tmp_path, ideal):
 
 def test_word_swap_direction_turns_the_caption_into_the_swapped_one(tiny_model_dir):
     import torch
+
     from p2pz.data.shapes.edits import word_swap_directions
     from p2pz.teacher import Pix2PixZero
 

@@ -3,9 +3,9 @@
 import numpy as np
 import pytest
 import torch
-from p2pz.data.eval import paper_metrics as pm
 from PIL import Image
 
+from p2pz.data.eval import paper_metrics as pm
 from p2pz.utils.errors import UserError
 
 WORDS = ["a", "photo", "of", "red", "blue", "green"]
@@ -25,8 +25,9 @@ def _pattern(seed, size=32):
 @pytest.fixture(scope="module")
 def tiny_clip_dir(tmp_path_factory):
     """A tiny CLIP, briefly trained so that red images match "a photo of a red" and blue ones "... blue"."""
-    from p2pz.data.shapes.tokenizer import build_tokenizer
     from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor
+
+    from p2pz.data.shapes.tokenizer import build_tokenizer
 
     torch.manual_seed(0)
     tokenizer = build_tokenizer(WORDS)

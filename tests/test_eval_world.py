@@ -5,13 +5,13 @@ import math
 
 import numpy as np
 import pytest
+
 from p2pz.data.eval import world_metrics as wm
 from p2pz.data.eval.ablation import ScoreLog
 from p2pz.data.shapes import edits as we
 from p2pz.data.shapes import world
 from p2pz.data.shapes.edits import world_sentence_banks
 from p2pz.data.shapes.world import Background, Scene, ShapeObject
-
 from p2pz.utils.errors import UserError
 
 CIRCLE = Scene((ShapeObject("circle", "red", (30.0, 34.0), 26.0),), Background("plain", ("white",)))

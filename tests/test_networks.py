@@ -6,9 +6,10 @@ import json
 
 import pytest
 import torch
+from torch._subclasses.fake_tensor import FakeTensorMode
+
 from p2pz.student.networks import Discriminator, Generator
 from p2pz.student.ops import force_impl
-from torch._subclasses.fake_tensor import FakeTensorMode
 
 
 @pytest.fixture(autouse=True)
@@ -37,7 +38,8 @@ def test_shapes(res):
     assert y.shape == x.shape and y.abs().max() <= 1
 
 
-# student.md section 4.1 (4-channel inpainting input; ours takes 3, a difference of one 1x1 filter row).
+# CoModGAN's parameter counts, worked out layer by layer from its 512 px configuration (its input has
+# 4 channels for inpainting; ours takes 3, a difference of one 1x1 filter row).
 ANALYTIC_MILLIONS = {
     512: dict(total=79.8, mapping=2.10, encoder=31.95, synthesis=45.74, D=29.0),
     256: dict(total=79.2, mapping=2.10, encoder=31.84, synthesis=45.23, D=28.9),

@@ -7,6 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+
 from p2pz.data.shapes import oracle, world
 
 MODEL = Path(__file__).resolve().parents[1] / "data" / "toy_model"

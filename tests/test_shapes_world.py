@@ -2,6 +2,7 @@
 
 import numpy as np
 import pytest
+
 from p2pz.data.shapes import oracle, world
 from p2pz.data.shapes.world import Background, Scene, ShapeObject
 
@@ -120,8 +121,9 @@ def test_oracle_object_masks_match_ground_truth():
 
 
 def test_tokenizer_gives_each_world_word_one_token(tmp_path):
-    from p2pz.data.shapes.tokenizer import save_tokenizer
     from transformers import AutoTokenizer, CLIPTokenizer, CLIPTokenizerFast
+
+    from p2pz.data.shapes.tokenizer import save_tokenizer
 
     save_tokenizer(tmp_path)
     caption = "an orange circle, a red square and a blue diamond on a white to gray gradient background"

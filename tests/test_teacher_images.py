@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from p2pz.teacher.images import load_image, pil_to_tensor, prepare_image, resize_and_crop, to_rgb
 from PIL import Image
 
+from p2pz.teacher.images import load_image, pil_to_tensor, prepare_image, resize_and_crop, to_rgb
 from p2pz.utils.errors import UserError
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+
 from p2pz.data.models.tiny import SD14_SCHEDULER
 from p2pz.teacher.inversion import (
     auto_corr_grad,

@@ -7,13 +7,13 @@ import dataclasses
 import numpy as np
 import pytest
 import torch
+from PIL import Image
+
 from p2pz.teacher.directions import compute_direction
 from p2pz.teacher.editing import cross_attention_loss, edit_with_guidance, make_scheduler
 from p2pz.teacher.inversion import auto_corr_loss, draw_shifts, invert
 from p2pz.teacher.pipeline import Pix2PixZero
 from p2pz.teacher.presets import DIFFUSERS, OFFICIAL
-from PIL import Image
-
 from p2pz.utils.errors import UserError
 
 STEPS = 5  # enough to exercise every stage; the default run must stay fast on a 2-core CI box
@@ -320,7 +320,7 @@ def test_paper_preset_edits_differ_from_official_and_batch_like_single_runs(offi
 
 
 def test_joint_guidance_steps_the_shared_latent_by_both_branches_gradients(official, cat2dog):
-    """guided_branch="both": one edit step is x <- x - λ dL/dx with L the official loss of the pair
+    """guided_branch="joint": one edit step is x <- x - λ dL/dx with L the official loss of the pair
     [x, x] under [neg, c + Δc], i.e. the sum of the per-half gradients the official step applies
     separately; both CFG branches then denoise that one latent."""
     unet, maps, config = official.unet, official.maps, official.scheduler_config
@@ -355,7 +355,7 @@ def test_joint_guidance_steps_the_shared_latent_by_both_branches_gradients(offic
         )
         return out.edited
 
-    joint = one_step("both")
+    joint = one_step("joint")
     assert torch.allclose(joint, expected, rtol=1e-4, atol=1e-5)
     for other in ("negative", "edit"):
         assert not torch.allclose(joint, one_step(other), atol=1e-3), other
@@ -373,7 +373,7 @@ def test_joint_preset_batches_like_single_runs(joint, cat2dog):
     for i in range(2):
         [single] = joint.edit([images[i]], [cat2dog], [captions[i]], [seeds[i]], **kwargs)
         assert torch.allclose(batch[i].edited_latent, single.edited_latent, rtol=1e-3, atol=2e-3), i
-    assert joint.settings["preset"]["guided_branch"] == "both"
+    assert joint.settings["preset"]["guided_branch"] == "joint"
 
 
 # -------------------------------------------------------------------------------------------------
@@ -395,6 +395,7 @@ def test_settings_and_fingerprint(official, tiny_model_dir):
 
 def test_only_cross_attention_is_hooked(official):
     from diffusers.models.attention_processor import AttnProcessor2_0
+
     from p2pz.teacher.attention import CrossAttentionCaptureProcessor
 
     procs = official.unet.attn_processors

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
+
 from p2pz.data.models.tiny import make_tiny
 
 

@@ -25,14 +25,19 @@ import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
+from PIL import Image
+
 from p2pz.data.eval.world_metrics import WorldEditScore, aggregate, score_world_edit
 from p2pz.data.shapes import world
 from p2pz.data.shapes.edits import WorldEdit, word_swap_directions, world_direction
 from p2pz.data.shapes.world import Scene
-from PIL import Image
+
+if TYPE_CHECKING:
+    from p2pz.teacher.directions import EditDirection
+    from p2pz.teacher.pipeline import Pix2PixZero
 
 ROWS = ("word_swap", "direction", "direction_xa")
 
@@ -58,7 +63,7 @@ class RowResult:
 
 
 def edit_world_scenes(
-    teacher: Any,
+    teacher: Pix2PixZero,
     edit: WorldEdit,
     scenes: Sequence[Scene],
     row: str,
@@ -67,7 +72,7 @@ def edit_world_scenes(
     xa_guidance: float | None = None,
     guidance_scale: float | None = None,
     batch_size: int = 8,
-    direction: Any = None,
+    direction: EditDirection | None = None,
     sentences: str = "world",
     keep_images: bool = False,
     seed: int = 0,

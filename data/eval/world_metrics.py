@@ -31,10 +31,11 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 
 import numpy as np
+from PIL import Image
+
 from p2pz.data.shapes import oracle, world
 from p2pz.data.shapes.edits import WorldEdit, parse_world_edit
 from p2pz.data.shapes.world import Scene
-from PIL import Image
 
 MAX_PSNR = 100.0  # dB reported for identical pixels (keeps the JSON finite)
 RIM_PX = 1  # masks are grown by this much before taking "outside" pixels
@@ -85,18 +86,6 @@ def psnr(a: np.ndarray, b: np.ndarray, where: np.ndarray) -> float:
     diff = a[where].astype(np.float64) - b[where].astype(np.float64)
     mse = float(np.mean(diff**2))
     return MAX_PSNR if mse == 0 else min(MAX_PSNR, 10.0 * math.log10(255.0**2 / mse))
-
-
-def grow(mask: np.ndarray, steps: int) -> np.ndarray:
-    out = mask.copy()
-    for _ in range(steps):
-        g = out.copy()
-        g[1:] |= out[:-1]
-        g[:-1] |= out[1:]
-        g[:, 1:] |= out[:, :-1]
-        g[:, :-1] |= out[:, 1:]
-        out = g
-    return out
 
 
 def score_world_edit(
@@ -152,7 +141,7 @@ def score_world_edit(
         iou, iou_input = mask_iou(found.mask, expected), mask_iou(found.mask, input_mask)
     else:
         shift, iou, iou_input = float("nan"), 0.0, 0.0
-    outside = ~grow(input_mask | expected, RIM_PX)
+    outside = ~oracle.dilate(input_mask | expected, RIM_PX)
     return WorldEditScore(
         success=bool(target and kept and others_kept),
         target=bool(target),

@@ -21,6 +21,7 @@ import json
 import time
 
 import numpy as np
+
 from p2pz.data.shapes import oracle, world
 
 
@@ -180,7 +181,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--edit-guidance", type=float, nargs="+", default=[1.0, 3.0], help="CFG scales for edits"
     )
-    parser.add_argument("--edits", nargs="+", default=["circle-square", "red-blue"], help="word swaps")
+    parser.add_argument("--edits", nargs="+", default=["circle:square", "red:blue"], help="word swaps")
     parser.add_argument("--scenes", type=int, default=48, help="scenes per edit")
     parser.add_argument("--steps", type=int, default=50, help="DDIM steps")
     parser.add_argument("--seed", type=int, default=1234)

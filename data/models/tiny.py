@@ -31,7 +31,6 @@ from p2pz.teacher.clip_tokenizer import (
     build_vocab,
     save_tokenizer,
 )
-
 from p2pz.utils.atomic import atomic_path
 
 # Shapes: SD-like but tiny. The VAE halves the resolution three times (factor 8, as SD);

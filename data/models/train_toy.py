@@ -28,22 +28,20 @@ import math
 import os
 import shutil
 import time
+from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-log = logging.getLogger("train_toy")
+from p2pz.data.models.tiny import SD14_SCHEDULER
 
-SD_SCHEDULER = dict(
-    num_train_timesteps=1000,
-    beta_start=0.00085,
-    beta_end=0.012,
-    beta_schedule="scaled_linear",
-    clip_sample=False,
-    set_alpha_to_one=False,
-    steps_offset=1,
-    prediction_type="epsilon",
-)
+if TYPE_CHECKING:
+    import torch
+    from diffusers import DDIMScheduler, UNet2DConditionModel
+    from transformers import CLIPTextModel, CLIPTokenizer
+
+log = logging.getLogger("train_toy")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -171,6 +169,7 @@ def cosine_lr(step: int, planned: int, peak: float, final: float, warmup: int) -
 def render_batch(seeds, **scene_kwargs):
     """Images in [-1, 1] (B, 3, 64, 64), object masks (B, 1, 64, 64) and captions for scene seeds."""
     import torch
+
     from p2pz.data.shapes import world
 
     images, masks, captions = [], [], []
@@ -294,93 +293,42 @@ def encode_dataset(args, vae, state_dir: Path):
     return data
 
 
-def train_unet(args, data, tokenizer, state_dir: Path, deadline: float):
-    import copy
+def train_unet(
+    args: argparse.Namespace,
+    data: dict[str, Any],
+    tokenizer: CLIPTokenizer,
+    state_dir: Path,
+    deadline: float,
+) -> tuple[UNet2DConditionModel, CLIPTextModel, DDIMScheduler, dict[str, Any]]:
+    """Stage 4: the UNet and the text encoder jointly on ``data`` (``encode_dataset``) until ``deadline``.
 
+    Returns the EMA weights (in eval mode), the scheduler and the stage's log entry.
+    """
     import torch
-    import torch.nn.functional as F
     from diffusers import DDIMScheduler
 
-    torch.manual_seed(args.seed + 1)
-    unet, text_encoder = make_unet(), make_text_encoder(tokenizer)
-    use_classic_attention(unet)
-    log.info(
-        "UNet: %.2fM parameters, text encoder %.2fM",
-        sum(p.numel() for p in unet.parameters()) / 1e6,
-        sum(p.numel() for p in text_encoder.parameters()) / 1e6,
-    )
-    params = list(unet.parameters()) + list(text_encoder.parameters())
-    opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.01)
-    ema_unet, ema_text = (
-        copy.deepcopy(unet).requires_grad_(False),
-        copy.deepcopy(text_encoder).requires_grad_(False),
-    )
-    scheduler = DDIMScheduler(**SD_SCHEDULER)
-    alphas_cumprod = scheduler.alphas_cumprod
-    snr = alphas_cumprod / (1 - alphas_cumprod)
-    min_snr_weight = torch.clamp(snr, max=5.0) / snr  # Min-SNR-5 for epsilon prediction
-
-    # Token ids of every caption, and of the empty caption (for classifier-free guidance).
-    ids = tokenizer(
-        data["captions"],
-        padding="max_length",
-        max_length=tokenizer.model_max_length,
-        truncation=True,
-        return_tensors="pt",
-    ).input_ids
-    empty = tokenizer(
-        [""], padding="max_length", max_length=tokenizer.model_max_length, return_tensors="pt"
-    ).input_ids
-    scale = data["scaling_factor"]
-    n = len(data["captions"])
+    nets = _UNetTraining.create(args, tokenizer)
+    scheduler = DDIMScheduler(**SD14_SCHEDULER)
+    batches = _NoisyBatches(args, data, tokenizer, scheduler)
 
     budget = Budget(deadline, args.unet_steps, max_steps=20000)
     step, t_start = 0, time.time()
     ckpt = state_dir / "unet_ckpt.pt"
     if args.resume and ckpt.exists():
         saved = torch.load(ckpt, weights_only=False)
-        for module, key in (
-            (unet, "unet"),
-            (text_encoder, "text"),
-            (ema_unet, "ema_unet"),
-            (ema_text, "ema_text"),
-            (opt, "opt"),
-        ):
-            module.load_state_dict(saved[key])
+        nets.load_state_dict(saved)
         step, budget.planned = saved["step"], saved["planned"]
         log.info("UNet: resumed at step %d of %d", step, budget.planned)
     budget.start_timing(step)
     last_save = time.time()
-    unet.train()
-    text_encoder.train()
+    nets.unet.train()
+    nets.text_encoder.train()
     while not budget.over(step):
         lr = cosine_lr(step, budget.planned, args.lr, args.lr * 0.1, warmup=100)
-        for g in opt.param_groups:
+        for g in nets.opt.param_groups:
             g["lr"] = lr
-        gen = torch.Generator().manual_seed(args.seed * 7_919 + step)
-        idx = torch.randint(0, n, (args.batch,), generator=gen)
-        latents = (
-            data["mean"][idx] + data["std"][idx] * torch.randn(data["mean"][idx].shape, generator=gen)
-        ) * scale
-        noise = torch.randn(latents.shape, generator=gen)
-        t = torch.randint(0, scheduler.config.num_train_timesteps, (args.batch,), generator=gen)
-        drop = torch.rand(args.batch, generator=gen) < 0.1
-        input_ids = torch.where(drop[:, None], empty, ids[idx])
-        noisy = scheduler.add_noise(latents, noise, t)
-        with torch.autocast("cpu", dtype=torch.bfloat16):
-            context = text_encoder(input_ids)[0]
-            pred = unet(noisy, t, encoder_hidden_states=context).sample
-        per_sample = F.mse_loss(pred.float(), noise, reduction="none").mean(dim=(1, 2, 3))
-        loss = (per_sample * min_snr_weight[t]).mean()
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
-        with torch.no_grad():
-            decay = min(args.ema, (1 + step) / (10 + step))
-            for ema, live in ((ema_unet, unet), (ema_text, text_encoder)):
-                for pe, pl in zip(ema.parameters(), live.parameters()):
-                    pe.lerp_(pl, 1 - decay)
+        loss = nets.step(*batches.sample(step), weight=batches.min_snr_weight)
+        nets.update_ema(decay=min(args.ema, (1 + step) / (10 + step)))  # short memory while young
         step += 1
         budget.update(step)
         if step % 20 == 0:
@@ -388,28 +336,150 @@ def train_unet(args, data, tokenizer, state_dir: Path, deadline: float):
                 "UNet step %d/%d loss %.4f lr %.2e (%.2f s/step, %.1f min left)",
                 step,
                 budget.planned,
-                loss.item(),
+                loss,
                 lr,
                 budget.seconds_per_step(),
                 (deadline - time.time()) / 60,
             )
         if time.time() - last_save > args.checkpoint_minutes * 60:
-            save_state(
-                ckpt,
-                {
-                    "unet": unet.state_dict(),
-                    "text": text_encoder.state_dict(),
-                    "ema_unet": ema_unet.state_dict(),
-                    "ema_text": ema_text.state_dict(),
-                    "opt": opt.state_dict(),
-                    "step": step,
-                    "planned": budget.planned,
-                },
-            )
+            save_state(ckpt, {**nets.state_dict(), "step": step, "planned": budget.planned})
             last_save = time.time()
             log.info("checkpoint saved at step %d", step)
     unet_log = {"steps": step, "batch": args.batch, "seconds": round(time.time() - t_start, 1)}
-    return ema_unet.eval(), ema_text.eval(), scheduler, unet_log
+    return nets.ema_unet.eval(), nets.ema_text.eval(), scheduler, unet_log
+
+
+@dataclass
+class _UNetTraining:
+    """The UNet stage's live networks, their EMA copies and the optimiser: what a checkpoint holds."""
+
+    unet: UNet2DConditionModel
+    text_encoder: CLIPTextModel
+    ema_unet: UNet2DConditionModel
+    ema_text: CLIPTextModel
+    opt: torch.optim.Optimizer
+    params: list[torch.nn.Parameter]
+
+    @classmethod
+    def create(cls, args: argparse.Namespace, tokenizer: CLIPTokenizer) -> _UNetTraining:
+        """Fresh networks from ``args.seed`` (+1: other draws than the VAE's), AdamW and EMA copies."""
+        import copy
+
+        import torch
+
+        torch.manual_seed(args.seed + 1)
+        unet, text_encoder = make_unet(), make_text_encoder(tokenizer)
+        use_classic_attention(unet)
+        log.info(
+            "UNet: %.2fM parameters, text encoder %.2fM",
+            sum(p.numel() for p in unet.parameters()) / 1e6,
+            sum(p.numel() for p in text_encoder.parameters()) / 1e6,
+        )
+        params = list(unet.parameters()) + list(text_encoder.parameters())
+        opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.01)
+        ema_unet = copy.deepcopy(unet).requires_grad_(False)
+        ema_text = copy.deepcopy(text_encoder).requires_grad_(False)
+        return cls(unet, text_encoder, ema_unet, ema_text, opt, params)
+
+    def _checkpointed(self) -> dict[str, Any]:
+        """Checkpoint key -> part: the one list that saving and resuming share."""
+        return {
+            "unet": self.unet,
+            "text": self.text_encoder,
+            "ema_unet": self.ema_unet,
+            "ema_text": self.ema_text,
+            "opt": self.opt,
+        }
+
+    def state_dict(self) -> dict[str, Any]:
+        """The state of every checkpointed part, under its checkpoint key."""
+        return {key: part.state_dict() for key, part in self._checkpointed().items()}
+
+    def load_state_dict(self, saved: dict[str, Any]) -> None:
+        """Restore every checkpointed part from a checkpoint."""
+        for key, part in self._checkpointed().items():
+            part.load_state_dict(saved[key])
+
+    def step(
+        self,
+        noisy: torch.Tensor,
+        noise: torch.Tensor,
+        t: torch.Tensor,
+        input_ids: torch.Tensor,
+        *,
+        weight: torch.Tensor,
+    ) -> float:
+        """One optimiser step on the epsilon-prediction loss, ``weight``ed per timestep; the loss."""
+        import torch
+        import torch.nn.functional as F
+
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            context = self.text_encoder(input_ids)[0]
+            pred = self.unet(noisy, t, encoder_hidden_states=context).sample
+        per_sample = F.mse_loss(pred.float(), noise, reduction="none").mean(dim=(1, 2, 3))
+        loss = (per_sample * weight[t]).mean()
+        self.opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(self.params, 1.0)
+        self.opt.step()
+        return loss.item()
+
+    def update_ema(self, decay: float) -> None:
+        """Move the EMA copies ``1 - decay`` of the way towards the live networks."""
+        import torch
+
+        with torch.no_grad():
+            for ema, live in ((self.ema_unet, self.unet), (self.ema_text, self.text_encoder)):
+                for pe, pl in zip(ema.parameters(), live.parameters()):
+                    pe.lerp_(pl, 1 - decay)
+
+
+class _NoisyBatches:
+    """The UNet's training batches: noised latents of random renders, drawn from a per-step seed."""
+
+    def __init__(
+        self,
+        args: argparse.Namespace,
+        data: dict[str, Any],
+        tokenizer: CLIPTokenizer,
+        scheduler: DDIMScheduler,
+    ) -> None:
+        """Token ids of the captions and the per-timestep loss weights, computed once."""
+        import torch
+
+        self.args, self.data, self.scheduler = args, data, scheduler
+        snr = scheduler.alphas_cumprod / (1 - scheduler.alphas_cumprod)
+        self.min_snr_weight = torch.clamp(snr, max=5.0) / snr  # Min-SNR-5 for epsilon prediction
+        # Token ids of every caption, and of the empty caption (for classifier-free guidance).
+        self.ids = tokenizer(
+            data["captions"],
+            padding="max_length",
+            max_length=tokenizer.model_max_length,
+            truncation=True,
+            return_tensors="pt",
+        ).input_ids
+        self.empty = tokenizer(
+            [""], padding="max_length", max_length=tokenizer.model_max_length, return_tensors="pt"
+        ).input_ids
+
+    def sample(self, step: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(noised latents, their noise, timesteps, token ids with 10% captions dropped) of ``step``.
+
+        The draws depend on the step alone, so a resumed run continues with the same batches.
+        """
+        import torch
+
+        args, data = self.args, self.data
+        gen = torch.Generator().manual_seed(args.seed * 7_919 + step)
+        idx = torch.randint(0, len(data["captions"]), (args.batch,), generator=gen)
+        latents = (
+            data["mean"][idx] + data["std"][idx] * torch.randn(data["mean"][idx].shape, generator=gen)
+        ) * data["scaling_factor"]
+        noise = torch.randn(latents.shape, generator=gen)
+        t = torch.randint(0, self.scheduler.config.num_train_timesteps, (args.batch,), generator=gen)
+        drop = torch.rand(args.batch, generator=gen) < 0.1
+        input_ids = torch.where(drop[:, None], self.empty, self.ids[idx])
+        return self.scheduler.add_noise(latents, noise, t), noise, t, input_ids
 
 
 def write_model(out: Path, vae, text_encoder, unet, scheduler, scaling_factor: float) -> None:
@@ -466,6 +536,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     import torch
+
     from p2pz.data.shapes.tokenizer import build_tokenizer
 
     torch.set_num_threads(args.threads)

@@ -12,9 +12,10 @@ import json
 import os
 from pathlib import Path
 
+from PIL import Image
+
 from p2pz.data.shapes import oracle
 from p2pz.data.shapes.world import SHAPES, SIZE, TOY_SHAPES
-from PIL import Image
 
 CLASS_PATH = "p2pz.data.shapes.captioner:ShapesCaptioner"
 

@@ -16,10 +16,10 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import numpy as np
+
 from p2pz.data.shapes import world
 from p2pz.data.shapes.world import Scene
 from p2pz.teacher.edits import Edit, parse_edit
-
 from p2pz.utils.errors import UserError
 
 if TYPE_CHECKING:

@@ -17,6 +17,8 @@ from collections import deque
 from dataclasses import dataclass
 
 import numpy as np
+from PIL import Image
+
 from p2pz.data.shapes.world import (
     BACKGROUNDS,
     COLOURS,
@@ -28,7 +30,6 @@ from p2pz.data.shapes.world import (
     mask_centre,
     shape_coverage,
 )
-from PIL import Image
 
 _PALETTE_NAMES = list(COLOURS)
 _PALETTE = np.array([COLOURS[n] for n in _PALETTE_NAMES], dtype=np.float32)
@@ -102,7 +103,8 @@ def _components(mask: np.ndarray) -> list[np.ndarray]:
     return sorted(comps, key=lambda m: -int(m.sum()))
 
 
-def _dilate(mask: np.ndarray, steps: int) -> np.ndarray:
+def dilate(mask: np.ndarray, steps: int) -> np.ndarray:
+    """``mask`` grown by ``steps`` pixels (4-neighbourhood), e.g. to take in anti-aliased rims."""
     out = mask.copy()
     for _ in range(steps):
         grown = out.copy()
@@ -178,7 +180,7 @@ def read(image: Image.Image | np.ndarray, shapes: tuple[str, ...] = SHAPES) -> R
         centred = (median - median.min())[None] - (_PALETTE - _PALETTE.min(axis=1, keepdims=True))
         idx = int(np.square(centred).sum(axis=1).argmin())
         # Coverage in the blob's neighbourhood (anti-aliased edges sit just outside the seed blob).
-        region = _dilate(blob, 2)
+        region = dilate(blob, 2)
         coverage = np.where(region, np.clip(chroma / _PALETTE_CHROMA[idx], 0.0, 1.0), 0.0).astype(np.float32)
         mask = coverage >= 0.5
         if mask.sum() < MIN_AREA:
@@ -199,7 +201,7 @@ def read(image: Image.Image | np.ndarray, shapes: tuple[str, ...] = SHAPES) -> R
     occupied = np.zeros((pixels.shape[0], pixels.shape[1]), dtype=bool)
     for o in objects:
         occupied |= o.mask
-    background_mask = ~_dilate(occupied | (chroma >= 25.0), 2)
+    background_mask = ~dilate(occupied | (chroma >= 25.0), 2)
     return Reading(objects, read_background(pixels, background_mask))
 
 

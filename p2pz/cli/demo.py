@@ -5,7 +5,7 @@ The same code paths as a cluster run, at toy scale:
 1. inputs   — shapes-world scenes with their ground truth (``p2pz.data.shapes``);
 2. teacher  — pix2pix-zero with the shipped toy model edits them into WebDataset shards
               (``p2pz.data.pairs.generate``, exactly what ``p2pz generate`` runs);
-3. student  — ``train.py fit`` (LightningCLI) trains the ``lite`` CoModGAN on the shards;
+3. student  — ``p2pz train fit`` (LightningCLI) trains the ``lite`` CoModGAN on the shards;
 4. export   — the per-edit package (``p2pz export``);
 5. bench    — latency per backend, teacher / student, roofline (``p2pz bench``);
 6. report   — ``report.html``: input | teacher | student on held-out scenes, scored by the world's
@@ -16,23 +16,31 @@ from __future__ import annotations
 
 import argparse
 import base64
+import contextlib
 import dataclasses
 import html
+import importlib.resources
 import io
 import json
 import os
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from p2pz.data.models import TOY_MODEL
 from p2pz.data.shapes.teacher_settings import add_toy_teacher_arguments
 from p2pz.utils.errors import UserError
 
-REPO = Path(__file__).resolve().parents[2]
-TRAIN_SCRIPT = REPO / "train.py"
+if TYPE_CHECKING:
+    from PIL import Image
+
+    from p2pz.teacher.directions import EditDirection
+    from p2pz.teacher.pipeline import Pix2PixZero
+
+TRAIN_CONFIG = "cpu.yaml"  # of the configs shipped as p2pz.configs (the repository's configs/)
 DEFAULT_EDIT = "circle:square"
 HELD_OUT_SEED = 10_000  # test scenes are drawn from seeds the training scenes never use
 
@@ -61,8 +69,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument(
         "--train-config",
-        default=str(REPO / "configs" / "cpu.yaml"),
-        help="train.py config (default: configs/cpu.yaml)",
+        default=str(importlib.resources.files("p2pz.configs") / TRAIN_CONFIG),
+        help=f"'p2pz train' config (default: the shipped configs/{TRAIN_CONFIG})",
     )
     p.add_argument("--test-scenes", type=int, default=16, help="held-out scenes in the report (default: 16)")
     p.add_argument("--bench-backends", default="eager,compile,pt2,onnx", help="backends to benchmark")
@@ -141,10 +149,11 @@ def generate_pairs(args: argparse.Namespace, out: Path, inputs: Path, direction:
 
 
 def train_student(args: argparse.Namespace, shards: Path, run_dir: Path) -> Path:
-    """``train.py fit`` in a subprocess: the very command a cluster job runs."""
+    """``p2pz train fit`` in a subprocess (the installed package's LightningCLI, as a cluster job runs it)."""
     cmd = [
         sys.executable,
-        str(TRAIN_SCRIPT),
+        "-m",
+        "p2pz.cli.train",
         "fit",
         "--config",
         args.train_config,
@@ -159,7 +168,7 @@ def train_student(args: argparse.Namespace, shards: Path, run_dir: Path) -> Path
     ]
     if (run_dir / "checkpoints" / "last.ckpt").exists():
         cmd += ["--ckpt_path", "last"]  # a demo interrupted in training picks up where it was
-    result = subprocess.run(cmd, cwd=REPO)
+    result = subprocess.run(cmd)  # in the caller's folder: shards, run_dir and the config may be relative
     if result.returncode != 0:
         raise UserError(f"student training failed (exit {result.returncode}); see the output above")
     return run_dir / "checkpoints" / "last.ckpt"
@@ -219,7 +228,12 @@ def _png_data_uri(image: Any, scale: int = 2) -> str:
         image = image.resize((image.width * scale, image.height * scale), Image.NEAREST)
     buffer = io.BytesIO()
     image.save(buffer, format="PNG")
-    return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
+    return _data_uri(buffer.getvalue())
+
+
+def _data_uri(png: bytes) -> str:
+    """PNG bytes inlined, so that the report is one self-contained file."""
+    return "data:image/png;base64," + base64.b64encode(png).decode()
 
 
 def _fmt(value: Any) -> str:
@@ -246,22 +260,48 @@ METRICS_NOTE = (
 )
 
 
-def write_report(
+def write_demo_report(
     path: Path,
     *,
     edit: str,
-    images: dict[str, list],
-    scores: dict[str, dict],
-    per_scene: dict[str, list],
-    bench: dict,
+    images: dict[str, list[Image.Image]],
+    scores: dict[str, dict[str, Any]],
+    per_scene: dict[str, list[str]],
+    bench: dict[str, Any],
     timings: dict[str, float],
     facts: dict[str, Any],
     chart: Path,
 ) -> None:
-    """A single self-contained HTML file (images inlined)."""
+    """The demo's ``report.html``: a single self-contained HTML file (images inlined)."""
     from p2pz.utils.atomic import atomic_path
 
-    # held-out scenes: input | teacher | student, with the oracle's per-scene verdicts
+    title = html.escape(edit.replace(":", " → "))
+    page = "\n".join(
+        [
+            f"<!doctype html><html><head><meta charset='utf-8'><title>p2pz demo: {title}</title>",
+            f"<style>{STYLE}</style></head><body>",
+            f"<h1>pix2pix-zero → student: <code>{title}</code></h1>",
+            f"<p class=big>{_headline(bench)}</p>",
+            "<h2>Held-out scenes</h2>",
+            _held_out_grid(images, per_scene),
+            "<h2>Scores on the shapes world (oracle)</h2>",
+            _scores_table(scores),
+            f"<p>{METRICS_NOTE}</p>",
+            f"<h2>Student latency (p50 / p99, {html.escape(bench['device'])})</h2>",
+            _latency_table(bench),
+            f"<p>{_roofline(bench)}</p>",
+            _chart_img(chart),
+            "<h2>Run</h2>",
+            _run_table(facts, timings),
+            "</body></html>",
+        ]
+    )
+    with atomic_path(path, suffix=".html") as tmp:
+        tmp.write_text(page)
+
+
+def _held_out_grid(images: dict[str, list[Image.Image]], per_scene: dict[str, list[str]]) -> str:
+    """Held-out scenes: input | teacher | student, with the oracle's per-scene verdicts."""
     judges = [who for who in ("teacher", "student") if per_scene.get(who)]
     grid_rows = []
     for i in range(len(images["input"])):
@@ -269,12 +309,18 @@ def write_report(
         row += [html.escape(str(per_scene[who][i])) for who in judges]
         grid_rows.append(row)
     header = ["input", "teacher (pix2pix-zero)", "student"] + [f"{w} (oracle)" for w in judges]
-    grid = _table(header, grid_rows)
+    return _table(header, grid_rows)
 
+
+def _scores_table(scores: dict[str, dict[str, Any]]) -> str:
+    """One row per model, one column per numeric metric of any of them."""
     metrics = sorted({k for s in scores.values() for k, v in s.items() if isinstance(v, (int, float))})
     score_rows = [[who] + [_fmt(s.get(m, "")) for m in metrics] for who, s in scores.items()]
-    score_table = _table([""] + metrics, score_rows)
+    return _table([""] + metrics, score_rows)
 
+
+def _latency_table(bench: dict[str, Any]) -> str:
+    """The student's latency and throughput per backend (rows) and batch size (columns)."""
     batches = sorted({b for r in bench["student"].values() for b in r}, key=int)
     latency_rows = [
         [backend]
@@ -286,97 +332,118 @@ def write_report(
         ]
         for backend, r in bench["student"].items()
     ]
-    latency = _table(["backend"] + [f"batch {b}" for b in batches], latency_rows)
+    return _table(["backend"] + [f"batch {b}" for b in batches], latency_rows)
 
+
+def _headline(bench: dict[str, Any]) -> str:
+    """The point of the job in one sentence: how much faster the student edits than its teacher."""
     speedup = bench.get("teacher_over_student")
     student_b1 = [r["1"]["p50_ms"] for r in bench["student"].values() if "1" in r]
-    headline = (
+    return (
         f"The student edits in one forward pass, <b>{_fmt(speedup) if speedup else 'n/a'}×</b> faster than "
         f"the teacher it learned from ({_fmt(bench.get('teacher_ms'))} ms vs "
         f"{_fmt(min(student_b1)) if student_b1 else 'n/a'} ms per image on {html.escape(bench['device'])})."
     )
-    roofline = (
+
+
+def _roofline(bench: dict[str, Any]) -> str:
+    """How close the student gets to the device's measured matmul peak."""
+    return (
         f"Roofline: the student reaches {_fmt(bench.get('roofline_fraction'))} of this device's "
         f"measured fp32 matmul peak ({_fmt(bench.get('matmul_peak_flops', 0) / 1e9)} GFLOP/s)."
     )
-    chart_img = ""
-    if chart.exists():
-        uri = "data:image/png;base64," + base64.b64encode(chart.read_bytes()).decode()
-        chart_img = f"<img src='{uri}' style='image-rendering:auto;max-width:100%'>"
+
+
+def _chart_img(chart: Path) -> str:
+    """The bench's latency chart inlined, or nothing when the bench wrote none."""
+    if not chart.exists():
+        return ""
+    return f"<img src='{_data_uri(chart.read_bytes())}' style='image-rendering:auto;max-width:100%'>"
+
+
+def _run_table(facts: dict[str, Any], timings: dict[str, float]) -> str:
+    """What ran (settings, versions) and the seconds of each stage."""
     run_rows = [[html.escape(k), _fmt(v)] for k, v in facts.items()]
     run_rows += [[html.escape(k), f"{v:.0f} s"] for k, v in timings.items()]
-
-    title = html.escape(edit.replace(":", " → "))
-    page = "\n".join(
-        [
-            f"<!doctype html><html><head><meta charset='utf-8'><title>p2pz demo: {title}</title>",
-            f"<style>{STYLE}</style></head><body>",
-            f"<h1>pix2pix-zero → student: <code>{title}</code></h1>",
-            f"<p class=big>{headline}</p>",
-            "<h2>Held-out scenes</h2>",
-            grid,
-            "<h2>Scores on the shapes world (oracle)</h2>",
-            score_table,
-            f"<p>{METRICS_NOTE}</p>",
-            f"<h2>Student latency (p50 / p99, {html.escape(bench['device'])})</h2>",
-            latency,
-            f"<p>{roofline}</p>",
-            chart_img,
-            "<h2>Run</h2>",
-            _table(["", ""], run_rows),
-            "</body></html>",
-        ]
-    )
-    with atomic_path(path, suffix=".html") as tmp:
-        tmp.write_text(page)
+    return _table(["", ""], run_rows)
 
 
 # ------------------------------------------------------------------------------------------------
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from p2pz.student.bench import run_benchmark
-    from p2pz.student.bench import write_report as write_bench
+    """``p2pz demo``: the six stages into ``--out``, each timed, then where the results are."""
+    from p2pz.data.pairs.generate import load_teacher
     from p2pz.student.export import export_package
 
     out = Path(args.out)
+    source = _check_demo_inputs(args)  # before anything is written
+    out.mkdir(parents=True, exist_ok=True)
+    timings: dict[str, float] = {}
+
+    with _stage(timings, "inputs", f"1/6 inputs: {args.pairs} shapes-world scenes"):
+        write_inputs(make_scenes(source, args.pairs, args.seed * 1_000_000), out / "inputs")
+
+    teacher_title = f"2/6 teacher: pix2pix-zero {args.edit} into shards ({args.steps} steps)"
+    with _stage(timings, "teacher (generate)", teacher_title):
+        teacher = load_teacher(demo_settings(args))  # one teacher for the pairs and the report
+        direction_file, direction = save_world_direction(args, out, teacher)
+        generate_pairs(args, out / "shards", out / "inputs", direction_file, teacher)
+
+    with _stage(timings, "student (train)", f"3/6 student: p2pz train fit, {args.train_steps} iterations"):
+        checkpoint = train_student(args, out / "shards", out / "run")
+
+    with _stage(timings, "export", "4/6 export"):
+        export_package(checkpoint, out / "model", extra={"teacher_model": str(args.model)})
+
+    with _stage(timings, "bench", "5/6 bench"):
+        bench, bench_json, chart = _bench_student(args, out)
+
+    with _stage(timings, "report", f"6/6 report: {args.test_scenes} held-out scenes"):
+        images, scores, per_scene = _score_held_out(args, out, source, teacher, direction)
+    write_demo_report(
+        out / "report.html",
+        edit=args.edit,
+        images=images,
+        scores=scores,
+        per_scene=per_scene,
+        bench=bench,
+        timings=timings,
+        facts=_demo_facts(args, out),
+        chart=chart,
+    )
+    print(f"\nreport: {out / 'report.html'}\nmodel: {out / 'model'}\nbench: {bench_json}")
+    return 0
+
+
+def _check_demo_inputs(args: argparse.Namespace) -> str:
+    """The edit's source word, after checking that the teacher model is there and the edit is the world's."""
+    from p2pz.data.shapes.edits import parse_world_edit
+
     model = Path(args.model)
+    # a local folder needs its model_index.json; "owner/name" may be a Hub id
     if not (model / "model_index.json").is_file() and not str(args.model).count("/") == 1:
         raise UserError(
             f"teacher model not found at {args.model}; the toy model ships in data/toy_model "
             "(reinstall from the repository) or pass --model"
         )
-    from p2pz.data.shapes.edits import parse_world_edit
+    return parse_world_edit(args.edit).source
 
-    source = parse_world_edit(args.edit).source  # a shapes-world edit, checked before anything is written
-    out.mkdir(parents=True, exist_ok=True)
-    timings: dict[str, float] = {}
 
-    def stage(name: str):
-        print(f"\n== {name}", flush=True)
-        return time.perf_counter()
+@contextlib.contextmanager
+def _stage(timings: dict[str, float], key: str, title: str) -> Iterator[None]:
+    """Announce a stage, then record its seconds under ``key`` when it ends."""
+    print(f"\n== {title}", flush=True)
+    start = time.perf_counter()
+    yield
+    timings[key] = time.perf_counter() - start
 
-    t = stage(f"1/6 inputs: {args.pairs} shapes-world scenes")
-    write_inputs(make_scenes(source, args.pairs, args.seed * 1_000_000), out / "inputs")
-    timings["inputs"] = time.perf_counter() - t
 
-    t = stage(f"2/6 teacher: pix2pix-zero {args.edit} into shards ({args.steps} steps)")
-    from p2pz.data.pairs.generate import load_teacher
+def _bench_student(args: argparse.Namespace, out: Path) -> tuple[dict[str, Any], Path, Path]:
+    """``p2pz bench`` of the exported package and the teacher (for the speed-up): (report, JSON, chart)."""
+    from p2pz.student.bench import run_benchmark
+    from p2pz.student.bench import write_report as write_bench
 
-    teacher = load_teacher(demo_settings(args))  # one teacher for the pairs and the report
-    direction_file, direction = save_world_direction(args, out, teacher)
-    generate_pairs(args, out / "shards", out / "inputs", direction_file, teacher)
-    timings["teacher (generate)"] = time.perf_counter() - t
-
-    t = stage(f"3/6 student: train.py fit, {args.train_steps} iterations")
-    checkpoint = train_student(args, out / "shards", out / "run")
-    timings["student (train)"] = time.perf_counter() - t
-
-    t = stage("4/6 export")
-    export_package(checkpoint, out / "model", extra={"teacher_model": str(args.model)})
-    timings["export"] = time.perf_counter() - t
-
-    t = stage("5/6 bench")
     bench = run_benchmark(
         out / "model",
         batches=[int(b) for b in args.bench_batches.split(",")],
@@ -387,9 +454,16 @@ def cmd_demo(args: argparse.Namespace) -> int:
         progress=lambda msg: print(f"   {msg}", flush=True),
     )
     bench_json, chart = write_bench(bench, out / "bench.json")
-    timings["bench"] = time.perf_counter() - t
+    return bench, bench_json, chart
 
-    t = stage(f"6/6 report: {args.test_scenes} held-out scenes")
+
+def _score_held_out(
+    args: argparse.Namespace, out: Path, source: str, teacher: Pix2PixZero, direction: EditDirection
+) -> tuple[dict[str, list[Image.Image]], dict[str, dict[str, Any]], dict[str, list[str]]]:
+    """Teacher and student edits of held-out scenes, scored by the oracle (also into ``scores.json``).
+
+    Returns the images, the scores without their per-image entries, and those as per-scene verdicts.
+    """
     scenes = make_scenes(source, args.test_scenes, HELD_OUT_SEED + args.seed * 1_000_000)
     images = edit_held_out(args, scenes, out / "model", direction, teacher)
     scores = {
@@ -398,8 +472,12 @@ def cmd_demo(args: argparse.Namespace) -> int:
     }
     (out / "scores.json").write_text(json.dumps(scores, indent=2, default=str))
     per_scene = {who: [verdict(e) for e in s.pop("per_image")] for who, s in scores.items()}
-    timings["report"] = time.perf_counter() - t
-    facts = {
+    return images, scores, per_scene
+
+
+def _demo_facts(args: argparse.Namespace, out: Path) -> dict[str, Any]:
+    """The run's settings and machine, for the report's last table."""
+    return {
         "teacher model": args.model,
         "edit": args.edit,
         "pairs": args.pairs,
@@ -411,16 +489,3 @@ def cmd_demo(args: argparse.Namespace) -> int:
         "python": sys.version.split()[0],
         "cpu cores": os.cpu_count(),
     }
-    write_report(
-        out / "report.html",
-        edit=args.edit,
-        images=images,
-        scores=scores,
-        per_scene=per_scene,
-        bench=bench,
-        timings=timings,
-        facts=facts,
-        chart=chart,
-    )
-    print(f"\nreport: {out / 'report.html'}\nmodel: {out / 'model'}\nbench: {bench_json}")
-    return 0

@@ -10,6 +10,11 @@ from __future__ import annotations
 
 import argparse
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from p2pz.teacher.directions import EditDirection
+    from p2pz.teacher.pipeline import EditResult, Pix2PixZero
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff"}
 
@@ -21,42 +26,14 @@ def output_paths(out: str | Path) -> tuple[Path, Path, Path]:
 
 
 def _edit(args: argparse.Namespace) -> int:
-    import json
-    import platform
-
-    import torch
-
+    """``p2pz edit``: check the inputs, edit the image, then write the edit, reconstruction and settings."""
     from p2pz.teacher.images import load_image
-    from p2pz.utils.atomic import atomic_path
-    from p2pz.utils.errors import UserError
 
     out, recon_path, sidecar = output_paths(args.out)
-    if out.suffix.lower() not in IMAGE_SUFFIXES:
-        raise UserError(
-            f"--out must end in an image suffix ({', '.join(sorted(IMAGE_SUFFIXES))}), got '{out}'"
-        )
-    if args.direction is None and (args.source is None or args.target is None):
-        raise UserError("give --source and --target (e.g. --source cat --target dog), or --direction FILE")
-    if args.steps is not None and args.steps < 2:
-        raise UserError(f"--steps must be at least 2, got {args.steps}")
+    _check_arguments(args, out)
     image = load_image(args.image)  # fails early on missing / corrupt / non-image files
-
-    direction = None
-    if args.direction is not None:
-        from p2pz.teacher.directions import EditDirection
-
-        direction = EditDirection.load(args.direction)
-
-    from p2pz.teacher.pipeline import Pix2PixZero
-
-    teacher = Pix2PixZero.from_pretrained(
-        args.model,
-        preset=args.preset,
-        device=args.device,
-        dtype=args.dtype,
-        captioner=False if args.caption else None,
-    )
-    teacher.progress = True
+    direction = _load_direction_file(args)  # before the model, so a bad file fails fast too
+    teacher = _load_teacher(args)
     if direction is None:
         direction = teacher.direction(
             args.source, args.target, num_sentences=args.num_sentences, seed=args.seed
@@ -70,17 +47,72 @@ def _edit(args: argparse.Namespace) -> int:
         xa_guidance=args.xa_guidance,
         guidance_scale=args.guidance_scale,
     )
-    settings = {
+    settings = _edit_settings(args, teacher, direction, result, out, recon_path)
+    _write_outputs(result, settings, out, recon_path, sidecar)
+    print(out)
+    if not result.finite:
+        print("warning: the edit has NaN/inf values (try --dtype fp32)")
+        return 1
+    return 0
+
+
+def _check_arguments(args: argparse.Namespace, out: Path) -> None:
+    """Argument errors that argparse cannot see, raised before anything is loaded."""
+    from p2pz.utils.errors import UserError
+
+    if out.suffix.lower() not in IMAGE_SUFFIXES:
+        raise UserError(
+            f"--out must end in an image suffix ({', '.join(sorted(IMAGE_SUFFIXES))}), got '{out}'"
+        )
+    if args.direction is None and (args.source is None or args.target is None):
+        raise UserError("give --source and --target (e.g. --source cat --target dog), or --direction FILE")
+    if args.steps is not None and args.steps < 2:
+        raise UserError(f"--steps must be at least 2, got {args.steps}")
+
+
+def _load_direction_file(args: argparse.Namespace) -> EditDirection | None:
+    """The ``--direction`` file(s), or None when the direction is computed from --source / --target."""
+    if args.direction is None:
+        return None
+    from p2pz.teacher.directions import EditDirection
+
+    return EditDirection.load(args.direction)
+
+
+def _load_teacher(args: argparse.Namespace) -> Pix2PixZero:
+    """The teacher, with progress bars; no captioner when the caption is given."""
+    from p2pz.teacher.pipeline import Pix2PixZero
+
+    teacher = Pix2PixZero.from_pretrained(
+        args.model,
+        preset=args.preset,
+        device=args.device,
+        dtype=args.dtype,
+        captioner=False if args.caption else None,
+    )
+    teacher.progress = True
+    return teacher
+
+
+def _edit_settings(
+    args: argparse.Namespace,
+    teacher: Pix2PixZero,
+    direction: EditDirection,
+    result: EditResult,
+    out: Path,
+    recon_path: Path,
+) -> dict[str, Any]:
+    """The sidecar's record: every setting used (preset values where no flag was given) and versions."""
+    preset = teacher.preset
+    return {
         "command": "p2pz edit",
         "image": str(args.image),
         "caption": result.caption,
         "caption_given": bool(args.caption),
         "seed": result.seed,
-        "num_steps": args.steps or teacher.preset.num_steps,
-        "xa_guidance": teacher.preset.xa_guidance_real if args.xa_guidance is None else args.xa_guidance,
-        "guidance_scale": teacher.preset.guidance_scale
-        if args.guidance_scale is None
-        else args.guidance_scale,
+        "num_steps": args.steps or preset.num_steps,
+        "xa_guidance": preset.xa_guidance_real if args.xa_guidance is None else args.xa_guidance,
+        "guidance_scale": preset.guidance_scale if args.guidance_scale is None else args.guidance_scale,
         "direction": {
             "source": direction.source,
             "target": direction.target,
@@ -93,13 +125,32 @@ def _edit(args: argparse.Namespace) -> int:
         "finite": result.finite,
         "timings": result.timings,
         "outputs": {"edit": out.name, "reconstruction": recon_path.name},
-        "versions": {
-            "python": platform.python_version(),
-            "torch": torch.__version__,
-            "diffusers": __import__("diffusers").__version__,
-            "transformers": __import__("transformers").__version__,
-        },
+        "versions": _versions(),
     }
+
+
+def _versions() -> dict[str, str]:
+    """Versions of Python and the libraries that decide the numbers."""
+    import platform
+
+    import torch
+
+    return {
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "diffusers": __import__("diffusers").__version__,
+        "transformers": __import__("transformers").__version__,
+    }
+
+
+def _write_outputs(
+    result: EditResult, settings: dict[str, Any], out: Path, recon_path: Path, sidecar: Path
+) -> None:
+    """The reconstruction, the JSON sidecar, then the edit, each written atomically."""
+    import json
+
+    from p2pz.utils.atomic import atomic_path
+
     fmt = _pil_format(out)
     with atomic_path(recon_path, suffix=out.suffix) as tmp:
         result.reconstruction.save(tmp, format=fmt)
@@ -107,11 +158,6 @@ def _edit(args: argparse.Namespace) -> int:
         tmp.write_text(json.dumps(settings, indent=2, default=str) + "\n", "utf-8")
     with atomic_path(out, suffix=out.suffix) as tmp:  # the edit last: its presence means all is there
         result.edited.save(tmp, format=fmt)
-    print(out)
-    if not result.finite:
-        print("warning: the edit has NaN/inf values (try --dtype fp32)")
-        return 1
-    return 0
 
 
 def _pil_format(path: Path) -> str:

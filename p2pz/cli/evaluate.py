@@ -12,11 +12,9 @@ Both write ``metrics.json`` and ``grid.png`` (input | edit, with scores) into ``
 from __future__ import annotations
 
 import argparse
-import io
 import json
 import logging
 import math
-import tarfile
 from collections import defaultdict
 from pathlib import Path
 from typing import Any
@@ -32,7 +30,8 @@ GRID_COLUMNS = 4  # pairs per grid row
 TILE = 128  # px per image in the grid
 
 
-def register(subparsers) -> None:
+def register(subparsers: argparse._SubParsersAction) -> None:
+    """``p2pz eval``: the mode (``--world`` or ``--pairs``), ``--out``, then each mode's options."""
     p = subparsers.add_parser(
         "eval",
         help="score edits: the teacher on shapes-world scenes, or existing pairs with the paper's metrics",
@@ -49,8 +48,14 @@ def register(subparsers) -> None:
         help="score the pairs in these WebDataset shards (folder, glob or brace pattern)",
     )
     p.add_argument("--out", required=True, metavar="DIR", help="output folder for metrics.json and grid.png")
+    # one titled group per mode, so --help shows which options belong to which
+    _add_world_arguments(p.add_argument_group("--world"))
+    _add_pairs_arguments(p.add_argument_group("--pairs"))
+    p.set_defaults(func=run)
 
-    w = p.add_argument_group("--world")
+
+def _add_world_arguments(w: argparse._ArgumentGroup) -> None:
+    """Options of ``--world``: the teacher, the edits and scenes, and how the teacher edits them."""
     w.add_argument(
         "--model", default=str(TOY_MODEL), help="teacher model folder or id (default: the shipped toy model)"
     )
@@ -97,7 +102,9 @@ def register(subparsers) -> None:
     w.add_argument("--seed", type=int, default=0, help="seed of the scenes and edits (default 0)")
     w.add_argument("--device", default="cpu", help="torch device of the teacher (default cpu)")
 
-    r = p.add_argument_group("--pairs")
+
+def _add_pairs_arguments(r: argparse._ArgumentGroup) -> None:
+    """Options of ``--pairs``: which metrics, their models, object masks and how many pairs."""
     r.add_argument(
         "--metrics",
         choices=("auto", "world", "paper"),
@@ -131,7 +138,6 @@ def register(subparsers) -> None:
         help="leave out one of the paper's metrics (repeatable)",
     )
     r.add_argument("--limit", type=int, default=None, help="score at most this many pairs")
-    p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -212,38 +218,28 @@ def _world_label(score: dict) -> str:
 
 
 def read_pairs(spec: str, limit: int | None = None):
-    """(key, input image, edited image, metadata, mask image or None) from WebDataset shards."""
-    from PIL import Image
+    """(key, input image, edited image, metadata, mask image or None) from WebDataset shards.
 
+    Samples without both images are left out; a damaged shard is read up to the damage.
+    """
+    from p2pz.data.pairs import sample as fmt
     from p2pz.data.pairs.reader import list_shards
 
     count = 0
     for url in list_shards(spec):
-        try:
-            tar = tarfile.open(url)
-        except (OSError, tarfile.TarError) as err:
-            log.warning("skipping unreadable shard %s (%s)", url, err)
-            continue
-        samples: dict[str, dict[str, bytes]] = defaultdict(dict)
-        with tar:
-            for member in tar:
-                if not member.isfile():
-                    continue
-                name = Path(member.name).name
-                key, _, ext = name.partition(".")
-                samples[str(Path(member.name).parent / key)][ext] = tar.extractfile(member).read()
-        for key, files in samples.items():
-            if "src.png" not in files or "edit.png" not in files:
+        samples = fmt.iter_shard(url, read=lambda member: member not in (fmt.RECON, fmt.LATENT))
+        while True:
+            try:
+                raw = next(samples)
+            except StopIteration:
+                break
+            except fmt.ShardError as err:
+                log.warning("skipping the rest of an unreadable shard: %s", err)
+                break
+            if not fmt.is_complete(raw):
                 continue
-            meta = json.loads(files["json"]) if "json" in files else {}
-            mask = Image.open(io.BytesIO(files["mask.png"])).convert("L") if "mask.png" in files else None
-            yield (
-                Path(key).name,
-                Image.open(io.BytesIO(files["src.png"])).convert("RGB"),
-                Image.open(io.BytesIO(files["edit.png"])).convert("RGB"),
-                meta,
-                mask,
-            )
+            pair = fmt.decode_sample(raw)
+            yield Path(pair.key).name, pair.source, pair.edited, pair.meta, pair.mask
             count += 1
             if limit is not None and count >= limit:
                 return
