@@ -17,6 +17,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from p2pz.cli import add_passthrough_command
 from p2pz.utils.errors import UserError
 
 if TYPE_CHECKING:
@@ -56,24 +57,16 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def _register_generate(subparsers: argparse._SubParsersAction) -> None:
-    # Every argument after the word "generate", options and --help included, goes untouched to the
-    # command's own parser: with a prefix character that no argument starts with, argparse sees no
-    # options here and the REMAINDER positional takes them all.
-    parser = subparsers.add_parser(
-        "generate",
-        help="make (input, edit) pairs with the teacher into WebDataset shards",
-        description=GENERATE_DESCRIPTION,
-        add_help=False,
-        prefix_chars="\0",
+    help_line = "make (input, edit) pairs with the teacher into WebDataset shards"
+    add_passthrough_command(
+        subparsers, "generate", _generate, help=help_line, description=GENERATE_DESCRIPTION
     )
-    parser.add_argument("generate_argv", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)
-    parser.set_defaults(func=_generate)
 
 
-def _generate(args: argparse.Namespace) -> int:
+def _generate(argv: list[str]) -> int:
     from p2pz.data.pairs.generate import run
 
-    settings = parse_generate_args(args.generate_argv)
+    settings = parse_generate_args(argv)
     done = run(settings)
     print(
         f"task {done['task_index']}/{done['num_tasks']}: wrote {done['shards_written']} shards, "

@@ -33,6 +33,7 @@ import sys
 import warnings
 from typing import TYPE_CHECKING, Any
 
+from p2pz.cli import add_passthrough_command
 from p2pz.utils.errors import UserError
 
 if TYPE_CHECKING:
@@ -102,24 +103,15 @@ def script_main(args: list[str] | None = None, prog: str | None = None) -> int:
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser(
-        "train",
-        help="train a student on pair shards (a LightningCLI: fit, validate, ...; 'p2pz train --help')",
-        description=DESCRIPTION,
-        # Everything after `train` goes to the LightningCLI, its --help and --config included: no option
-        # of this parser's own (a prefix character no argument has), the rest of the line as one list.
-        add_help=False,
-        prefix_chars="\0",
-    )
-    p.add_argument("lightning_args", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)
-    p.set_defaults(func=cmd_train)
+    help_line = "train a student on pair shards (a LightningCLI: fit, validate, ...; 'p2pz train --help')"
+    add_passthrough_command(sub, "train", cmd_train, help=help_line, description=DESCRIPTION)
 
 
-def cmd_train(args: argparse.Namespace) -> int:
+def cmd_train(lightning_args: list[str]) -> int:
     # LightningCLI warns when it is given args while sys.argv holds more than the program's name; here
     # sys.argv is `p2pz train ...` on purpose: DDP's launcher starts the other ranks with it.
     warnings.filterwarnings("ignore", message="LightningCLI's args parameter is intended to run from within")
-    main(list(args.lightning_args), prog="p2pz train")
+    main(lightning_args, prog="p2pz train")
     return 0
 
 
