@@ -28,28 +28,54 @@ from p2pz.utils.errors import UserError
 BACKENDS = ("eager", "compile", "pt2", "onnx")
 
 
+MIN_LATENCY_SAMPLES = 20  # single calls a student latency's p90/p99 are taken over, at least
+
+
+def _timer(fn: Callable[[], Any]) -> Timer:
+    """A Timer over ``fn()`` with this process's torch thread count (Timer's default is one thread)."""
+    return Timer(stmt="fn()", globals={"fn": fn}, num_threads=torch.get_num_threads())
+
+
 def time_calls(
     fn: Callable[[], Any], *, warmup: int = 0, min_calls: int = 1, min_run_time: float = 0.0
 ) -> Measurement:
-    """Time ``fn()`` with ``torch.utils.benchmark.Timer``: warm-up, blocks of calls, accelerator sync.
+    """Throughput timing: ``Timer.blocked_autorange`` (warm-up, blocks of calls, accelerator sync).
 
-    ``warmup`` untimed calls come first (``Timer.timeit`` adds two of its own); their mean time sizes
-    the run so that about ``min_calls`` calls are timed, for at least ``min_run_time`` seconds. With
-    ``warmup=0`` the first call of Timer's block-size estimate is the only warm-up. ``blocked_autorange``
-    times blocks of calls, as many per block as keep the timer's own overhead (and the accelerator
-    synchronisation) negligible; ``measurement.times`` holds one per-call time (s) per block.
-    Runs with this process's torch thread count (Timer's default is one thread).
+    ``warmup`` untimed calls come first; their mean time sizes the run so that about ``min_calls``
+    calls are timed, for at least ``min_run_time`` seconds. Each of ``measurement.times`` is the mean
+    of a block of calls, as many per block as keep the timer's own overhead negligible: right for a
+    mean or a median, not for tail percentiles (see :func:`time_single_calls`).
     """
-    timer = Timer(stmt="fn()", globals={"fn": fn}, num_threads=torch.get_num_threads())
+    timer = _timer(fn)
     per_call = timer.timeit(warmup).mean if warmup > 0 else 0.0
     return timer.blocked_autorange(min_run_time=max(min_run_time, min_calls * per_call))
 
 
-def percentiles(measurement: Measurement, batch: int) -> dict[str, float]:
-    """Per-call latency of a batch: p50 / p90 / p99 in ms over the timed blocks, and images/s.
+def time_single_calls(
+    fn: Callable[[], Any], *, warmup: int = 0, min_calls: int = MIN_LATENCY_SAMPLES, min_run_time: float = 0.0
+) -> Measurement:
+    """Latency timing: ``warmup`` untimed calls, then one ``Timer.timeit(1)`` sample per call.
 
-    ``samples`` is the number of timed blocks the percentiles are taken over (each the mean of
-    ``measurement.number_per_run`` calls; one call per block for calls slower than a few ms).
+    At least ``min_calls`` samples and ``min_run_time`` seconds of them, merged into one Measurement
+    whose ``times`` are single calls, so p90/p99 show real tails. (Blocked timing would average a
+    sub-millisecond call over blocks of thousands, leaving one or two samples.)
+    """
+    timer = _timer(fn)
+    if warmup > 0:
+        timer.timeit(warmup)
+    samples, spent = [], 0.0
+    while len(samples) < min_calls or spent < min_run_time:
+        samples.append(timer.timeit(1))
+        spent += samples[-1].raw_times[0]
+    [measurement] = Measurement.merge(samples)
+    return measurement
+
+
+def percentiles(measurement: Measurement, batch: int) -> dict[str, float]:
+    """Per-call latency of a batch: p50 / p90 / p99 in ms, and images/s at the median.
+
+    ``samples`` is the number of timed samples the percentiles are taken over (single calls from
+    :func:`time_single_calls`).
     """
     ordered = sorted(t * 1e3 for t in measurement.times)
 
@@ -177,8 +203,11 @@ def run_benchmark(
             say(f"student {name} batch {batch}")
             x = torch.rand(batch, 3, res, res, device=dev) * 2 - 1
             with torch.no_grad():  # Timer calls fn in this thread: grad mode applies
-                measurement = time_calls(
-                    lambda m=model, x=x: m(x), warmup=warmup, min_calls=iters, min_run_time=min_run_time
+                measurement = time_single_calls(
+                    lambda m=model, x=x: m(x),
+                    warmup=warmup,
+                    min_calls=max(iters, MIN_LATENCY_SAMPLES),
+                    min_run_time=min_run_time,
                 )
             report["student"][name][str(batch)] = percentiles(measurement, batch)
 

@@ -10,6 +10,7 @@ import torch
 from PIL import Image
 
 from p2pz.cli.main import main
+from p2pz.student.bench import MIN_LATENCY_SAMPLES
 from p2pz.utils.errors import UserError
 
 
@@ -117,7 +118,9 @@ def test_bench_json_has_every_field(package, tiny_model_dir, tmp_path):
         for batch in ("1", "2"):
             row = report["student"][backend][batch]
             assert {"p50_ms", "p90_ms", "p99_ms", "images_per_s", "samples"} <= set(row)
-            assert row["p50_ms"] > 0 and row["p50_ms"] <= row["p99_ms"] and row["samples"] >= 1
+            assert row["p50_ms"] > 0 and row["p50_ms"] <= row["p99_ms"]
+            # Even a short run (--iters 2) times enough single calls for tail percentiles to mean anything.
+            assert row["samples"] >= MIN_LATENCY_SAMPLES
     assert report["teacher_ms"] > 0
     assert report["teacher_over_student"] > 0
     assert 0 < report["roofline_fraction"] < 10
