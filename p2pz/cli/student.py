@@ -74,7 +74,12 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="comma-separated backends (default: eager,compile,pt2,onnx)",
     )
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when present)")
-    p.add_argument("--iters", type=int, default=20, help="timed calls per backend and batch, at least 20 for the percentiles (default: 20)")
+    p.add_argument(
+        "--iters",
+        type=int,
+        default=20,
+        help="timed calls per backend and batch, at least 20 for the percentiles (default: 20)",
+    )
     p.add_argument("--warmup", type=int, default=3, help="untimed calls first (default: 3)")
     p.add_argument(
         "--teacher",
