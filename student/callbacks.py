@@ -1,13 +1,24 @@
-"""Checkpointing for student runs: a stable ``<run>/checkpoints/last.ckpt``, written atomically.
+"""Checkpointing for student runs: one atomic writer, a stable ``<run>/checkpoints/last.ckpt``.
 
-Lightning's default ``ModelCheckpoint`` puts checkpoints under the logger's ``version_N`` folder, which
-changes on every launch, so ``--ckpt_path last`` would not find the previous run's file. Here the
-folder is ``<default_root_dir>/checkpoints`` unless ``dirpath`` is given, ``last.ckpt`` is always
-that name (no ``last-v1``), it is also written when training ends, and every file is written to a
-temporary name and renamed, so a job killed while saving never leaves a torn checkpoint behind.
+:class:`AtomicCheckpointIO` is the Lightning ``CheckpointIO`` plugin through which every checkpoint of a
+run is written (``last.ckpt``, ``step=*.ckpt``, anything ``trainer.save_checkpoint`` writes): the bytes
+go to a temporary file in the checkpoint's own folder (:func:`p2pz.utils.atomic.atomic_path`), are
+fsynced and renamed over the final name, so a process killed at any moment leaves either the previous
+checkpoint or the new one, never a torn file under a name a resume would pick. Lightning's own writer
+stages the bytes in the system temp dir and moves them on commit; with a node-local temp dir and a
+shared run folder that move is a copy, which a kill truncates under the final name. ``p2pz train``
+installs the plugin; :class:`StepCheckpoint` installs it too when it finds Lightning's default writer.
 
-``--ckpt_path last`` also considers SLURM's ``hpc_ckpt_*.ckpt`` files in ``default_root_dir`` and
-picks the newest of all.
+:class:`StepCheckpoint`: Lightning's default ``ModelCheckpoint`` puts checkpoints under the logger's
+``version_N`` folder, which changes on every launch, so ``--ckpt_path last`` would not find the previous
+run's file. Here the folder is ``<default_root_dir>/checkpoints`` unless ``dirpath`` is given,
+``last.ckpt`` is always that name (no ``last-v1``) and it is also written when training ends and when
+a SLURM job is requeued (:mod:`p2pz.student.requeue`).
+
+``--ckpt_path last`` picks the newest of ``last.ckpt`` and any ``hpc_ckpt_*.ckpt`` in
+``default_root_dir`` (written by Lightning's own SLURM requeue, before this project replaced it) that is
+a complete file: a truncated one is skipped with a warning, and if every candidate is damaged the run
+stops with a one-line error instead of silently starting from scratch.
 """
 
 from __future__ import annotations
@@ -15,10 +26,18 @@ from __future__ import annotations
 import glob
 import os
 import warnings
+import zipfile
 from typing import Any, Literal
 
+import fsspec.utils
 import lightning.pytorch as pl
+import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.plugins.io import TorchCheckpointIO
+from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
+
+from p2pz.utils.atomic import atomic_path
+from p2pz.utils.errors import UserError
 
 # Lightning warns that manual-optimisation checkpoints hold the weights *after* the step; with global_step
 # counting iterations that is exactly the state "after N iterations" the checkpoint is named for.
@@ -27,11 +46,121 @@ warnings.filterwarnings("ignore", message="Using ModelCheckpoint with manual opt
 warnings.filterwarnings("ignore", message="You're resuming from a checkpoint that ended before the epoch")
 
 
+# --------------------------------------------------------------------------------------------------
+# Writing and checking checkpoint files
+
+
+def checkpoint_file_problem(path: str | os.PathLike) -> str | None:
+    """Why the file at ``path`` cannot be a complete ``torch.save`` checkpoint, or None if it can.
+
+    Cheap (reads the zip directory at the end of the file, not the tensors): torch writes a zip archive
+    whose directory comes last, so a file cut short anywhere has none. Catches what a kill during a
+    non-atomic write or a copy leaves behind; it does not re-check the bytes of every tensor.
+    """
+    try:
+        size = os.path.getsize(path)
+    except OSError as err:
+        return f"cannot be read ({err.strerror or err})"
+    if size == 0:
+        return "the file is empty"
+    try:
+        with zipfile.ZipFile(path) as archive:
+            entries = archive.infolist()
+    except zipfile.BadZipFile:
+        return f"it is truncated or not a checkpoint ({size} bytes, no complete zip directory at the end)"
+    except OSError as err:
+        return f"cannot be read ({err.strerror or err})"
+    if not any(e.filename == "data.pkl" or e.filename.endswith("/data.pkl") for e in entries):
+        return "it is a zip archive without data.pkl, not a torch checkpoint"
+    if any(e.header_offset + e.compress_size > size for e in entries):
+        return f"it is truncated ({size} bytes, shorter than its zip directory says)"
+    return None
+
+
+def _is_local(path: str | os.PathLike) -> bool:
+    return fsspec.utils.get_protocol(str(path)) == "file"
+
+
+def refuse_damaged_checkpoint(path: Any) -> None:
+    """A :class:`UserError` saying what to do if ``path`` is a local file but not a complete checkpoint."""
+    if not path or not _is_local(path) or not os.path.isfile(path):
+        return
+    problem = checkpoint_file_problem(path)
+    if problem:
+        raise UserError(
+            f"cannot resume from {path}: {problem}. It was probably cut short by a kill while being "
+            "written or copied; move it out of the run folder and resume with --ckpt_path last (the "
+            "newest complete checkpoint) or --ckpt_path FILE"
+        )
+
+
+def _fsync_directory(folder: str | os.PathLike) -> None:
+    """Make a rename in ``folder`` durable (where the file system lets a directory be opened)."""
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """``TorchCheckpointIO`` whose local writes are atomic: temporary file beside the target, fsync, rename.
+
+    The file gets the mode ``open()`` gives under the user's umask (not ``mkstemp``'s 0600) and nothing is
+    staged in the system temp dir, so a 1.6 GB checkpoint needs no space there. Remote URLs
+    (``s3://`` ...) go through Lightning's writer, whose object-store uploads are atomic already.
+    Loading refuses a truncated file with a :class:`UserError` that says which and what to do.
+    """
+
+    def save_checkpoint(
+        self, checkpoint: dict[str, Any], path: Any, storage_options: Any | None = None
+    ) -> None:
+        if storage_options is not None or not _is_local(path):
+            super().save_checkpoint(checkpoint, path, storage_options=storage_options)
+            return
+        path = os.fspath(path)
+        with atomic_path(path) as tmp:
+            with open(tmp, "wb") as f:
+                torch.save(checkpoint, f)
+                f.flush()
+                os.fsync(f.fileno())
+        _fsync_directory(os.path.dirname(os.path.abspath(path)))
+
+    def load_checkpoint(self, path: Any, *args: Any, **kwargs: Any) -> dict[str, Any]:
+        refuse_damaged_checkpoint(path)
+        return super().load_checkpoint(path, *args, **kwargs)
+
+
+def use_atomic_checkpoint_io(trainer: pl.Trainer) -> None:
+    """Make the trainer write through :class:`AtomicCheckpointIO` if it has Lightning's default writer."""
+    strategy = trainer.strategy
+    current = strategy.checkpoint_io
+    if isinstance(current, AtomicCheckpointIO):
+        return
+    if type(current) is TorchCheckpointIO:
+        strategy.checkpoint_io = AtomicCheckpointIO()
+        return
+    rank_zero_warn(
+        f"checkpoints are written by {type(current).__name__}, not AtomicCheckpointIO: a job killed while "
+        "saving may leave a torn checkpoint behind"
+    )
+
+
+# --------------------------------------------------------------------------------------------------
+# The checkpoint callback
+
+
 class StepCheckpoint(ModelCheckpoint):
     """``ModelCheckpoint`` with step-based defaults for GAN runs (steps = training iterations).
 
     Saves ``last.ckpt`` every ``every_n_train_steps`` and at the end; ``save_top_k=-1`` also keeps a
-    ``step=NNNNNNN.ckpt`` snapshot each time (0, the default, keeps only ``last.ckpt``).
+    ``step=NNNNNNN.ckpt`` snapshot each time (0, the default, keeps only ``last.ckpt``). Writes through
+    :class:`AtomicCheckpointIO`.
     """
 
     def __init__(
@@ -60,23 +189,69 @@ class StepCheckpoint(ModelCheckpoint):
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         self._use_run_folder(trainer)
+        use_atomic_checkpoint_io(trainer)
         super().setup(trainer, pl_module, stage)
+        if stage == "fit" and trainer.is_global_zero:
+            self._remove_unfinished_writes()
+
+    def _remove_unfinished_writes(self) -> None:
+        """Delete the temporary files of checkpoint writes a kill interrupted (each as big as a checkpoint).
+
+        Only when fitting: a ``validate`` run on the same folder must not touch a save in progress.
+        """
+        if not self.dirpath or not _is_local(self.dirpath):
+            return
+        removed = []
+        for tmp in glob.glob(os.path.join(glob.escape(self.dirpath), ".*.ckpt.*tmp")):
+            try:
+                os.remove(tmp)
+                removed.append(os.path.basename(tmp))
+            except OSError:
+                pass
+        if removed:
+            rank_zero_info(
+                f"Removed unfinished checkpoint writes of an earlier run: {', '.join(sorted(removed))}"
+            )
 
     def _find_last_checkpoints(self, trainer: pl.Trainer) -> set[str]:
+        """``--ckpt_path last``'s candidates: ``last.ckpt`` and ``hpc_ckpt_*.ckpt``, complete files only."""
         self._use_run_folder(trainer)
         found = super()._find_last_checkpoints(trainer)
-        hpc = glob.glob(os.path.join(trainer.default_root_dir, "hpc_ckpt_*.ckpt"))
+        hpc = glob.glob(os.path.join(glob.escape(str(trainer.default_root_dir)), "hpc_ckpt_*.ckpt"))
         found |= {os.path.normpath(p) for p in hpc}
-        return found
+        complete, damaged = set(), []
+        for path in sorted(found):
+            problem = checkpoint_file_problem(path) if _is_local(path) and os.path.isfile(path) else None
+            if problem:
+                damaged.append(f"{path} ({problem})")
+            else:
+                complete.add(path)
+        if damaged and complete:
+            rank_zero_warn(f"--ckpt_path last: skipping damaged checkpoint(s): {'; '.join(damaged)}")
+        elif damaged:
+            raise UserError(
+                f"--ckpt_path last: no complete checkpoint to resume from, only damaged ones: "
+                f"{'; '.join(damaged)}. Move them out of the run folder to start from scratch, or pass "
+                "--ckpt_path FILE"
+            )
+        return complete
 
-    def _save_checkpoint(self, trainer: pl.Trainer, filepath: str) -> None:
-        # every rank takes part in save_checkpoint (rank 0 writes, then a barrier); rename on rank 0
-        tmp = os.path.join(os.path.dirname(filepath), f".{os.path.basename(filepath)}.tmp")
-        super()._save_checkpoint(trainer, tmp)
-        if trainer.is_global_zero:
-            os.replace(tmp, filepath)
-        trainer.strategy.barrier("StepCheckpoint.rename")
-        self._last_checkpoint_saved = filepath
+    def save_now(self, trainer: pl.Trainer) -> str:
+        """Write ``last.ckpt`` now, whatever ``save_last`` says, with the bookkeeping of a periodic save.
+
+        The SLURM requeue's save (:class:`p2pz.student.requeue.RequeueOnSignal`): the file
+        ``--ckpt_path last`` resumes from. The periodic save of this step, when due, is made too (it would
+        be skipped afterwards as already done at this step). Returns the path.
+        """
+        if self._last_global_step_saved == trainer.global_step and self.last_model_path:
+            return self.last_model_path
+        candidates = self._monitor_candidates(trainer)
+        every = self._every_n_train_steps
+        if self.save_top_k != 0 and every > 0 and trainer.global_step % every == 0:
+            self._save_topk_checkpoint(trainer, candidates)
+        self.last_model_path = self.format_checkpoint_name(candidates, self.CHECKPOINT_NAME_LAST)
+        self._save_checkpoint(trainer, self.last_model_path)
+        return self.last_model_path
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """Save the final state, unless the last periodic save was at this very step."""

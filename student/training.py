@@ -293,18 +293,11 @@ class StudentModule(pl.LightningModule):
 
 
 def load_generator(checkpoint_path: str | os.PathLike, ema: bool = True) -> nn.Module:
-    """The (EMA, by default) generator of a training checkpoint, in eval mode, on the CPU."""
-    from p2pz.student.networks import Generator
+    """The (EMA, by default) generator of a training checkpoint, in eval mode, on the CPU.
 
-    try:
-        # Lightning checkpoints hold plain Python objects (hyper-parameters, loop state) besides tensors
-        checkpoint = torch.load(checkpoint_path, map_location="cpu", weights_only=False)
-    except FileNotFoundError as exc:
-        raise UserError(f"checkpoint not found: {checkpoint_path}") from exc
-    if "generator_config" not in checkpoint:
-        raise UserError(f"{checkpoint_path} is not a student training checkpoint (no generator_config)")
-    prefix = "g_ema." if ema else "G."
-    state = {k[len(prefix) :]: v for k, v in checkpoint["state_dict"].items() if k.startswith(prefix)}
-    generator = Generator(**checkpoint["generator_config"])
-    generator.load_state_dict(state)
-    return generator.eval().requires_grad_(False)
+    The file is read by :func:`p2pz.student.checkpoints.read_checkpoint`: weights-only, so a
+    checkpoint from elsewhere runs no code; anything but a student checkpoint is a ``UserError``.
+    """
+    from p2pz.student.checkpoints import generator_from_checkpoint, read_checkpoint
+
+    return generator_from_checkpoint(read_checkpoint(checkpoint_path), checkpoint_path, ema=ema)

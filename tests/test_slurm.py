@@ -6,20 +6,26 @@ munge binaries are absent. On the tiny teacher and the `tiny` student config:
 1. slurm/generate.sbatch as an array of 3 tasks: the tasks' shards are disjoint, complete and the
    same as a single-task run's; a re-run of one task skips its finished shards;
 2. slurm/train.sbatch trains to the end and leaves last.ckpt at max_steps;
-3. slurm/train.sbatch sent SIGUSR1 mid-run: Lightning writes hpc_ckpt_1.ckpt and requeues the
-   job, which resumes from that checkpoint and stops at the same max_steps.
+3. slurm/train.sbatch sent SIGUSR1 mid-iteration (between the G and the D step, held there by
+   ``RequeueProbe``): the run saves last.ckpt at the end of that iteration and requeues the job, which
+   resumes at that iteration with the same G, D, EMA and optimiser states and stops at max_steps;
+4. slurm/train.sbatch refuses, in one line, a PYTHON that cannot import p2pz.
 """
 
 from __future__ import annotations
 
 import json
+import os
+import shutil
 import subprocess
 import sys
 import tarfile
 import time
 from pathlib import Path
 
+import lightning.pytorch as pl
 import pytest
+import torch
 import yaml
 from slurm_cluster import SlurmCluster
 
@@ -32,7 +38,8 @@ GEN_TASKS = 3
 EDITS = ["cat:dog", "circle:square"]
 NUM_SYNTHETIC = 3  # inputs per edit: 6 pairs in 4 shards of <= 2 (shards hold one edit), 2+1+1 per task
 TRAIN_STEPS = 4
-REQUEUE_STEPS = 12
+REQUEUE_STEPS = 8
+PAUSE_AT = 5  # the requeue test signals between G's and D's step of iteration 5 (global_step 5 at D)
 
 
 def _timed(label: str, started: float) -> None:
@@ -222,13 +229,74 @@ def test_train_runs_to_last_checkpoint(
     assert not list(run_dir.glob("hpc_ckpt_*.ckpt"))
 
 
+class RequeueProbe(pl.Callback):
+    """Loaded by the training job itself (``--trainer.callbacks``, ``PYTHONPATH=tests``).
+
+    Records the state every start of the job trains from (``start-<restart>.pt``) and the state at the
+    end of iteration ``pause_at`` (``end-of-iteration.pt``); in that iteration it holds the first run
+    between G's and D's step (``paused`` appears) until the requeue signal has arrived, so the signal
+    lands mid-iteration for sure.
+    """
+
+    def __init__(self, out: str, pause_at: int) -> None:
+        self.out, self.pause_at = Path(out), pause_at
+
+    @staticmethod
+    def _state(trainer: pl.Trainer, pl_module: pl.LightningModule) -> dict:
+        return {
+            "global_step": trainer.global_step,
+            "state_dict": pl_module.state_dict(),
+            "optimizer_states": [o.state_dict() for o in trainer.optimizers],
+        }
+
+    def on_train_start(self, trainer, pl_module):
+        restart = os.environ.get("SLURM_RESTART_COUNT", "0")
+        torch.save(self._state(trainer, pl_module), self.out / f"start-{restart}.pt")
+
+    def on_before_optimizer_step(self, trainer, pl_module, optimizer):
+        is_d = optimizer.param_groups[0]["params"][0] is next(pl_module.D.parameters())
+        if not is_d or trainer.global_step != self.pause_at:
+            return
+        from p2pz.student.requeue import RequeueOnSignal
+
+        [requeue] = [c for c in trainer.callbacks if isinstance(c, RequeueOnSignal)]
+        (self.out / "paused").write_text(str(trainer.global_step))
+        deadline = time.monotonic() + 120
+        while not requeue.signal_received and time.monotonic() < deadline:
+            time.sleep(0.05)
+        (self.out / "signal-received").write_text(str(requeue.signal_received))
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        if trainer.global_step == self.pause_at:
+            torch.save(self._state(trainer, pl_module), self.out / "end-of-iteration.pt")
+
+
+def _assert_same(a, b, where: str = "") -> None:
+    if isinstance(a, dict):
+        assert isinstance(b, dict) and a.keys() == b.keys(), where
+        for key in a:
+            _assert_same(a[key], b[key], f"{where}.{key}")
+    elif isinstance(a, (list, tuple)):
+        assert isinstance(b, (list, tuple)) and len(a) == len(b), where
+        for i, (x, y) in enumerate(zip(a, b)):
+            _assert_same(x, y, f"{where}[{i}]")
+    elif isinstance(a, torch.Tensor):
+        assert torch.equal(a, b), where
+    else:
+        assert a == b, where
+
+
 def test_train_requeue_on_sigusr1_resumes(
     slurm_cluster: SlurmCluster,
     generated: Path,
     tmp_path: Path,
 ) -> None:
-    run_dir = tmp_path / "run"
+    run_dir, probe = tmp_path / "run", tmp_path / "probe"
+    probe.mkdir()
     last = run_dir / "checkpoints" / "last.ckpt"
+    callbacks = [
+        {"class_path": "test_slurm.RequeueProbe", "init_args": {"out": str(probe), "pause_at": PAUSE_AT}}
+    ]
     started = time.monotonic()
     job = slurm_cluster.sbatch(
         [
@@ -239,42 +307,71 @@ def test_train_requeue_on_sigusr1_resumes(
             "--checkpoint.every_n_train_steps",
             "2",
             "--data.num_workers",
-            "1",
-        ],  # a DataLoader worker, as on a cluster, must survive the signal
-        env={"CONFIG": "configs/tiny.yaml", "SHARDS": str(generated), "RUN_DIR": str(run_dir)},
+            "1",  # a DataLoader worker, as on a cluster, must survive the signal
+            "--trainer.callbacks",
+            json.dumps(callbacks),
+        ],
+        env={
+            "CONFIG": "configs/tiny.yaml",
+            "SHARDS": str(generated),
+            "RUN_DIR": str(run_dir),
+            "PYTHONPATH": str(REPO / "tests"),  # the job imports RequeueProbe from here
+        },
         cwd=REPO,
     )
-    # Signal once training is under way (Lightning's handlers are set when fit starts).
+    # Signal while the first run is held between G's and D's step of iteration PAUSE_AT.
     deadline = time.monotonic() + 180
-    while not last.exists():
+    while not (probe / "paused").exists():
         state = slurm_cluster.job(job)[-1]["JobState"]
         assert state in {"PENDING", "RUNNING"} and time.monotonic() < deadline, (
             f"{state}\n{(tmp_path / 'train.out').read_text()}"
         )
         time.sleep(0.2)
-    _timed("requeue test: submit to first checkpoint", started)
+    _timed("requeue test: submit to mid-iteration pause", started)
     slurm_cluster.run(["scancel", "--signal=USR1", job])
 
-    # Lightning saves hpc_ckpt_1.ckpt and runs `scontrol requeue`: the job comes back PENDING, held
-    # until a BeginTime ~2 minutes away; start it now.
+    # The run saves last.ckpt after that iteration and runs `scontrol requeue`: the job comes back
+    # PENDING, held until a BeginTime ~2 minutes away. Keep the requeue checkpoint, start the job now.
     record = slurm_cluster.wait_state(job, {"PENDING"}, timeout=120)
     assert record["Restarts"] == "1", record
     _timed("requeue test: until requeued", started)
+    saved = tmp_path / "requeue.ckpt"
+    shutil.copy(last, saved)
     slurm_cluster.run(["scontrol", "update", f"JobId={job}", "StartTime=now"])
     record = slurm_cluster.wait(job, timeout=240)
     _timed(f"requeue test: whole ({REQUEUE_STEPS} steps, one requeue)", started)
 
     log = (tmp_path / "train.out").read_text()
     assert record["JobState"] == "COMPLETED" and record["ExitCode"] == "0:0", log
-    # SLURM signals every process of the step, DataLoader workers included; forked after Lightning set
-    # its handler, a worker would run it too: save its stale copy of the model over hpc_ckpt_1.ckpt
-    # and requeue the job a second time. Workers must ignore SIGUSR1.
-    assert log.count("Handling auto-requeue signal") == 1, log
-    hpc = run_dir / "hpc_ckpt_1.ckpt"
-    assert sorted(p.name for p in run_dir.glob("hpc_ckpt_*.ckpt")) == [hpc.name], log
-    interrupted_at = _global_step(hpc)
-    assert 0 < interrupted_at < REQUEUE_STEPS, log
+    assert (probe / "signal-received").read_text() == "True", log  # it landed mid-iteration
+    # SLURM signals every process of the step, DataLoader workers included: one save, one requeue.
+    assert log.count("SIGUSR1 received: saved") == 1 and log.count("requeued SLURM job") == 1, log
+    assert f"SIGUSR1 received: saved {last} after iteration {PAUSE_AT}" in log, log
+    assert "Handling auto-requeue signal" not in log, log  # Lightning's handler is off
+    assert not list(run_dir.glob("hpc_ckpt_*.ckpt")), log
+
+    # The requeue checkpoint is the state at the end of the interrupted iteration ...
+    checkpoint = torch.load(saved, map_location="cpu", weights_only=False)
+    end = torch.load(probe / "end-of-iteration.pt", map_location="cpu", weights_only=False)
+    assert checkpoint["global_step"] == end["global_step"] == PAUSE_AT
+    _assert_same(checkpoint["state_dict"], end["state_dict"], "state_dict")  # G, D and g_ema
+    _assert_same(checkpoint["optimizer_states"], end["optimizer_states"], "optimizer_states")
+    # ... and the requeued job (the script's second start) trained on from exactly that state.
+    assert "(restart 1)" in log and f"Restored all states from the checkpoint at {last}" in log, log
+    resumed = torch.load(probe / "start-1.pt", map_location="cpu", weights_only=False)
+    assert resumed["global_step"] == PAUSE_AT
+    _assert_same(resumed["state_dict"], end["state_dict"], "resumed state_dict")
+    _assert_same(resumed["optimizer_states"], end["optimizer_states"], "resumed optimizer_states")
     assert _global_step(last) == REQUEUE_STEPS
-    # The second start of the script resumed from the hpc checkpoint, not from scratch.
-    assert "(restart 1)" in log and f"resume from {hpc}" in log, log
-    assert f"Restored all states from the checkpoint at {hpc}" in log, log
+
+
+def test_train_refuses_a_python_without_p2pz(slurm_cluster: SlurmCluster, tmp_path: Path) -> None:
+    job = slurm_cluster.sbatch(
+        [f"--output={tmp_path}/train.out", str(TRAIN)],
+        env={"CONFIG": "configs/tiny.yaml", "PYTHON": "/bin/false"},
+        cwd=REPO,
+    )
+    record = slurm_cluster.wait(job, timeout=60)
+    log = (tmp_path / "train.out").read_text()
+    assert record["ExitCode"] == "2:0", log
+    assert log.strip().splitlines()[-1].startswith("error: /bin/false cannot import p2pz; set PYTHON"), log

@@ -15,10 +15,13 @@ Steps are training iterations: ``--trainer.max_steps 5000`` means 5000 generator
 updates (``global_step`` counts iterations, see ``p2pz.student.training``).
 
 The run folder (``--trainer.default_root_dir``) receives ``checkpoints/last.ckpt`` (every
-``--checkpoint.every_n_train_steps`` iterations and at the end), ``grids/step-*.png`` (input | teacher |
-student), ``lightning_logs/version_N/{metrics.csv,config.yaml}`` and, under SLURM, ``hpc_ckpt_*.ckpt``.
-Keep it the same across restarts. Under ``srun`` Lightning detects SLURM and requeues the job on
-``--signal=SIGUSR1@90``; the requeued job resumes from the ``hpc_ckpt`` on its own.
+``--checkpoint.every_n_train_steps`` iterations, at the end and on SLURM's requeue signal),
+``grids/step-*.png`` (input | teacher | student) and ``lightning_logs/version_N/{metrics.csv,config.yaml}``.
+Keep it the same across restarts. Every checkpoint is written atomically in its own folder
+(``AtomicCheckpointIO``, installed here as a trainer plugin). On ``SIGUSR1`` (``--signal=SIGUSR1@90``)
+the run saves ``last.ckpt`` at the end of the current iteration, requeues its SLURM job and stops
+(``p2pz.student.requeue``; Lightning's own requeue handler is turned off); the requeued job resumes with
+``--ckpt_path last``.
 
 This module is imported whenever the ``p2pz`` parser is built, so Lightning (seconds to import) is only
 imported when the command runs: :func:`student_cli_class` builds the LightningCLI subclass on first use
@@ -29,6 +32,7 @@ from __future__ import annotations
 
 import argparse
 import functools
+import logging
 import sys
 import warnings
 from typing import TYPE_CHECKING, Any
@@ -37,6 +41,7 @@ from p2pz.cli import add_passthrough_command
 from p2pz.utils.errors import UserError
 
 if TYPE_CHECKING:
+    from lightning.pytorch import Trainer
     from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
 DESCRIPTION = __doc__.split("\n\n")[0]
@@ -47,7 +52,8 @@ def student_cli_class() -> type[LightningCLI]:
     """The LightningCLI of student training: the module, the data module and a ``checkpoint`` group."""
     from lightning.pytorch.cli import LightningCLI
 
-    from p2pz.student.callbacks import StepCheckpoint
+    from p2pz.student.callbacks import StepCheckpoint, refuse_damaged_checkpoint
+    from p2pz.student.requeue import RequeueOnSignal
 
     class StudentCLI(LightningCLI):
         def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
@@ -55,8 +61,51 @@ def student_cli_class() -> type[LightningCLI]:
             parser.add_lightning_class_args(StepCheckpoint, "checkpoint")
             parser.link_arguments("model.resolution", "data.resolution")
 
+        def parse_arguments(self, parser: LightningArgumentParser, args: Any) -> None:
+            super().parse_arguments(parser, args)
+            # LightningCLI reads an explicit --ckpt_path's hyper-parameters next: refuse a torn file first
+            subcommand = self.config.get("subcommand")
+            if subcommand:
+                refuse_damaged_checkpoint(self.config[subcommand].get("ckpt_path"))
+
+        def instantiate_trainer(self, **kwargs: Any) -> Trainer:
+            """The configured trainer, plus the atomic checkpoint writer and the safe-point requeue."""
+            config = self.config_init[self.subcommand] if self.subcommand else self.config_init
+            trainer_config = config.get("trainer") or {}
+            kwargs["plugins"] = checkpoint_plugins(kwargs.get("plugins", trainer_config.get("plugins")))
+            callbacks = kwargs.get("callbacks", trainer_config.get("callbacks"))
+            callbacks = (
+                [] if callbacks is None else list(callbacks) if isinstance(callbacks, list) else [callbacks]
+            )
+            kwargs["callbacks"] = [*callbacks, RequeueOnSignal()]
+            return super().instantiate_trainer(**kwargs)
+
     StudentCLI.__module__, StudentCLI.__qualname__ = __name__, "StudentCLI"
     return StudentCLI
+
+
+def checkpoint_plugins(plugins: Any) -> list[Any]:
+    """The trainer's ``plugins`` plus what makes every checkpoint safe to resume from.
+
+    ``AtomicCheckpointIO`` writes every checkpoint (unless the user configured a ``CheckpointIO`` of their
+    own), and under SLURM ``SLURMEnvironment(auto_requeue=False)``: Lightning's requeue handler saves from
+    inside the signal handler, mid-iteration; ``RequeueOnSignal`` saves between iterations instead.
+    """
+    from lightning.pytorch.plugins import CheckpointIO
+    from lightning.pytorch.plugins.environments import ClusterEnvironment, SLURMEnvironment
+
+    from p2pz.student.callbacks import AtomicCheckpointIO
+
+    plugins = [] if plugins is None else list(plugins) if isinstance(plugins, list) else [plugins]
+    if not any(isinstance(p, CheckpointIO) for p in plugins):
+        plugins.append(AtomicCheckpointIO())
+    environments = [p for p in plugins if isinstance(p, ClusterEnvironment)]
+    for environment in environments:
+        if isinstance(environment, SLURMEnvironment):
+            environment.auto_requeue = False
+    if not environments and SLURMEnvironment.detect():
+        plugins.append(SLURMEnvironment(auto_requeue=False))
+    return plugins
 
 
 def __getattr__(name: str) -> Any:
@@ -111,6 +160,11 @@ def cmd_train(lightning_args: list[str]) -> int:
     # LightningCLI warns when it is given args while sys.argv holds more than the program's name; here
     # sys.argv is `p2pz train ...` on purpose: DDP's launcher starts the other ranks with it.
     warnings.filterwarnings("ignore", message="LightningCLI's args parameter is intended to run from within")
+    # `p2pz` configured the root logger, and the `lightning` package logger has a console handler of its
+    # own: without this, each of Lightning's messages (and the requeue's) would be printed twice.
+    import lightning  # noqa: F401  (adds that handler)
+
+    logging.getLogger("lightning").propagate = False
     main(lightning_args, prog="p2pz train")
     return 0
 
