@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -112,7 +112,46 @@ def count_flops(model: nn.Module, x: torch.Tensor) -> int:
     return int(counter.get_total_flops())
 
 
-def _student_backends(model_dir: Path, backends: Sequence[str], device: torch.device) -> dict[str, nn.Module]:
+PT2_SKIPPED = (
+    "pt2 not run: its program is unpickled, which can run code from the package; "
+    "pass --trust-pt2 for a package you made or trust"
+)
+
+
+def select_backends(
+    backends: Sequence[str] | None, trust_pt2: bool, packaged: Collection[str] | None = None
+) -> tuple[list[str], dict[str, str]]:
+    """The backends to measure, and a one-line note per backend left out.
+
+    ``None`` means all of :data:`BACKENDS` that apply: the ``.pt2`` program only with ``trust_pt2``
+    (loading it unpickles the package's program, which can run code), and ``pt2`` / ``onnx`` only
+    where the package holds them (``packaged``: the keys of its ``config.json`` ``files``; ``None``
+    when not known yet). Naming ``pt2`` without ``trust_pt2`` is an error rather than a silent skip.
+    """
+    if backends is None:
+        chosen, skipped = [], {}
+        for name in BACKENDS:
+            if name == "pt2" and not trust_pt2:
+                skipped[name] = PT2_SKIPPED
+            elif name in ("pt2", "onnx") and packaged is not None and name not in packaged:
+                skipped[name] = f"{name} not run: the package was exported without it"
+            else:
+                chosen.append(name)
+        return chosen, skipped
+    unknown = [b for b in backends if b not in BACKENDS]
+    if unknown:
+        raise UserError(f"unknown backend {unknown[0]!r}; choose from {', '.join(BACKENDS)}")
+    if "pt2" in backends and not trust_pt2:
+        raise UserError(
+            "the pt2 backend unpickles the package's program, which can run code; pass --trust-pt2 "
+            "only for a package you made or trust, or leave pt2 out of --backends"
+        )
+    return list(backends), {}
+
+
+def _student_backends(
+    model_dir: Path, backends: Sequence[str], device: torch.device, trust_pt2: bool = False
+) -> dict[str, nn.Module]:
     from p2pz.student.export import load_exported
 
     models: dict[str, nn.Module] = {}
@@ -122,7 +161,7 @@ def _student_backends(model_dir: Path, backends: Sequence[str], device: torch.de
         elif name == "compile":
             models[name] = torch.compile(load_exported(model_dir, "eager", device))
         elif name == "pt2":
-            models[name] = load_exported(model_dir, "pt2", device)
+            models[name] = load_exported(model_dir, "pt2", device, trust_pt2=trust_pt2)
         elif name == "onnx":
             if device.type != "cpu":
                 continue  # the package's ONNX runs through onnxruntime's CPU provider
@@ -167,7 +206,8 @@ def run_benchmark(
     model_dir: str | os.PathLike,
     *,
     batches: Sequence[int] = (1, 4, 16),
-    backends: Sequence[str] = BACKENDS,
+    backends: Sequence[str] | None = None,
+    trust_pt2: bool = False,
     device: str | None = None,
     warmup: int = 3,
     iters: int = 20,
@@ -179,7 +219,9 @@ def run_benchmark(
     """Measure an exported student (and its teacher); returns the JSON-ready report.
 
     Per backend and batch size: ``warmup`` untimed calls, then about ``iters`` timed calls and at least
-    ``min_run_time`` seconds of them (see :func:`time_calls`).
+    ``min_run_time`` seconds of them (see :func:`time_single_calls`). ``backends``: ``None`` for all
+    that apply; ``pt2`` runs only with ``trust_pt2`` (see :func:`select_backends`), and the report's
+    ``skipped_backends`` says why a backend was left out.
     """
     from p2pz.student.export import read_config
 
@@ -189,67 +231,76 @@ def run_benchmark(
     res = config["resolution"]
     say = progress or (lambda _msg: None)
 
+    backends, skipped = select_backends(backends, trust_pt2, packaged=config.get("files") or {})
     say("loading backends")
-    models = _student_backends(model_dir, backends, dev)
+    models = _student_backends(model_dir, backends, dev, trust_pt2=trust_pt2)
     report: dict[str, Any] = {
         "device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else f"cpu ({os.cpu_count()} cores)",
         "torch": torch.__version__,
         "resolution": res,
         "student": {},
+        "skipped_backends": skipped,
     }
+    timing = {"warmup": warmup, "min_calls": max(iters, MIN_LATENCY_SAMPLES), "min_run_time": min_run_time}
     for name, model in models.items():
         report["student"][name] = {}
         for batch in batches:
             say(f"student {name} batch {batch}")
             x = torch.rand(batch, 3, res, res, device=dev) * 2 - 1
             with torch.no_grad():  # Timer calls fn in this thread: grad mode applies
-                measurement = time_single_calls(
-                    lambda m=model, x=x: m(x),
-                    warmup=warmup,
-                    min_calls=max(iters, MIN_LATENCY_SAMPLES),
-                    min_run_time=min_run_time,
-                )
+                measurement = time_single_calls(lambda m=model, x=x: m(x), **timing)
             report["student"][name][str(batch)] = percentiles(measurement, batch)
 
     say("roofline")
     eager = models.get("eager") or _student_backends(model_dir, ["eager"], dev)["eager"]
+    report.update(_roofline(eager, report["student"], str(max(batches)), res, dev))
+    report.update(_teacher_comparison(config, report["student"], teacher_model, teacher_steps, res, dev, say))
+    return report
+
+
+def _roofline(
+    eager: nn.Module, student: dict[str, Any], batch: str, res: int, dev: torch.device
+) -> dict[str, float]:
+    """FLOPs per image, the matmul peak, and the fraction of it the fastest backend reaches at ``batch``."""
     flops = count_flops(eager, torch.zeros(1, 3, res, res, device=dev))
     peak = matmul_peak_flops(dev)
-    best_batch = str(max(batches))
-    best_ips = max(r[best_batch]["images_per_s"] for r in report["student"].values())
-    report.update(
-        {
-            "student_flops_per_image": flops,
-            "matmul_peak_flops": peak,
-            "achieved_flops": flops * best_ips,
-            "roofline_fraction": flops * best_ips / peak,
-        }
-    )
+    best_ips = max(r[batch]["images_per_s"] for r in student.values())
+    return {
+        "student_flops_per_image": flops,
+        "matmul_peak_flops": peak,
+        "achieved_flops": flops * best_ips,
+        "roofline_fraction": flops * best_ips / peak,
+    }
 
-    edit = (config.get("data") or {}).get("edit") or {}
+
+def _teacher_comparison(
+    config: dict[str, Any],
+    student: dict[str, Any],
+    teacher_model: str | None,
+    teacher_steps: int | None,
+    res: int,
+    dev: torch.device,
+    say: Callable[[str], None],
+) -> dict[str, Any]:
+    """The teacher's latency for one edit and how many times slower it is than the student at batch 1."""
     teacher_model = teacher_model or config.get("teacher_model")
-    if teacher_model:
-        say("teacher edit")
-        report.update(
-            teacher_latency_ms(
-                teacher_model, res, dev, teacher_steps, edit.get("source", "cat"), edit.get("target", "dog")
-            )
-        )
-        student_b1 = (
-            min(r["1"]["p50_ms"] for r in report["student"].values() if "1" in r)
-            if "1" in report["student"].get("eager", {})
-            else None
-        )
-        report["teacher_over_student"] = report["teacher_ms"] / student_b1 if student_b1 else None
-    else:
-        report.update(
-            {
-                "teacher_ms": None,
-                "teacher_over_student": None,
-                "teacher_note": "no teacher model given (--teacher) or recorded in the package",
-            }
-        )
-    return report
+    if not teacher_model:
+        return {
+            "teacher_ms": None,
+            "teacher_over_student": None,
+            "teacher_note": "no teacher model given (--teacher) or recorded in the package",
+        }
+    say("teacher edit")
+    edit = (config.get("data") or {}).get("edit") or {}
+    source, target = edit.get("source", "cat"), edit.get("target", "dog")
+    result = teacher_latency_ms(teacher_model, res, dev, teacher_steps, source, target)
+    student_b1 = (
+        min(r["1"]["p50_ms"] for r in student.values() if "1" in r)
+        if "1" in student.get("eager", {})
+        else None
+    )
+    result["teacher_over_student"] = result["teacher_ms"] / student_b1 if student_b1 else None
+    return result
 
 
 def plot_latency(report: dict[str, Any], path: Path) -> None:

@@ -7,9 +7,14 @@
     generator.pt2           a torch.export program, dynamic batch dimension
     generator.onnx          ONNX (opset 18), the custom ops lowered through their reference decomposition
 
-``load_exported(dir, backend)`` runs any of the three. Nothing in a package is unpickled: weights come
-from safetensors and the ``.pt2`` program is loaded by ``torch.export.load``, which reads tensors with
-``weights_only`` semantics.
+``load_exported(dir, backend)`` runs any of the three. The default backends run no code from the
+package: ``eager`` reads ``config.json`` with ``json`` and the weights from safetensors (no pickle),
+``onnx`` parses the ONNX graph with onnxruntime. The ``.pt2`` program is different: ``torch.export.load``
+unpickles parts of it (and falls back to a full, code-running unpickle when the restricted one fails),
+so torch says never to load one from an untrusted source. ``load_exported(..., "pt2")`` therefore
+refuses unless the caller passes ``trust_pt2=True`` (``p2pz apply`` / ``p2pz bench --trust-pt2``).
+
+Training checkpoints are read by :func:`p2pz.student.checkpoints.read_checkpoint`, weights-only.
 """
 
 from __future__ import annotations
@@ -146,16 +151,14 @@ def export_package(
     """
     from safetensors.torch import save_file
 
-    from p2pz.student.training import load_generator
+    from p2pz.student.checkpoints import generator_from_checkpoint, read_checkpoint
 
     checkpoint = Path(checkpoint)
-    if not checkpoint.is_file():
-        raise UserError(f"checkpoint not found: {checkpoint} (give a .ckpt written by train.py)")
     unknown = set(formats) - {"pt2", "onnx"}
     if unknown:
         raise UserError(f"unknown export format(s) {sorted(unknown)}; choose from pt2, onnx")
-    generator = load_generator(checkpoint)
-    ckpt = torch.load(checkpoint, map_location="cpu", weights_only=False)
+    ckpt = read_checkpoint(checkpoint)  # weights-only: a checkpoint from elsewhere runs no code
+    generator = generator_from_checkpoint(ckpt, checkpoint)
     data_hp = dict(ckpt.get("datamodule_hyper_parameters") or {})
     provenance = data_provenance(data_hp.get("shards"))
     config = {
@@ -197,10 +200,25 @@ def export_package(
 
 
 def read_config(model_dir: str | os.PathLike) -> dict[str, Any]:
+    """A package's ``config.json``, parsed with ``json`` only."""
     path = Path(model_dir) / CONFIG
     if not path.is_file():
         raise UserError(f"{model_dir} is not an exported student (no {CONFIG}); make one with 'p2pz export'")
-    return json.loads(path.read_text())
+    try:
+        config = json.loads(path.read_text())
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise UserError(
+            f"{path} is not valid JSON ({err}); re-export the package with 'p2pz export'"
+        ) from err
+    if not isinstance(config, dict):
+        raise UserError(f"{path} does not hold a JSON object; re-export the package with 'p2pz export'")
+    return config
+
+
+PT2_UNTRUSTED = (
+    "{model_dir}: the pt2 backend unpickles {file}, which can run code from the package; "
+    "pass --trust-pt2 only for a package you made or trust, or use the eager or onnx backend"
+)
 
 
 class _OnnxModule(nn.Module):
@@ -220,16 +238,33 @@ class _OnnxModule(nn.Module):
         return torch.from_numpy(y)
 
 
+def _read_weights(path: Path) -> dict[str, torch.Tensor]:
+    """A package's safetensors weights; a missing or damaged file is one line that names it."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    try:
+        return load_file(path)
+    except (OSError, SafetensorError) as err:
+        raise UserError(
+            f"cannot read the student's weights {path} ({type(err).__name__}: {err}); "
+            "copy the package again or export it again with 'p2pz export'"
+        ) from None
+
+
 def load_exported(
-    model_dir: str | os.PathLike, backend: str = "eager", device: str | torch.device = "cpu"
+    model_dir: str | os.PathLike,
+    backend: str = "eager",
+    device: str | torch.device = "cpu",
+    *,
+    trust_pt2: bool = False,
 ) -> nn.Module:
     """An exported student as a module ``y = model(x)``; ``x`` in [-1, 1], ``[N, 3, H, W]``.
 
     backend: ``eager`` (the project's Generator with the safetensors weights, fastest ops for the
-    device), ``pt2`` (the torch.export program) or ``onnx`` (onnxruntime, CPU).
+    device), ``pt2`` (the torch.export program) or ``onnx`` (onnxruntime, CPU). ``pt2`` unpickles the
+    program, which can run code: it needs ``trust_pt2=True`` (a package you made or trust).
     """
-    from safetensors.torch import load_file
-
     model_dir = Path(model_dir)
     config = read_config(model_dir)
     files = config.get("files", {})
@@ -237,13 +272,15 @@ def load_exported(
         from p2pz.student.networks import Generator
 
         generator = Generator(**config["generator"])
-        generator.load_state_dict(load_file(model_dir / files.get("weights", WEIGHTS)))
+        generator.load_state_dict(_read_weights(model_dir / files.get("weights", WEIGHTS)))
         return generator.eval().requires_grad_(False).to(device)
     if backend not in ("pt2", "onnx"):
         raise UserError(f"unknown backend {backend!r}; choose eager, pt2 or onnx")
     if backend not in files:
         raise UserError(f"{model_dir} was exported without {backend}; re-run 'p2pz export' with it")
     if backend == "pt2":
+        if not trust_pt2:
+            raise UserError(PT2_UNTRUSTED.format(model_dir=model_dir, file=files["pt2"]))
         program = torch.export.load(model_dir / files["pt2"])
         return program.module().to(device)
     return _OnnxModule(model_dir / files["onnx"])
@@ -254,31 +291,21 @@ def load_exported(
 
 
 def apply_to_images(model: nn.Module, resolution: int, images: list[Any], batch_size: int = 8) -> list[Any]:
-    """Edit PIL images with an exported student; each result has its input's original size."""
-    import numpy as np
-    from PIL import Image
+    """Edit PIL images with an exported student: ``resolution`` x ``resolution`` RGB results.
+
+    Each image is brought to the model's input as the teacher brings its inputs
+    (:func:`p2pz.teacher.images.prepare_image`: RGB with transparency on white, the shorter side
+    resized to ``resolution``, the centred square cropped), so a non-square photo is cropped, not
+    squashed, and the result is the edit of that centred square.
+    """
+    from p2pz.teacher.images import numpy_to_pil, pil_to_tensor, prepare_image, tensor_to_numpy
 
     outputs = []
     for start in range(0, len(images), batch_size):
-        chunk = images[start : start + batch_size]
-        x = (
-            torch.stack(
-                [
-                    torch.from_numpy(
-                        np.asarray(im.convert("RGB").resize((resolution, resolution), Image.LANCZOS)).copy()
-                    ).permute(2, 0, 1)
-                    for im in chunk
-                ]
-            )
-            .float()
-            .div(127.5)
-            .sub(1.0)
-        )
+        x = pil_to_tensor([prepare_image(im, resolution) for im in images[start : start + batch_size]])
         with torch.no_grad():
-            y = model(x).float().clamp(-1, 1)
-        for im, out in zip(chunk, y):
-            arr = ((out.permute(1, 2, 0).numpy() + 1.0) * 127.5).round().astype("uint8")
-            outputs.append(Image.fromarray(arr).resize(im.size, Image.LANCZOS))
+            y = model(x)
+        outputs.extend(numpy_to_pil(tensor_to_numpy(y)))
     return outputs
 
 

@@ -102,8 +102,7 @@ class EditDirection:
                 raise UserError(f"give one direction file or two concept .pt files, got {len(path)} paths")
             return cls.from_official_pair(path[0], path[1])
         path = Path(path)
-        if not path.is_file():
-            raise UserError(f"direction file '{path}' does not exist; make one with `p2pz direction`")
+        _check_direction_file(path)
         if path.suffix == ".safetensors":
             return _load_safetensors(path)
         tensor = _load_official_tensor(path)
@@ -160,9 +159,19 @@ def _split_task_name(stem: str) -> tuple[str, str]:
     return "", stem
 
 
-def _load_official_tensor(path: Path) -> torch.Tensor:
+def _check_direction_file(path: Path, what: str = "direction file") -> None:
+    """A one-line UserError for a direction path that is missing, a folder or empty."""
+    make = "make one with `p2pz direction` (or give an official pix2pix-zero .pt)"
+    if not path.exists():
+        raise UserError(f"{what} '{path}' does not exist; {make}")
     if not path.is_file():
-        raise UserError(f"embedding file '{path}' does not exist")
+        raise UserError(f"{what} '{path}' is a folder; give the .safetensors (or .pt) file in it")
+    if path.stat().st_size == 0:
+        raise UserError(f"{what} '{path}' is empty (an interrupted copy?); copy it again or {make}")
+
+
+def _load_official_tensor(path: Path) -> torch.Tensor:
+    _check_direction_file(path, "embedding file")
     try:
         # The official files were saved from CUDA tensors: map them to the CPU; weights_only
         # refuses arbitrary pickled code.
@@ -192,7 +201,11 @@ def _load_safetensors(path: Path) -> EditDirection:
             meta = dict(f.metadata() or {})
             tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 - safe_open has no iteration
     except Exception as err:
-        raise UserError(f"cannot read direction file '{path}' ({type(err).__name__}: {err})") from err
+        reason = str(err).splitlines()[0] if str(err) else ""
+        raise UserError(
+            f"cannot read direction file '{path}' ({type(err).__name__}: {reason}): it is truncated or not "
+            "a safetensors file; copy it again or make it again with `p2pz direction`"
+        ) from err
     if "direction" not in tensors:
         raise UserError(f"'{path}' holds no 'direction' tensor; make it with `p2pz direction`")
     source, target = meta.pop("source", ""), meta.pop("target", "")

@@ -94,11 +94,14 @@ def resolve_model(path_or_id: str | os.PathLike, subfolders: tuple[str, ...] = (
 
 def from_pretrained_or_explain(cls: Any, path_or_id: str, **kwargs: Any) -> Any:
     """``cls.from_pretrained(path_or_id, **kwargs)`` with missing-weight errors turned into UserError."""
+    from safetensors import SafetensorError
+
     try:
         return cls.from_pretrained(path_or_id, **kwargs)
     except UserError:
         raise
-    except (OSError, ValueError, EnvironmentError) as err:  # noqa: UP024 - hub errors subclass OSError
+    # hub errors subclass OSError; a truncated weights file is a SafetensorError
+    except (OSError, ValueError, EnvironmentError, SafetensorError) as err:  # noqa: UP024
         where = f"{path_or_id}/{kwargs['subfolder']}" if kwargs.get("subfolder") else path_or_id
         if Path(path_or_id).expanduser().exists():
             raise UserError(

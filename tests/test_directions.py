@@ -185,6 +185,46 @@ def test_bad_direction_files(tmp_path, text_model):
         wide.check_compatible(text_model[1])
 
 
+class _Payload:
+    """Unpickling this creates ``marker``."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        import builtins
+
+        return (builtins.open, (self.marker, "w"))
+
+
+@pytest.mark.parametrize("legacy", [False, True], ids=["zip-format", "legacy-format"])
+def test_a_pt_direction_with_a_payload_is_refused_and_never_runs(tmp_path, legacy):
+    """Official-style .pt directions are read weights-only: a pickled payload is refused, not run."""
+    marker = tmp_path / "payload-ran"
+    path = tmp_path / "cat2dog.pt"
+    torch.save({"direction": _Payload(marker)}, path, _use_new_zipfile_serialization=not legacy)
+    with pytest.raises(UserError, match="cannot read"):
+        EditDirection.load(path)
+    with pytest.raises(UserError, match="cannot read"):
+        EditDirection.load([path, path])
+    assert not marker.exists()
+    torch.load(path, weights_only=False)  # the payload is live: an ordinary unpickle runs it
+    assert marker.exists()
+
+
+@pytest.mark.parametrize(("umask", "mode"), [(0o022, 0o644), (0o077, 0o600)])
+def test_direction_file_follows_the_umask(tmp_path, umask, mode):
+    import os
+    import stat
+
+    old = os.umask(umask)
+    try:
+        path = EditDirection(torch.zeros(77, 8), "cat", "dog").save(tmp_path / "new" / "cat-to-dog")
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE(path.stat().st_mode) == mode
+
+
 # --- command line ------------------------------------------------------------------------------
 
 

@@ -43,7 +43,7 @@ def test_backends_agree_with_eager(package):
     x = torch.rand(3, 3, 64, 64) * 2 - 1  # batch 3: not the export example's batch, so the dim is dynamic
     with torch.no_grad():
         reference = g_ema(x)
-        outputs = {b: load_exported(model_dir, b)(x) for b in ("eager", "pt2", "onnx")}
+        outputs = {b: load_exported(model_dir, b, trust_pt2=True)(x) for b in ("eager", "pt2", "onnx")}
     for backend, y in outputs.items():
         assert y.shape == reference.shape
         assert (y - reference).abs().max().item() < 1e-4, backend
@@ -61,6 +61,30 @@ def test_package_contents(package):
         assert set(f.keys()) == set(g_ema.state_dict())
 
 
+@pytest.mark.parametrize(("umask", "file_mode", "dir_mode"), [(0o022, 0o644, 0o755), (0o077, 0o600, 0o700)])
+def test_package_files_follow_the_umask(tmp_path, umask, file_mode, dir_mode):
+    """safetensors writes 0600 whatever the umask; the package must come out as open() would make it."""
+    import os
+    import stat
+
+    from p2pz.student.export import export_package
+    from p2pz.student.training import StudentModule
+
+    module = StudentModule(resolution=64, preset="lite", lpips_weight=0.0)
+    checkpoint = {"state_dict": module.state_dict(), "generator_config": dict(module.g_ema.config)}
+    torch.save(checkpoint, tmp_path / "last.ckpt")
+    old = os.umask(umask)
+    try:
+        out = export_package(tmp_path / "last.ckpt", tmp_path / "pkg" / "model", formats=())
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE(out.stat().st_mode) == dir_mode
+    files = sorted(p.name for p in out.iterdir())
+    assert files == ["config.json", "generator.safetensors"]
+    for name in files:
+        assert stat.S_IMODE((out / name).stat().st_mode) == file_mode, name
+
+
 def test_apply_cli(package, tmp_path):
     model_dir, _ = package
     inputs = tmp_path / "in"
@@ -71,8 +95,34 @@ def test_apply_cli(package, tmp_path):
         main(["apply", str(model_dir), str(inputs), "--out", str(tmp_path / "out"), "--backend", "onnx"]) == 0
     )
     a = Image.open(tmp_path / "out" / "a.png")
-    assert a.size == (100, 80) and a.mode == "RGB"
+    assert a.size == (64, 64) and a.mode == "RGB"  # the model's resolution (non-square: centre crop)
     assert (tmp_path / "out" / "b.png").exists()
+
+
+def test_apply_crops_a_4_by_3_photo_like_the_teacher(package, tmp_path):
+    """A 4:3 photo is cropped to its centred square as the teacher crops its inputs, not squashed."""
+    from p2pz.teacher.images import pil_to_tensor, prepare_image, tensor_to_numpy
+
+    model_dir, g_ema = package
+    rng = np.random.default_rng(0)
+    photo = np.zeros((96, 128, 3), np.uint8)  # 4:3; the side bands are what a crop drops
+    photo[:, :16], photo[:, 112:] = 255, 255
+    photo[:, 16:112] = rng.integers(0, 255, (96, 96, 3), dtype=np.uint8)
+    Image.fromarray(photo).save(tmp_path / "photo.jpg", quality=95)
+    assert main(["apply", str(model_dir), str(tmp_path / "photo.jpg"), "--out", str(tmp_path / "out")]) == 0
+    edited = np.asarray(Image.open(tmp_path / "out" / "photo.png"), dtype=np.int16)
+    assert edited.shape == (64, 64, 3)
+
+    cropped = prepare_image(Image.open(tmp_path / "photo.jpg"), 64)  # shorter side to 64, centre square
+    with torch.no_grad():
+        expected = tensor_to_numpy(g_ema(pil_to_tensor([cropped])))[0]
+    expected = (expected * 255).round().astype(np.int16)
+    assert np.abs(edited - expected).max() <= 1  # the model applied to the centre-cropped photo
+
+    squashed = Image.open(tmp_path / "photo.jpg").resize((64, 64), Image.Resampling.LANCZOS)
+    with torch.no_grad():
+        wrong = (tensor_to_numpy(g_ema(pil_to_tensor([squashed])))[0] * 255).round().astype(np.int16)
+    assert np.abs(edited - wrong).max() > 8  # and not to the squashed one
 
 
 def test_apply_bad_input_writes_nothing(package, tmp_path):
@@ -102,6 +152,7 @@ def test_bench_json_has_every_field(package, tiny_model_dir, tmp_path):
             "1,2",
             "--backends",
             "eager,pt2,onnx",
+            "--trust-pt2",  # the package this test made
             "--iters",
             "2",
             "--warmup",

@@ -498,7 +498,7 @@ def write_model(out: Path, vae, text_encoder, unet, scheduler, scaling_factor: f
     write_captioner_folder(out / "captioner")
 
 
-def main(argv: list[str] | None = None) -> int:
+def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m p2pz.data.models.train_toy",
         description="Train the shapes world's toy text-to-image model (a diffusers Stable Diffusion "
@@ -533,7 +533,11 @@ def main(argv: list[str] | None = None) -> int:
         action="store_true",
         help="continue from the checkpoints in .OUTNAME.train_state (beside OUT) after a crash",
     )
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
 
     import torch
 

@@ -61,8 +61,12 @@ def open_inputs(s: Settings) -> InputSource:
     path = Path(s.inputs)
     if path.is_dir() and not any(path.glob("*.tar")):
         return FolderInputs(path, min_size=s.min_size, convert_modes=s.convert_modes)
+    import glob
+
     from p2pz.data.pairs.reader import list_shards
 
+    if not path.exists() and not glob.has_magic(s.inputs) and "{" not in s.inputs and "://" not in s.inputs:
+        raise UserError(f"--inputs {s.inputs} does not exist; give a folder of images or .tar shards")
     if path.is_file() and path.suffix != ".tar":
         raise UserError(f"--inputs {s.inputs} is a file; give a folder of images or .tar shards")
     return ShardInputs(list_shards(s.inputs), min_size=s.min_size, convert_modes=s.convert_modes)
@@ -131,7 +135,9 @@ def plan_work(s: Settings, source: InputSource, edits: Sequence[EditJob]) -> lis
     """Every (input, edit) pair of the whole job, in shards (the same plan in every task)."""
     plans = sh.plan_shards({e.name: source.ids(e.source) for e in edits}, s.samples_per_shard, s.seed)
     if not plans:
-        raise UserError(f"no inputs found in {s.inputs}")
+        raise UserError(
+            f"no inputs found in {s.inputs}; put images (PNG, JPEG, ...) or .tar shards of images there"
+        )
     return plans
 
 
@@ -559,12 +565,14 @@ def run(s: Settings, teacher: Pix2PixZero | None = None) -> dict[str, Any]:
     s = with_task_split(s, environ={})
     validate(s)
     out = Path(s.out)
-    out.mkdir(parents=True, exist_ok=True)
-    source = open_inputs(s)
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--out {out} is a file; give a folder for the shards")
+    source = open_inputs(s)  # every input is checked before anything is written
     edits = resolve_edits(s)
     plans = plan_work(s, source, edits)
     teacher = teacher if teacher is not None else load_teacher(s)
     edit_kwargs = teacher_overrides(s)
+    out.mkdir(parents=True, exist_ok=True)
     sh.check_dataset_identity(out, dataset_identity(s, source, edits, plans, teacher, edit_kwargs))
 
     share = claim_shards(s, plans, out)

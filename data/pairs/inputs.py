@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import io
 import os
+import re
 import tarfile
 from collections import OrderedDict
 from collections.abc import Sequence
@@ -152,17 +153,31 @@ class ShardInputs:
             raise UserError("input shards must have distinct file names")
         self._members: dict[str, dict[str, dict[str, str]]] = {}
         self._ids: list[str] = []
+        unreadable: list[tuple[Path, Exception]] = []
         for name, path in sorted(self.paths.items()):
             try:
                 groups = _group_members(path)
-            except (OSError, tarfile.TarError) as err:
-                # A damaged input shard loses its inputs, not the job (its members cannot be listed).
-                import logging
-
-                logging.getLogger(__name__).warning("input shard %s is unreadable (%s); skipped", path, err)
+            except (OSError, tarfile.TarError, EOFError) as err:
+                unreadable.append((path, err))
                 continue
             self._members[name] = groups
             self._ids.extend(f"{name}/{key}" for key in sorted(groups))
+        if unreadable and not self._members:  # nothing to work on: the whole input is bad
+            path, err = unreadable[0]
+            # tarfile's "r:*" lists what each decompressor said, a line each, the plain tar's last:
+            # "- method tar: ReadError('empty file')"
+            reason = ([line.strip() for line in str(err).splitlines() if line.strip()] or [""])[-1]
+            inner = re.fullmatch(r"- method tar: \w+\('(.*)'\)", reason)
+            more = f" (and {len(unreadable) - 1} more)" if len(unreadable) > 1 else ""
+            raise UserError(
+                f"input shard {path} is unreadable ({type(err).__name__}: {inner[1] if inner else reason})"
+                f"{more}; give WebDataset .tar shards of images, or a folder of image files"
+            )
+        for path, err in unreadable:
+            # A damaged input shard loses its inputs, not the job (its members cannot be listed).
+            import logging
+
+            logging.getLogger(__name__).warning("input shard %s is unreadable (%s); skipped", path, err)
         self._open: OrderedDict[str, tarfile.TarFile] = OrderedDict()
 
     def describe(self) -> dict:

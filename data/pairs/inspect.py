@@ -60,8 +60,12 @@ def _read_shard(path: Path, want_images: int) -> dict[str, Any]:
 def summarise(folder: str | Path, sheet_pairs: int = 8) -> dict:
     """A JSON-able summary of the dataset in ``folder`` (plus raw images for the contact sheet)."""
     folder = Path(folder)
+    if not folder.exists():
+        raise UserError(f"{folder} does not exist; give the --out folder of 'p2pz generate'")
     if not folder.is_dir():
-        raise UserError(f"{folder} is not a folder")
+        raise UserError(
+            f"{folder} is a file, not a folder; give the folder that holds the shards ({folder.parent})"
+        )
     shard_paths = sorted(folder.glob(sh.SHARD_GLOB))
     if not shard_paths:
         raise UserError(f"no pairs-NNNNNN.tar shards in {folder}; is it the --out folder of 'p2pz generate'?")

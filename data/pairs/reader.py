@@ -20,7 +20,9 @@ batches per rank**, not samples — and no rank runs dry and hangs a collective.
 seeded by (seed, rank, worker, epoch), so runs are reproducible and the epochs differ.
 
 Corrupt data never stops training: unreadable or truncated shards and undecodable images are skipped
-with WebDataset's ``warn_and_continue`` and counted in :class:`ReaderStats` (shared with the workers).
+with a warning (WebDataset's ``warn_and_continue``, without its sleep) and counted in
+:class:`ReaderStats` (shared with the workers). Only when no shard yields a single complete pair does
+the reader stop, with a UserError naming them (:func:`readable_shards` checks that up front).
 """
 
 from __future__ import annotations
@@ -39,6 +41,7 @@ from p2pz.data.pairs import sample as fmt
 from p2pz.utils.errors import UserError
 
 SHUFFLE_BUFFER = 256
+UNREADABLE_DRAWS = 20  # resampled draws per shard without one complete pair: every shard is bad
 CROP_JITTER = 1.125  # augment: resize the short side to resolution * this, then crop (pix2pix's 286 -> 256)
 
 
@@ -76,6 +79,39 @@ def list_shards(spec: str | os.PathLike | Sequence[str]) -> list[str]:
             f"no shards found at {spec!r}; give a folder of .tar shards, a glob or a brace pattern"
         )
     return urls
+
+
+def readable_shards(spec: str | os.PathLike | Sequence[str]) -> list[str]:
+    """``list_shards(spec)``, once one of them is seen to start with a complete (input, edit) pair.
+
+    Damaged shards are the reader's to skip; but when every local shard is empty, truncated before
+    its first pair or not a tar, training would only draw errors. Reads shards until the first
+    complete pair (for a healthy dataset: the start of the first shard); remote URLs are not checked.
+    """
+    urls = list_shards(spec)
+    first_error: fmt.ShardError | None = None
+    for url in urls:
+        if url.startswith("pipe:") or "://" in url:
+            return urls
+        try:
+            # the images' bytes are read: a shard cut inside them fails here, not in training
+            for sample in fmt.iter_shard(url, read=lambda member: member in fmt.REQUIRED):
+                if fmt.is_complete(sample):
+                    return urls
+        except fmt.ShardError as err:
+            first_error = first_error or err
+    raise UserError(
+        _no_readable_pair(urls, first_error.reason if first_error else "no sample has src.png and edit.png")
+    )
+
+
+def _no_readable_pair(urls: Sequence[str], why: str) -> str:
+    """The one line for shards of which none holds a readable pair."""
+    where = urls[0] if len(urls) == 1 else f"{urls[0]} and {len(urls) - 1} more"
+    return (
+        f"no shard holds a readable (src.png, edit.png) pair: {where}{f' ({why})' if why else ''}; "
+        "check them with 'p2pz shards inspect DIR' and write them again with 'p2pz generate'"
+    )
 
 
 # --------------------------------------------------------------------------------------------------
@@ -117,17 +153,22 @@ class ReaderStats:
 
 
 class _CountingHandler:
-    """``warn_and_continue`` that also counts (a class, so it pickles into spawned workers)."""
+    """WebDataset's ``warn_and_continue`` that also counts (a class, so it pickles into spawned workers),
+    without its half-second sleep per error: resampling draws a damaged shard again and again, and
+    the sleeps added up to seconds of stalled training (minutes for a dataset of damaged shards)."""
 
     def __init__(self, stats: ReaderStats):
         self.stats = stats
 
     def __call__(self, exn: Exception) -> bool:
-        import webdataset as wds
+        import warnings
 
         self.stats.add("errors")
-        self.stats.last_error = f"{type(exn).__name__}: {exn}"[:500]
-        return wds.warn_and_continue(exn)
+        # webdataset appends the stream and the url to the arguments: the first one is the reason
+        reason = exn.args[0] if len(exn.args) > 1 and isinstance(exn.args[0], str) else exn
+        self.stats.last_error = f"{type(exn).__name__}: {reason}"[:500]
+        warnings.warn(repr(exn), stacklevel=2)
+        return True
 
 
 # --------------------------------------------------------------------------------------------------
@@ -151,22 +192,63 @@ def _stream_seed(seed: int, rank: int, epoch: int, purpose: str) -> int:
     return int.from_bytes(hashlib.sha256(text.encode()).digest()[:8], "big")
 
 
+class _Readable:
+    """Whether this process's pipeline has read one complete pair from any shard: a plain flag that
+    the stages of one pipeline share (they run in the same process, a DataLoader worker or the main one)."""
+
+    def __init__(self):
+        self.seen = False
+
+
+class _MarkReadable:
+    """Stage after the tar reader: notes the first complete raw sample, passes everything on."""
+
+    def __init__(self, readable: _Readable):
+        self.readable = readable
+
+    def __call__(self, samples: Iterator[dict]) -> Iterator[dict]:
+        for sample in samples:
+            if not self.readable.seen and fmt.is_complete(sample):
+                self.readable.seen = True
+            yield sample
+
+
 class _ShardSource(_IterableDataset):
     """First stage: ``{"url": ...}`` dicts for this rank and worker.
 
     Resampled: draw shards with replacement forever (seeded per rank/worker/epoch). Otherwise: each
-    of the rank's shards once, dealt round robin to the workers.
+    of the rank's shards once, dealt round robin to the workers. Damaged shards are skipped, but when
+    ``UNREADABLE_DRAWS`` draws per shard have given no complete pair at all, every shard is bad and
+    resampling would spin forever: that raises a UserError naming them instead.
     """
 
-    def __init__(self, urls: list[str], resampled: bool, seed: int, rank: int, state: _EpochState):
+    def __init__(
+        self,
+        urls: list[str],
+        resampled: bool,
+        seed: int,
+        rank: int,
+        state: _EpochState,
+        readable: _Readable | None = None,
+        stats: ReaderStats | None = None,
+    ):
         self.urls, self.resampled, self.seed, self.rank, self.state = urls, resampled, seed, rank, state
+        self.readable, self.stats = readable, stats
 
     def __iter__(self) -> Iterator[dict]:
         import torch.utils.data
 
         if self.resampled:
             rng = random.Random(_stream_seed(self.seed, self.rank, self.state.epoch, "shards"))
+            limit = max(100, UNREADABLE_DRAWS * len(self.urls))
+            draws = 0
             while True:
+                if draws == limit and self.readable is not None and not self.readable.seen:
+                    error = (
+                        self.stats.last_error.splitlines()[0] if self.stats and self.stats.last_error else ""
+                    )
+                    raise UserError(_no_readable_pair(self.urls, f"last error: {error}" if error else ""))
+                draws += 1
                 yield {"url": rng.choice(self.urls)}
         info = torch.utils.data.get_worker_info()
         worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
@@ -311,12 +393,24 @@ class PairLoader:
         iterator = iter(self._loader)
         if self.epoch_length is not None:
             iterator = itertools.islice(iterator, self.epoch_length)
-        return iterator
+        return _one_line_errors(iterator)
 
     def __len__(self) -> int:
         if self.epoch_length is None:
             raise TypeError("this PairLoader has no epoch_length, so its length is unknown")
         return self.epoch_length
+
+
+def _one_line_errors(iterator: Iterator[dict]) -> Iterator[dict]:
+    """``iterator``, with a UserError raised in a DataLoader worker back to its one line (torch
+    re-raises it in the main process with the worker's traceback in the message)."""
+    try:
+        yield from iterator
+    except UserError as err:
+        lines = str(err).strip().splitlines()
+        if len(lines) > 1:
+            raise UserError(lines[-1].split(": ", 1)[-1]) from None
+        raise
 
 
 def _rank_and_world(rank: int | None, world_size: int | None) -> tuple[int, int]:
@@ -395,7 +489,12 @@ def pair_loader(
     stats = stats if stats is not None else ReaderStats()
     handler = _CountingHandler(stats)
     state = _EpochState()
-    stages = [_ShardSource(rank_urls, resampled, seed, rank, state), wds.tarfile_to_samples(handler=handler)]
+    readable = _Readable()
+    stages = [
+        _ShardSource(rank_urls, resampled, seed, rank, state, readable, stats),
+        wds.tarfile_to_samples(handler=handler),
+        _MarkReadable(readable),
+    ]
     if resampled or augment:
         stages.append(_Shuffle(SHUFFLE_BUFFER, seed, rank, state))
     stages += [

@@ -30,6 +30,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from p2pz.cli import check_config_file
 from p2pz.data.models import TOY_MODEL
 from p2pz.data.shapes.teacher_settings import add_toy_teacher_arguments
 from p2pz.utils.errors import UserError
@@ -196,6 +197,8 @@ def edit_held_out(
         teacher_out.extend(r.edited for r in results)
     student = load_exported(model_dir, "eager")
     student_out = apply_to_images(student, read_config(model_dir)["resolution"], inputs)
+    # the oracle scores at the world's size; a student trained at another resolution is resized to it
+    student_out = [im if im.size == x.size else im.resize(x.size) for im, x in zip(student_out, inputs)]
     return {"input": inputs, "teacher": teacher_out, "student": student_out}
 
 
@@ -378,6 +381,9 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
     out = Path(args.out)
     source = _check_demo_inputs(args)  # before anything is written
+    started = time.perf_counter()
+    teacher = load_teacher(demo_settings(args))  # one teacher for the pairs and the report; a bad
+    teacher_load_s = time.perf_counter() - started  # model stops the demo before anything is written
     out.mkdir(parents=True, exist_ok=True)
     timings: dict[str, float] = {}
 
@@ -386,9 +392,9 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
     teacher_title = f"2/6 teacher: pix2pix-zero {args.edit} into shards ({args.steps} steps)"
     with _stage(timings, "teacher (generate)", teacher_title):
-        teacher = load_teacher(demo_settings(args))  # one teacher for the pairs and the report
         direction_file, direction = save_world_direction(args, out, teacher)
         generate_pairs(args, out / "shards", out / "inputs", direction_file, teacher)
+    timings["teacher (generate)"] += teacher_load_s
 
     with _stage(timings, "student (train)", f"3/6 student: p2pz train fit, {args.train_steps} iterations"):
         checkpoint = train_student(args, out / "shards", out / "run")
@@ -427,6 +433,10 @@ def _check_demo_inputs(args: argparse.Namespace) -> str:
             f"teacher model not found at {args.model}; the toy model ships in data/toy_model "
             "(reinstall from the repository) or pass --model"
         )
+    if Path(args.out).exists() and not Path(args.out).is_dir():
+        raise UserError(f"--out {args.out} is a file; give a folder for everything the demo makes")
+    # read now, not at stage 3 after the teacher has run for minutes
+    check_config_file(args.train_config, "--train-config")
     return parse_world_edit(args.edit).source
 
 
@@ -448,6 +458,7 @@ def _bench_student(args: argparse.Namespace, out: Path) -> tuple[dict[str, Any],
         out / "model",
         batches=[int(b) for b in args.bench_batches.split(",")],
         backends=args.bench_backends.split(","),
+        trust_pt2=True,  # the package the demo exported a moment ago, not a file from elsewhere
         iters=args.bench_iters,
         teacher_model=str(args.model),
         teacher_steps=args.steps,

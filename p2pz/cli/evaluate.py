@@ -217,10 +217,11 @@ def _world_label(score: dict) -> str:
 # --pairs
 
 
-def read_pairs(spec: str, limit: int | None = None):
+def read_pairs(spec: str, limit: int | None = None, damaged: list | None = None):
     """(key, input image, edited image, metadata, mask image or None) from WebDataset shards.
 
-    Samples without both images are left out; a damaged shard is read up to the damage.
+    Samples without both images are left out; a damaged shard is read up to the damage (its
+    :class:`ShardError` is appended to ``damaged`` when given, else logged).
     """
     from p2pz.data.pairs import sample as fmt
     from p2pz.data.pairs.reader import list_shards
@@ -234,7 +235,10 @@ def read_pairs(spec: str, limit: int | None = None):
             except StopIteration:
                 break
             except fmt.ShardError as err:
-                log.warning("skipping the rest of an unreadable shard: %s", err)
+                if damaged is None:
+                    log.warning("skipping the rest of an unreadable shard: %s", err)
+                else:
+                    damaged.append(err)
                 break
             if not fmt.is_complete(raw):
                 continue
@@ -266,7 +270,8 @@ def eval_pairs(args: argparse.Namespace) -> dict:
     paper_pairs: dict[tuple[str, str], list] = defaultdict(list)
     shown = []
     n = 0
-    for key, src, edited, meta, mask in read_pairs(args.pairs, args.limit):
+    damaged: list = []  # ShardErrors: the shards' readable pairs are scored, the rest reported
+    for key, src, edited, meta, mask in read_pairs(args.pairs, args.limit, damaged):
         n += 1
         source, target = _edit_words(meta)
         use_world = args.metrics == "world" or (args.metrics == "auto" and is_world_edit(source, target))
@@ -288,13 +293,23 @@ def eval_pairs(args: argparse.Namespace) -> dict:
             if mask is None and args.masks:
                 path = Path(args.masks) / f"{key}.png"
                 if path.is_file():
-                    from PIL import Image
+                    from p2pz.teacher.images import load_image
 
-                    mask = Image.open(path).convert("L")
+                    mask = load_image(path).convert("L")  # a damaged mask: one line naming it
             obj = None if mask is None else np.asarray(mask) >= 128
             paper_pairs[(source, target)].append((key, src, edited, obj))
+    if n == 0 and damaged:
+        more = f" (and {len(damaged) - 1} more damaged shards)" if len(damaged) > 1 else ""
+        raise UserError(
+            f"no readable pairs: shard {damaged[0].path} is damaged ({damaged[0].reason}){more}; "
+            "check the shards with 'p2pz shards inspect' and write them again with 'p2pz generate'"
+        )
     if n == 0:
-        raise UserError(f"no (src.png, edit.png) pairs found in {args.pairs}")
+        raise UserError(
+            f"no (src.png, edit.png) pairs found in {args.pairs}; give the shards 'p2pz generate' wrote"
+        )
+    for err in damaged:
+        log.warning("scored the pairs before the damage of an unreadable shard: %s", err)
 
     metrics: dict[str, Any] = {}
     for name, scores in world_scores.items():

@@ -17,7 +17,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from p2pz.cli import add_passthrough_command
+from p2pz.cli import add_passthrough_command, check_config_files
 from p2pz.utils.errors import UserError
 
 if TYPE_CHECKING:
@@ -85,6 +85,7 @@ def parse_generate_args(argv: Sequence[str], environ: Mapping[str, str] | None =
     from p2pz.data.pairs.settings import Settings, validate, with_task_split
 
     argv = _configs_first(list(argv))
+    check_config_files(argv)  # missing, binary, empty or broken YAML: one line naming the file
     try:
         namespace = generate_parser().parse_args(argv)
     except argparse.ArgumentError as err:
@@ -236,8 +237,9 @@ def _inspect(args: argparse.Namespace) -> int:
 
     summary = summarise(args.folder, sheet_pairs=args.pairs)
     pairs = summary.pop("_sheet")
+    damaged = summary["damaged_shards"]
     sheet_path = None
-    if args.pairs > 0 and pairs:
+    if args.pairs > 0 and pairs and not damaged:  # a run that ends in an error writes nothing
         sheet_path = Path(args.sheet) if args.sheet else Path(args.folder) / SHEET_NAME
         with atomic_path(sheet_path, suffix=".png") as tmp:
             contact_sheet(pairs).save(tmp, format="PNG")
@@ -248,6 +250,13 @@ def _inspect(args: argparse.Namespace) -> int:
         print(format_summary(summary))
         if sheet_path:
             print(f"  sheet       {sheet_path} ({len(pairs)} pairs)")
+    if damaged:  # the summary above says what is left; the one error line says what to do
+        first = Path(args.folder) / damaged[0]["shard"]
+        more = f" and {len(damaged) - 1} more" if len(damaged) > 1 else ""
+        raise UserError(
+            f"damaged shard {first} ({damaged[0]['error']}){more}: delete the damaged shards and re-run "
+            "the same 'p2pz generate' command, which writes them again (no contact sheet written)"
+        )
     return 0
 
 

@@ -35,18 +35,29 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "apply",
         help="edit images with an exported student",
-        description="Edit image files with an exported student. Example:\n"
+        description="Edit image files with an exported student. Each image is read as the teacher reads\n"
+        "its inputs: converted to RGB (transparency on white), its shorter side resized to the model's\n"
+        "resolution and the centred square cropped, so a non-square photo loses its edges (not squashed);\n"
+        "each result is a square PNG at the model's resolution. Example:\n"
         "  p2pz apply models/cat-dog photos/*.jpg --out edited/",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("model", help="an exported model folder (p2pz export)")
     p.add_argument("images", nargs="+", help="image files or folders of images")
-    p.add_argument("--out", required=True, help="output folder; each result is <name>.png")
+    p.add_argument(
+        "--out", required=True, help="output folder; each result is <name>.png at the model's resolution"
+    )
     p.add_argument(
         "--backend",
         default="eager",
         choices=["eager", "pt2", "onnx"],
-        help="how to run the model (default: eager)",
+        help="how to run the model (default: eager; pt2 needs --trust-pt2)",
+    )
+    p.add_argument(
+        "--trust-pt2",
+        action="store_true",
+        help="allow --backend pt2: loading the .pt2 program unpickles it, which can run code from the "
+        "package, so pass this only for a package you made or trust (eager and onnx run no code from it)",
     )
     p.add_argument("--batch-size", type=int, default=8)
     p.set_defaults(func=cmd_apply)
@@ -56,8 +67,9 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="latency of an exported student per backend, vs the teacher and the device's matmul peak",
         description=(
             "Measure an exported student: p50/p90/p99 latency and images/s per backend (eager, "
-            "torch.compile, .pt2, onnxruntime) and batch size, the teacher's time for one edit at the same "
-            "resolution and the ratio, and a roofline figure (achieved FLOP/s over a matmul peak measured "
+            "torch.compile, .pt2 with --trust-pt2, onnxruntime) and batch size, the teacher's time for one "
+            "edit at the same resolution and the ratio, and a roofline figure (achieved FLOP/s over a matmul "
+            "peak measured "
             "in the same run). Writes JSON and a PNG chart beside it. Example:\n"
             "  p2pz bench models/cat-dog --out bench.json"
         ),
@@ -70,8 +82,15 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--batches", default="1,4,16", help="comma-separated batch sizes (default: 1,4,16)")
     p.add_argument(
         "--backends",
-        default="eager,compile,pt2,onnx",
-        help="comma-separated backends (default: eager,compile,pt2,onnx)",
+        default=None,
+        help="comma-separated backends out of eager,compile,pt2,onnx (default: all of them, pt2 only "
+        "with --trust-pt2)",
+    )
+    p.add_argument(
+        "--trust-pt2",
+        action="store_true",
+        help="also run the .pt2 program: loading it unpickles it, which can run code from the package, "
+        "so pass this only for a package you made or trust",
     )
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when present)")
     p.add_argument(
@@ -113,29 +132,30 @@ def _image_files(paths: list[str]) -> list[Path]:
         elif path.is_file():
             files.append(path)
         else:
-            raise UserError(f"no such image or folder: {item}")
+            raise UserError(f"image or folder {item} does not exist; check the path")
     if not files:
-        raise UserError(f"no images found in {' '.join(paths)}")
+        raise UserError(
+            f"no images found in {' '.join(paths)}; give image files ({', '.join(sorted(IMAGE_SUFFIXES))}) "
+            "or folders that hold them"
+        )
     return files
 
 
 def cmd_apply(args: argparse.Namespace) -> int:
-    from PIL import Image, UnidentifiedImageError
     from tqdm import tqdm
 
     from p2pz.student.export import apply_to_images, load_exported, read_config, save_image_atomic
+    from p2pz.teacher.images import load_image
 
-    files = _image_files(args.images)
-    images = []
-    for path in files:  # read everything first: a bad file stops the job before anything is written
-        try:
-            with Image.open(path) as im:
-                images.append(im.convert("RGB"))
-        except (UnidentifiedImageError, OSError) as err:
-            raise UserError(f"cannot read image {path}: {err}") from err
-    config = read_config(args.model)
-    model = load_exported(args.model, args.backend)
     out = Path(args.out)
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--out {out} is a file; give a folder for the edited images")
+    files = _image_files(args.images)
+    # read everything first (as the teacher reads images): a bad file stops the job before anything
+    # is written, with one line naming it
+    images = [load_image(path) for path in files]
+    config = read_config(args.model)
+    model = load_exported(args.model, args.backend, trust_pt2=args.trust_pt2)
     out.mkdir(parents=True, exist_ok=True)
     names: set[str] = set()
     for start in tqdm(range(0, len(images), args.batch_size), desc="editing", unit="batch"):
@@ -154,28 +174,45 @@ def cmd_apply(args: argparse.Namespace) -> int:
 def cmd_bench(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
-    from p2pz.student.bench import run_benchmark, write_report
+    from p2pz.student.export import read_config
+
+    read_config(args.model)  # not a package: one line, before the ops (and torch's notes) are loaded
+
+    from p2pz.student.bench import run_benchmark, select_backends, write_report
 
     batches = [int(b) for b in _csv(args.batches)]
-    bar = tqdm(desc="bench", unit="step")
+    backends = None if args.backends is None else _csv(args.backends)
+    select_backends(backends, args.trust_pt2)  # refuse an untrusted pt2 before the progress bar starts
+    if Path(args.out).is_dir():
+        raise UserError(f"--out {args.out} is a folder; give the path of the JSON report (e.g. bench.json)")
+    # shown after a second: a package that fails to load stops with its one error line only
+    bar = tqdm(desc="bench", unit="step", delay=1.0)
 
     def progress(msg: str) -> None:
-        bar.set_postfix_str(msg)
+        bar.set_postfix_str(msg, refresh=False)
         bar.update(1)
 
-    report = run_benchmark(
-        args.model,
-        batches=batches,
-        backends=_csv(args.backends),
-        device=args.device,
-        warmup=args.warmup,
-        iters=args.iters,
-        teacher_model=args.teacher,
-        teacher_steps=args.teacher_steps,
-        progress=progress,
-    )
-    bar.close()
+    try:
+        report = run_benchmark(
+            args.model,
+            batches=batches,
+            backends=backends,
+            trust_pt2=args.trust_pt2,
+            device=args.device,
+            warmup=args.warmup,
+            iters=args.iters,
+            teacher_model=args.teacher,
+            teacher_steps=args.teacher_steps,
+            progress=progress,
+        )
+    except BaseException:
+        bar.leave = False  # the error line follows on its own
+        raise
+    finally:
+        bar.close()
     path, chart = write_report(report, Path(args.out))
+    for note in report.get("skipped_backends", {}).values():
+        print(f"note: {note}")
     print(json.dumps({k: report[k] for k in ("teacher_ms", "teacher_over_student", "roofline_fraction")}))
     print(f"wrote {path} and {chart}")
     return 0

@@ -12,9 +12,23 @@ _FMT = argparse.RawDescriptionHelpFormatter
 
 
 def _make_tiny(args: argparse.Namespace) -> int:
-    from p2pz.data.models.tiny import make_tiny
+    from pathlib import Path
 
-    out = make_tiny(args.out, seed=args.seed)
+    from p2pz.data.models.tiny import make_tiny
+    from p2pz.utils.errors import UserError
+
+    out = Path(args.out)
+    # OUT is replaced: never a file, nor a folder that holds something other than a model
+    if out.exists() and not out.is_dir():
+        raise UserError(
+            f"{out} is a file; give a new folder path for the model (it is replaced if it exists)"
+        )
+    if out.is_dir() and any(out.iterdir()) and not (out / "model_index.json").is_file():
+        raise UserError(
+            f"{out} is a folder that holds no Stable Diffusion model (no model_index.json) and make-tiny "
+            "would replace it; give a new folder path or an earlier make-tiny folder"
+        )
+    out = make_tiny(out, seed=args.seed)
     print(out)
     return 0
 
@@ -24,20 +38,35 @@ def _direction(args: argparse.Namespace) -> int:
 
     from p2pz.teacher.directions import compute_direction
     from p2pz.teacher.models import load_sd_components
-    from p2pz.teacher.sentences import make_sentences
+    from p2pz.teacher.sentences import make_sentences, read_sentences
     from p2pz.utils.errors import UserError
 
     if len(args.sentences) > 2:
         raise UserError("--sentences takes one source for both concepts or two (source's, target's)")
     if args.num_sentences < 1:
         raise UserError("--num-sentences must be at least 1")
+    out = Path(args.out)
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--out {out} is a file; give a folder for the direction file")
     banks = args.sentences * (2 // len(args.sentences))
-    for bank in banks:  # check files before loading any model
-        if bank not in ("template", "llm") and not Path(bank).is_file():
+    words = (args.source, args.target)
+    from_files: dict[int, list[str]] = {}
+    for i, bank in enumerate(banks):  # read sentence files before loading any model
+        if bank in ("template", "llm"):
+            continue
+        if Path(bank).is_dir():
+            raise UserError(
+                f"sentence file '{bank}' is a folder; give a text file with one sentence per line"
+            )
+        if not Path(bank).exists():
             raise UserError(f"sentence file '{bank}' does not exist; use template, llm or a text file")
+        from_files[i] = read_sentences(bank, words[i])  # empty, binary: one line naming the file
     sd = load_sd_components(args.model, args.device, args.dtype, components=("tokenizer", "text_encoder"))
     per_concept = []
-    for word, bank in zip((args.source, args.target), banks):
+    for i, (word, bank) in enumerate(zip(words, banks)):
+        if i in from_files:
+            per_concept.append(from_files[i])
+            continue
         sentences = make_sentences(word, bank, args.num_sentences, args.seed, args.llm, args.device)
         per_concept.append(sentences)
     direction = compute_direction(
@@ -56,7 +85,7 @@ def _direction(args: argparse.Namespace) -> int:
             **({"llm": args.llm} if "llm" in banks else {}),
         },
     )
-    path = direction.save(Path(args.out) / f"{direction.name}.safetensors")
+    path = direction.save(out / f"{direction.name}.safetensors")
     print(f"{path}  norm={direction.norm:.4g}  shape={list(direction.tensor.shape)}")
     return 0
 

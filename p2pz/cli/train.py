@@ -67,6 +67,7 @@ def student_cli_class() -> type[LightningCLI]:
             subcommand = self.config.get("subcommand")
             if subcommand:
                 refuse_damaged_checkpoint(self.config[subcommand].get("ckpt_path"))
+                refuse_unreadable_shards(self.config[subcommand].get("data") or {})
 
         def instantiate_trainer(self, **kwargs: Any) -> Trainer:
             """The configured trainer, plus the atomic checkpoint writer and the safe-point requeue."""
@@ -82,6 +83,16 @@ def student_cli_class() -> type[LightningCLI]:
 
     StudentCLI.__module__, StudentCLI.__qualname__ = __name__, "StudentCLI"
     return StudentCLI
+
+
+def refuse_unreadable_shards(data: Any) -> None:
+    """One line before the Trainer (and its log folder) exists when no shard holds a readable pair."""
+    from p2pz.data.pairs.reader import readable_shards
+
+    for key in ("shards", "val_shards"):
+        spec = data.get(key) if hasattr(data, "get") else None
+        if spec:
+            readable_shards(spec)
 
 
 def checkpoint_plugins(plugins: Any) -> list[Any]:
