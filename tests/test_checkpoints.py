@@ -15,11 +15,11 @@ import sys
 import textwrap
 import time
 from pathlib import Path
-from typing import Any
 
 import lightning.pytorch as pl
 import pytest
 import torch
+from state_asserts import assert_same
 from test_training import TINY, fit, load_ckpt, write_pair_shards
 
 from p2pz.student.callbacks import AtomicCheckpointIO, StepCheckpoint, checkpoint_file_problem
@@ -37,22 +37,6 @@ def shards(tmp_path_factory) -> Path:
 
 def _snapshot(module: torch.nn.Module) -> dict[str, torch.Tensor]:
     return {k: v.detach().clone() for k, v in module.state_dict().items()}
-
-
-def _assert_same(a: Any, b: Any, where: str = "") -> None:
-    """Exactly equal nested checkpoint contents (dicts, lists, tensors, plain values)."""
-    if isinstance(a, dict):
-        assert isinstance(b, dict) and a.keys() == b.keys(), where
-        for key in a:
-            _assert_same(a[key], b[key], f"{where}.{key}")
-    elif isinstance(a, (list, tuple)):
-        assert isinstance(b, (list, tuple)) and len(a) == len(b), where
-        for i, (x, y) in enumerate(zip(a, b)):
-            _assert_same(x, y, f"{where}[{i}]")
-    elif isinstance(a, torch.Tensor):
-        assert torch.equal(a, b), where
-    else:
-        assert a == b, where
 
 
 def _is_d(pl_module: pl.LightningModule, optimizer: torch.optim.Optimizer) -> bool:
@@ -182,8 +166,8 @@ def test_sigusr1_between_g_and_d_saves_the_end_of_iteration_state(shards, tmp_pa
     saved = load_ckpt(tmp_path / "signalled" / "checkpoints" / "last.ckpt")
     expected = load_ckpt(tmp_path / "clean" / "checkpoints" / "last.ckpt")
     assert saved["global_step"] == expected["global_step"] == 3
-    _assert_same(saved["state_dict"], expected["state_dict"], "state_dict")  # G, D and g_ema
-    _assert_same(saved["optimizer_states"], expected["optimizer_states"], "optimizer_states")
+    assert_same(saved["state_dict"], expected["state_dict"], "state_dict")  # G, D and g_ema
+    assert_same(saved["optimizer_states"], expected["optimizer_states"], "optimizer_states")
     # a save inside the handler would have held D and g_ema as they were when the signal came
     for name in ("D", "g_ema"):
         at_signal = sender.at_signal[name]
@@ -207,7 +191,7 @@ def test_sigusr1_between_g_and_d_saves_the_end_of_iteration_state(shards, tmp_pa
         callbacks=[Inspect()],
     )
     assert seen["step"] == 3 and resumed.trainer.global_step == 4
-    _assert_same(seen["state"], saved["state_dict"], "restored")
+    assert_same(seen["state"], saved["state_dict"], "restored")
 
 
 def _record_requeue(argv: list[str]) -> int:

@@ -28,6 +28,7 @@ import pytest
 import torch
 import yaml
 from slurm_cluster import SlurmCluster
+from state_asserts import assert_same
 
 pytestmark = pytest.mark.slow
 
@@ -271,21 +272,6 @@ class RequeueProbe(pl.Callback):
             torch.save(self._state(trainer, pl_module), self.out / "end-of-iteration.pt")
 
 
-def _assert_same(a, b, where: str = "") -> None:
-    if isinstance(a, dict):
-        assert isinstance(b, dict) and a.keys() == b.keys(), where
-        for key in a:
-            _assert_same(a[key], b[key], f"{where}.{key}")
-    elif isinstance(a, (list, tuple)):
-        assert isinstance(b, (list, tuple)) and len(a) == len(b), where
-        for i, (x, y) in enumerate(zip(a, b)):
-            _assert_same(x, y, f"{where}[{i}]")
-    elif isinstance(a, torch.Tensor):
-        assert torch.equal(a, b), where
-    else:
-        assert a == b, where
-
-
 def test_train_requeue_on_sigusr1_resumes(
     slurm_cluster: SlurmCluster,
     generated: Path,
@@ -337,12 +323,18 @@ def test_train_requeue_on_sigusr1_resumes(
     _timed("requeue test: until requeued", started)
     saved = tmp_path / "requeue.ckpt"
     shutil.copy(last, saved)
+    # slurmd refuses a job whose credential was revoked (by the requeue) in the same wall-clock second
+    # it is launched again ("Job credential revoked": the times compare at one-second resolution);
+    # SLURM's own BeginTime hold avoids that, so skipping it must wait for the second to pass.
+    time.sleep(2.0)
     slurm_cluster.run(["scontrol", "update", f"JobId={job}", "StartTime=now"])
     record = slurm_cluster.wait(job, timeout=240)
     _timed(f"requeue test: whole ({REQUEUE_STEPS} steps, one requeue)", started)
 
     log = (tmp_path / "train.out").read_text()
-    assert record["JobState"] == "COMPLETED" and record["ExitCode"] == "0:0", log
+    assert record["JobState"] == "COMPLETED" and record["ExitCode"] == "0:0", (
+        f"{record}\n{log}\n{slurm_cluster.logs()}"
+    )
     assert (probe / "signal-received").read_text() == "True", log  # it landed mid-iteration
     # SLURM signals every process of the step, DataLoader workers included: one save, one requeue.
     assert log.count("SIGUSR1 received: saved") == 1 and log.count("requeued SLURM job") == 1, log
@@ -354,14 +346,14 @@ def test_train_requeue_on_sigusr1_resumes(
     checkpoint = torch.load(saved, map_location="cpu", weights_only=False)
     end = torch.load(probe / "end-of-iteration.pt", map_location="cpu", weights_only=False)
     assert checkpoint["global_step"] == end["global_step"] == PAUSE_AT
-    _assert_same(checkpoint["state_dict"], end["state_dict"], "state_dict")  # G, D and g_ema
-    _assert_same(checkpoint["optimizer_states"], end["optimizer_states"], "optimizer_states")
+    assert_same(checkpoint["state_dict"], end["state_dict"], "state_dict")  # G, D and g_ema
+    assert_same(checkpoint["optimizer_states"], end["optimizer_states"], "optimizer_states")
     # ... and the requeued job (the script's second start) trained on from exactly that state.
     assert "(restart 1)" in log and f"Restored all states from the checkpoint at {last}" in log, log
     resumed = torch.load(probe / "start-1.pt", map_location="cpu", weights_only=False)
     assert resumed["global_step"] == PAUSE_AT
-    _assert_same(resumed["state_dict"], end["state_dict"], "resumed state_dict")
-    _assert_same(resumed["optimizer_states"], end["optimizer_states"], "resumed optimizer_states")
+    assert_same(resumed["state_dict"], end["state_dict"], "resumed state_dict")
+    assert_same(resumed["optimizer_states"], end["optimizer_states"], "resumed optimizer_states")
     assert _global_step(last) == REQUEUE_STEPS
 
 

@@ -260,15 +260,33 @@ def _edit_words(meta: dict) -> tuple[str, str]:
 
 
 def eval_pairs(args: argparse.Namespace) -> dict:
+    """Score existing pairs: world scenes with the oracle's metrics, real images with the paper's."""
+    from p2pz.data.eval.world_metrics import aggregate
+
+    world_scores, paper_pairs, shown, n = _read_and_sort_pairs(args)
+    metrics: dict[str, Any] = {}
+    for name, scores in world_scores.items():
+        metrics[name] = {"metrics": "world", **aggregate(scores), "per_image": [s.to_dict() for s in scores]}
+    if paper_pairs:
+        metrics.update(_score_paper_pairs(args, paper_pairs, shown))
+    return {
+        "kind": "pairs",
+        "settings": {"pairs": str(args.pairs), "count": n},
+        "metrics": metrics,
+        "grid": shown,
+    }
+
+
+def _read_and_sort_pairs(args: argparse.Namespace) -> tuple[dict, dict, list, int]:
+    """Read every pair; score world scenes now, set real images (with their masks) aside by edit."""
     import numpy as np
 
-    from p2pz.data.eval import paper_metrics as pm
-    from p2pz.data.eval.world_metrics import aggregate, scene_from_image, score_world_edit
+    from p2pz.data.eval.world_metrics import scene_from_image, score_world_edit
     from p2pz.data.shapes.edits import is_world_edit, parse_world_edit
 
     world_scores: dict[str, list] = defaultdict(list)
     paper_pairs: dict[tuple[str, str], list] = defaultdict(list)
-    shown = []
+    shown: list = []
     n = 0
     damaged: list = []  # ShardErrors: the shards' readable pairs are scored, the rest reported
     for key, src, edited, meta, mask in read_pairs(args.pairs, args.limit, damaged):
@@ -290,14 +308,24 @@ def eval_pairs(args: argparse.Namespace) -> dict:
                 if len(shown) < GRID_PAIRS:
                     shown.append((src, edited, _world_label(score.to_dict())))
         if not use_world:
-            if mask is None and args.masks:
-                path = Path(args.masks) / f"{key}.png"
-                if path.is_file():
-                    from p2pz.teacher.images import load_image
-
-                    mask = load_image(path).convert("L")  # a damaged mask: one line naming it
+            mask = _mask_for(args, key) if mask is None else mask
             obj = None if mask is None else np.asarray(mask) >= 128
             paper_pairs[(source, target)].append((key, src, edited, obj))
+    _check_some_pairs_read(args, n, damaged)
+    return world_scores, paper_pairs, shown, n
+
+
+def _mask_for(args: argparse.Namespace, key: str) -> Any:
+    """The object mask of pair ``key`` from ``--masks`` (``KEY.png``), or None."""
+    path = Path(args.masks) / f"{key}.png" if args.masks else None
+    if path is None or not path.is_file():
+        return None
+    from p2pz.teacher.images import load_image
+
+    return load_image(path).convert("L")  # a damaged mask: one line naming it
+
+
+def _check_some_pairs_read(args: argparse.Namespace, n: int, damaged: list) -> None:
     if n == 0 and damaged:
         more = f" (and {len(damaged) - 1} more damaged shards)" if len(damaged) > 1 else ""
         raise UserError(
@@ -311,41 +339,35 @@ def eval_pairs(args: argparse.Namespace) -> dict:
     for err in damaged:
         log.warning("scored the pairs before the damage of an unreadable shard: %s", err)
 
+
+def _score_paper_pairs(args: argparse.Namespace, paper_pairs: dict, shown: list) -> dict[str, Any]:
+    """The paper's metrics (CLIP-Acc, background LPIPS, Structure Dist) per edit of real images."""
+    from p2pz.data.eval import paper_metrics as pm
+
+    clip = pm.ClipAccuracy(args.clip_model) if "clip" not in args.skip else None
+    has_masks = any(p[3] is not None for pairs in paper_pairs.values() for p in pairs)
+    with_lpips = "lpips" not in args.skip and has_masks
+    lpips = pm.BackgroundLPIPS(backbone=args.lpips_backbone) if with_lpips else None
+    structure = pm.StructureDistance(args.dino_model) if "structure" not in args.skip else None
     metrics: dict[str, Any] = {}
-    for name, scores in world_scores.items():
-        metrics[name] = {"metrics": "world", **aggregate(scores), "per_image": [s.to_dict() for s in scores]}
-    if paper_pairs:
-        clip = pm.ClipAccuracy(args.clip_model) if "clip" not in args.skip else None
-        has_masks = any(p[3] is not None for pairs in paper_pairs.values() for p in pairs)
-        lpips = (
-            pm.BackgroundLPIPS(backbone=args.lpips_backbone)
-            if "lpips" not in args.skip and has_masks
-            else None
+    for (source, target), pairs in paper_pairs.items():
+        keys, inputs, edits, masks = zip(*pairs)
+        report = pm.score_paper_metrics(
+            list(inputs),
+            list(edits),
+            source,
+            target,
+            list(masks),
+            clip=clip,
+            lpips=lpips,
+            structure=structure,
         )
-        structure = pm.StructureDistance(args.dino_model) if "structure" not in args.skip else None
-        for (source, target), pairs in paper_pairs.items():
-            keys, inputs, edits, masks = zip(*pairs)
-            report = pm.score_paper_metrics(
-                list(inputs),
-                list(edits),
-                source,
-                target,
-                list(masks),
-                clip=clip,
-                lpips=lpips,
-                structure=structure,
-            )
-            per = report.get("structure_dist_per_pair") or [math.nan] * len(keys)
-            metrics[Edit(source, target).name] = {"metrics": "paper", **report}
-            for src, edited, d in zip(inputs, edits, per):
-                if len(shown) < GRID_PAIRS:
-                    shown.append((src, edited, f"{source}->{target} sd {d:.3f}"))
-    return {
-        "kind": "pairs",
-        "settings": {"pairs": str(args.pairs), "count": n},
-        "metrics": metrics,
-        "grid": shown,
-    }
+        per = report.get("structure_dist_per_pair") or [math.nan] * len(keys)
+        metrics[Edit(source, target).name] = {"metrics": "paper", **report}
+        for src, edited, d in zip(inputs, edits, per):
+            if len(shown) < GRID_PAIRS:
+                shown.append((src, edited, f"{source}->{target} sd {d:.3f}"))
+    return metrics
 
 
 # ---------------------------------------------------------------------------------------------

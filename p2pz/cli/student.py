@@ -12,6 +12,12 @@ IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff"}
 
 
 def register(sub: argparse._SubParsersAction) -> None:
+    _register_export(sub)
+    _register_apply(sub)
+    _register_bench(sub)
+
+
+def _register_export(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "export",
         help="package a trained student as a self-contained per-edit model",
@@ -23,7 +29,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         ),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("checkpoint", help="a .ckpt written by train.py (e.g. RUN/checkpoints/last.ckpt)")
+    p.add_argument("checkpoint", help="a .ckpt written by p2pz train (e.g. RUN/checkpoints/last.ckpt)")
     p.add_argument("--out", required=True, help="folder to write the package to (replaced atomically)")
     p.add_argument(
         "--formats",
@@ -32,6 +38,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     p.set_defaults(func=cmd_export)
 
+
+def _register_apply(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "apply",
         help="edit images with an exported student",
@@ -62,6 +70,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--batch-size", type=int, default=8)
     p.set_defaults(func=cmd_apply)
 
+
+def _register_bench(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "bench",
         help="latency of an exported student per backend, vs the teacher and the device's matmul peak",
