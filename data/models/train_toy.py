@@ -215,7 +215,7 @@ def train_vae(args, state_dir: Path, deadline: float):
     step, batch, t_start = 0, 16, time.time()
     ckpt = state_dir / "vae_ckpt.pt"
     if args.resume and ckpt.exists():
-        saved = torch.load(ckpt, weights_only=False)
+        saved = torch.load(ckpt, weights_only=True)  # tensors and plain values only: runs no code
         vae.load_state_dict(saved["model"])
         opt.load_state_dict(saved["opt"])
         step, budget.planned = saved["step"], saved["planned"]
@@ -271,7 +271,7 @@ def encode_dataset(args, vae, state_dir: Path):
 
     path = state_dir / "latents.pt"
     if path.exists():
-        return torch.load(path, weights_only=False)
+        return torch.load(path, weights_only=True)  # tensors and captions only: runs no code
     means, stds, captions = [], [], []
     chunk = 256
     with torch.no_grad():
@@ -315,7 +315,7 @@ def train_unet(
     step, t_start = 0, time.time()
     ckpt = state_dir / "unet_ckpt.pt"
     if args.resume and ckpt.exists():
-        saved = torch.load(ckpt, weights_only=False)
+        saved = torch.load(ckpt, weights_only=True)  # tensors and plain values only: runs no code
         nets.load_state_dict(saved)
         step, budget.planned = saved["step"], saved["planned"]
         log.info("UNet: resumed at step %d of %d", step, budget.planned)

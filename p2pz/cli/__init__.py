@@ -26,24 +26,32 @@ def add_passthrough_command(
     )
     parser.add_argument("rest", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)
 
-    def run(args: argparse.Namespace) -> int:
-        check_config_files(args.rest)  # before the command's own parser: one line for a bad file
-        return func(list(args.rest))
+    parser.set_defaults(func=lambda args: func(list(args.rest)))
 
-    parser.set_defaults(func=run)
+
+def split_config_args(argv: Sequence[str]) -> tuple[list[str], list[str]]:
+    """``argv``'s ``--config FILE`` / ``--config=FILE`` options (up to a ``--``), and the rest in order."""
+    configs: list[str] = []
+    rest: list[str] = []
+    i = 0
+    while i < len(argv):
+        arg = argv[i]
+        if arg == "--":
+            rest += argv[i:]
+            break
+        if arg == "--config" and i + 1 < len(argv):
+            configs += argv[i : i + 2]
+            i += 2
+            continue
+        (configs if arg.startswith("--config=") else rest).append(arg)
+        i += 1
+    return configs, rest
 
 
 def config_files(argv: Sequence[str]) -> list[str]:
     """The files given with ``--config FILE`` or ``--config=FILE`` in ``argv`` (up to a ``--``)."""
-    files: list[str] = []
-    for i, arg in enumerate(argv):
-        if arg == "--":
-            break
-        if arg == "--config" and i + 1 < len(argv):
-            files.append(argv[i + 1])
-        elif arg.startswith("--config="):
-            files.append(arg.removeprefix("--config="))
-    return files
+    configs, _ = split_config_args(argv)
+    return [arg.removeprefix("--config=") for arg in configs if arg != "--config"]
 
 
 def check_config_files(argv: Sequence[str]) -> None:

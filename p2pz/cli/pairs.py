@@ -17,7 +17,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from p2pz.cli import add_passthrough_command, check_config_files
+from p2pz.cli import add_passthrough_command, check_config_files, split_config_args
 from p2pz.utils.errors import UserError
 
 if TYPE_CHECKING:
@@ -84,7 +84,9 @@ def parse_generate_args(argv: Sequence[str], environ: Mapping[str, str] | None =
     """
     from p2pz.data.pairs.settings import Settings, validate, with_task_split
 
-    argv = _configs_first(list(argv))
+    # jsonargparse applies arguments in order, and flags override the config wherever they stand
+    configs, rest = split_config_args(argv)
+    argv = configs + rest
     check_config_files(argv)  # missing, binary, empty or broken YAML: one line naming the file
     try:
         namespace = generate_parser().parse_args(argv)
@@ -170,26 +172,6 @@ class _Repeatable(argparse.Action):
         else:
             self._made = [values]
             setattr(namespace, self.dest, self._made)
-
-
-def _configs_first(argv: list[str]) -> list[str]:
-    """``argv`` with its ``--config FILE`` options first: jsonargparse applies arguments in order,
-    and flags override the config wherever they stand."""
-    configs: list[str] = []
-    rest: list[str] = []
-    i = 0
-    while i < len(argv):
-        arg = argv[i]
-        if arg == "--":
-            rest += argv[i:]
-            break
-        if arg == "--config" and i + 1 < len(argv):
-            configs += argv[i : i + 2]
-            i += 2
-            continue
-        (configs if arg.startswith("--config=") else rest).append(arg)
-        i += 1
-    return configs + rest
 
 
 def _one_line(message: str, argv: Sequence[str]) -> str:

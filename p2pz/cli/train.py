@@ -37,7 +37,7 @@ import sys
 import warnings
 from typing import TYPE_CHECKING, Any
 
-from p2pz.cli import add_passthrough_command
+from p2pz.cli import add_passthrough_command, check_config_files
 from p2pz.utils.errors import UserError
 
 if TYPE_CHECKING:
@@ -120,7 +120,7 @@ def checkpoint_plugins(plugins: Any) -> list[Any]:
 
 
 def __getattr__(name: str) -> Any:
-    if name == "StudentCLI":  # built on first use, see the module docstring
+    if name == "StudentCLI":  # built on first use; its class is found by this name (pickling, repr)
         return student_cli_class()
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
@@ -134,6 +134,8 @@ def main(args: list[str] | None = None, run: bool = True, prog: str | None = Non
     from p2pz.student.datamodule import PairDataModule
     from p2pz.student.training import StudentModule
 
+    # a missing or broken --config: one line naming it (LightningCLI prints usage and a traceback)
+    check_config_files(sys.argv[1:] if args is None else args)
     parser_kwargs: dict[str, Any] = {"description": DESCRIPTION}
     if prog:
         parser_kwargs["prog"] = prog
