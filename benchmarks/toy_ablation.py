@@ -121,7 +121,7 @@ def _load_edits_and_teacher(args: argparse.Namespace) -> tuple[list[WorldEdit], 
         raise UserError(
             f"no model folder {args.model} (train it with `python -m p2pz.data.models.train_toy`)"
         )
-    edits = [parse_world_edit(e) for e in args.edits]
+    edits = [parse_world_edit(e, args.model) for e in args.edits]
     teacher = Pix2PixZero.from_pretrained(args.model, preset=args.preset, device=args.device, captioner=False)
     return edits, teacher
 

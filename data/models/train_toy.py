@@ -483,9 +483,10 @@ class _NoisyBatches:
 
 
 def write_model(out: Path, vae, text_encoder, unet, scheduler, scaling_factor: float) -> None:
-    """The Stable Diffusion folder, plus the world's captioner."""
+    """The Stable Diffusion folder, plus the world's captioner and the vocabulary it was trained on."""
     from p2pz.data.models.tiny import save_sd_folder
     from p2pz.data.shapes.captioner import write_captioner_folder
+    from p2pz.data.shapes.edits import write_vocabulary
     from p2pz.data.shapes.world import scene_words
 
     vae.register_to_config(scaling_factor=scaling_factor)
@@ -496,6 +497,7 @@ def write_model(out: Path, vae, text_encoder, unet, scheduler, scaling_factor: f
     words = scene_words()
     save_sd_folder(out, vae=vae, text_encoder=text_encoder, unet=unet, scheduler=scheduler, words=words)
     write_captioner_folder(out / "captioner")
+    write_vocabulary(out)
 
 
 def _parser() -> argparse.ArgumentParser:

@@ -14,6 +14,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 from p2pz.data.pairs import shards as sh
+from p2pz.data.shapes.edits import check_edit_vocabulary
 from p2pz.teacher.edits import parse_edit
 from p2pz.utils.errors import UserError
 
@@ -122,5 +123,5 @@ def validate(s: Settings) -> None:
         )
     if s.steps is not None and s.steps < 1:
         raise UserError("--steps must be at least 1")
-    for spec in s.edit:
-        parse_edit(spec)  # one-line error for a malformed edit
+    for spec in s.edit:  # one-line error for a malformed edit or a word a world model never learned
+        check_edit_vocabulary(parse_edit(spec), s.model)

@@ -11,8 +11,11 @@ embeddings are untrained.
 from __future__ import annotations
 
 import itertools
+import json
+import os
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -58,17 +61,77 @@ class WorldEdit(Edit):
         return [world.sample_scene(np.random.default_rng([seed, i]), **kwargs) for i in range(count)]
 
 
-def parse_world_edit(spec: str) -> WorldEdit:
-    """``circle:square`` (or ``circle-to-square``) -> WorldEdit; one-line UserError otherwise."""
+def parse_world_edit(spec: str, model: str | os.PathLike | None = None) -> WorldEdit:
+    """``circle:square`` (or ``circle-to-square``) -> WorldEdit; one-line UserError otherwise,
+    also when ``model`` (a world model's folder) never learned one of its words."""
     edit = parse_edit(spec)
     source, target = edit.source.lower(), edit.target.lower()
     for attribute, words in (("shape", world.SHAPES), ("colour", tuple(world.COLOURS))):
         if source in words and target in words:
-            return WorldEdit(source, target, attribute)
+            edit = WorldEdit(source, target, attribute)
+            if model is not None:
+                check_edit_vocabulary(edit, model)
+            return edit
     raise UserError(
         f"edit {spec!r} is not a shapes-world edit: give two shapes ({', '.join(world.SHAPES)}) "
         f"or two colours ({', '.join(world.COLOURS)})"
     )
+
+
+# ---------------------------------------------------------------------------------------------
+# What a world model learned: edits with other words are refused before any work is done
+
+VOCABULARY_FILE = "vocabulary.json"
+
+
+def write_vocabulary(
+    model: str | os.PathLike,
+    shapes: Sequence[str] = world.TOY_SHAPES,
+    colours: Sequence[str] = world.TOY_COLOURS,
+    backgrounds: Sequence[str] = world.TOY_BACKGROUNDS,
+) -> Path:
+    """``model/vocabulary.json``: the shapes, colours and backgrounds a world model was trained on."""
+    path = Path(model) / VOCABULARY_FILE
+    vocab = {"shapes": list(shapes), "colours": list(colours), "backgrounds": list(backgrounds)}
+    path.write_text(json.dumps(vocab, indent=1) + "\n")
+    return path
+
+
+def model_vocabulary(model: str | os.PathLike) -> dict[str, list[str]] | None:
+    """The words a world model learned (``vocabulary.json``), or None for a model without that file
+    (Stable Diffusion, a hub id): then any word may be edited."""
+    path = Path(model) / VOCABULARY_FILE
+    if not path.is_file():
+        return None
+    try:
+        vocab = json.loads(path.read_text(encoding="utf-8"))
+        ok = isinstance(vocab, dict) and all(
+            isinstance(words, list) and all(isinstance(w, str) for w in words) for words in vocab.values()
+        )
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        ok = False
+    if not ok:
+        raise UserError(f"{path} is not a vocabulary file (a JSON object of word lists); remove or fix it")
+    return vocab
+
+
+def check_edit_vocabulary(edit: Edit, model: str | os.PathLike) -> None:
+    """One-line UserError when ``edit`` uses a word that ``model`` never learned (see ``model_vocabulary``).
+
+    A world model knows only its training captions' words: an edit to an unseen word runs, and
+    its untrained embedding makes it score 0, so it is refused up front.
+    """
+    vocab = model_vocabulary(model)
+    if vocab is None:
+        return
+    known = {w.lower() for words in vocab.values() for w in words}
+    unknown = [w for phrase in (edit.source, edit.target) for w in phrase.lower().split() if w not in known]
+    if unknown:
+        learned = "; ".join(f"{kind}: {', '.join(words)}" for kind, words in vocab.items())
+        raise UserError(
+            f"edit {edit.spec!r}: the model {model} never learned {', '.join(dict.fromkeys(unknown))} "
+            f"(its vocabulary: {learned})"
+        )
 
 
 def is_world_edit(source: str, target: str) -> bool:

@@ -437,7 +437,7 @@ def _check_demo_inputs(args: argparse.Namespace) -> str:
         raise UserError(f"--out {args.out} is a file; give a folder for everything the demo makes")
     # read now, not at stage 3 after the teacher has run for minutes
     check_config_file(args.train_config, "--train-config")
-    return parse_world_edit(args.edit).source
+    return parse_world_edit(args.edit, args.model).source
 
 
 @contextlib.contextmanager

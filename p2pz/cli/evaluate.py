@@ -164,7 +164,7 @@ def eval_world(args: argparse.Namespace) -> dict:
     from p2pz.data.shapes.edits import parse_world_edit
     from p2pz.teacher import Pix2PixZero
 
-    edits = [parse_world_edit(e) for e in (args.edit or ["circle:square"])]
+    edits = [parse_world_edit(e, args.model) for e in (args.edit or ["circle:square"])]
     if args.scenes < 1:
         raise UserError(f"--scenes must be at least 1, got {args.scenes}")
     torch.manual_seed(args.seed)
