@@ -109,3 +109,32 @@ def test_the_ablation_refuses_it(tmp_path):
     )
     assert run.returncode == 2
     assert run.stderr.strip().count("\n") == 0 and "never learned diamond" in run.stderr
+
+
+def test_the_ablation_covers_what_the_toy_model_learned():
+    from p2pz.data.shapes.edits import world_edits
+
+    edits = world_edits(TOY_MODEL)
+    shapes = [e for e in edits if e.attribute == "shape"]
+    colours = [e for e in edits if e.attribute == "colour"]
+    assert len(shapes) == 6 and {e.source for e in shapes} == set(world.TOY_SHAPES)  # 3 shapes, both ways
+    assert len(colours) >= 6 and {e.spec for e in colours} >= {"red:blue", "blue:yellow", "yellow:red"}
+    assert len({e.spec for e in edits}) == len(edits)
+    for edit in edits:
+        check_edit_vocabulary(edit, TOY_MODEL)
+
+
+def test_the_ablation_reports_the_mean_and_the_worst_edit():
+    from p2pz.data.eval.ablation import across_edits
+
+    results = {
+        "circle-to-square/direction_xa": {"success": 1.0, "iou": 0.9, "centre_shift_px": 0.5},
+        "circle-to-triangle/direction_xa": {"success": 0.5, "iou": 0.5, "centre_shift_px": 3.0},
+        "circle-to-square/direction": {"success": 1.0, "iou": 0.6, "centre_shift_px": 2.0},
+    }
+    summary = across_edits(results)
+    assert summary["mean/direction_xa"] == pytest.approx(
+        {"success": 0.75, "iou": 0.7, "centre_shift_px": 1.75}
+    )
+    assert summary["worst/direction_xa"]["edit"] == "circle-to-triangle"
+    assert "mean/direction" not in summary  # one edit: nothing to summarise

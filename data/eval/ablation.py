@@ -127,6 +127,30 @@ def edit_world_scenes(
     return result
 
 
+def across_edits(results: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """``mean/<row>`` (each metric's mean over edits) and ``worst/<row>`` (the edit with the lowest
+    IoU among the row's edits, named in ``edit``) for every row run on more than one edit."""
+    by_row: dict[str, list[tuple[str, dict[str, Any]]]] = {}
+    for name, metrics in results.items():
+        edit, row = name.rsplit("/", 1)
+        by_row.setdefault(row, []).append((edit, metrics))
+    summary: dict[str, dict[str, Any]] = {}
+    for row, entries in by_row.items():
+        if len(entries) < 2:
+            continue
+        keys = [
+            k for k, v in entries[0][1].items() if isinstance(v, (int, float)) and not isinstance(v, bool)
+        ]
+        summary[f"mean/{row}"] = {
+            k: float(sum(m[k] for _, m in entries if m.get(k) is not None) / len(entries))
+            for k in keys
+            if all(m.get(k) is not None for _, m in entries)
+        }
+        worst_edit, worst = min(entries, key=lambda e: (e[1]["iou"], e[1]["success"]))
+        summary[f"worst/{row}"] = {**worst, "edit": worst_edit}
+    return summary
+
+
 # ---------------------------------------------------------------------------------------------
 # A resumable record of scored edits (one JSON line per scene)
 

@@ -134,6 +134,30 @@ def check_edit_vocabulary(edit: Edit, model: str | os.PathLike) -> None:
         )
 
 
+# Colour edits that cover the palette's contrasts: warm <-> cool, light <-> dark, and one cool -> cool.
+REPRESENTATIVE_COLOUR_EDITS = (
+    "red:blue",  # warm -> cool, both dark (a README edit)
+    "blue:yellow",  # cool dark -> warm light
+    "yellow:red",  # light -> dark, both warm
+    "green:red",  # cool -> warm
+    "yellow:green",  # warm light -> cool
+    "blue:green",  # cool -> cool
+)
+
+
+def world_edits(model: str | os.PathLike) -> list[WorldEdit]:
+    """The edits that cover what a world model learned: every shape edit among its shapes (both
+    ways), then the representative colour edits whose colours it knows."""
+    vocab = model_vocabulary(model) or {"shapes": list(world.TOY_SHAPES), "colours": list(world.TOY_COLOURS)}
+    shapes, colours = vocab.get("shapes", []), set(vocab.get("colours", []))
+    edits = [WorldEdit(a, b, "shape") for a, b in itertools.permutations(shapes, 2)]
+    for spec in REPRESENTATIVE_COLOUR_EDITS:
+        source, target = spec.split(":")
+        if {source, target} <= colours:
+            edits.append(WorldEdit(source, target, "colour"))
+    return edits
+
+
 def is_world_edit(source: str, target: str) -> bool:
     try:
         parse_world_edit(f"{source}:{target}")
