@@ -281,9 +281,21 @@ def load_exported(
     if backend == "pt2":
         if not trust_pt2:
             raise UserError(PT2_UNTRUSTED.format(model_dir=model_dir, file=files["pt2"]))
-        program = torch.export.load(model_dir / files["pt2"])
-        return program.module().to(device)
+        return program_on_device(torch.export.load(model_dir / files["pt2"]), device)
     return _OnnxModule(model_dir / files["onnx"])
+
+
+def program_on_device(program: torch.export.ExportedProgram, device: str | torch.device) -> nn.Module:
+    """The exported program as a module that runs on ``device``.
+
+    The program was traced on the CPU, so its graph holds device constants besides its weights:
+    ``aten._assert_tensor_metadata(..., device=cpu)`` checks and the ``device=`` of the tensors it
+    creates. ``module().to(device)`` moves only the weights, and the first of those checks fails on a
+    GPU; torch.export's ``move_to_device_pass`` rewrites the constants along with the weights.
+    """
+    from torch.export.passes import move_to_device_pass
+
+    return move_to_device_pass(program, torch.device(device)).module()
 
 
 # ------------------------------------------------------------------------------------------------

@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import copy
 import os
+import random
 import warnings
 from pathlib import Path
 from typing import Any
@@ -38,6 +39,7 @@ from typing import Any
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.core.optimizer import LightningOptimizer
+from lightning.pytorch.utilities import rank_zero_warn
 from lightning.pytorch.utilities.types import STEP_OUTPUT
 from torch import nn
 
@@ -50,6 +52,30 @@ warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode a
 
 class NonFiniteLossError(UserError):
     """A loss became NaN or infinite; training stops before the weights are touched."""
+
+
+def rank_seed(seed: int, rank: int, world_size: int, step: int = 0) -> int:
+    """The seed of one rank's random draws: ``seed * world_size + rank``, as NVlabs' StyleGAN2-ADA.
+
+    One process (``world_size`` 1, rank 0) keeps ``seed`` itself. ``step`` > 0 (a resumed run) gives
+    a fresh stream, as the data module does, instead of replaying the first iterations' draws.
+    """
+    return ((seed + 1_000_003 * step) * world_size + rank) % 2**32
+
+
+def seed_rank(seed: int, rank: int, world_size: int, step: int = 0) -> int:
+    """Seed torch (CPU and every GPU), numpy and ``random`` with :func:`rank_seed`; returns it.
+
+    ``seed_everything`` seeds every rank the same, so without this the generator's noise and dropout
+    masks would be identical on every GPU: the ranks' batches differ but their randomness does not.
+    """
+    import numpy as np
+
+    value = rank_seed(seed, rank, world_size, step)
+    torch.manual_seed(value)
+    np.random.seed(value)
+    random.seed(value)
+    return value
 
 
 def _no_closure() -> None:
@@ -123,6 +149,7 @@ class StudentModule(pl.LightningModule):
         if lpips_weight > 0 or lpips_backbone is not None or lpips_random_backbone:
             perceptual = PerceptualLoss(lpips_net, lpips_backbone, random_backbone=lpips_random_backbone)
         object.__setattr__(self, "_perceptual", perceptual)
+        self._skipped_steps: dict[str, int] = {"generator": 0, "discriminator": 0}
 
     # ----------------------------------------------------------------------------------------------
     # Setup
@@ -132,6 +159,13 @@ class StudentModule(pl.LightningModule):
         opt_g = torch.optim.Adam(self.G.parameters(), lr=hp.lr_g, betas=tuple(hp.betas), eps=1e-8)
         opt_d = torch.optim.Adam(self.D.parameters(), lr=hp.lr_d, betas=tuple(hp.betas), eps=1e-8)
         return opt_g, opt_d
+
+    def on_train_start(self) -> None:
+        """Per-rank randomness (the generator's noise and dropout): see :func:`seed_rank`. Runs after a
+        resume restored ``global_step``. The data order has its own seeds (``PairDataModule.seed``)."""
+        base = os.environ.get("PL_GLOBAL_SEED")  # set by seed_everything (the configs' seed_everything)
+        seed = int(base) if base is not None else torch.initial_seed()
+        seed_rank(seed, self.trainer.global_rank, self.trainer.world_size, self.global_step)
 
     def train(self, mode: bool = True) -> StudentModule:
         super().train(mode)
@@ -174,6 +208,7 @@ class StudentModule(pl.LightningModule):
             self._stop_if_not_finite("generator", {**g_terms, "total": g_total})
             opt_g.zero_grad(set_to_none=True)
             self.manual_backward(g_total)
+            self._drop_non_finite_grads("generator", opt_g)
             opt_g.step()
 
         # 2. discriminator step (with lazy R1)
@@ -192,6 +227,7 @@ class StudentModule(pl.LightningModule):
                 self._stop_if_not_finite("discriminator", {**d_terms, "total": d_total})
                 opt_d.zero_grad(set_to_none=True)
                 self.manual_backward(d_total)
+                self._drop_non_finite_grads("discriminator", opt_d)
                 self._step_uncounted(opt_d)
                 d_terms["real_logit"] = real_logits.detach().mean()
                 d_terms["fake_logit"] = fake_logits.detach().mean()
@@ -201,11 +237,37 @@ class StudentModule(pl.LightningModule):
 
         logs = {f"train/g_{k}": v.detach() for k, v in g_terms.items()}
         logs["train/g_total"] = g_total.detach()
+        logs.update({f"train/skipped_{k}_steps": float(v) for k, v in self._skipped_steps.items()})
         logs.update({f"train/d_{k}": v.detach() for k, v in d_terms.items()})
         self.log_dict(logs, on_step=True, on_epoch=False, batch_size=x.shape[0])
         self.log("l1", g_terms["l1"].detach(), prog_bar=True, logger=False, batch_size=x.shape[0])
         if "gan" in d_terms:
             self.log("d", d_terms["gan"].detach(), prog_bar=True, logger=False, batch_size=x.shape[0])
+
+    def _drop_non_finite_grads(self, phase: str, optimizer: LightningOptimizer) -> bool:
+        """Skip this optimiser step when a gradient is NaN/inf on any rank: the gradients are dropped
+        (set to None), so Adam leaves the weights and its moments as they are, and the iteration still
+        counts. Returns True when the step was skipped; counted in ``train/skipped_<phase>_steps``.
+
+        Skipping, rather than NVlabs' ``nan_to_num`` on the gradients (inf -> +-1e5, then a step),
+        keeps one bad batch from writing huge values into Adam's second moment, which would shrink
+        the effective learning rate for thousands of steps; it is also what GradScaler does under fp16.
+        With a GradScaler ('16-mixed') the scaler owns this decision: the gradients are still scaled
+        here, overflow is its cue to lower the scale, and it skips the step itself.
+        """
+        if getattr(self.trainer.precision_plugin, "scaler", None) is not None:
+            return False
+        grads = [p.grad for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
+        bad = bool(grads) and not bool(torch.stack([g.isfinite().all() for g in grads]).all())
+        if not self.trainer.strategy.reduce_boolean_decision(bad, all=False):
+            return False  # every rank agrees to step (DDP averaged the gradients, so they do agree)
+        optimizer.zero_grad(set_to_none=True)
+        self._skipped_steps[phase] = self._skipped_steps.get(phase, 0) + 1
+        rank_zero_warn(
+            f"step {self.global_step}: non-finite {phase} gradients; that {phase} update was skipped "
+            f"({self._skipped_steps[phase]} so far in this run)"
+        )
+        return True
 
     def _step_uncounted(self, optimizer: LightningOptimizer) -> None:
         """``optimizer.step()`` without advancing ``global_step`` (see the module docstring).

@@ -33,7 +33,9 @@ class CrossAttentionMaps:
     The official/diffusers loss is the sum over (HW, tokens), then the mean over all
     ``batch * heads`` rows; dividing by the rows of *one* sample instead (``rows / num_samples``,
     e.g. 2 CFG branches x heads) makes the loss a sum of per-sample losses, so each sample's
-    gradient does not depend on the batch size.
+    gradient does not depend on the batch size. ``rows_per_sample`` counts the rows *recorded* per
+    sample: comparing only the conditional half (``reference_rows="last_half"``) still divides by
+    2 x heads, the official scale of that half's term.
     """
 
     def __init__(self) -> None:
@@ -99,9 +101,12 @@ class CrossAttentionMaps:
             self.reference[(self.step, layer)] = probs.detach()
         elif self.mode == "guide":
             ref = self.reference.pop((self.step, layer))  # each map is used once: free it
+            # The official normaliser: the rows of one sample's whole recorded pass (2 CFG branches x
+            # heads), also when only the conditional half is compared ("last_half", the paper preset),
+            # so that half's gradient has the scale it has inside the official loss at the same λ.
+            rows_per_sample = ref.shape[0] / self.num_samples
             if self.reference_rows == "last_half":
                 ref = ref[ref.shape[0] // 2 :]
-            rows_per_sample = probs.shape[0] / self.num_samples
             term = (probs - ref).float().pow(2).sum() / rows_per_sample  # fp32 sum: no fp16 overflow
             self.loss = term if self.loss is None else self.loss + term
 

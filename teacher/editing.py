@@ -21,7 +21,10 @@ Two DDIM trajectories start from the same x_T (the inversion of a real image, or
   conditional branch's maps under c + Δc against the reference's conditional maps, and its gradient
   moves the one latent that both CFG branches then denoise:
 
-      L = sum_layers sum((M(x, c + Δc) - M_ref,cond)^2) / heads;   x <- x - xa_guidance * dL/dx
+      L = sum_layers sum((M(x, c + Δc) - M_ref,cond)^2) / (2 * heads);   x <- x - xa_guidance * dL/dx
+
+  (divided by 2 * heads as in the official loss, of which it is the conditional half: the same
+  xa_guidance then steps by the same scale; with guidance_scale <= 1 there is one branch and heads.)
 
   ``guided_branch="joint"`` keeps the official loss over both branches but differentiates it with
   respect to the one latent that both branches denoise, x_in = [x, x]:

@@ -102,6 +102,8 @@ DIFFUSERS = Preset(
 # negative-prompt half of the guided pair, whose gradient comes from the *unedited* caption's maps
 # when the negative prompt is the caption (real images): that pulls the latent back towards the
 # reconstruction, attribute included, and fights attribute edits such as colour changes.
+# Its loss is the conditional half of the official one, normalised as the official one (by 2 x heads,
+# see teacher/attention.py), so the same xa_guidance is the same step scale.
 PAPER = dataclasses.replace(OFFICIAL, name="paper", guided_branch="edit")
 
 # The official loss (both branches' maps) with its gradient taken with respect to the shared latent:

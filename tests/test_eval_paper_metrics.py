@@ -234,3 +234,49 @@ def test_eval_pairs_cli_uses_the_papers_metrics_for_real_pairs(tiny_clip_dir, ti
     m = json.loads((out / "metrics.json").read_text())["metrics"]["red-to-blue"]
     assert m["metrics"] == "paper" and m["n"] == 3
     assert m["clip_acc"] == 1.0 and m["bg_lpips_n"] == 2 and m["structure_dist"] >= 0
+
+
+def test_background_lpips_blacks_out_the_object_as_pnpinversion():
+    """PnPInversion: [0, 1] images times the background mask, then LPIPS on ``2 * image - 1``: the
+    object is black (-1), not grey (0), in both images."""
+    lp = pm.BackgroundLPIPS(backbone="random")
+    base = np.asarray(_pattern(4, size=64)).copy()
+    edit = np.asarray(_pattern(5, size=64)).copy()
+    mask = np.zeros((64, 64), dtype=bool)
+    mask[8:40, 20:56] = True
+    [got] = lp([base], [edit], [mask])
+
+    def protocol(image: np.ndarray) -> torch.Tensor:  # the published formula, written out
+        unit = torch.from_numpy(image).permute(2, 0, 1).float() / 255.0
+        return (unit * torch.from_numpy(~mask).float()) * 2 - 1
+
+    x, y = protocol(base), protocol(edit)
+    assert float(x[:, 8:40, 20:56].max()) == -1.0  # the object is black in what LPIPS sees
+    with torch.no_grad():
+        expected = float(lp.lpips(x[None], y[None]).flatten()[0])
+    assert got == pytest.approx(expected, rel=1e-5)
+    grey = [t * torch.from_numpy(~mask).float() for t in (x, y)]  # the former grey (0) fill differs
+    with torch.no_grad():
+        assert float(lp.lpips(grey[0][None], grey[1][None]).flatten()[0]) != pytest.approx(got, rel=1e-3)
+
+
+def test_structure_dist_resizes_like_the_reference_torchvision_resize(tiny_dino_dir):
+    """DinoStructureLoss' ``transforms.Resize(224)``: the shorter side to the size, aspect kept,
+    bilinear and antialiased (not bicubic to a square)."""
+    from torchvision import transforms
+
+    sd = pm.StructureDistance(tiny_dino_dir, size=32)
+    normalize = transforms.Normalize(pm.IMAGENET_MEAN, pm.IMAGENET_STD)
+    reference = transforms.Compose([transforms.Resize(32), transforms.ToTensor(), normalize])
+    rng = np.random.default_rng(0)
+    for width, height in [(48, 64), (100, 75), (96, 96)]:
+        image = Image.fromarray(rng.integers(0, 256, (height, width, 3), dtype=np.uint8))
+        ours = sd.preprocess([image])[0]
+        theirs = reference(image)
+        assert ours.shape == theirs.shape and min(ours.shape[1:]) == 32
+        torch.testing.assert_close(ours, theirs, atol=1e-5, rtol=0)
+    # a non-square pair: tokens on the resized, non-square grid; an identical edit scores zero
+    photo = _pattern(6, size=64).resize((64, 48), Image.Resampling.NEAREST)
+    tokens = (32 // 8) * (42 // 8) + 1
+    assert sd.self_similarity([photo]).shape == (1, tokens, tokens)
+    assert sd([photo, _pattern(7)], [photo.copy(), _pattern(7)]) == pytest.approx([0.0, 0.0], abs=1e-10)

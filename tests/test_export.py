@@ -49,6 +49,23 @@ def test_backends_agree_with_eager(package):
         assert (y - reference).abs().max().item() < 1e-4, backend
 
 
+def test_pt2_moves_to_another_device_with_its_graph_constants(package):
+    """The .pt2 program, traced on the CPU, runs on another device (meta here, a GPU in use): its
+    device constants (the _assert_tensor_metadata checks, factory calls' device=) move with it."""
+    from p2pz.student.export import PT2, load_exported
+
+    model_dir, _ = package
+    cpu_graph = torch.export.load(model_dir / PT2).graph
+    cpu_devices = {str(n.kwargs["device"]) for n in cpu_graph.nodes if n.kwargs.get("device") is not None}
+    assert cpu_devices == {"cpu"}  # what has to move: the traced program names the CPU
+    module = load_exported(model_dir, "pt2", device="meta", trust_pt2=True)
+    devices = {str(n.kwargs["device"]) for n in module.graph.nodes if n.kwargs.get("device") is not None}
+    assert devices == {"meta"}
+    assert {p.device.type for p in module.parameters()} == {"meta"}
+    y = module(torch.empty(3, 3, 64, 64, device="meta"))
+    assert y.device.type == "meta" and y.shape == (3, 3, 64, 64)
+
+
 def test_package_contents(package):
     from safetensors import safe_open
 

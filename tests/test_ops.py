@@ -216,6 +216,35 @@ def test_bias_act_gradcheck_and_gradgradcheck(act):
         assert torch.autograd.gradgradcheck(fn, (x, b))
 
 
+@pytest.mark.parametrize("act", ["linear", "lrelu", "tanh"])
+def test_bias_act_bias_gradient_on_1d_input(act):
+    """On 1-D x (dim 0), b's gradient is x's, element by element: nothing to sum over."""
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(7, generator=g, dtype=torch.float64).requires_grad_()
+    b = torch.randn(7, generator=g, dtype=torch.float64).requires_grad_()
+    dy = torch.randn(7, generator=g, dtype=torch.float64)
+    spec = bias_act.ACTIVATIONS[act]
+    formula = lambda x, b: spec.func(x + b, spec.def_alpha) * spec.def_gain  # the reference formula
+    expected = torch.autograd.grad(formula(x, b), (x, b), dy)
+    got = torch.autograd.grad(bias_act.bias_act(x, b, dim=0, act=act, impl="cpu"), (x, b), dy)
+    assert got[1].shape == b.shape
+    torch.testing.assert_close(got, expected)
+    fn = lambda x, b: bias_act.bias_act(x, b, dim=0, act=act, impl="cpu")
+    assert torch.autograd.gradcheck(fn, (x, b))
+    assert torch.autograd.gradgradcheck(fn, (x, b))
+
+
+def test_bias_act_refuses_a_bias_on_another_device_or_of_another_kind():
+    x = torch.randn(2, 3)
+    with pytest.raises(ValueError, match="bias is on meta but x is on cpu"):
+        bias_act.bias_act(x, torch.zeros(3, device="meta"), impl="cpu")
+    with pytest.raises(ValueError, match="floating-point"):
+        bias_act.bias_act(x, torch.zeros(3, dtype=torch.int64), impl="ref")
+    # a bias of another float precision is cast (mixed precision keeps fp32 biases)
+    y = bias_act.bias_act(x.bfloat16(), torch.ones(3), impl="cpu")
+    assert y.dtype == torch.bfloat16
+
+
 def test_r1_style_double_backward_matches_reference():
     """grad of (grad of D(x) w.r.t. x)^2 w.r.t. the weights, through bias_act and upfirdn2d."""
     f = setup_filter([1, 3, 3, 1])
@@ -331,14 +360,31 @@ def test_impl_selection(monkeypatch):
     assert _runtime.choose_impl("ref", x) == "ref"
     with force_impl("ref"):
         assert _runtime.choose_impl("cpu", x) == "ref"
-    monkeypatch.setenv(_runtime.ENV_VAR, "ref")
-    assert _runtime.choose_impl("cpu", x) == "ref"
-    monkeypatch.setenv(_runtime.ENV_VAR, "cuda")
     with pytest.raises(ValueError, match="cannot run on cpu"):
-        _runtime.choose_impl(None, x)
+        _runtime.choose_impl("cuda", x)
     monkeypatch.setenv(_runtime.ENV_VAR, "fast")
     with pytest.raises(ValueError, match="unknown ops implementation"):
         _runtime.choose_impl(None, x)
+
+
+def test_environment_sets_the_default_and_an_explicit_impl_wins(monkeypatch):
+    """$P2PZ_OPS_IMPL is the process' default: an explicit impl= overrides it, and a default of one
+    device kind leaves tensors on other devices to the automatic choice (no error on a GPU run)."""
+    x = torch.randn(1, 2, 4, 4)
+    monkeypatch.setenv(_runtime.ENV_VAR, "ref")
+    assert _runtime.choose_impl(None, x) == "ref"
+    assert _runtime.choose_impl("cpu", x) == "cpu"  # explicit wins
+    monkeypatch.setenv(_runtime.ENV_VAR, "cpu")
+    assert _runtime.choose_impl(None, x) == "cpu"
+    assert _runtime.choose_impl("ref", x) == "ref"
+    monkeypatch.setenv(_runtime.ENV_VAR, "cuda")  # a CUDA default on CPU tensors: automatic, no error
+    assert _runtime.choose_impl(None, x) == "cpu"
+    assert _runtime.choose_impl("ref", x) == "ref"
+    with force_impl("ref"):
+        assert _runtime.choose_impl("cpu", x) == "ref"  # force_impl still beats everything
+    y = torch.randn(1, 2, 4, 4, device="meta")  # another device kind: the CPU default does not apply
+    monkeypatch.setenv(_runtime.ENV_VAR, "cpu")
+    assert _runtime.choose_impl(None, y) == "ref"
 
 
 def test_failed_build_warns_once_with_the_compiler_error_and_falls_back(monkeypatch, tmp_path):

@@ -289,11 +289,13 @@ def test_paper_guidance_compares_the_edit_branch_with_the_reference_caption_bran
             paper.unet(x, t, encoder_hidden_states=edit_cond)
             return paper.maps.loss
 
-    # The conditional rows, and not the negative ones, are what it compares against.
+    # The conditional rows, and not the negative ones, are what it compares against; normalised by
+    # the 2 x heads rows of the recorded CFG pair (the official scale), where a pass recorded with the
+    # caption alone has heads rows per sample.
     cond_only = cross_attention_loss(paper.unet, paper.maps, x, t, x_T, cond, edit_cond, 1)
     uncond_only = cross_attention_loss(paper.unet, paper.maps, x, t, x_T, uncond, edit_cond, 1)
     with torch.no_grad():
-        assert float(sliced_loss(x)) == pytest.approx(cond_only, rel=1e-5)
+        assert float(sliced_loss(x)) == pytest.approx(cond_only / 2, rel=1e-5)
     assert abs(cond_only - uncond_only) > 1e-3 * cond_only  # the two halves do differ
 
     x_in = x.clone().requires_grad_(True)
@@ -303,6 +305,39 @@ def test_paper_guidance_compares_the_edit_branch_with_the_reference_caption_bran
     with torch.no_grad():
         losses = [float(sliced_loss(x + sign * step * grad)) for sign in (-1, 0, 1)]
     assert losses[0] < losses[1] < losses[2]
+
+
+@pytest.mark.parametrize("batch", [1, 2])
+def test_paper_and_official_losses_have_one_scale_on_the_same_maps(batch):
+    """The paper preset's loss is the conditional half of the official one at the same scale: on
+    maps whose negative branch matches the reference, both losses, and their gradients with respect
+    to the edit branch's maps, are equal (the paper preset's step at a given λ is the official one)."""
+    from p2pz.teacher.attention import CrossAttentionMaps
+
+    heads, hw, tokens = 4, 6, 5
+    g = torch.Generator().manual_seed(batch)
+    rows = batch * heads  # rows of one CFG branch, batch-major as head_to_batch_dim lays them out
+    reference = torch.rand(2 * rows, hw, tokens, generator=g).softmax(-1)  # [negative; conditional]
+    edit_maps = torch.rand(rows, hw, tokens, generator=g).softmax(-1)
+
+    def guided_loss(probs: torch.Tensor, reference_rows: str) -> torch.Tensor:
+        maps = CrossAttentionMaps()
+        with maps.recording(0):
+            maps.observe("layer", reference)
+        with maps.guiding(0, num_samples=batch, reference_rows=reference_rows):
+            maps.observe("layer", probs)
+        return maps.loss
+
+    edit_official = edit_maps.clone().requires_grad_(True)
+    official = guided_loss(torch.cat([reference[:rows], edit_official]), "all")  # official: both branches
+    edit_paper = edit_maps.clone().requires_grad_(True)
+    paper = guided_loss(edit_paper, "last_half")  # paper: the edit branch against the conditional rows
+    expected = (edit_maps - reference[rows:]).pow(2).sum() / (2 * heads)  # official: mean over 2 x heads
+    torch.testing.assert_close(official.detach(), expected)
+    torch.testing.assert_close(paper.detach(), official.detach())
+    (g_official,) = torch.autograd.grad(official, edit_official)
+    (g_paper,) = torch.autograd.grad(paper, edit_paper)
+    torch.testing.assert_close(g_paper, g_official)
 
 
 def test_paper_preset_edits_differ_from_official_and_batch_like_single_runs(official, paper, cat2dog):

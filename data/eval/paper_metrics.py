@@ -4,16 +4,22 @@
   the target rather than the source, with the prompts "a photo of a {word}" (the paper does not
   say which prompts it used). Default model ``openai/clip-vit-base-patch32``.
 - **BG LPIPS** (lower is better): LPIPS between input and edit with the edited object masked out
-  of both (object pixels set to 0 in [-1, 1] in both images, as PnPInversion's evaluation does).
-  The mask comes with the pair (the paper's segmentation model is not known). The backbone
-  (AlexNet by default) needs ImageNet weights: a torchvision state dict given by path, or the
-  file torchvision keeps in its cache; random weights only when asked for (tests).
+  of both, as PnPInversion's evaluation (``evaluation/matrics_calculator.py``, ``calculate_lpips``)
+  does: the images in [0, 1] are multiplied by the background mask, so the object is black (-1 in
+  the [-1, 1] LPIPS sees) in both, then mapped to [-1, 1]. The mask comes with the pair (the paper's
+  segmentation model is not known). Backbone: AlexNet by default (the lpips package's default and
+  the student's); PnPInversion's evaluation uses torchmetrics' LPIPS with SqueezeNet, so its numbers
+  are comparable only with ``net="squeeze"``. The backbone needs ImageNet weights: a torchvision
+  state dict given by path, or the file torchvision keeps in its cache; random weights only when
+  asked for (tests).
 - **Structure Dist** (lower is better): the self-similarity distance of Tumanyan et al. (Splicing
-  ViT Features), as img2img-turbo's ``DinoStructureLoss``: resize to 224, ImageNet normalisation,
-  the keys of the last transformer block for every token (CLS included, heads concatenated), the
-  cosine self-similarity matrix of those keys, and the MSE between the input's matrix and the
-  edit's. Default model ``facebook/dino-vitb8`` through transformers' ``ViTModel``; the keys are
-  captured with a forward hook on the last layer's key projection.
+  ViT Features), as img2img-turbo's ``DinoStructureLoss`` (identical in PnPInversion): torchvision's
+  ``Resize(224)`` (the shorter side to 224, the longer one in proportion, bilinear, antialiased),
+  ImageNet normalisation, the keys of the last transformer block for every token (CLS included,
+  heads concatenated), the cosine self-similarity matrix of those keys, and the MSE between the
+  input's matrix and the edit's (an edit of another size is first resized to its input's). Default
+  model ``facebook/dino-vitb8`` through transformers' ``ViTModel``; the keys are captured with a
+  forward hook on the last layer's key projection.
 
 Models load by Hugging Face id or local folder; offline with no cached copy, the error says how to
 get them.
@@ -42,7 +48,7 @@ DEFAULT_DINO = "facebook/dino-vitb8"
 CLIP_PROMPT = "a photo of a {word}"
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
-STRUCTURE_SIZE = 224  # DinoStructureLoss: images resized to 224 before DINO
+STRUCTURE_SIZE = 224  # DinoStructureLoss: the shorter side resized to 224 before DINO
 
 
 def load_pretrained(cls: Any, path_or_id: str | os.PathLike, what: str, **kwargs: Any) -> Any:
@@ -232,11 +238,20 @@ class BackgroundLPIPS:
         self.backbone = "random" if backbone is None else str(backbone)
 
     @staticmethod
-    def _tensor(image: Image.Image | np.ndarray, size: tuple[int, int]) -> torch.Tensor:
+    def _unit(image: Image.Image | np.ndarray, size: tuple[int, int]) -> torch.Tensor:
+        """``[3, H, W]`` in [0, 1], resized to ``size`` (width, height) when it differs."""
         image = _rgb(image)
         if image.size != size:
             image = image.resize(size, Image.Resampling.BICUBIC)
-        return torch.from_numpy(np.asarray(image).copy()).permute(2, 0, 1).float() / 127.5 - 1
+        return torch.from_numpy(np.asarray(image).copy()).permute(2, 0, 1).float() / 255.0
+
+    @staticmethod
+    def masked(image: torch.Tensor, object_mask: np.ndarray | None) -> torch.Tensor:
+        """PnPInversion's masking: ``[0, 1]`` image times the background mask, then to [-1, 1] for
+        LPIPS (the object is black, -1, in both images). ``object_mask``: True on the object."""
+        if object_mask is not None:
+            image = image * torch.from_numpy(~np.asarray(object_mask, dtype=bool)).float()[None]
+        return image * 2 - 1
 
     @torch.no_grad()
     def __call__(
@@ -249,13 +264,12 @@ class BackgroundLPIPS:
         out = []
         for a, b, mask in zip(inputs, edited, object_masks):
             a_img = _rgb(a)
-            x, y = self._tensor(a_img, a_img.size), self._tensor(b, a_img.size)
+            x, y = self._unit(a_img, a_img.size), self._unit(b, a_img.size)
             if mask is not None:
-                m = np.asarray(mask, dtype=bool)
-                if m.shape != (a_img.size[1], a_img.size[0]):
-                    m = np.asarray(Image.fromarray(m).resize(a_img.size, Image.Resampling.NEAREST))
-                keep = torch.from_numpy(~m).float()[None]
-                x, y = x * keep, y * keep
+                mask = np.asarray(mask, dtype=bool)
+                if mask.shape != (a_img.size[1], a_img.size[0]):
+                    mask = np.asarray(Image.fromarray(mask).resize(a_img.size, Image.Resampling.NEAREST))
+            x, y = self.masked(x, mask), self.masked(y, mask)
             d = self.lpips(x[None].to(self.device), y[None].to(self.device))
             out.append(float(d.flatten()[0]))
         return out
@@ -292,14 +306,27 @@ class StructureDistance:
         self.device = device
         self.size = size
 
+    def resized(self, image: Image.Image | np.ndarray) -> Image.Image:
+        """torchvision's ``Resize(size)`` on a PIL image: the shorter side to ``size``, the longer
+        one to ``int(size * long / short)``, bilinear (PIL's, antialiased when it shrinks)."""
+        image = _rgb(image)
+        w, h = image.size
+        if w <= h:
+            new = (self.size, int(self.size * h / w))
+        else:
+            new = (int(self.size * w / h), self.size)
+        return image if new == (w, h) else image.resize(new, Image.Resampling.BILINEAR)
+
     def preprocess(self, images: Sequence[Image.Image | np.ndarray]) -> torch.Tensor:
+        """``[B, 3, H, W]``: resized (:meth:`resized`) and ImageNet-normalised; one size per call."""
         mean = torch.tensor(IMAGENET_MEAN)[:, None, None]
         std = torch.tensor(IMAGENET_STD)[:, None, None]
         batch = []
         for image in images:
-            image = _rgb(image).resize((self.size, self.size), Image.Resampling.BICUBIC)
-            x = torch.from_numpy(np.asarray(image).copy()).permute(2, 0, 1).float() / 255.0
+            x = torch.from_numpy(np.asarray(self.resized(image)).copy()).permute(2, 0, 1).float() / 255.0
             batch.append((x - mean) / std)
+        if len({tuple(x.shape) for x in batch}) > 1:
+            raise ValueError("preprocess takes images of one aspect ratio per call")
         return torch.stack(batch).to(self.device)
 
     @torch.no_grad()
@@ -317,13 +344,28 @@ class StructureDistance:
     def __call__(
         self, inputs: Sequence[Image.Image | np.ndarray], edited: Sequence[Image.Image | np.ndarray]
     ) -> list[float]:
-        """One distance per pair: MSE between the input's and the edit's self-similarity matrices."""
+        """One distance per pair: MSE between the input's and the edit's self-similarity matrices.
+
+        An edit of another size than its input is resized to the input's first (bicubic), so both
+        matrices have the same tokens; pairs are batched by input size.
+        """
         if len(inputs) != len(edited):
             raise ValueError(f"{len(inputs)} inputs but {len(edited)} edits")
-        if not inputs:
-            return []
-        a, b = self.self_similarity(inputs), self.self_similarity(edited)
-        return (a - b).pow(2).mean((1, 2)).tolist()
+        inputs = [_rgb(im) for im in inputs]
+        edited = [
+            e if e.size == i.size else e.resize(i.size, Image.Resampling.BICUBIC)
+            for i, e in zip(inputs, (_rgb(im) for im in edited))
+        ]
+        groups: dict[tuple[int, int], list[int]] = {}
+        for index, image in enumerate(inputs):
+            groups.setdefault(image.size, []).append(index)
+        out = [0.0] * len(inputs)
+        for indices in groups.values():
+            a = self.self_similarity([inputs[i] for i in indices])
+            b = self.self_similarity([edited[i] for i in indices])
+            for i, d in zip(indices, (a - b).pow(2).mean((1, 2)).tolist()):
+                out[i] = d
+        return out
 
 
 # ---------------------------------------------------------------------------------------------

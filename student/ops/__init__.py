@@ -10,8 +10,8 @@ Each op has three implementations with the same results:
 The compiled kernels are registered as ``torch.ops.p2pz.*`` operators with fake kernels and autograd
 formulas, so ``torch.compile`` and ``torch.export`` see them. They are built just in time on first use
 and fall back to ``ref`` (with one warning) when the build fails. Choose an implementation per call with
-``impl=``, for a block of code with :func:`force_impl`, or for the whole process with the environment
-variable ``P2PZ_OPS_IMPL=ref|cpu|cuda``.
+``impl=``, for a block of code with :func:`force_impl`, or set the process' default (which an explicit
+``impl=`` overrides) with the environment variable ``P2PZ_OPS_IMPL=ref|cpu|cuda``.
 
 Layout: one file set per op -- ``<op>.py`` (Python API, reference, operator schema and autograd),
 ``<op>.h`` / ``<op>.cpp`` / ``<op>.cu`` (its kernels) -- plus ``common.h`` (what the kernels of both ops

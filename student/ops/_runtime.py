@@ -92,20 +92,22 @@ def force_impl(impl: str) -> Iterator[None]:
 def choose_impl(impl: str | None, x: torch.Tensor) -> str:
     """The implementation that runs for tensor `x`: 'ref' or the compiled kernels' device kind.
 
-    Precedence: force_impl() > $P2PZ_OPS_IMPL > the `impl` argument > automatic (the compiled kernels
-    for x's device when they build, else 'ref'). An explicit 'cpu'/'cuda' that does not match x's device
-    is an error; an explicit one whose build failed falls back to 'ref' (the build already warned).
+    Precedence: force_impl() > the `impl` argument > $P2PZ_OPS_IMPL > automatic (the compiled kernels
+    for x's device when they build, else 'ref'). The environment variable only sets the process' default:
+    an explicit `impl` always wins, and a default of 'cpu' or 'cuda' applies to tensors on that device
+    only (a process holds tensors on both; elsewhere the choice is automatic). An explicit 'cpu'/'cuda'
+    that does not match x's device is an error; an explicit one whose build failed falls back to 'ref'
+    (the build already warned).
     """
-    requested = (
-        (_forced[-1] if _forced else None)
-        or _check(os.environ.get(ENV_VAR) or None, f"${ENV_VAR}")
-        or _check(impl, "impl")
-    )
+    kind = x.device.type
+    requested = (_forced[-1] if _forced else None) or _check(impl, "impl")
+    if requested is None:
+        default = _check(os.environ.get(ENV_VAR) or None, f"${ENV_VAR}")
+        requested = default if default in ("ref", kind) else None
     if requested == "ref":
         return "ref"
     if torch.onnx.is_in_onnx_export() or torch.jit.is_scripting() or torch.jit.is_tracing():
         return "ref"
-    kind = x.device.type
     if requested is not None and requested != kind:
         raise ValueError(
             f"ops implementation {requested!r} cannot run on {kind} tensors; "

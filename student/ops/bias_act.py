@@ -66,8 +66,8 @@ def bias_act(
     if clamp < -1 or -1 < clamp < 0:
         raise ValueError(f"clamp must be None or >= 0, got {clamp}")
     dim = dim % x.dim() if x.dim() else 0
-    if b is not None and (b.dim() != 1 or b.shape[0] != x.shape[dim]):
-        raise ValueError(f"the bias must have shape [{x.shape[dim]}] (x.shape[dim]), got {tuple(b.shape)}")
+    if b is not None:
+        _check_bias(x, b, dim)
     if choose_impl(impl, x) == "ref":
         return _bias_act_ref(x, b, dim, act, alpha, gain, clamp)
     if b is None and act == "linear" and gain == 1 and clamp < 0:
@@ -75,6 +75,18 @@ def bias_act(
     if b is not None:
         b = b.to(dtype=x.dtype)
     return torch.ops.p2pz.bias_act(x, b, dim, act, alpha, gain, clamp)
+
+
+def _check_bias(x: torch.Tensor, b: torch.Tensor, dim: int) -> None:
+    """The bias' shape, device and dtype, checked here with an error that says which, instead of deep
+    inside a kernel. A floating-point bias of another precision is allowed: it is cast to x's dtype
+    (mixed precision keeps fp32 biases under fp16/bf16 activations)."""
+    if b.dim() != 1 or b.shape[0] != x.shape[dim]:
+        raise ValueError(f"the bias must have shape [{x.shape[dim]}] (x.shape[dim]), got {tuple(b.shape)}")
+    if b.device != x.device:
+        raise ValueError(f"the bias is on {b.device} but x is on {x.device}; move both to one device")
+    if not (b.is_floating_point() and x.is_floating_point()):
+        raise ValueError(f"bias_act needs floating-point x and bias, got x {x.dtype} and bias {b.dtype}")
 
 
 def _bias_act_ref(x, b, dim, act, alpha, gain, clamp):
@@ -117,7 +129,9 @@ def _elementwise_like(x: torch.Tensor) -> torch.Tensor:
 
 def _reduce_to_bias(g: torch.Tensor, dim: int) -> torch.Tensor:
     """Sum a gradient of x's shape down to the bias' shape [x.shape[dim]]."""
-    return g.sum(dim=[d for d in range(g.dim()) if d != dim])
+    others = [d for d in range(g.dim()) if d != dim]
+    # sum(dim=[]) would reduce *every* dimension: a 1-D x's gradient already has the bias' shape
+    return g.sum(dim=others) if others else g
 
 
 def _fake(
