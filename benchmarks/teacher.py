@@ -1,6 +1,7 @@
 """Time and peak memory of one pix2pix-zero edit: ours (``teacher.Pix2PixZero``) vs diffusers'.
 
     python benchmarks/teacher.py [--steps 10] [--size 128] [--repeats 2] [--device cpu] [--threads 1]
+    python benchmarks/teacher.py --architecture sd14 --resolution 256 [--step-counts 4 8] [--model DIR]
 
 Both sides run the same real-image edit (inversion + reference pass + guided edit pass, batch 1)
 on the same weights and inputs: diffusers' ``StableDiffusionPix2PixZeroPipeline`` (``invert`` then
@@ -30,6 +31,18 @@ between the two implementations, so that neither inherits the other's heap or ca
 Intra-op threads default to 1: on a small shared CPU, thread oversubscription makes timings noise.
 The last line is one JSON object with ``time_ratio_vs_diffusers`` and ``peak_mem_ratio_vs_diffusers``
 (ours / diffusers; lower is better; targets <= 0.7 and <= 0.5).
+
+**Real size** (``--architecture sd14``): the SD-1.4-size random model of
+``p2pz make-tiny --architecture sd14`` (UNet 860 M parameters; built once into a temporary folder,
+or ``--model DIR`` for an existing one), seen at ``--resolution`` px (default 256: latents 32 x 32).
+Both implementations run at each of ``--step-counts`` (default 4 and 8), one worker per
+implementation and step count doing one edit (at this size an edit takes minutes, and the first
+edit's one-off costs are a small part of it), whose CPU time and peak memory growth are both taken.
+Memory growth per step = (peak at the most steps - peak at the fewest) / (step difference): what
+an edit's memory grows by per extra step (our teacher keeps only the attention maps of the current
+step; diffusers' keeps every step's maps). The JSON's ``sd14_time_ratio_vs_diffusers`` and
+``sd14_peak_mem_ratio_vs_diffusers`` are at the most steps (targets <= 0.7 and <= 0.5 at 8 steps),
+``sd14_mem_growth_per_step_bytes`` holds both implementations' growth (target: ours does not grow).
 """
 
 from __future__ import annotations
@@ -106,8 +119,9 @@ def peak_bytes(device: str) -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux: kB
 
 
-def worker(impl: str, model: str, steps: int, size: int, device: str, out_npy: str) -> dict:
-    """One measurement in this (fresh) process: the first edit's peak memory, the second's time."""
+def worker(impl: str, model: str, steps: int, size: int, device: str, out_npy: str, edits: int = 2) -> dict:
+    """One measurement in this (fresh) process: the first edit's peak memory, the second's time
+    (with ``edits=1``, both from the one edit)."""
     import numpy as np
     import torch
 
@@ -167,63 +181,55 @@ def worker(impl: str, model: str, steps: int, size: int, device: str, out_npy: s
     if device.startswith("cuda"):
         torch.cuda.reset_peak_memory_stats()
     before = peak_bytes(device)
-    first = np.asarray(edit())
-    peak = peak_bytes(device) - before
-    sync()
     tic, cpu_tic = time.perf_counter(), time.process_time()
-    edit()
+    first = np.asarray(edit())
     sync()
     seconds, cpu_seconds = time.perf_counter() - tic, time.process_time() - cpu_tic
+    peak = peak_bytes(device) - before
+    if edits > 1:
+        tic, cpu_tic = time.perf_counter(), time.process_time()
+        edit()
+        sync()
+        seconds, cpu_seconds = time.perf_counter() - tic, time.process_time() - cpu_tic
     np.save(out_npy, first)
     return {"impl": impl, "seconds": seconds, "cpu_seconds": cpu_seconds, "peak_bytes": peak}
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--steps", type=int, default=10, help="DDIM steps per edit (default: 10)")
-    parser.add_argument("--size", type=int, default=128, help="image size in px (default: 128)")
-    parser.add_argument("--repeats", type=int, default=1, help="workers per implementation (default: 1)")
-    parser.add_argument("--device", default="cpu", help="cpu or cuda (default: cpu)")
-    parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads (default: 1)")
-    parser.add_argument("--worker", nargs=3, metavar=("IMPL", "MODEL", "NPY"), help=argparse.SUPPRESS)
-    args = parser.parse_args()
+def run_worker(impl: str, model: Path, npy: Path, args: argparse.Namespace, steps: int, edits: int) -> dict:
+    """``worker`` in a fresh Python process; its result dict."""
+    env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", OMP_NUM_THREADS=str(args.threads))
+    cmd = [sys.executable, __file__, "--worker", impl, str(model), str(npy), "--edits", str(edits)]
+    cmd += ["--steps", str(steps), "--size", str(args.size), "--device", args.device]
+    cmd += ["--threads", str(args.threads)]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
+    if proc.returncode != 0:
+        sys.exit(f"{impl} worker failed:\n{proc.stderr[-3000:]}")
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    print(
+        f"{impl:9s} {steps:3d} steps: {result['seconds']:.2f} s/edit wall, "
+        f"{result['cpu_seconds']:.2f} s CPU, "
+        f"peak +{result['peak_bytes'] / 2**20:.1f} MiB",
+        flush=True,
+    )
+    return result
 
-    import torch
 
-    torch.set_num_threads(args.threads)
-    if args.worker:
-        impl, model, npy = args.worker
-        print(json.dumps(worker(impl, model, args.steps, args.size, args.device, npy)))
-        return
-
+def max_pixel_diff(a: Path, b: Path) -> int:
     import numpy as np
 
-    env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", OMP_NUM_THREADS=str(args.threads))
+    return int(np.abs(np.load(a).astype(np.int16) - np.load(b).astype(np.int16)).max())
+
+
+def main_tiny(args: argparse.Namespace) -> None:
+    """The default model: ``--repeats`` workers per side, time from each worker's second edit."""
     start = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="p2pz-bench-") as tmp:
         model = build_model(Path(tmp) / "model")
         runs: dict[str, list[dict]] = {"diffusers": [], "ours": []}
         for r in range(args.repeats):
             for impl in ("diffusers", "ours"):
-                npy = str(Path(tmp) / f"{impl}-{r}.npy")
-                cmd = [sys.executable, __file__, "--worker", impl, str(model), npy]
-                cmd += ["--steps", str(args.steps), "--size", str(args.size), "--device", args.device]
-                cmd += ["--threads", str(args.threads)]
-                proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
-                if proc.returncode != 0:
-                    sys.exit(f"{impl} worker failed:\n{proc.stderr[-3000:]}")
-                result = json.loads(proc.stdout.strip().splitlines()[-1])
-                runs[impl].append(result)
-                print(
-                    f"{impl:9s} run {r}: {result['seconds']:.2f} s/edit wall, "
-                    f"{result['cpu_seconds']:.2f} s CPU, "
-                    f"peak +{result['peak_bytes'] / 2**20:.1f} MiB",
-                    flush=True,
-                )
-        diff = np.abs(
-            np.load(Path(tmp) / "ours-0.npy").astype(np.int16)
-            - np.load(Path(tmp) / "diffusers-0.npy").astype(np.int16)
-        ).max()
+                runs[impl].append(run_worker(impl, model, Path(tmp) / f"{impl}-{r}.npy", args, args.steps, 2))
+        diff = max_pixel_diff(Path(tmp) / "ours-0.npy", Path(tmp) / "diffusers-0.npy")
 
     use_cpu_time = args.device == "cpu" and args.threads == 1
     wall = {k: min(v["seconds"] for v in runs[k]) for k in runs}
@@ -243,12 +249,133 @@ def main() -> None:
         "diffusers_wall_seconds_per_edit": round(wall["diffusers"], 3),
         "ours_peak_mib": round(mem["ours"] / 2**20, 1),
         "diffusers_peak_mib": round(mem["diffusers"] / 2**20, 1),
-        "max_pixel_diff_vs_diffusers": int(diff),
+        "max_pixel_diff_vs_diffusers": diff,
         "wall_seconds": round(time.perf_counter() - start, 1),
         "time_ratio_vs_diffusers": round(best["ours"] / best["diffusers"], 3),
         "peak_mem_ratio_vs_diffusers": round(mem["ours"] / max(mem["diffusers"], 1), 3),
     }
     print(json.dumps(summary))
+
+
+def sd14_model(tmp: Path, args: argparse.Namespace) -> Path:
+    """The SD-1.4-size random model (``--model`` or built here) seen at ``--resolution`` px."""
+    from p2pz.data.models.tiny import link_at_resolution, make_tiny
+
+    full = Path(args.model) if args.model else None
+    if full is None:
+        tic = time.perf_counter()
+        full = make_tiny(tmp / "sd14", seed=0, architecture="sd14")
+        print(f"built the sd14 random model in {time.perf_counter() - tic:.0f} s", flush=True)
+    return link_at_resolution(full, tmp / f"sd14-{args.size}", args.size)
+
+
+def main_sd14(args: argparse.Namespace) -> None:
+    """Real size: one worker per implementation and step count, ratios at the most steps."""
+    start = time.perf_counter()
+    counts = sorted(set(args.step_counts))
+    runs: dict[int, dict[str, dict]] = {}
+    with tempfile.TemporaryDirectory(prefix="p2pz-bench-sd14-") as tmp:
+        model = sd14_model(Path(tmp), args)
+        for steps in counts:
+            runs[steps] = {
+                impl: run_worker(impl, model, Path(tmp) / f"{impl}-{steps}.npy", args, steps, 1)
+                for impl in ("diffusers", "ours")
+            }
+        diffs = {
+            n: max_pixel_diff(Path(tmp) / f"ours-{n}.npy", Path(tmp) / f"diffusers-{n}.npy") for n in counts
+        }
+
+    use_cpu_time = args.device == "cpu" and args.threads == 1
+    key = "cpu_seconds" if use_cpu_time else "seconds"
+    most, fewest = counts[-1], counts[0]
+    per_count = {
+        str(n): {
+            "ours_seconds": round(runs[n]["ours"][key], 1),
+            "diffusers_seconds": round(runs[n]["diffusers"][key], 1),
+            "ours_peak_mib": round(runs[n]["ours"]["peak_bytes"] / 2**20, 1),
+            "diffusers_peak_mib": round(runs[n]["diffusers"]["peak_bytes"] / 2**20, 1),
+            "time_ratio": round(runs[n]["ours"][key] / runs[n]["diffusers"][key], 3),
+            "peak_mem_ratio": round(
+                runs[n]["ours"]["peak_bytes"] / max(runs[n]["diffusers"]["peak_bytes"], 1), 3
+            ),
+            "max_pixel_diff_vs_diffusers": diffs[n],
+        }
+        for n in counts
+    }
+    growth = {
+        impl: int((runs[most][impl]["peak_bytes"] - runs[fewest][impl]["peak_bytes"]) / max(most - fewest, 1))
+        for impl in ("ours", "diffusers")
+    }
+    for n, row in per_count.items():
+        print(f"{n} steps: time ratio {row['time_ratio']}, peak memory ratio {row['peak_mem_ratio']}")
+    print(
+        f"memory growth per step: ours {growth['ours'] / 2**20:.1f} MiB, "
+        f"diffusers {growth['diffusers'] / 2**20:.1f} MiB"
+    )
+    summary = {
+        "benchmark": "teacher",
+        "architecture": "sd14",
+        "device": args.device,
+        "threads": args.threads,
+        "image_size": args.size,
+        "latent_size": args.size // 8,
+        "step_counts": counts,
+        "time_measure": "process CPU time" if use_cpu_time else "wall time",
+        "per_step_count": per_count,
+        "wall_seconds": round(time.perf_counter() - start, 1),
+        "sd14_time_ratio_vs_diffusers": per_count[str(most)]["time_ratio"],
+        "sd14_peak_mem_ratio_vs_diffusers": per_count[str(most)]["peak_mem_ratio"],
+        "sd14_mem_growth_per_step_bytes": growth,
+    }
+    print(json.dumps(summary))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument(
+        "--architecture",
+        choices=("tiny", "sd14"),
+        default="tiny",
+        help="tiny: the wide tiny model (default); sd14: SD-1.4-size random weights",
+    )
+    parser.add_argument("--steps", type=int, default=10, help="DDIM steps per edit, tiny (default: 10)")
+    parser.add_argument(
+        "--step-counts",
+        type=int,
+        nargs="+",
+        default=[4, 8],
+        help="sd14: the step counts to measure at (default: 4 8)",
+    )
+    parser.add_argument(
+        "--size",
+        "--resolution",
+        dest="size",
+        type=int,
+        default=None,
+        help="image size in px (default: 128 tiny, 256 sd14)",
+    )
+    parser.add_argument(
+        "--model", default=None, help="sd14: an existing make-tiny --architecture sd14 folder"
+    )
+    parser.add_argument(
+        "--repeats", type=int, default=1, help="workers per implementation, tiny (default: 1)"
+    )
+    parser.add_argument("--device", default="cpu", help="cpu or cuda (default: cpu)")
+    parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads (default: 1)")
+    parser.add_argument("--edits", type=int, default=2, help=argparse.SUPPRESS)
+    parser.add_argument("--worker", nargs=3, metavar=("IMPL", "MODEL", "NPY"), help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.size is None:
+        args.size = 256 if args.architecture == "sd14" else 128
+
+    import torch
+
+    torch.set_num_threads(args.threads)
+    if args.worker:
+        impl, model, npy = args.worker
+        print(json.dumps(worker(impl, model, args.steps, args.size, args.device, npy, args.edits)))
+        return
+    (main_sd14 if args.architecture == "sd14" else main_tiny)(args)
 
 
 if __name__ == "__main__":

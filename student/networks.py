@@ -401,9 +401,11 @@ class MappingNetwork(nn.Module):
         w = self.layers(normalize_2nd_moment(z))
         if self.training:  # a static flag: no data-dependent control flow
             with torch.no_grad():
-                self.w_avg.copy_(w.detach().mean(dim=0).lerp(self.w_avg, self.w_avg_beta))
+                # w is bf16/fp16 under autocast while the buffer stays fp32: average in fp32
+                batch_mean = w.detach().mean(dim=0).to(self.w_avg.dtype)
+                self.w_avg.copy_(batch_mean.lerp(self.w_avg, self.w_avg_beta))
         if truncation_psi != 1:
-            w = self.w_avg.lerp(w, truncation_psi)
+            w = self.w_avg.to(w.dtype).lerp(w, truncation_psi)
         return w
 
 

@@ -28,7 +28,7 @@ def _make_tiny(args: argparse.Namespace) -> int:
             f"{out} is a folder that holds no Stable Diffusion model (no model_index.json) and make-tiny "
             "would replace it; give a new folder path or an earlier make-tiny folder"
         )
-    out = make_tiny(out, seed=args.seed)
+    out = make_tiny(out, seed=args.seed, architecture=args.architecture)
     print(out)
     return 0
 
@@ -98,15 +98,25 @@ def register(subparsers) -> None:
             "Write a complete diffusers-format Stable Diffusion 1.x folder (model_index.json, unet, vae,\n"
             "text_encoder, tokenizer, scheduler) with tiny random weights drawn from --seed, plus a tiny\n"
             "BLIP captioner in OUT/captioner. Built offline in seconds; the same seed writes the same\n"
-            "bytes. It draws noise, not pictures: use it to try the commands and to run the tests.\n\n"
+            "bytes. It draws noise, not pictures: use it to try the commands and to run the tests.\n"
+            "--architecture sd14 writes the same layout at Stable Diffusion 1.4's real size (UNet 860 M\n"
+            "parameters, CLIP ViT-L/14 text encoder, SD VAE, PNDM scheduler config, BLIP-base-size\n"
+            "captioner) in fp16, about 2.6 GB: dry runs of the real path's shapes, dtypes and memory.\n\n"
             "example:\n"
             "  p2pz make-tiny models/tiny\n"
+            "  p2pz make-tiny models/sd14-random --architecture sd14\n"
             "  p2pz direction --model models/tiny --source cat --target dog --out directions/"
         ),
         formatter_class=_FMT,
     )
     p.add_argument("out", metavar="OUT", help="folder to write (replaced if it exists)")
     p.add_argument("--seed", type=int, default=0, help="seed of the random weights (default: 0)")
+    p.add_argument(
+        "--architecture",
+        choices=("tiny", "sd14"),
+        default="tiny",
+        help="tiny (a few channels, seconds) or sd14 (SD-1.4 + BLIP-base sizes, fp16; default: tiny)",
+    )
     p.set_defaults(func=_make_tiny)
 
     from p2pz.teacher.models import DEFAULT_MODEL
