@@ -114,6 +114,7 @@ def bench_three_edits(model_dir: Path, inputs: Path, work: Path, steps: int, dev
             "pairs_per_hour": pairs / seconds * 3600,
             "forward": sum(r["forward"] * r["pairs"] for r in separate) / pairs,
             "backward": sum(r["backward"] * r["pairs"] for r in separate) / pairs,
+            "unet_seconds": sum(r["unet_seconds"] for r in separate),
         },
     }
 
@@ -254,7 +255,9 @@ def main() -> None:
         for name, r in (("separate runs", separate), ("one shared run", shared)):
             print(
                 f"3 edits, {name}: {r['pairs']} pairs in {r['seconds']:.2f} s -> {r['pairs_per_hour']:,.0f} "
-                f"pairs/hour, {r['forward']:g} forward + {r['backward']:g} backward UNet evaluations per pair"
+                f"pairs/hour, {r['forward']:g} forward + {r['backward']:g} backward UNet evaluations per "
+                f"pair, {r['unet_seconds'] / r['pairs'] * 1000:.0f} ms of UNet and "
+                f"{(r['seconds'] - r['unet_seconds']) / r['pairs'] * 1000:.0f} ms of the rest per pair"
             )
 
         reader_dir = work / "reader"

@@ -14,6 +14,8 @@ Real images::
 
 Every sample of a batch carries its own caption, direction and seed (its own generator: VAE
 posterior sample, then the inversion's roll shifts), and gives what a single run gives.
+``edit_shared`` makes several edits of the same images from one caption, inversion and reference
+pass per image. ``unet_evals`` counts the UNet evaluations of every stage (``evals``).
 """
 
 from __future__ import annotations

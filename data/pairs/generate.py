@@ -423,11 +423,11 @@ def produce_group(
         for batch in _batches(_load_items(job, group, skipped), job.settings.batch_size):
             for k, loaded, results in _edit_batch(job, group, batch, directions, skipped):
                 made += len(results)
+                progress.made(len(results))
                 for plan, result in zip(group, results):
                     if plan.index in shards:
                         item = plan.items[k]
                         write_result(job, plan, shards[plan.index], item, loaded, result, skipped[plan.index])
-            progress.made(len(batch) * len(group))
             progress.update(done() - done_before)
             done_before = done()
         progress.update(sum(len(p.items) for p in group if p.index in shards) - done_before)  # trailing skips
@@ -454,10 +454,10 @@ def _shard_record(
     group_written: int,
     evals: dict[str, Any] | None,
 ) -> dict[str, Any]:
-    """A shard's manifest record. For a shared group, ``seconds`` and ``pairs_per_hour`` are the
-    group's (its shards were made together) and ``group`` lists its shards."""
+    """A shard's manifest record. A shared group's shards were made together: each records its share
+    of the group's time (by items, so that the shards' seconds add up to the group's),
+    ``group_seconds``, the group's pairs/hour, and the group's shards (``group``)."""
     written = shard.count
-    rate_of = group_written if len(group) > 1 else written
     record = {
         "event": "shard",
         "index": plan.index,
@@ -467,9 +467,13 @@ def _shard_record(
         "samples": written,
         "skipped": skipped,
         "seconds": round(seconds, 3),
-        "pairs_per_hour": round(rate_of / seconds * 3600, 1) if seconds > 0 else None,
+        "pairs_per_hour": round(written / seconds * 3600, 1) if seconds > 0 else None,
     }
     if len(group) > 1:
+        share = len(plan.items) / sum(len(p.items) for p in group)
+        record["seconds"] = round(seconds * share, 3)
+        record["pairs_per_hour"] = round(group_written / seconds * 3600, 1) if seconds > 0 else None
+        record["group_seconds"] = round(seconds, 3)
         record["group"] = [p.index for p in group]
     if evals is not None:
         record["unet_evals_per_pair"] = evals

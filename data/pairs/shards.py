@@ -124,12 +124,15 @@ def plan_shards(
     ``inputs_per_edit`` maps edit names, in the user's order, to their input ids (sorted by the
     caller). Shards are numbered consecutively over edits; each edit's inputs are cut into runs of
     ``samples_per_shard``. ``share`` maps edit names to a share key: edits with the same key (and the
-    same inputs) share each input's seed, and their j-th shards form one group. Depends on nothing but
+    same inputs) share each input's seed, and their j-th shards form one group (a key of one edit
+    alone changes nothing). Depends on nothing but
     the arguments, so every task computes the same plan.
     """
     if samples_per_shard < 1:
         raise ValueError("samples_per_shard must be at least 1")
     share = share or {}
+    members = [share.get(edit) for edit in inputs_per_edit]
+    share = {edit: key if key and members.count(key) > 1 else None for edit, key in share.items()}
     plans: list[ShardPlan] = []
     for edit, input_ids in inputs_per_edit.items():
         key = share.get(edit)
