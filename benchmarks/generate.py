@@ -3,17 +3,27 @@
     python benchmarks/generate.py [--pairs 8] [--steps 10] [--device cpu]
 
 1. ``p2pz generate`` on the tiny random-weight teacher (built on the fly): pairs/hour at batch 1 and
-   at batch 4, same inputs and settings, after a warm-up (the edit direction is computed before the
-   clock starts, as a real job reuses it for every pair).
-2. The reader: samples/s of ``pair_loader`` (one process, augmentation on) over pairs stored at the
+   at batch 4, same inputs and settings, after a warm-up (the edit directions are computed before the
+   clock starts, as a real job reuses them for every pair).
+2. The teacher's work per pair, counted by hooks on the UNet (``p2pz.teacher.evals``, what the
+   manifest reports): ``unet_evals_per_pair`` (forward evaluations of a real-image edit, one sample
+   through the UNet each) with ``unet_backward_evals_per_pair`` beside it, per stage, and the same
+   with the reference pass's two identical CFG branches both run (the count before the single-branch
+   reference pass); ``unet_time_fraction``: the share of the batch-4 run's wall time spent inside the
+   UNet (forward and backward), the gap to what the method's evaluations alone would cost.
+3. Three edits of the same inputs at batch 4: one ``p2pz generate`` run with the three edits, which
+   shares each input's inversion and reference pass, against three separate runs of one edit each:
+   evaluations per pair and pairs/hour of both.
+4. The reader: samples/s of ``pair_loader`` (one process, augmentation on) over pairs stored at the
    real teacher's 512 px, decoded to the student's 256 px.
-3. What one student training step consumes: the time of one generator + discriminator iteration of
+5. What one student training step consumes: the time of one generator + discriminator iteration of
    the lite student (``p2pz.student.networks``, the losses of ``p2pz.student.losses``) at that batch size and
    resolution. The ratio reader samples/s / (batch / step time) says how many
    times faster the reader is than training needs (>1: the reader keeps up with one worker).
 
-The last line is one JSON object with ``pairs_per_hour_b1``, ``pairs_per_hour_b4`` and
-``reader_to_training_ratio``.
+The last line is one JSON object with ``pairs_per_hour_b1``, ``pairs_per_hour_b4``,
+``unet_evals_per_pair``, ``unet_time_fraction``, ``unet_evals_per_pair_3_edits_shared`` /
+``_separate``, ``pairs_per_hour_3_edits_shared`` / ``_separate`` and ``reader_to_training_ratio``.
 """
 
 from __future__ import annotations
@@ -43,15 +53,24 @@ def make_inputs(folder: Path, count: int, size: int) -> None:
         Image.fromarray(base).resize((size, size), Image.BICUBIC).save(folder / f"cat{i:04d}.png")
 
 
+THREE_EDITS = ["cat:dog", "cat:lion", "cat:cat wearing a hat"]
+
+
 def bench_generate(
-    model_dir: Path, inputs: Path, work: Path, batch_size: int, steps: int, device: str, teacher
+    model_dir: Path,
+    inputs: Path,
+    out: Path,
+    batch_size: int,
+    steps: int,
+    device: str,
+    teacher,
+    edits: list[str] | None = None,
 ) -> dict:
     from p2pz.data.pairs.generate import Settings, run
 
-    out = work / f"pairs-b{batch_size}"
     settings = Settings(
         model=str(model_dir),
-        edit=["cat:dog"],
+        edit=edits or ["cat:dog"],
         inputs=str(inputs),
         out=str(out),
         samples_per_shard=1000,
@@ -63,13 +82,46 @@ def bench_generate(
         task_index=0,
         num_tasks=1,
     )
+    unet_seconds = teacher.unet_evals.seconds
     done = run(settings, teacher=teacher)
+    evals = done["unet_evals_per_pair"]
     return {
         "batch_size": batch_size,
         "pairs": done["samples_written"],
         "seconds": done["seconds"],
         "pairs_per_hour": done["samples_written"] / done["seconds"] * 3600,
+        "forward": evals["forward"],
+        "backward": evals["backward"],
+        "by_stage": evals["by_stage"],
+        "unet_seconds": teacher.unet_evals.seconds - unet_seconds,
     }
+
+
+def bench_three_edits(model_dir: Path, inputs: Path, work: Path, steps: int, device: str, teacher) -> dict:
+    """Three edits of the same inputs at batch 4: three separate runs, then one shared run."""
+    separate = [
+        bench_generate(model_dir, inputs, work / f"separate-{i}", 4, steps, device, teacher, [edit])
+        for i, edit in enumerate(THREE_EDITS)
+    ]
+    shared = bench_generate(model_dir, inputs, work / "shared", 4, steps, device, teacher, THREE_EDITS)
+    pairs = sum(r["pairs"] for r in separate)
+    seconds = sum(r["seconds"] for r in separate)
+    return {
+        "shared": shared,
+        "separate": {
+            "pairs": pairs,
+            "seconds": seconds,
+            "pairs_per_hour": pairs / seconds * 3600,
+            "forward": sum(r["forward"] * r["pairs"] for r in separate) / pairs,
+            "backward": sum(r["backward"] * r["pairs"] for r in separate) / pairs,
+            "unet_seconds": sum(r["unet_seconds"] for r in separate),
+        },
+    }
+
+
+def _stages(by_stage: dict) -> str:
+    return ", ".join(f"{s} {v['forward']:g}" + (f"+{v['backward']:g} bwd" if v["backward"] else "")
+                     for s, v in by_stage.items())  # fmt: skip
 
 
 def write_reader_data(folder: Path, count: int, size: int) -> None:
@@ -167,22 +219,45 @@ def main() -> None:
         inputs = work / "inputs"
         make_inputs(inputs, args.pairs, args.size)
         settings = Settings(
-            model=str(model_dir), edit=["cat:dog"], device=args.device, num_sentences=NUM_SENTENCES
+            model=str(model_dir), edit=THREE_EDITS, device=args.device, num_sentences=NUM_SENTENCES
         )
         teacher = load_teacher(settings)
-        ensure_direction(teacher, resolve_edits(settings)[0], settings)  # cached by the teacher
+        teacher.unet_evals.timing = True  # seconds inside the UNet, for unet_time_fraction
+        for edit in resolve_edits(settings):
+            ensure_direction(teacher, edit, settings)  # cached by the teacher
         warm = work / "warm"
         make_inputs(warm, 2, args.size)
-        bench_generate(model_dir, warm, work, 2, args.steps, args.device, teacher)  # warm-up
+        bench_generate(model_dir, warm, work / "warm-up", 2, args.steps, args.device, teacher)
 
         results = {
-            b: bench_generate(model_dir, inputs, work, b, args.steps, args.device, teacher) for b in (1, 4)
+            b: bench_generate(model_dir, inputs, work / f"pairs-b{b}", b, args.steps, args.device, teacher)
+            for b in (1, 4)
         }
         for r in results.values():
             print(
                 f"generate batch {r['batch_size']}: {r['pairs']} pairs in {r['seconds']:.2f} s "
                 f"-> {r['pairs_per_hour']:,.0f} pairs/hour (tiny teacher, {args.steps} steps, "
                 f"{args.size} px, {args.device})"
+            )
+        b4 = results[4]
+        time_fraction = b4["unet_seconds"] / b4["seconds"]
+        teacher.single_branch_reference = False  # the reference pass as before: both CFG branches
+        two = bench_generate(model_dir, warm, work / "two-branch", 2, args.steps, args.device, teacher)
+        teacher.single_branch_reference = True
+        print(
+            f"unet_evals_per_pair: {b4['forward']:g} forward + {b4['backward']:g} backward per real-image "
+            f"pair ({_stages(b4['by_stage'])}); with both reference branches: {two['forward']:g} forward "
+            f"+ {two['backward']:g} backward; {time_fraction:.0%} of the batch-4 run's wall time in the UNet"
+        )
+
+        three = bench_three_edits(model_dir, inputs, work, args.steps, args.device, teacher)
+        shared, separate = three["shared"], three["separate"]
+        for name, r in (("separate runs", separate), ("one shared run", shared)):
+            print(
+                f"3 edits, {name}: {r['pairs']} pairs in {r['seconds']:.2f} s -> {r['pairs_per_hour']:,.0f} "
+                f"pairs/hour, {r['forward']:g} forward + {r['backward']:g} backward UNet evaluations per "
+                f"pair, {r['unet_seconds'] / r['pairs'] * 1000:.0f} ms of UNet and "
+                f"{(r['seconds'] - r['unet_seconds']) / r['pairs'] * 1000:.0f} ms of the rest per pair"
             )
 
         reader_dir = work / "reader"
@@ -208,6 +283,22 @@ def main() -> None:
                 "pairs_per_hour_b1": round(results[1]["pairs_per_hour"], 1),
                 "pairs_per_hour_b4": round(results[4]["pairs_per_hour"], 1),
                 "batch4_speedup": round(results[4]["pairs_per_hour"] / results[1]["pairs_per_hour"], 3),
+                "steps": args.steps,
+                "unet_evals_per_pair": b4["forward"],
+                "unet_backward_evals_per_pair": b4["backward"],
+                "unet_evals_per_pair_by_stage": b4["by_stage"],
+                "unet_evals_per_pair_two_branch_reference": two["forward"],
+                "unet_time_fraction": round(time_fraction, 3),
+                "unet_evals_per_pair_3_edits_shared": round(shared["forward"], 3),
+                "unet_evals_per_pair_3_edits_separate": round(separate["forward"], 3),
+                "unet_backward_evals_per_pair_3_edits_shared": round(shared["backward"], 3),
+                "unet_backward_evals_per_pair_3_edits_separate": round(separate["backward"], 3),
+                "unet_evals_3_edits_shared_to_separate": round(shared["forward"] / separate["forward"], 3),
+                "pairs_per_hour_3_edits_shared": round(shared["pairs_per_hour"], 1),
+                "pairs_per_hour_3_edits_separate": round(separate["pairs_per_hour"], 1),
+                "pairs_per_hour_3_edits_shared_to_separate": round(
+                    shared["pairs_per_hour"] / separate["pairs_per_hour"], 3
+                ),
                 "reader_samples_per_s": round(reader_rate, 2),
                 "training_samples_per_s": round(consumed, 2),
                 "reader_to_training_ratio": round(ratio, 3),

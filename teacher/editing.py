@@ -54,6 +54,7 @@ import torch
 from tqdm.auto import tqdm
 
 from p2pz.teacher.attention import CrossAttentionMaps
+from p2pz.teacher.evals import timed_backward, unet_stage
 
 if TYPE_CHECKING:
     from diffusers import DDIMScheduler
@@ -97,57 +98,132 @@ def edit_with_guidance(
     xa_guidance: float,
     progress: bool = False,
     guided_branch: str = "negative",
+    single_branch_reference: bool = True,
 ) -> EditOutput:
     """Reference and guided edit passes from ``x_T [B, 4, h, w]``.
 
     ``uncond``/``cond``: negative-prompt and caption embeddings ``[B, 77, D]``; ``direction``:
-    per-sample edit directions ``[B, 77, D]`` added to ``cond`` in the edit pass. ``maps`` must be
-    installed on ``unet``. ``guided_branch``: ``"negative"`` (official), ``"edit"`` (paper) or
-    ``"joint"`` (the official loss on the shared latent), see the module docstring.
+    per-sample edit directions ``[E * B, 77, D]`` added to ``cond`` in the edit pass, edit-major
+    (rows ``[e * B, (e + 1) * B)`` are edit ``e``): E edits of the same inputs share the one
+    reference pass and its maps, and their guided passes run as one batch; ``edited`` is then
+    ``[E * B, 4, h, w]`` in the same order. ``maps`` must be installed on ``unet``.
+    ``guided_branch``: ``"negative"`` (official), ``"edit"`` (paper) or ``"joint"`` (the official
+    loss on the shared latent), see the module docstring. ``single_branch_reference``: when both
+    CFG branches of the reference pass have the same embeddings (real images, negative prompt =
+    caption), run one and use it for both (the same noise and maps, one UNet evaluation less per step).
+
+    The latents stay in float32 whatever the UNet's dtype (each UNet call gets a cast copy), so a
+    bf16/fp16 UNet rounds its inputs, not the trajectories; see also ``_xa_gradient``.
     """
     if guided_branch not in GUIDED_BRANCHES:
         raise ValueError(f"guided_branch must be one of {GUIDED_BRANCHES}, got {guided_branch!r}")
     batch = x_T.shape[0]
+    if direction.shape[0] % batch:
+        raise ValueError(f"direction has {direction.shape[0]} rows, not a multiple of the batch {batch}")
+    copies = direction.shape[0] // batch  # edits sharing this reference pass
     cfg = guidance_scale > 1.0  # as both codes: no negative branch at all for scale <= 1
-    ref_embeds = torch.cat([uncond, cond]) if cfg else cond
-    edit_cond = cond + direction.to(cond.dtype)
-    edit_embeds = torch.cat([uncond, edit_cond]) if cfg else edit_cond
+    passes = _Passes.build(uncond, cond, direction, copies, cfg, single_branch_reference)
     ref_sched = make_scheduler(scheduler_config, num_steps, x_T.device)
     edit_sched = make_scheduler(scheduler_config, num_steps, x_T.device)
     pair = (lambda x: torch.cat([x, x])) if cfg else (lambda x: x)
+    dtype = unet.dtype
 
-    x_ref, x_edit, losses = x_T, x_T, []
+    x_ref = x_T.float()
+    x_edit = x_ref.repeat(copies, 1, 1, 1)
+    losses = []
     maps.clear()
     for i, t in enumerate(tqdm(ref_sched.timesteps, desc="editing", disable=not progress, leave=False)):
         # Reference step i: records the maps that guide edit step i.
         record = maps.recording(i) if xa_guidance > 0 else contextlib.nullcontext()
-        with torch.no_grad(), record:
-            eps = unet(pair(x_ref), t, encoder_hidden_states=ref_embeds).sample
-        x_ref = ref_sched.step(_guided(eps, guidance_scale, cfg), t, x_ref).prev_sample
+        with torch.no_grad(), record, unet_stage("reference"):
+            ref_in = x_ref if passes.ref_branches == 1 else pair(x_ref)
+            eps = unet(ref_in.to(dtype), t, encoder_hidden_states=passes.ref_embeds).sample.float()
+        if passes.ref_branches == 2:
+            eps = _guided(eps, guidance_scale, cfg)
+        x_ref = ref_sched.step(eps, t, x_ref).prev_sample
+        if xa_guidance > 0:
+            _widen_reference(maps, i, passes.ref_branches, 2 if cfg else 1, copies)
 
         # Edit step i: one gradient step on the latent against the reference maps ...
-        if xa_guidance <= 0:
-            x_in, loss = pair(x_edit), None
-        elif guided_branch == "negative":  # official: each half of the CFG pair moves by its own gradient
-            x_pair = pair(x_edit)
-            grad, loss = _xa_gradient(unet, maps, x_pair, t, edit_embeds, i, batch, "all")
-            x_in = x_pair - xa_guidance * grad
-        elif guided_branch == "edit":  # the paper: the edit branch's maps move the shared latent
-            rows = "last_half" if cfg else "all"
-            grad, loss = _xa_gradient(unet, maps, x_edit, t, edit_cond, i, batch, rows)
-            x_in = pair(x_edit - xa_guidance * grad)
-        else:  # "joint": the official loss over both branches, differentiated w.r.t. the shared latent
-            grad, loss = _xa_gradient(unet, maps, x_edit, t, edit_embeds, i, batch, "all", duplicate=cfg)
-            x_in = pair(x_edit - xa_guidance * grad)
+        x_in, loss = _guidance_step(unet, maps, x_edit, t, i, passes, xa_guidance, guided_branch, cfg)
         if loss is not None:
             losses.append(loss)
         # ... then the noise prediction at the moved latent and a DDIM step.
-        with torch.no_grad():
-            eps = unet(x_in, t, encoder_hidden_states=edit_embeds).sample
+        with torch.no_grad(), unet_stage("prediction"):
+            eps = unet(x_in.to(dtype), t, encoder_hidden_states=passes.edit_embeds).sample.float()
         x_edit = x_in.chunk(2)[0] if cfg else x_in
         x_edit = edit_sched.step(_guided(eps, guidance_scale, cfg), t, x_edit).prev_sample
     maps.clear()
     return EditOutput(edited=x_edit, reconstruction=x_ref, xa_loss=losses)
+
+
+@dataclass
+class _Passes:
+    """The embeddings of both passes. ``ref_branches``: UNet rows per sample of the reference pass
+    (1: no CFG, or both branches the same and run once; 2: [negative, caption])."""
+
+    ref_embeds: torch.Tensor
+    ref_branches: int
+    edit_cond: torch.Tensor  # [E * B, 77, D]: caption + direction
+    edit_embeds: torch.Tensor  # [2 * E * B, 77, D] with CFG: [negative, caption + direction]
+
+    @classmethod
+    def build(cls, uncond, cond, direction, copies: int, cfg: bool, single_branch: bool) -> _Passes:
+        same = single_branch and (uncond is cond or torch.equal(uncond, cond))
+        ref_branches = 2 if cfg and not same else 1
+        ref_embeds = torch.cat([uncond, cond]) if ref_branches == 2 else cond
+        edit_cond = cond.repeat(copies, 1, 1) + direction.to(cond.dtype)
+        edit_embeds = torch.cat([uncond.repeat(copies, 1, 1), edit_cond]) if cfg else edit_cond
+        return cls(ref_embeds, ref_branches, edit_cond, edit_embeds)
+
+
+def _widen_reference(maps: CrossAttentionMaps, step: int, recorded: int, branches: int, copies: int) -> None:
+    """Lay the maps recorded at ``step`` out as the guided pass's rows: ``branches`` CFG branches of
+    ``copies`` edits of the batch (``[branch, edit, sample * heads]``). A single recorded branch
+    stands for both (identical inputs give identical maps); every edit compares against the same
+    reference."""
+    if recorded == branches and copies == 1:
+        return
+    for key in [k for k in maps.reference if k[0] == step]:
+        ref = maps.reference[key]
+        rows, *rest = ref.shape
+        per_branch = ref.reshape(recorded, 1, rows // recorded, *rest)
+        maps.reference[key] = per_branch.expand(branches, copies, -1, *rest).reshape(-1, *rest)
+
+
+def _guidance_step(
+    unet: Any,
+    maps: CrossAttentionMaps,
+    x_edit: torch.Tensor,
+    t: torch.Tensor,
+    step: int,
+    passes: _Passes,
+    xa_guidance: float,
+    guided_branch: str,
+    cfg: bool,
+) -> tuple[torch.Tensor, float | None]:
+    """The guided pass's input at step ``step`` (the CFG pair with CFG) and the loss before the step."""
+    pair = (lambda x: torch.cat([x, x])) if cfg else (lambda x: x)
+    samples = x_edit.shape[0]
+    if xa_guidance <= 0:
+        return pair(x_edit), None
+    if guided_branch == "negative":  # official: each half of the CFG pair moves by its own gradient
+        x_pair = pair(x_edit)
+        grad, loss = _xa_gradient(unet, maps, x_pair, t, passes.edit_embeds, step, samples, "all")
+        return x_pair - xa_guidance * grad, loss
+    if guided_branch == "edit":  # the paper: the edit branch's maps move the shared latent
+        rows = "last_half" if cfg else "all"
+        grad, loss = _xa_gradient(unet, maps, x_edit, t, passes.edit_cond, step, samples, rows)
+        return pair(x_edit - xa_guidance * grad), loss
+    # "joint": the official loss over both branches, differentiated w.r.t. the shared latent
+    grad, loss = _xa_gradient(unet, maps, x_edit, t, passes.edit_embeds, step, samples, "all", duplicate=cfg)
+    return pair(x_edit - xa_guidance * grad), loss
+
+
+# fp16 gradients of the guidance loss underflow (the loss's map differences are ~1e-3, spread over
+# thousands of entries): the loss is scaled before the backward pass and the gradient unscaled in
+# float32; a non-finite gradient retries with a smaller scale. bf16 has float32's range: no scaling.
+FP16_LOSS_SCALES = (2.0**12, 2.0**6, 1.0)
 
 
 def _xa_gradient(
@@ -163,12 +239,25 @@ def _xa_gradient(
 ) -> tuple[torch.Tensor, float]:
     """dL/dx and L, the cross-attention loss of ``x`` under ``embeds`` against the maps recorded at
     ``step``. ``duplicate``: feed ``[x, x]`` (one copy per CFG branch), so the gradient is the sum
-    of both branches' gradients."""
-    x = x.detach().requires_grad_(True)
-    with torch.enable_grad(), maps.guiding(step, num_samples=num_samples, reference_rows=reference_rows):
-        unet(torch.cat([x, x]) if duplicate else x, t, encoder_hidden_states=embeds)
-        loss = maps.loss
-    (grad,) = torch.autograd.grad(loss, x)
+    of both branches' gradients. ``x`` and the gradient are float32; the loss is summed in float32
+    (``CrossAttentionMaps``)."""
+    scales = FP16_LOSS_SCALES if unet.dtype == torch.float16 else (1.0,)
+    reference = {k: v for k, v in maps.reference.items() if k[0] == step} if len(scales) > 1 else {}
+    for attempt, scale in enumerate(scales):
+        if attempt:  # the guiding pass consumed the maps: put them back for the retry
+            maps.reference.update(reference)
+        x = x.detach().float().requires_grad_(True)
+        guiding = maps.guiding(step, num_samples=num_samples, reference_rows=reference_rows)
+        with torch.enable_grad(), guiding, unet_stage("guidance"):
+            x_in = (torch.cat([x, x]) if duplicate else x).to(unet.dtype)
+            unet(x_in, t, encoder_hidden_states=embeds)
+            loss = maps.loss
+        with timed_backward(unet, x.device):
+            (grad,) = torch.autograd.grad(loss * scale if scale != 1.0 else loss, x)
+        if scale != 1.0:
+            grad = grad / scale
+        if scale == scales[-1] or torch.isfinite(grad).all():
+            break
     return grad, float(loss.detach())
 
 

@@ -34,6 +34,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from p2pz.teacher.evals import unet_stage
 from p2pz.teacher.presets import Preset
 
 KL_EPS = 1e-7  # ddim_inv.py: torch.log(_var + 1e-7)
@@ -191,12 +192,15 @@ def predict_noise(
     uncond: torch.Tensor | None,
     guidance_scale: float,
 ) -> torch.Tensor:
-    """eps_theta(x, t), with classifier-free guidance when ``guidance_scale > 1``."""
-    if guidance_scale > 1:
-        eps = unet(torch.cat([x, x]), t, encoder_hidden_states=torch.cat([uncond, cond])).sample
-        eps_u, eps_c = eps.chunk(2)
-        return eps_u + guidance_scale * (eps_c - eps_u)
-    return unet(x, t, encoder_hidden_states=cond).sample
+    """eps_theta(x, t) in float32, with classifier-free guidance when ``guidance_scale > 1`` (the UNet
+    gets ``x`` in its own dtype)."""
+    x = x.to(unet.dtype)
+    with unet_stage("inversion"):
+        if guidance_scale > 1:
+            eps = unet(torch.cat([x, x]), t, encoder_hidden_states=torch.cat([uncond, cond])).sample.float()
+            eps_u, eps_c = eps.chunk(2)
+            return eps_u + guidance_scale * (eps_c - eps_u)
+        return unet(x, t, encoder_hidden_states=cond).sample.float()
 
 
 @torch.no_grad()
@@ -213,7 +217,9 @@ def invert(
 ) -> torch.Tensor:
     """Regularised DDIM inversion of image latents ``[B, 4, h, w]`` under caption embeddings ``cond``.
 
-    ``generators``: one per sample, drawing that sample's roll shifts. Returns x_T ``[B, 4, h, w]``.
+    ``generators``: one per sample, drawing that sample's roll shifts. Returns x_T ``[B, 4, h, w]``
+    in float32: the latent, the regulariser (whose gradient steps are small against the noise) and
+    the inverse steps stay in float32 whatever the UNet's dtype; only the UNet's input is cast.
     """
     if scheduler_config.get("prediction_type", "epsilon") != "epsilon":
         raise ValueError("pix2pix-zero inversion is implemented for epsilon-prediction models (SD 1.x)")
@@ -221,10 +227,10 @@ def invert(
     timesteps, scheduler = inversion_timesteps(scheduler_config, num_steps, preset.inversion)
     alphas_cumprod = scheduler.alphas_cumprod.to(latents.device)
     step_ratio = scheduler.config.num_train_timesteps // num_steps
-    x = latents
+    x = latents.float()
     for t in tqdm(timesteps, desc="inversion", disable=not progress, leave=False):
         eps = predict_noise(unet, x, t, cond, uncond, preset.inversion_guidance_scale)
-        eps = regularize_noise(eps.float(), generators, preset).to(eps.dtype)  # fp32 even for fp16 models
+        eps = regularize_noise(eps, generators, preset)  # float32 (predict_noise), for any UNet dtype
         if preset.inversion == "official":
             x = official_inverse_step(eps, int(t), x, alphas_cumprod, step_ratio)
         else:

@@ -14,6 +14,8 @@ Real images::
 
 Every sample of a batch carries its own caption, direction and seed (its own generator: VAE
 posterior sample, then the inversion's roll shifts), and gives what a single run gives.
+``edit_shared`` makes several edits of the same images from one caption, inversion and reference
+pass per image. ``unet_evals`` counts the UNet evaluations of every stage (``evals``).
 """
 
 from __future__ import annotations
@@ -34,6 +36,7 @@ from PIL import Image
 
 from p2pz.teacher.attention import CrossAttentionMaps
 from p2pz.teacher.editing import edit_with_guidance
+from p2pz.teacher.evals import UNetEvals, evals_between, per_pair
 from p2pz.teacher.images import numpy_to_pil, pil_to_tensor, prepare_image, tensor_to_numpy
 from p2pz.teacher.inversion import invert
 from p2pz.teacher.presets import Preset, get_preset
@@ -56,6 +59,21 @@ class EditResult:
     timings: dict[str, float] = field(default_factory=dict)  # seconds of the batch, per stage
     finite: bool = True  # False when the edit or the reconstruction has NaN/inf (e.g. fp16 blow-up)
     edited_latent: torch.Tensor | None = None  # final edit latent [4, h, w], with return_latents=True
+    # UNet evaluations per pair of the call that made it (``p2pz.teacher.evals.per_pair``)
+    unet_evals: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class _Batch:
+    """One teacher call's samples: x_T, embeddings, directions of every edit ``[E * B, 77, D]``."""
+
+    x_T: torch.Tensor
+    uncond: torch.Tensor
+    cond: torch.Tensor
+    dirs: torch.Tensor
+    sources: list[Image.Image] | None
+    captions: list[str]
+    seeds: list[int]
 
 
 class Pix2PixZero:
@@ -91,6 +109,10 @@ class Pix2PixZero:
         self._captioner = None
         self._directions: dict[tuple, Any] = {}
         self.progress = False  # tqdm bars over the timesteps (the CLI turns them on)
+        # UNet evaluations per stage, counted by hooks on the module (``p2pz.teacher.evals``)
+        self.unet_evals = UNetEvals(self.unet)
+        # one reference branch when both CFG branches are the same (real images): same results
+        self.single_branch_reference = True
 
     # ------------------------------------------------------------------------------------------
     # Construction and provenance
@@ -236,21 +258,41 @@ class Pix2PixZero:
         One direction (or caption, or seed) may be given for the whole batch. Images are
         converted by ``p2pz.teacher.images`` (RGB, shorter side to the model's resolution, centre crop).
         """
+        return self.edit_shared(
+            images, [directions], captions, seeds, num_steps, xa_guidance, guidance_scale, return_latents
+        )[0]
+
+    def edit_shared(
+        self,
+        images: Sequence[Image.Image],
+        edits: Sequence[Any],
+        captions: Sequence[str] | None = None,
+        seeds: Sequence[int] | int = 0,
+        num_steps: int | None = None,
+        xa_guidance: float | None = None,
+        guidance_scale: float | None = None,
+        return_latents: bool = False,
+    ) -> list[list[EditResult]]:
+        """Several edits of the same real images: each image is captioned, inverted and run through
+        the reference pass once, and every edit's guided pass compares against those maps (all edits
+        in one batch: ``len(images) * len(edits)`` samples). ``edits[e]``: edit ``e``'s direction, or
+        its directions per image. Returns ``results[e][i]``, what ``edit`` gives for edit e of image i.
+        """
         timings: dict[str, float] = {}
         start = time.perf_counter()
+        before = self.unet_evals.snapshot()
         n = len(images)
         if n == 0:
-            return []
+            return [[] for _ in edits]
         sources = [prepare_image(im, self.resolution) for im in images]
-        directions = self._per_sample(directions, n, "directions")
         seeds = self._per_sample([seeds] if isinstance(seeds, int) else seeds, n, "seeds")
+        dirs = self._edit_tensors(edits, n)
         if captions is None:
             tic = time.perf_counter()
             captions = self.caption(sources)
             timings["caption"] = time.perf_counter() - tic
         captions = self._per_sample(captions, n, "captions")
         num_steps, xa, cfg = self._resolve(num_steps, xa_guidance, guidance_scale, synthetic=False)
-        dirs = self._direction_tensors(directions)
         generators = [torch.Generator().manual_seed(int(s)) for s in seeds]
 
         tic = time.perf_counter()
@@ -267,8 +309,8 @@ class Pix2PixZero:
         )  # fmt: skip
         timings["inversion"] = time.perf_counter() - tic
         return self._edit_and_decode(
-            x_T, uncond, cond, dirs, num_steps, cfg, xa, sources, captions, seeds, timings, start,
-            return_latents,
+            _Batch(x_T, uncond, cond, dirs, sources, captions, seeds),
+            num_steps, cfg, xa, timings, start, before, return_latents,
         )  # fmt: skip
 
     def edit_synthetic(
@@ -285,15 +327,30 @@ class Pix2PixZero:
 
         ``source`` and ``reconstruction`` of the results are the generated (unedited) images.
         """
+        return self.edit_synthetic_shared(
+            prompts, [directions], seeds, num_steps, xa_guidance, guidance_scale, return_latents
+        )[0]
+
+    def edit_synthetic_shared(
+        self,
+        prompts: Sequence[str],
+        edits: Sequence[Any],
+        seeds: Sequence[int] | int = 0,
+        num_steps: int | None = None,
+        xa_guidance: float | None = None,
+        guidance_scale: float | None = None,
+        return_latents: bool = False,
+    ) -> list[list[EditResult]]:
+        """Several edits of the same generated images (one reference pass), as ``edit_shared``."""
         timings: dict[str, float] = {}
         start = time.perf_counter()
+        before = self.unet_evals.snapshot()
         n = len(prompts)
         if n == 0:
-            return []
-        directions = self._per_sample(directions, n, "directions")
+            return [[] for _ in edits]
         seeds = self._per_sample([seeds] if isinstance(seeds, int) else seeds, n, "seeds")
+        dirs = self._edit_tensors(edits, n)
         num_steps, xa, cfg = self._resolve(num_steps, xa_guidance, guidance_scale, synthetic=True)
-        dirs = self._direction_tensors(directions)
         size = self.resolution // self.vae_scale_factor
         channels = self.unet.config.in_channels
         x_T = torch.cat(
@@ -301,48 +358,55 @@ class Pix2PixZero:
                 torch.randn((1, channels, size, size), generator=torch.Generator().manual_seed(int(s)))
                 for s in seeds
             ]
-        ).to(self.device, self.dtype)
+        ).to(self.device)  # float32: the passes keep their latents in float32
         cond = self.encode_text(list(prompts))
         uncond = self.encode_text([""] * n)  # edit_synthetic.py: negative_prompt=""
         return self._edit_and_decode(
-            x_T, uncond, cond, dirs, num_steps, cfg, xa, None, list(prompts), seeds, timings, start,
-            return_latents,
+            _Batch(x_T, uncond, cond, dirs, None, list(prompts), seeds),
+            num_steps, cfg, xa, timings, start, before, return_latents,
         )  # fmt: skip
 
     def _edit_and_decode(
-        self, x_T, uncond, cond, dirs, num_steps, cfg, xa, sources, captions, seeds, timings, start,
-        return_latents,
-    ) -> list[EditResult]:  # fmt: skip
+        self, batch: _Batch, num_steps, cfg, xa, timings, start, before, return_latents
+    ) -> list[list[EditResult]]:
         tic = time.perf_counter()
         out = edit_with_guidance(
-            self.unet, self.maps, self.scheduler_config, x_T, uncond, cond, dirs, num_steps, cfg, xa,
-            progress=self.progress, guided_branch=self.preset.guided_branch,
+            self.unet, self.maps, self.scheduler_config, batch.x_T, batch.uncond, batch.cond, batch.dirs,
+            num_steps, cfg, xa, progress=self.progress, guided_branch=self.preset.guided_branch,
+            single_branch_reference=self.single_branch_reference,
         )  # fmt: skip
         timings["edit"] = time.perf_counter() - tic
         tic = time.perf_counter()
-        edited = numpy_to_pil(self.decode_latents(out.edited))
+        n = len(batch.seeds)
+        edited = [im for chunk in out.edited.split(n) for im in numpy_to_pil(self.decode_latents(chunk))]
         recon = numpy_to_pil(self.decode_latents(out.reconstruction))
         timings["decode"] = time.perf_counter() - tic
         timings["total"] = time.perf_counter() - start
-        timings["batch_size"] = float(len(seeds))
-        results = []
-        for i in range(len(seeds)):
-            finite = bool(torch.isfinite(out.edited[i]).all() and torch.isfinite(out.reconstruction[i]).all())
-            if not finite:
-                log.warning("edit %d (seed %s) is not finite (NaN/inf latents)", i, seeds[i])
-            results.append(
-                EditResult(
-                    edited=edited[i],
-                    reconstruction=recon[i],
-                    source=sources[i] if sources is not None else recon[i],
-                    caption=captions[i],
-                    seed=int(seeds[i]),
-                    inverted_latent=x_T[i].detach().float().cpu() if return_latents else None,
-                    timings=dict(timings),
-                    finite=finite,
-                    edited_latent=out.edited[i].detach().float().cpu() if return_latents else None,
+        timings["batch_size"] = float(n)
+        evals = per_pair(evals_between(before, self.unet_evals.snapshot()), len(edited))
+        recon_finite = [bool(torch.isfinite(r).all()) for r in out.reconstruction]
+        results: list[list[EditResult]] = []
+        for e in range(len(edited) // n):
+            results.append([])
+            for i in range(n):
+                j = e * n + i
+                finite = bool(torch.isfinite(out.edited[j]).all()) and recon_finite[i]
+                if not finite:
+                    log.warning("edit %d (seed %s) is not finite (NaN/inf latents)", i, batch.seeds[i])
+                results[e].append(
+                    EditResult(
+                        edited=edited[j],
+                        reconstruction=recon[i],
+                        source=batch.sources[i] if batch.sources is not None else recon[i],
+                        caption=batch.captions[i],
+                        seed=int(batch.seeds[i]),
+                        inverted_latent=batch.x_T[i].detach().float().cpu() if return_latents else None,
+                        timings=dict(timings),
+                        finite=finite,
+                        edited_latent=out.edited[j].detach().float().cpu() if return_latents else None,
+                        unet_evals=evals,
+                    )
                 )
-            )
         return results
 
     # ------------------------------------------------------------------------------------------
@@ -388,6 +452,16 @@ class Pix2PixZero:
         if len(values) != n:
             raise UserError(f"got {n} images but {len(values)} {what}; give one per image (or one for all)")
         return values
+
+    def _edit_tensors(self, edits: Sequence[Any], n: int) -> torch.Tensor:
+        """Every edit's per-sample directions, edit-major: ``[len(edits) * n, 77, D]``."""
+        if not len(edits):
+            raise UserError("give at least one edit direction")
+        per_edit = []
+        for directions in edits:
+            directions = directions if isinstance(directions, (list, tuple)) else [directions]
+            per_edit.append(self._direction_tensors(self._per_sample(directions, n, "directions")))
+        return torch.cat(per_edit)
 
     def _direction_tensors(self, directions: Sequence[EditDirection]) -> torch.Tensor:
         tensors = []

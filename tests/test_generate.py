@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import io
 import json
+import shutil
 import signal
 import subprocess
 import sys
@@ -24,6 +25,7 @@ from p2pz.data.pairs import sample as fmt
 from p2pz.data.pairs import shards as sh
 from p2pz.data.pairs.generate import Settings, load_teacher, run
 from p2pz.data.pairs.reader import ReaderStats, list_shards, pair_loader
+from p2pz.utils.errors import UserError
 
 STEPS = 3
 GOOD = 4  # usable images; 6 bad files are mixed in
@@ -108,7 +110,7 @@ def _argv(s: Settings) -> list[str]:
     names = ("model", "inputs", "out", "samples_per_shard", "batch_size", "steps", "seed", "num_sentences",
              "device", "dtype")  # fmt: skip
     argv = [f"--{name.replace('_', '-')}={getattr(s, name)}" for name in names]
-    return argv + [f"--edit={s.edit[0]}", "--save-latent", "--no-progress"]
+    return argv + [f"--edit={edit}" for edit in s.edit] + ["--save-latent", "--no-progress"]
 
 
 def read_dataset(folder: Path) -> dict[str, dict[str, bytes]]:
@@ -219,8 +221,12 @@ def _size(path: Path) -> int:
         return 0
 
 
-def test_kill_and_resume_gives_the_same_samples(reference, tiny_model_dir, inputs_dir, teacher, tmp_path):
-    settings = _settings(tiny_model_dir, inputs_dir, tmp_path)
+@pytest.mark.parametrize("shared", [False, True], ids=["one-edit", "two-edits-shared"])
+def test_kill_and_resume_gives_the_same_samples(
+    shared, reference, tiny_model_dir, inputs_dir, teacher, tmp_path, request
+):
+    expected = request.getfixturevalue("multi") if shared else reference
+    settings = _settings(tiny_model_dir, inputs_dir, tmp_path, **({"edit": EDITS} if shared else {}))
     log = tmp_path.parent / f"{tmp_path.name}-stderr.txt"  # a file, not a pipe that could fill up
     with open(log, "wb") as stderr:
         proc = subprocess.Popen(
@@ -229,6 +235,7 @@ def test_kill_and_resume_gives_the_same_samples(reference, tiny_model_dir, input
             stderr=stderr,
         )
     # Kill it mid-shard: shard 0 finished, shard 1 holds its first batch and waits for the teacher.
+    # Two shared edits: shards 0 and 3 (the first group) finished, 1 and 4 (the second) under way.
     deadline = time.monotonic() + 240
     killed = False
     while time.monotonic() < deadline and proc.poll() is None:
@@ -242,11 +249,101 @@ def test_kill_and_resume_gives_the_same_samples(reference, tiny_model_dir, input
     assert killed, f"the job ended before it could be killed: {log.read_text()[-2000:]}"
     torn = list(tmp_path.glob(".pairs-000001.tar.*.tmp"))
     assert torn and not (tmp_path / sh.shard_name(1)).exists()  # the torn shard is only a temp file
+    if shared:
+        assert (tmp_path / sh.shard_name(3)).exists() and not (tmp_path / sh.shard_name(4)).exists()
 
     done = run(settings, teacher=teacher)
-    assert done["shards_written"] == 2  # shard 0 kept, shard 1 redone, shard 2 done
+    # shard 0 kept, shard 1 redone, shard 2 done (two edits: and their partners 3, 4, 5)
+    assert done["shards_written"] == (4 if shared else 2)
     assert not list(tmp_path.glob(".*.tmp"))
-    assert read_dataset(tmp_path) == read_dataset(reference)
+    assert read_dataset(tmp_path) == read_dataset(expected)
+
+
+# -------------------------------------------------------------------------------------------------
+# Several edits of the same inputs: one inversion and reference pass per input, shards per edit
+
+EDITS = ["cat:dog", "cat:lion"]
+
+
+@pytest.fixture(scope="module")
+def multi(tiny_model_dir, inputs_dir, teacher, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("multi")
+    run(_settings(tiny_model_dir, inputs_dir, out, edit=EDITS), teacher=teacher)
+    return out
+
+
+def test_shared_edits_shards_per_edit_settings_and_evaluations(multi, reference, teacher, inputs_dir):
+    metas = read_metas(multi)
+    assert len(metas) == 2 * GOOD
+    edits_of_shard: dict[int, set] = {}
+    for m in metas:
+        edits_of_shard.setdefault(m["shard"], set()).add(m["edit"]["name"])
+    assert all(len(names) == 1 for names in edits_of_shard.values())  # shards stay per edit
+    assert sorted(p.name for p in multi.glob("pairs-*.tar")) == [sh.shard_name(i) for i in range(6)]
+    by_input: dict[str, dict[str, dict]] = {}
+    for m in metas:  # every sample records its full settings, and what it shares
+        assert m["teacher"]["settings"] == json.loads(json.dumps(teacher.settings))
+        assert m["teacher"]["overrides"]["num_steps"] == STEPS and m["global_seed"] == 3
+        assert m["shared_inversion"] == {"edits": ["cat-to-dog", "cat-to-lion"]}
+        by_input.setdefault(m["input"]["id"], {})[m["edit"]["name"]] = m
+    samples = read_dataset(multi)
+    for pair in by_input.values():
+        dog, lion = pair["cat-to-dog"], pair["cat-to-lion"]
+        assert dog["seed"] == lion["seed"] and dog["caption"] == lion["caption"]
+        a, b = samples[dog["key"]], samples[lion["key"]]
+        assert a["src.png"] == b["src.png"] and a["recon.png"] == b["recon.png"]  # one reference pass
+        assert a["latent.npy"] == b["latent.npy"] and a["edit.png"] != b["edit.png"]
+
+    # Each shard holds its own edit's result: the teacher alone on that input, seed and direction
+    # gives the same image (to the rounding of another batch composition).
+    m = by_input["in05-good.png"]["cat-to-lion"]
+    direction = teacher.direction("cat", "lion", num_sentences=4, seed=3)
+    [alone] = teacher.edit(
+        [Image.open(inputs_dir / "in05-good.png")], [direction], [m["caption"]], [m["seed"]], num_steps=STEPS
+    )
+    edited = np.asarray(Image.open(io.BytesIO(samples[m["key"]]["edit.png"])), np.int16)
+    assert np.abs(edited - np.asarray(alone.edited, np.int16)).max() <= 2
+
+    # The manifest counts the UNet's work: the two edits share inversion and reference pass.
+    records = sh.read_manifests(multi)
+    shard_records = sh.latest_shard_records(records)
+    assert shard_records[1]["group"] == shard_records[4]["group"] == [1, 4]
+    ours = [r for r in records if r["event"] == "done"][0]["unet_evals_per_pair"]
+    alone_run = [r for r in sh.read_manifests(reference) if r["event"] == "done"][0]["unet_evals_per_pair"]
+    for stage in ("inversion", "reference"):
+        assert ours["by_stage"][stage]["forward"] == alone_run["by_stage"][stage]["forward"] / 2
+    for stage in ("guidance", "prediction"):
+        assert ours["by_stage"][stage] == alone_run["by_stage"][stage]
+    assert ours["forward"] < alone_run["forward"] and ours["backward"] == alone_run["backward"] == 2 * STEPS
+    assert shard_records[0]["unet_evals_per_pair"]["forward"] > 0
+
+
+def test_shared_edits_split_over_three_tasks_equals_one_task(
+    multi, tiny_model_dir, inputs_dir, teacher, tmp_path
+):
+    for task in range(3):
+        settings = _settings(tiny_model_dir, inputs_dir, tmp_path, edit=EDITS, task_index=task, num_tasks=3)
+        run(settings, teacher=teacher)
+    assert read_dataset(tmp_path) == read_dataset(multi)
+    owned = {
+        r["task_index"]: r["shards_written"] for r in sh.read_manifests(tmp_path) if r["event"] == "done"
+    }
+    assert owned == {0: 2, 1: 2, 2: 2}  # a group (both edits' shards of an input run) per task
+
+
+def test_shared_edits_resume_a_half_finished_group(multi, tiny_model_dir, inputs_dir, teacher, tmp_path):
+    """A kill between the renames of a group's shards: the rerun makes the group again and writes the
+    missing shard only, with the bytes of an uninterrupted run."""
+    out = tmp_path / "out"
+    shutil.copytree(multi, out)
+    (out / sh.shard_name(4)).unlink()
+    kept = (out / sh.shard_name(1)).stat().st_mtime_ns
+    done = run(_settings(tiny_model_dir, inputs_dir, out, edit=EDITS), teacher=teacher)
+    assert done["shards_written"] == 1 and (out / sh.shard_name(1)).stat().st_mtime_ns == kept
+    assert read_dataset(out) == read_dataset(multi)
+    # another sharing setting is another dataset: the folder refuses it
+    with pytest.raises(UserError, match="shared_inversion"):
+        run(_settings(tiny_model_dir, inputs_dir, out, edit=EDITS, share_inversion=False), teacher=teacher)
 
 
 def test_synthetic_two_edits_direction_once(tiny_model_dir, teacher, tmp_path):

@@ -51,6 +51,57 @@ def test_task_split_is_a_partition():
         sh.task_shards(plans, 3, 3)
 
 
+def test_shared_edits_plan_groups_and_seeds():
+    """Edits sharing their inputs: one seed per input (not per pair), shards still per edit, the j-th
+    shards of the edits form a group, and a task owns whole groups (round robin over groups)."""
+    ids = [f"img{i:03d}.png" for i in range(10)]
+    inputs = {"cat-to-dog": ids, "cat-to-lion": ids, "circle-to-square": ids[:4]}
+    share = {"cat-to-dog": "inputs", "cat-to-lion": "inputs", "circle-to-square": None}
+    plans = sh.plan_shards(inputs, 3, 0, share=share)
+    unshared = sh.plan_shards(inputs, 3, 0)
+    assert [(p.index, p.edit, p.items) for p in plans][8:] == [(p.index, p.edit, p.items) for p in unshared][
+        8:
+    ]
+    assert [p.edit for p in plans] == ["cat-to-dog"] * 4 + ["cat-to-lion"] * 4 + ["circle-to-square"] * 2
+    assert [p.group_id for p in plans] == [0, 1, 2, 3, 0, 1, 2, 3, 4, 5]
+    assert [[p.index for p in g] for g in sh.shard_groups(plans)] == [
+        [0, 4],
+        [1, 5],
+        [2, 6],
+        [3, 7],
+        [8],
+        [9],
+    ]
+    dog, lion = plans[1], plans[5]
+    assert [i.input_id for i in dog.items] == [i.input_id for i in lion.items]
+    assert [i.seed for i in dog.items] == [i.seed for i in lion.items]  # the input's seed
+    assert [i.seed for i in dog.items] != [i.seed for i in unshared[1].items]
+    assert len({i.key for p in plans for i in p.items}) == 24  # keys stay per pair
+    for num_tasks in (1, 2, 3, 4):
+        owned = [sh.task_shards(plans, t, num_tasks) for t in range(num_tasks)]
+        assert sorted(p.index for share_ in owned for p in share_) == list(range(10))
+        for share_ in owned:  # a group never straddles two tasks
+            groups = {p.group_id for p in share_}
+            assert {p.index for p in plans if p.group_id in groups} == {p.index for p in share_}
+    # one edit alone (or sharing switched off) is the plan of before: groups are the shards
+    alone = sh.plan_shards({"cat-to-dog": ids}, 3, 0, share={"cat-to-dog": "inputs"})
+    assert alone == sh.plan_shards({"cat-to-dog": ids}, 3, 0)
+    assert all(p.group_id == p.index for p in alone)
+
+
+def test_yaml_lists_several_edits_and_sharing(tmp_path):
+    config = tmp_path / "gen.yaml"
+    config.write_text(
+        'model: m\nout: o\ninputs: i\nedits:\n  - cat:dog\n  - cat:lion\n  - "cat:cat wearing a hat"\n'
+        "share-inversion: false\n"
+    )
+    s = parse_generate_args(["--config", str(config)], environ={})
+    assert s.edit == ["cat:dog", "cat:lion", "cat:cat wearing a hat"] and s.share_inversion is False
+    s = parse_generate_args(["--config", str(config), "--share-inversion"], environ={})
+    assert s.share_inversion is True
+    assert Settings().share_inversion is True  # the default: edits of the same inputs share
+
+
 def test_tasks_from_slurm_env():
     assert sh.tasks_from_env({}) is None
     assert sh.tasks_from_env({"SLURM_ARRAY_TASK_ID": "2", "SLURM_ARRAY_TASK_COUNT": "4"}) == (2, 4)
@@ -273,3 +324,27 @@ def test_shard_inputs(tmp_path):
     with pytest.raises(InputSkipped, match="no image"):
         inputs.load("pairs-000000.tar/c")
     assert inputs.load("pairs-000000.tar/d").image.size == (80, 80)  # src.png, not edit.png
+
+
+def test_progress_bar_shows_pairs_per_hour_and_unet_evaluations():
+    import types
+
+    import torch
+    from tqdm import tqdm
+
+    from p2pz.data.pairs.throughput import Throughput
+    from p2pz.teacher.evals import UNetEvals, unet_stage
+
+    module = torch.nn.Linear(2, 2)  # any module whose first argument is the batch
+    teacher = types.SimpleNamespace(unet_evals=UNetEvals(module))
+    bar = tqdm(total=10, file=io.StringIO())
+    progress = Throughput(bar, teacher)
+    with unet_stage("reference"):
+        module(torch.zeros(6, 2))
+    x = torch.zeros(4, 2, requires_grad=True)
+    with unet_stage("guidance"):
+        module(x).sum().backward()
+    progress.made(2)
+    progress.update(2)
+    assert "pairs/h" in bar.postfix and "UNet evals/pair 5 fwd + 2 bwd" in bar.postfix
+    assert progress.evals_per_pair()["by_stage"]["guidance"] == {"forward": 2.0, "backward": 2.0}

@@ -9,7 +9,10 @@ Stages, in order (each in one place below):
 4. directions — each edit's direction is computed once (or loaded from a file) and reused;
 5. editing    — this task's unfinished shards, inputs in teacher batches, each shard written to a
                 temporary file and renamed when complete; a manifest line per shard. The samples'
-                format is ``p2pz.data.pairs.sample``.
+                format is ``p2pz.data.pairs.sample``. Edits of the same inputs (``--edit cat:dog
+                --edit cat:lion``) share each input's inversion and reference pass: their shards over
+                the same inputs are made together, one teacher call for all edits of a batch
+                (``--no-share-inversion``: each pair on its own, as separate runs).
 
 Re-running the same command after a crash skips finished shards and redoes the rest, which gives
 exactly the samples of an uninterrupted run; ``--task-index/--num-tasks`` (or a SLURM array) split
@@ -18,11 +21,12 @@ the shards over cluster tasks.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import time
 from collections.abc import Iterable, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
@@ -30,6 +34,7 @@ from p2pz.data.pairs import sample as fmt
 from p2pz.data.pairs import shards as sh
 from p2pz.data.pairs.inputs import FolderInputs, InputSkipped, LoadedInput, ShardInputs, SyntheticInputs
 from p2pz.data.pairs.settings import Settings, validate, with_task_split
+from p2pz.data.pairs.throughput import Throughput, evals_per_pair, evals_snapshot
 from p2pz.teacher.edits import NAME_SEPARATOR, Edit, parse_edit
 from p2pz.utils.errors import UserError
 
@@ -46,8 +51,6 @@ DEFAULT_PROMPTS = ["a photo of a {source}"]
 MAX_CONSECUTIVE_FAILURES = 3
 
 InputSource = FolderInputs | ShardInputs | SyntheticInputs
-Item = tuple[sh.WorkItem, LoadedInput]  # a usable input of the plan
-Batch = list[Item]
 T = TypeVar("T")
 
 
@@ -133,12 +136,40 @@ def ensure_direction(teacher: Pix2PixZero, edit: EditJob, s: Settings) -> EditDi
 
 def plan_work(s: Settings, source: InputSource, edits: Sequence[EditJob]) -> list[sh.ShardPlan]:
     """Every (input, edit) pair of the whole job, in shards (the same plan in every task)."""
-    plans = sh.plan_shards({e.name: source.ids(e.source) for e in edits}, s.samples_per_shard, s.seed)
+    inputs = {e.name: source.ids(e.source) for e in edits}
+    plans = sh.plan_shards(inputs, s.samples_per_shard, s.seed, share=share_keys(s, source, edits, inputs))
     if not plans:
         raise UserError(
             f"no inputs found in {s.inputs}; put images (PNG, JPEG, ...) or .tar shards of images there"
         )
     return plans
+
+
+def share_keys(
+    s: Settings, source: InputSource, edits: Sequence[EditJob], inputs: dict[str, Sequence[str]]
+) -> dict[str, str | None]:
+    """Which edits share each input's inversion and reference pass (``--share-inversion``): edits
+    whose inputs are the same images (real inputs: all of them; synthetic ones: those with the same
+    source word, whose prompts are the same), when there are at least two of them."""
+    if not s.share_inversion:
+        return {}
+    keys: dict[str, str] = {}
+    for e in edits:
+        key = f"synthetic:{e.source}" if isinstance(source, SyntheticInputs) else "inputs"
+        keys[e.name] = key
+    counts = {k: sum(1 for e in edits if keys[e.name] == k) for k in set(keys.values())}
+    return {name: key if counts[key] > 1 else None for name, key in keys.items()}
+
+
+def shared_edits(plans: Sequence[sh.ShardPlan]) -> dict[str, list[str]]:
+    """Edit name -> the edits it shares its inputs' inversions with (itself included), if any."""
+    shared: dict[str, list[str]] = {}
+    for group in sh.shard_groups(plans):
+        names = list(dict.fromkeys(p.edit for p in group))
+        if len(names) > 1:
+            for name in names:
+                shared[name] = names
+    return shared
 
 
 def teacher_overrides(s: Settings) -> dict[str, Any]:
@@ -191,21 +222,31 @@ class Job:
     edit_kwargs: dict[str, Any]
     manifest: sh.Manifest
     consecutive_failures: int = 0
+    shared: dict[str, list[str]] = field(default_factory=dict)  # see shared_edits()
+    evals_per_pair: dict[str, Any] | None = None  # UNet evaluations per pair of this run
 
 
-def _load_items(job: Job, plan: sh.ShardPlan, skipped: list[dict]) -> Iterator[Item]:
-    """The shard's usable inputs, in plan order; unusable ones go to ``skipped`` with the reason."""
-    edit = job.edits[plan.edit]
-    for item in plan.items:
+GroupItem = tuple[int, LoadedInput]  # item k of every shard of a group, and its input
+
+
+def _load_items(
+    job: Job, group: Sequence[sh.ShardPlan], skipped: dict[int, list[dict]]
+) -> Iterator[GroupItem]:
+    """The group's usable inputs (item k of its shards is the same input), in plan order; unusable
+    ones go to every shard's ``skipped`` with the reason."""
+    first = group[0]
+    edit = job.edits[first.edit]
+    for k, item in enumerate(first.items):
         try:
             if isinstance(job.source, SyntheticInputs):
                 loaded = job.source.load_for(edit.source, item.input_id)
             else:
                 loaded = job.source.load(item.input_id)
         except InputSkipped as why:
-            skipped.append({"input": item.input_id, "edit": item.edit, "reason": str(why)})
+            for plan in group:
+                skipped[plan.index].append({"input": item.input_id, "edit": plan.edit, "reason": str(why)})
             continue
-        yield item, loaded
+        yield k, loaded
 
 
 def _batches(iterable: Iterable[T], size: int) -> Iterator[list[T]]:
@@ -219,17 +260,21 @@ def _batches(iterable: Iterable[T], size: int) -> Iterator[list[T]]:
         yield batch
 
 
-def _run_teacher(job: Job, batch: Batch, direction: EditDirection) -> list[EditResult]:
-    seeds = [item.seed for item, _ in batch]
-    directions = [direction] * len(batch)
+def _run_teacher(
+    job: Job, group: Sequence[sh.ShardPlan], batch: list[GroupItem], directions: Sequence[EditDirection]
+) -> list[list[EditResult]]:
+    """The teacher's results ``[edit][sample]`` for a batch of a group's inputs: every edit of the
+    group from one inversion and one reference pass per input."""
+    seeds = [group[0].items[k].seed for k, _ in batch]
+    edits = [[d] * len(batch) for d in directions]
     if isinstance(job.source, SyntheticInputs):
-        return job.teacher.edit_synthetic(
-            [loaded.prompt for _, loaded in batch], directions, seeds, **job.edit_kwargs
+        return job.teacher.edit_synthetic_shared(
+            [loaded.prompt for _, loaded in batch], edits, seeds, **job.edit_kwargs
         )
     captions = [loaded.caption for _, loaded in batch]
-    return job.teacher.edit(
+    return job.teacher.edit_shared(
         [loaded.image for _, loaded in batch],
-        directions,
+        edits,
         captions=captions if any(c is not None for c in captions) else None,
         seeds=seeds,
         **job.edit_kwargs,
@@ -237,18 +282,22 @@ def _run_teacher(job: Job, batch: Batch, direction: EditDirection) -> list[EditR
 
 
 def _edit_batch(
-    job: Job, batch: Batch, direction: EditDirection, skipped: list[dict]
-) -> list[tuple[sh.WorkItem, LoadedInput, EditResult]]:
-    """Teacher results for a batch as (item, loaded, result) triples.
+    job: Job,
+    group: Sequence[sh.ShardPlan],
+    batch: list[GroupItem],
+    directions: Sequence[EditDirection],
+    skipped: dict[int, list[dict]],
+) -> list[tuple[int, LoadedInput, list[EditResult]]]:
+    """Teacher results for a batch as (k, loaded, results per edit of the group).
 
     If the teacher raises on a batch, its items are retried one by one so that one bad input costs
     only itself (reported as skipped). Several failures in a row mean the fault is not the inputs'
     (no memory, a broken model): then the error is raised and the job stops.
     """
     try:
-        results = _run_teacher(job, batch, direction)
+        results = _run_teacher(job, group, batch, directions)
         job.consecutive_failures = 0
-        return [(item, loaded, result) for (item, loaded), result in zip(batch, results)]
+        return [(k, loaded, [per_edit[j] for per_edit in results]) for j, (k, loaded) in enumerate(batch)]
     except Exception as err:  # noqa: BLE001 - decided below whether it is one input's fault
         if len(batch) > 1:
             log.warning(
@@ -256,25 +305,26 @@ def _edit_batch(
             )
         batch_error = err
     triples = []
-    for item, loaded in batch:
+    for k, loaded in batch:
         try:
             if len(batch) == 1:
                 raise batch_error  # already tried alone
-            result = _run_teacher(job, [(item, loaded)], direction)[0]
+            results = [per_edit[0] for per_edit in _run_teacher(job, group, [(k, loaded)], directions)]
         except Exception as err:  # noqa: BLE001
             job.consecutive_failures += 1
             if job.consecutive_failures >= MAX_CONSECUTIVE_FAILURES:
                 raise
-            skipped.append(
-                {
-                    "input": item.input_id,
-                    "edit": item.edit,
-                    "reason": f"teacher error ({type(err).__name__}: {err})",
-                }
-            )
+            for plan in group:
+                skipped[plan.index].append(
+                    {
+                        "input": plan.items[k].input_id,
+                        "edit": plan.edit,
+                        "reason": f"teacher error ({type(err).__name__}: {err})",
+                    }
+                )
             continue
         job.consecutive_failures = 0
-        triples.append((item, loaded, result))
+        triples.append((k, loaded, results))
     return triples
 
 
@@ -307,6 +357,8 @@ def sample_meta(
         "shard": plan.index,
         "task": {"index": s.task_index, "count": s.num_tasks},
     }
+    if edit.name in job.shared:  # the inversion, reference pass and seed are the input's, shared
+        meta["shared_inversion"] = {"edits": job.shared[edit.name]}
     if loaded.prompt:
         meta["input"]["prompt"] = loaded.prompt
     return meta
@@ -328,43 +380,103 @@ def make_sample(
     )
 
 
-def produce_shard(job: Job, plan: sh.ShardPlan, progress: _PairsPerHour) -> dict[str, Any]:
-    """Edit one shard's inputs and write the shard; returns its manifest record."""
-    edit = job.edits[plan.edit]
-    direction = ensure_direction(job.teacher, edit, job.settings)
-    skipped: list[dict] = []
-    started = time.perf_counter()
-    with sh.atomic_shard(job.out, plan.index) as shard:
-        done_before = 0
-        for batch in _batches(_load_items(job, plan, skipped), job.settings.batch_size):
-            for item, loaded, result in _edit_batch(job, batch, direction, skipped):
-                if not getattr(result, "finite", True):
-                    skipped.append(
-                        {
-                            "input": item.input_id,
-                            "edit": item.edit,
-                            "reason": "teacher output not finite (NaN or inf)",
-                        }
-                    )
-                    continue
-                shard.write(make_sample(job, plan, item, loaded, result))
-            progress.update(shard.count + len(skipped) - done_before)
-            done_before = shard.count + len(skipped)
-        progress.update(len(plan.items) - done_before)  # trailing skipped inputs
-        seconds = time.perf_counter() - started
-        record = {
-            "event": "shard",
-            "index": plan.index,
-            "shard": plan.name,
-            "edit": plan.edit,
-            "items": len(plan.items),
-            "samples": shard.count,
-            "skipped": skipped,
-            "seconds": round(seconds, 3),
-            "pairs_per_hour": round(shard.count / seconds * 3600, 1) if seconds > 0 else None,
+def write_result(
+    job: Job,
+    plan: sh.ShardPlan,
+    shard: sh.AtomicShard,
+    item: sh.WorkItem,
+    loaded: LoadedInput,
+    result: EditResult,
+    skipped: list[dict],
+) -> None:
+    """One teacher result into its shard, or into ``skipped`` with the reason it is not kept."""
+    if not getattr(result, "finite", True):
+        skipped.append(
+            {"input": item.input_id, "edit": item.edit, "reason": "teacher output not finite (NaN or inf)"}
+        )
+        return
+    shard.write(make_sample(job, plan, item, loaded, result))
+
+
+def produce_group(
+    job: Job, group: Sequence[sh.ShardPlan], todo: set[int], progress: Throughput
+) -> list[dict]:
+    """Edit a group's inputs (one shard, or the shards of edits that share their inputs) and write
+    its shards numbered in ``todo``; returns their manifest records.
+
+    A group whose other shards are finished already is made whole again all the same (the same
+    batches, so the same numbers as an uninterrupted run) and only its unfinished shards written.
+    """
+    directions = [ensure_direction(job.teacher, job.edits[p.edit], job.settings) for p in group]
+    skipped: dict[int, list[dict]] = {p.index: [] for p in group}
+    started, made = time.perf_counter(), 0
+    evals_before = evals_snapshot(job.teacher)
+    with contextlib.ExitStack() as stack:
+        shards = {
+            p.index: stack.enter_context(sh.atomic_shard(job.out, p.index)) for p in group if p.index in todo
         }
-        # Logged before the rename: a crash in between only repeats this record on the rerun.
-        job.manifest.append(record)
+
+        def done() -> int:
+            return sum(shards[i].count + len(skipped[i]) for i in shards)
+
+        done_before = 0
+        for batch in _batches(_load_items(job, group, skipped), job.settings.batch_size):
+            for k, loaded, results in _edit_batch(job, group, batch, directions, skipped):
+                made += len(results)
+                progress.made(len(results))
+                for plan, result in zip(group, results):
+                    if plan.index in shards:
+                        item = plan.items[k]
+                        write_result(job, plan, shards[plan.index], item, loaded, result, skipped[plan.index])
+            progress.update(done() - done_before)
+            done_before = done()
+        progress.update(sum(len(p.items) for p in group if p.index in shards) - done_before)  # trailing skips
+        seconds = time.perf_counter() - started
+        evals = evals_per_pair(job.teacher, evals_before, made)
+        written = sum(shard.count for shard in shards.values())
+        records = [
+            _shard_record(plan, shards[plan.index], skipped[plan.index], group, seconds, written, evals)
+            for plan in group
+            if plan.index in shards
+        ]
+        for record in records:
+            # Logged before the renames: a crash in between only repeats this record on the rerun.
+            job.manifest.append(record)
+    return records
+
+
+def _shard_record(
+    plan: sh.ShardPlan,
+    shard: sh.AtomicShard,
+    skipped: list[dict],
+    group: Sequence[sh.ShardPlan],
+    seconds: float,
+    group_written: int,
+    evals: dict[str, Any] | None,
+) -> dict[str, Any]:
+    """A shard's manifest record. A shared group's shards were made together: each records its share
+    of the group's time (by items, so that the shards' seconds add up to the group's),
+    ``group_seconds``, the group's pairs/hour, and the group's shards (``group``)."""
+    written = shard.count
+    record = {
+        "event": "shard",
+        "index": plan.index,
+        "shard": plan.name,
+        "edit": plan.edit,
+        "items": len(plan.items),
+        "samples": written,
+        "skipped": skipped,
+        "seconds": round(seconds, 3),
+        "pairs_per_hour": round(written / seconds * 3600, 1) if seconds > 0 else None,
+    }
+    if len(group) > 1:
+        share = len(plan.items) / sum(len(p.items) for p in group)
+        record["seconds"] = round(seconds * share, 3)
+        record["pairs_per_hour"] = round(group_written / seconds * 3600, 1) if seconds > 0 else None
+        record["group_seconds"] = round(seconds, 3)
+        record["group"] = [p.index for p in group]
+    if evals is not None:
+        record["unet_evals_per_pair"] = evals
     return record
 
 
@@ -413,21 +525,6 @@ def _progress(total: int, initial: int, enabled: bool, desc: str) -> tqdm:
     )
 
 
-class _PairsPerHour:
-    """Keeps the progress bar's postfix at pairs/hour of this run (restarts excluded)."""
-
-    def __init__(self, bar: tqdm):
-        self.bar, self.start, self.first = bar, time.perf_counter(), bar.n
-
-    def update(self, n: int) -> None:
-        if n <= 0:
-            return
-        self.bar.update(n)
-        elapsed = time.perf_counter() - self.start
-        rate = (self.bar.n - self.first) / elapsed * 3600 if elapsed > 0 else 0.0
-        self.bar.set_postfix_str(f"{rate:,.0f} pairs/h", refresh=False)
-
-
 def dataset_identity(
     s: Settings,
     source: InputSource,
@@ -469,7 +566,14 @@ def dataset_identity(
         "save_latent": s.save_latent,
         "min_size": s.min_size,
         "convert_modes": s.convert_modes,
-    }
+    } | _sharing_identity(plans)
+
+
+def _sharing_identity(plans: Sequence[sh.ShardPlan]) -> dict[str, Any]:
+    """Shared inversions change seeds and batches: a dataset that shares records which edits do
+    (nothing for one that does not, so that datasets made before sharing existed stay resumable)."""
+    shared = shared_edits(plans)
+    return {"shared_inversion": sorted({tuple(v) for v in shared.values()})} if shared else {}
 
 
 def _tensor_digest(direction: EditDirection | None) -> str:
@@ -535,16 +639,21 @@ def _produce_shards(job: Job, share: TaskShare) -> tuple[list[dict[str, Any]], f
     started = time.perf_counter()
     records = []
     desc = f"task {s.task_index}/{s.num_tasks}"
+    todo = {p.index for p in share.todo}
     with _progress(share.pairs, share.pairs_done_before, s.progress, desc) as bar:
-        progress = _PairsPerHour(bar)
-        for plan in share.todo:
-            records.append(produce_shard(job, plan, progress))
+        progress = Throughput(bar, job.teacher)
+        for group in sh.shard_groups(share.owned):
+            if any(p.index in todo for p in group):
+                records.extend(produce_group(job, group, todo, progress))
+        job.evals_per_pair = progress.evals_per_pair()
     return records, time.perf_counter() - started
 
 
-def _done_record(s: Settings, share: TaskShare, records: Sequence[dict], seconds: float) -> dict[str, Any]:
+def _done_record(
+    s: Settings, share: TaskShare, records: Sequence[dict], seconds: float, evals: dict[str, Any] | None
+) -> dict[str, Any]:
     samples = sum(r["samples"] for r in records)
-    return {
+    done = {
         "event": "done",
         "task_index": s.task_index,
         "num_tasks": s.num_tasks,
@@ -555,6 +664,9 @@ def _done_record(s: Settings, share: TaskShare, records: Sequence[dict], seconds
         "seconds": round(seconds, 3),
         "pairs_per_hour": round(samples / seconds * 3600, 1) if seconds > 0 and samples else None,
     }
+    if evals is not None:
+        done["unet_evals_per_pair"] = evals
+    return done
 
 
 def run(s: Settings, teacher: Pix2PixZero | None = None) -> dict[str, Any]:
@@ -588,7 +700,8 @@ def run(s: Settings, teacher: Pix2PixZero | None = None) -> dict[str, Any]:
         share.pairs,
     )
     job = Job(s, teacher, source, {e.name: e for e in edits}, out, edit_kwargs, manifest)
+    job.shared = shared_edits(plans)
     records, seconds = _produce_shards(job, share)
-    done = _done_record(s, share, records, seconds)
+    done = _done_record(s, share, records, seconds, job.evals_per_pair)
     manifest.append(done)
     return done

@@ -42,7 +42,10 @@ class Settings:
             default 'a photo of a {source}')
         num_synthetic: synthetic inputs per edit
         samples_per_shard: pairs per output shard; a crash redoes at most one shard per task
-        batch_size: inputs per teacher call
+        batch_size: inputs per teacher call (with edits sharing their inputs, every edit of each: the
+            guided pass holds batch_size x edits pairs)
+        share_inversion: edits of the same inputs share each input's inversion and reference pass
+            (one seed per input); no: every pair on its own, as separate runs would make it
         seed: global seed; each pair's seed is derived from it and the pair's identity
         steps: DDIM steps for inversion and editing (default: the preset's)
         guidance_scale: classifier-free guidance of the edit (default: the preset's)
@@ -71,6 +74,7 @@ class Settings:
     num_synthetic: int = _value("N", 64)
     samples_per_shard: int = _value("N", 256)
     batch_size: int = _value("N", 4)
+    share_inversion: bool = True
     seed: int = _value("N", 0)
     steps: int | None = _value("N")
     guidance_scale: float | None = _value("X")

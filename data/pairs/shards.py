@@ -13,11 +13,18 @@ number, sample key and seed from the *listing* of inputs alone, so
 - per-sample seeds come from the global seed and the item's identity, never from batch position.
 
 A shard holds work items of one edit only, so a per-edit student can pick its shards by edit.
+
+Edits of the same inputs may **share** each input's inversion and reference pass: their shards
+covering the same run of inputs form one *group* (item k of each is the same input, with one seed
+per input instead of one per pair), made together and handed to the same task (groups go round
+robin, ``group % num_tasks``). Unshared, every shard is a group of its own and the rules above hold
+as they are.
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import hashlib
 import json
 import os
@@ -83,33 +90,58 @@ class WorkItem:
 
 @dataclass(frozen=True)
 class ShardPlan:
-    """The work items that make up one output shard (all of one edit)."""
+    """The work items that make up one output shard (all of one edit). Shards with the same
+    ``group`` cover the same inputs for edits that share their inversion (see the module docstring);
+    a shard of its own has ``group`` = ``-1``, i.e. its index."""
 
     index: int
     edit: str
     items: tuple[WorkItem, ...]
+    group: int = -1
 
     @property
     def name(self) -> str:
         return shard_name(self.index)
 
+    @property
+    def group_id(self) -> int:
+        return self.index if self.group < 0 else self.group
+
+
+def shared_seed_id(share_key: str, input_id: str) -> str:
+    """What a shared input's seed is derived from: its share class and id (not the edit)."""
+    return f"shared:{share_key}\n{input_id}"
+
 
 def plan_shards(
-    inputs_per_edit: dict[str, Sequence[str]], samples_per_shard: int, global_seed: int
+    inputs_per_edit: dict[str, Sequence[str]],
+    samples_per_shard: int,
+    global_seed: int,
+    share: dict[str, str | None] | None = None,
 ) -> list[ShardPlan]:
     """Assign every (input, edit) work item to a shard number.
 
     ``inputs_per_edit`` maps edit names, in the user's order, to their input ids (sorted by the
     caller). Shards are numbered consecutively over edits; each edit's inputs are cut into runs of
-    ``samples_per_shard``. Depends on nothing but the arguments, so every task computes the same plan.
+    ``samples_per_shard``. ``share`` maps edit names to a share key: edits with the same key (and the
+    same inputs) share each input's seed, and their j-th shards form one group (a key of one edit
+    alone changes nothing). Depends on nothing but
+    the arguments, so every task computes the same plan.
     """
     if samples_per_shard < 1:
         raise ValueError("samples_per_shard must be at least 1")
+    share = share or {}
+    members = [share.get(edit) for edit in inputs_per_edit]
+    share = {edit: key if key and members.count(key) > 1 else None for edit, key in share.items()}
     plans: list[ShardPlan] = []
     for edit, input_ids in inputs_per_edit.items():
+        key = share.get(edit)
         items = [
             WorkItem(
-                edit, input_id, sample_key(edit, input_id), derive_seed(global_seed, f"{edit}\n{input_id}")
+                edit,
+                input_id,
+                sample_key(edit, input_id),
+                derive_seed(global_seed, shared_seed_id(key, input_id) if key else f"{edit}\n{input_id}"),
             )
             for input_id in input_ids
         ]
@@ -118,18 +150,52 @@ def plan_shards(
     keys = [item.key for plan in plans for item in plan.items]
     if len(set(keys)) != len(keys):
         raise ValueError("duplicate input ids in the plan: every input must appear once per edit")
-    return plans
+    return _assign_groups(plans, inputs_per_edit, share)
+
+
+def _assign_groups(
+    plans: list[ShardPlan], inputs_per_edit: dict[str, Sequence[str]], share: dict[str, str | None]
+) -> list[ShardPlan]:
+    """Number the groups in order of their first shard; unshared shards are groups of their own."""
+    members: dict[str, list[str]] = {}
+    for edit, key in share.items():
+        if key and edit in inputs_per_edit:
+            members.setdefault(key, []).append(edit)
+    for key, edits in members.items():
+        if any(list(inputs_per_edit[e]) != list(inputs_per_edit[edits[0]]) for e in edits):
+            raise ValueError(f"edits sharing {key!r} must have the same inputs")
+    if all(len(edits) < 2 for edits in members.values()):
+        return plans  # nothing shared: group = index, as before sharing existed
+    group_of: dict[tuple, int] = {}
+    chunk: dict[str, int] = {}
+    grouped = []
+    for plan in plans:
+        key = share.get(plan.edit)
+        j = chunk[plan.edit] = chunk.get(plan.edit, -1) + 1
+        slot = (key, j) if key and len(members[key]) > 1 else ("", plan.index)
+        group = group_of.setdefault(slot, len(group_of))
+        grouped.append(dataclasses.replace(plan, group=group))
+    return grouped
+
+
+def shard_groups(plans: Sequence[ShardPlan]) -> list[list[ShardPlan]]:
+    """The plans by group, in order of the groups' first shards."""
+    groups: dict[int, list[ShardPlan]] = {}
+    for plan in plans:
+        groups.setdefault(plan.group_id, []).append(plan)
+    return list(groups.values())
 
 
 def task_shards(plans: Sequence[ShardPlan], task_index: int, num_tasks: int) -> list[ShardPlan]:
-    """The shards one cluster task owns: shard ``i`` goes to task ``i % num_tasks``.
+    """The shards one cluster task owns: shard ``i`` goes to task ``i % num_tasks`` (shared shards:
+    their group's number decides, so a group's shards stay in one task).
 
     Round robin keeps the tasks' loads within one shard of each other, and a shard's contents do
     not depend on the number of tasks.
     """
     if num_tasks < 1 or not 0 <= task_index < num_tasks:
         raise ValueError(f"task index {task_index} is not in [0, {num_tasks})")
-    return [plan for plan in plans if plan.index % num_tasks == task_index]
+    return [plan for plan in plans if plan.group_id % num_tasks == task_index]
 
 
 def tasks_from_env(environ: dict[str, str] | None = None) -> tuple[int, int] | None:

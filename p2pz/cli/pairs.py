@@ -28,7 +28,10 @@ if TYPE_CHECKING:
 GENERATE_DESCRIPTION = """\
 Run the pix2pix-zero teacher over many inputs and store (input, edited) pairs as
 WebDataset shards pairs-000000.tar, ... in --out, with dataset.json and one manifest
-(JSON lines: shards, counts, skipped inputs and why, throughput) per task.
+(JSON lines: shards, counts, skipped inputs and why, pairs/hour and the teacher's
+UNet evaluations per pair) per task. Several --edit of the same inputs share each
+input's inversion and reference pass (shards stay per edit; --no-share-inversion:
+every pair on its own).
 
 Every setting can come from a YAML config (--config, keys = flag names, with _ or -)
 and be overridden by its flag, wherever --config stands. Safe to kill and re-run:
@@ -40,6 +43,8 @@ GENERATE_EPILOG = """\
 examples:
   p2pz generate --model CompVis/stable-diffusion-v1-4 --edit cat:dog \\
       --inputs photos/ --out pairs/
+  p2pz generate --model CompVis/stable-diffusion-v1-4 --edit cat:dog --edit cat:lion \\
+      --edit "cat:cat wearing a hat" --inputs photos/ --out pairs/   # one inversion per photo
   p2pz generate --config configs/generate-cat-dog.yaml --task-index 3 --num-tasks 16
   p2pz generate --config configs/generate-cat-dog.yaml --print_config   # the merged settings"""
 
@@ -68,9 +73,15 @@ def _generate(argv: list[str]) -> int:
 
     settings = parse_generate_args(argv)
     done = run(settings)
+    evals = done.get("unet_evals_per_pair") or {}
+    cost = (
+        f", {evals['forward']:g} forward + {evals['backward']:g} backward UNet evaluations per pair"
+        if evals.get("forward") is not None
+        else ""
+    )
     print(
         f"task {done['task_index']}/{done['num_tasks']}: wrote {done['shards_written']} shards, "
-        f"{done['samples_written']} pairs ({done['skipped']} skipped) to {settings.out}"
+        f"{done['samples_written']} pairs ({done['skipped']} skipped) to {settings.out}{cost}"
     )
     return 0
 

@@ -1,0 +1,220 @@
+"""The teacher's work per pair on the tiny model: UNet evaluations counted by hooks, the single-branch
+reference pass, several edits sharing one inversion and reference pass, reduced precision."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import pytest
+import torch
+from test_teacher_pipeline import picture
+
+from p2pz.teacher.directions import compute_direction
+from p2pz.teacher.evals import UNetEvals, per_pair, unet_stage
+from p2pz.teacher.pipeline import Pix2PixZero
+
+STEPS = 4
+CAPTIONS = ["a cat on a sofa", "a cat in the grass"]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def _teacher(model_dir, preset="official", dtype=torch.float32) -> Pix2PixZero:
+    return Pix2PixZero.from_pretrained(model_dir, preset=preset, captioner=False, dtype=dtype)
+
+
+@pytest.fixture(scope="module")
+def official(tiny_model_dir):
+    return _teacher(tiny_model_dir)
+
+
+def _direction(teacher, target="dog"):
+    return compute_direction(
+        teacher.tokenizer,
+        teacher.text_encoder,
+        ["a photo of a cat", "a cat on a sofa", "a small cat"],
+        [f"a photo of a {target}", f"a {target} on a sofa", f"a small {target}"],
+        source="cat",
+        target=target,
+    )
+
+
+@pytest.fixture(scope="module")
+def cat2dog(official):
+    return _direction(official)
+
+
+def _edit(teacher, direction, **kwargs):
+    images = [picture(1), picture(2)]
+    return teacher.edit(images, [direction], CAPTIONS, [0, 1], num_steps=STEPS, return_latents=True, **kwargs)
+
+
+def _counts(teacher, run):
+    before = teacher.unet_evals.snapshot()
+    out = run()
+    after = teacher.unet_evals.snapshot()
+    counts = {
+        kind: {s: after[kind].get(s, 0) - before[kind].get(s, 0) for s in after[kind]}
+        for kind in ("forward", "backward")
+    }
+    return out, {kind: {s: n for s, n in c.items() if n} for kind, c in counts.items()}
+
+
+# -------------------------------------------------------------------------------------------------
+# Counting
+
+
+def test_counter_counts_samples_through_the_unet_and_backward_passes(official):
+    unet = official.unet
+    counter = UNetEvals(unet)
+    try:
+        x = torch.randn(3, 4, 8, 8, requires_grad=True)
+        embeds = official.encode_text(["a cat"] * 3)
+        with torch.no_grad(), unet_stage("a"):
+            unet(x, 10, encoder_hidden_states=embeds)
+        with unet_stage("b"):
+            out = unet(torch.cat([x, x]), 10, encoder_hidden_states=torch.cat([embeds, embeds])).sample
+        assert counter.forward == {"a": 3, "b": 6} and counter.backward == {}
+        out.sum().backward()  # the backward pass reaches the UNet's input: 6 samples through it
+        assert counter.backward == {"b": 6}
+        unet(x[:1], 10, encoder_hidden_states=embeds[:1])
+        assert counter.forward["other"] == 1
+    finally:
+        counter.remove()
+    assert UNetEvals.of(unet) is official.unet_evals  # the teacher's own counter is still there
+    assert per_pair({"forward": {"a": 6}, "backward": {"a": 3}, "seconds": 0.0}, 3)["by_stage"] == {
+        "a": {"forward": 2.0, "backward": 1.0}
+    }
+
+
+def test_real_image_edit_counts_per_stage_and_single_branch_reference(official, cat2dog):
+    """Real images (negative prompt = caption): the reference pass runs one branch per step, and the
+    edit equals the two-branch pass's to float rounding."""
+    one, counts = _counts(official, lambda: _edit(official, cat2dog))
+    official.single_branch_reference = False
+    try:
+        two, counts_two = _counts(official, lambda: _edit(official, cat2dog))
+    finally:
+        official.single_branch_reference = True
+    n = 2
+    # official inversion: the DDIM timesteps without their ends (steps - 2 UNet calls)
+    assert counts["forward"] == {
+        "inversion": n * (STEPS - 2),
+        "reference": n * STEPS,
+        "guidance": 2 * n * STEPS,
+        "prediction": 2 * n * STEPS,
+    }
+    assert counts["backward"] == {"guidance": 2 * n * STEPS}
+    assert counts_two["forward"] == counts["forward"] | {"reference": 2 * n * STEPS}
+    assert one[0].unet_evals["forward"] == sum(counts["forward"].values()) / n
+    for a, b in zip(one, two):
+        assert torch.allclose(a.edited_latent, b.edited_latent, atol=1e-4, rtol=1e-4), (
+            (a.edited_latent - b.edited_latent).abs().max()
+        )
+        assert np.abs(np.asarray(a.edited, np.int16) - np.asarray(b.edited, np.int16)).max() <= 1
+        assert (
+            np.abs(np.asarray(a.reconstruction, np.int16) - np.asarray(b.reconstruction, np.int16)).max() <= 1
+        )
+
+
+def test_diffusers_preset_single_branch_reference_equals_two_branches(tiny_model_dir, cat2dog):
+    teacher = _teacher(tiny_model_dir, "diffusers")
+    one, counts = _counts(teacher, lambda: _edit(teacher, cat2dog))
+    teacher.single_branch_reference = False
+    two, counts_two = _counts(teacher, lambda: _edit(teacher, cat2dog))
+    assert counts["forward"]["inversion"] == 2 * STEPS  # diffusers inverts over all timesteps
+    assert counts_two["forward"]["reference"] == 2 * counts["forward"]["reference"] == 4 * STEPS
+    for a, b in zip(one, two):
+        assert torch.allclose(a.edited_latent, b.edited_latent, atol=1e-4, rtol=1e-4), (
+            (a.edited_latent - b.edited_latent).abs().max()
+        )
+
+
+def test_synthetic_reference_keeps_both_branches(official, cat2dog):
+    """Synthetic inputs have the negative prompt "": the branches differ and both run."""
+    _, counts = _counts(
+        official, lambda: official.edit_synthetic(["a cat"], [cat2dog], seeds=[3], num_steps=STEPS)
+    )
+    assert counts["forward"]["reference"] == 2 * STEPS and "inversion" not in counts["forward"]
+
+
+# -------------------------------------------------------------------------------------------------
+# Several edits of the same inputs
+
+
+def test_shared_edits_equal_separate_runs_with_one_inversion_and_reference(official, cat2dog):
+    cat2lion = _direction(official, "lion")
+    dog2cat = dataclasses.replace(cat2dog, tensor=-cat2dog.tensor, source="dog", target="cat")
+    edits = [cat2dog, cat2lion, dog2cat]
+    images = [picture(1), picture(2)]
+    shared, counts = _counts(
+        official,
+        lambda: official.edit_shared(images, edits, CAPTIONS, [0, 1], num_steps=STEPS, return_latents=True),
+    )
+    n, e = len(images), len(edits)
+    assert counts["forward"]["inversion"] == n * (STEPS - 2) and counts["forward"]["reference"] == n * STEPS
+    assert counts["forward"]["guidance"] == counts["backward"]["guidance"] == 2 * n * e * STEPS
+    assert counts["forward"]["prediction"] == 2 * n * e * STEPS
+    for k, direction in enumerate(edits):
+        separate = official.edit(images, [direction], CAPTIONS, [0, 1], num_steps=STEPS, return_latents=True)
+        for a, b in zip(shared[k], separate):
+            # batch 6 against batch 2: other GEMM kernels, float rounding (see test_batch_equals_single_runs)
+            assert torch.allclose(a.inverted_latent, b.inverted_latent, atol=1e-5)
+            assert torch.allclose(a.edited_latent, b.edited_latent, rtol=1e-3, atol=2e-3), k
+            assert a.seed == b.seed and a.caption == b.caption
+    # the edits differ from each other (each result is its own edit, not a copy)
+    assert not torch.allclose(shared[0][0].edited_latent, shared[2][0].edited_latent, atol=1e-2)
+    assert shared[0][0].reconstruction is shared[1][0].reconstruction  # one reference pass
+
+
+# -------------------------------------------------------------------------------------------------
+# Reduced precision
+
+
+@pytest.mark.parametrize(
+    "dtype, mean_bound, max_bound",
+    # Measured on the tiny random model, 2 images x 4 steps (x86 CPU): float16 differs from float32
+    # by ~0.5 grey levels on average (max ~7), bfloat16 (8-bit mantissa) by ~4 (max ~40): the random
+    # UNet amplifies rounding through the inversion. A float16 latent trajectory or a fp16 regulariser
+    # would add to it; a wrong dtype path gives NaNs or unrelated images (~40+ levels).
+    [(torch.float16, 2.0, 24), (torch.bfloat16, 8.0, 80)],
+    ids=["fp16", "bf16"],
+)
+def test_reduced_precision_stays_close_to_float32(
+    tiny_model_dir, official, cat2dog, dtype, mean_bound, max_bound
+):
+    low = _teacher(tiny_model_dir, dtype=dtype)
+    ref = _edit(official, cat2dog)
+    out = _edit(low, _direction(low))
+    for a, b in zip(ref, out):
+        assert b.finite
+        diff = np.abs(np.asarray(a.edited, np.float32) - np.asarray(b.edited, np.float32))
+        assert diff.mean() < mean_bound and diff.max() <= max_bound, (diff.mean(), diff.max())
+        assert b.inverted_latent.dtype == torch.float32  # the trajectory stays in float32
+
+
+def test_fp16_guidance_gradient_matches_float32(tiny_model_dir, official):
+    """The guidance gradient of a float16 UNet (loss summed in float32, scaled against underflow)
+    points where the float32 one does."""
+    from p2pz.teacher.editing import _xa_gradient, make_scheduler
+
+    grads = []
+    for teacher in (official, _teacher(tiny_model_dir, dtype=torch.float16)):
+        cond, edit = teacher.encode_text(["a cat on a sofa"]), teacher.encode_text(["a dog on a sofa"])
+        x = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+        x_ref = x + 0.3 * torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(1))
+        t = make_scheduler(teacher.scheduler_config, 5, "cpu").timesteps[2]
+        teacher.maps.clear()
+        with torch.no_grad(), teacher.maps.recording(0):
+            teacher.unet(x_ref.to(teacher.dtype), t, encoder_hidden_states=cond)
+        grad, _ = _xa_gradient(teacher.unet, teacher.maps, x, t, edit, 0, 1, "all")
+        assert grad.dtype == torch.float32 and torch.isfinite(grad).all()
+        grads.append(grad.flatten())
+    assert torch.nn.functional.cosine_similarity(grads[0], grads[1], 0) > 0.999
