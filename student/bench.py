@@ -171,6 +171,9 @@ def _student_backends(
     return models
 
 
+TEACHER_TIMING_SENTENCES = 2  # the timed edit's direction: its values do not change the edit's cost
+
+
 def teacher_latency_ms(
     teacher_model: str,
     resolution: int,
@@ -179,16 +182,24 @@ def teacher_latency_ms(
     source: str,
     target: str,
     preset: str = "official",
+    guidance_scale: float | None = None,
+    xa_guidance: float | None = None,
 ) -> dict[str, Any]:
-    """One real-image edit by the teacher (inversion + guided edit), timed after a warm-up edit."""
+    """One real-image edit by the teacher (inversion + guided edit), timed after a warm-up edit.
+
+    ``preset``, ``steps``, ``guidance_scale`` and ``xa_guidance`` (None: the preset's) are the teacher's
+    settings; pass those that made the student's pairs (:func:`pairs_teacher_settings`).
+    """
     from PIL import Image
 
     from p2pz.teacher import Pix2PixZero
 
     teacher = Pix2PixZero.from_pretrained(teacher_model, preset=preset, device=device)
-    direction = teacher.direction(source, target)
+    # a direction from a couple of sentences: the edit costs the same, the full sentence bank is minutes
+    direction = teacher.direction(source, target, num_sentences=TEACHER_TIMING_SENTENCES)
     image = Image.new("RGB", (resolution, resolution), (200, 60, 60))
-    kwargs = {"num_steps": steps} if steps else {}
+    given = {"num_steps": steps, "guidance_scale": guidance_scale, "xa_guidance": xa_guidance}
+    kwargs = {k: v for k, v in given.items() if v is not None}
 
     def one_edit() -> None:
         teacher.edit([image], [direction], captions=[f"a {source}"], seeds=0, **kwargs)
@@ -198,7 +209,28 @@ def teacher_latency_ms(
     return {
         "teacher_ms": measurement.median * 1e3,
         "teacher_model": teacher_model,
-        "teacher_steps": steps or teacher.settings.get("num_steps"),
+        "teacher_preset": preset,
+        "teacher_steps": steps or teacher.preset.num_steps,
+        "teacher_guidance_scale": teacher.preset.guidance_scale if guidance_scale is None else guidance_scale,
+        "teacher_xa_guidance": teacher.preset.xa_guidance(synthetic=False)
+        if xa_guidance is None
+        else xa_guidance,
+    }
+
+
+def pairs_teacher_settings(config: dict[str, Any]) -> dict[str, Any]:
+    """The teacher's settings as they made the package's pairs (its ``config.json``: ``data.teacher``,
+    recorded from the shards): ``preset``, ``steps``, ``guidance_scale``, ``xa_guidance``; a setting the
+    run did not override is None (the preset's own value). Empty when the package does not say."""
+    teacher = (config.get("data") or {}).get("teacher") or {}
+    if not teacher.get("preset"):
+        return {}
+    overrides = teacher.get("overrides") or {}
+    return {
+        "preset": teacher["preset"],
+        "steps": overrides.get("num_steps"),
+        "guidance_scale": overrides.get("guidance_scale"),
+        "xa_guidance": overrides.get("xa_guidance"),
     }
 
 
@@ -293,7 +325,19 @@ def _teacher_comparison(
     say("teacher edit")
     edit = (config.get("data") or {}).get("edit") or {}
     source, target = edit.get("source", "cat"), edit.get("target", "dog")
-    result = teacher_latency_ms(teacher_model, res, dev, teacher_steps, source, target)
+    made = pairs_teacher_settings(config)  # the teacher as it made the pairs, not the paper's preset
+    result = teacher_latency_ms(
+        teacher_model,
+        res,
+        dev,
+        teacher_steps if teacher_steps is not None else made.get("steps"),
+        source,
+        target,
+        preset=made.get("preset", "official"),
+        guidance_scale=made.get("guidance_scale"),
+        xa_guidance=made.get("xa_guidance"),
+    )
+    result["teacher_settings_from"] = "the package's pairs (config.json)" if made else "preset official"
     student_b1 = (
         min(r["1"]["p50_ms"] for r in student.values() if "1" in r)
         if "1" in student.get("eager", {})

@@ -261,3 +261,89 @@ class StepCheckpoint(ModelCheckpoint):
         if self.save_top_k != 0:
             self._save_topk_checkpoint(trainer, candidates)
         self._save_last_checkpoint(trainer, candidates)
+
+
+# --------------------------------------------------------------------------------------------------
+# Progress
+
+
+class IterationProgressBar(pl.callbacks.ProgressBar):
+    """One tqdm bar over the whole run: iterations done of ``max_steps``, their rate, the time left, the
+    latest losses and the last validation's L1 (next to copying the input's).
+
+    Lightning's own bars count batches per epoch; here an epoch is an arbitrary slice of an endless pair
+    stream (``--data.epoch_length``), and what a user waits for is ``max_steps``. Validation runs under
+    the same bar (its postfix says so). Only rank 0 draws; a resumed run starts the bar where it was.
+    """
+
+    POSTFIX = {"l1": "l1", "d": "d"}  # progress-bar metrics of the module, in the order shown
+
+    def __init__(self, refresh_seconds: float = 1.0) -> None:
+        super().__init__()
+        self.refresh_seconds = refresh_seconds
+        self._enabled = True
+        self._bar: Any = None
+        self._val: str | None = None
+
+    def disable(self) -> None:
+        self._enabled = False
+
+    def enable(self) -> None:
+        self._enabled = True
+
+    @property
+    def is_enabled(self) -> bool:
+        return self._enabled
+
+    def print(self, *args: Any, **kwargs: Any) -> None:
+        from tqdm import tqdm
+
+        tqdm.write(" ".join(map(str, args)), **{k: v for k, v in kwargs.items() if k in ("file", "end")})
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if not self._enabled or not trainer.is_global_zero:
+            return
+        from tqdm import tqdm
+
+        total = trainer.max_steps if trainer.max_steps and trainer.max_steps > 0 else None
+        self._bar = tqdm(
+            total=total,
+            initial=trainer.global_step,
+            desc="training",
+            unit="it",
+            dynamic_ncols=True,
+            mininterval=self.refresh_seconds,
+            smoothing=0.05,
+        )
+
+    def on_train_batch_end(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        if self._bar is None:
+            return
+        metrics = trainer.progress_bar_metrics
+        shown = {label: f"{float(metrics[key]):.3f}" for key, label in self.POSTFIX.items() if key in metrics}
+        if self._val:
+            shown["val"] = self._val
+        self._bar.set_postfix(shown, refresh=False)
+        self._bar.update(trainer.global_step - self._bar.n)
+
+    def on_validation_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self._bar is not None and not trainer.sanity_checking:
+            self._bar.set_postfix_str("validating", refresh=True)
+
+    def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        metrics = trainer.callback_metrics
+        if "val/l1" in metrics and "val/l1_copy" in metrics:
+            self._val = f"l1 {float(metrics['val/l1']):.3f} (copy {float(metrics['val/l1_copy']):.3f})"
+
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._close()
+
+    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        self._close()  # also after an exception
+
+    def _close(self) -> None:
+        if self._bar is not None:
+            self._bar.close()
+            self._bar = None

@@ -101,6 +101,6 @@ def test_demo_trains_through_the_package_with_the_shipped_config(tmp_path, monke
     monkeypatch.setattr(demo.subprocess, "run", fake_run)
     checkpoint = demo.train_student(args, tmp_path / "shards", tmp_path / "run")
     [(cmd, kwargs)] = calls
-    assert cmd[:4] == [sys.executable, "-m", "p2pz.cli.train", "fit"]
+    assert cmd[:4] == [sys.executable, "-m", "p2pz.cli.demo", "fit"]  # p2pz train, library noise filtered
     assert cmd[cmd.index("--config") + 1] == str(shipped) and "cwd" not in kwargs
     assert checkpoint == tmp_path / "run" / "checkpoints" / "last.ckpt"

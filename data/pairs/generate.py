@@ -32,6 +32,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 from p2pz.data.pairs import sample as fmt
 from p2pz.data.pairs import shards as sh
+from p2pz.data.pairs.filtering import PairScorer, PairSelection, Scores, parse_keep_if, selection_summary
 from p2pz.data.pairs.inputs import FolderInputs, InputSkipped, LoadedInput, ShardInputs, SyntheticInputs
 from p2pz.data.pairs.settings import Settings, validate, with_task_split
 from p2pz.data.pairs.throughput import Throughput, evals_per_pair, evals_snapshot
@@ -224,6 +225,7 @@ class Job:
     consecutive_failures: int = 0
     shared: dict[str, list[str]] = field(default_factory=dict)  # see shared_edits()
     evals_per_pair: dict[str, Any] | None = None  # UNet evaluations per pair of this run
+    selection: PairSelection | None = None  # scores each pair and keeps those --keep-if accepts
 
 
 GroupItem = tuple[int, LoadedInput]  # item k of every shard of a group, and its input
@@ -329,7 +331,12 @@ def _edit_batch(
 
 
 def sample_meta(
-    job: Job, plan: sh.ShardPlan, item: sh.WorkItem, loaded: LoadedInput, result: EditResult
+    job: Job,
+    plan: sh.ShardPlan,
+    item: sh.WorkItem,
+    loaded: LoadedInput,
+    result: EditResult,
+    scores: Scores | None = None,
 ) -> dict[str, Any]:
     """The ``json`` member of a pair: where it came from and everything that made it."""
     s = job.settings
@@ -361,11 +368,18 @@ def sample_meta(
         meta["shared_inversion"] = {"edits": job.shared[edit.name]}
     if loaded.prompt:
         meta["input"]["prompt"] = loaded.prompt
+    if scores is not None:
+        meta["scores"] = scores
     return meta
 
 
 def make_sample(
-    job: Job, plan: sh.ShardPlan, item: sh.WorkItem, loaded: LoadedInput, result: EditResult
+    job: Job,
+    plan: sh.ShardPlan,
+    item: sh.WorkItem,
+    loaded: LoadedInput,
+    result: EditResult,
+    scores: Scores | None = None,
 ) -> dict[str, str | bytes]:
     s = job.settings
     reconstruction = getattr(result, "reconstruction", None) if s.save_recon else None
@@ -374,7 +388,7 @@ def make_sample(
         item.key,
         result.source,
         result.edited,
-        sample_meta(job, plan, item, loaded, result),
+        sample_meta(job, plan, item, loaded, result, scores),
         reconstruction=reconstruction,
         latent=latent,
     )
@@ -395,7 +409,9 @@ def write_result(
             {"input": item.input_id, "edit": item.edit, "reason": "teacher output not finite (NaN or inf)"}
         )
         return
-    shard.write(make_sample(job, plan, item, loaded, result))
+    keep, scores = select_pair(job, item, result, skipped)
+    if keep:
+        shard.write(make_sample(job, plan, item, loaded, result, scores))
 
 
 def produce_group(
@@ -440,6 +456,7 @@ def produce_group(
             if plan.index in shards
         ]
         for record in records:
+            record.update(selection_summary(job.selection, [record]))
             # Logged before the renames: a crash in between only repeats this record on the rerun.
             job.manifest.append(record)
     return records
@@ -478,6 +495,30 @@ def _shard_record(
     if evals is not None:
         record["unet_evals_per_pair"] = evals
     return record
+
+
+def select_pair(
+    job: Job, item: sh.WorkItem, result: EditResult, skipped: list[dict]
+) -> tuple[bool, Scores | None]:
+    """The pair's scores (None without a scorer) and whether ``--keep-if`` keeps it; a pair it keeps out
+    goes to ``skipped`` with its scores and the clauses it failed (``"rejected": true``)."""
+    if job.selection is None:
+        return True, None
+    edit = job.edits[item.edit].edit
+    [scores] = job.selection.score([result.source], [result.edited], edit)
+    if job.selection.keeps(scores):
+        return True, scores
+    failed = " and ".join(job.selection.rule.failed(scores)) if job.selection.rule else ""
+    skipped.append(
+        {
+            "input": item.input_id,
+            "edit": item.edit,
+            "reason": f"kept out by --keep-if (fails {failed})",
+            "rejected": True,
+            "scores": scores,
+        }
+    )
+    return False, scores
 
 
 # --------------------------------------------------------------------------------------------------
@@ -649,6 +690,15 @@ def _produce_shards(job: Job, share: TaskShare) -> tuple[list[dict[str, Any]], f
     return records, time.perf_counter() - started
 
 
+def pair_selection(s: Settings, scorer: PairScorer | None) -> PairSelection | None:
+    """Scoring and ``--keep-if`` of this run, or None when pairs are neither scored nor filtered."""
+    if s.keep_if and scorer is None:
+        raise UserError(f"--keep-if {s.keep_if!r} needs scores, but no scorer was given (--score none?)")
+    if scorer is None:
+        return None
+    return PairSelection(scorer, parse_keep_if(s.keep_if) if s.keep_if else None)
+
+
 def _done_record(
     s: Settings, share: TaskShare, records: Sequence[dict], seconds: float, evals: dict[str, Any] | None
 ) -> dict[str, Any]:
@@ -669,10 +719,12 @@ def _done_record(
     return done
 
 
-def run(s: Settings, teacher: Pix2PixZero | None = None) -> dict[str, Any]:
+def run(s: Settings, teacher: Pix2PixZero | None = None, scorer: PairScorer | None = None) -> dict[str, Any]:
     """Run (or resume) this task's share of the job; returns the ``done`` manifest record.
 
-    An unset task split means a single task (the command line fills it from SLURM first).
+    An unset task split means a single task (the command line fills it from SLURM first). ``scorer``
+    scores every pair into its ``json`` (``"scores"``), and ``s.keep_if`` keeps only the pairs whose
+    scores pass it (``p2pz.data.pairs.filtering``); the command line builds it from ``s.score``.
     """
     s = with_task_split(s, environ={})
     validate(s)
@@ -682,10 +734,14 @@ def run(s: Settings, teacher: Pix2PixZero | None = None) -> dict[str, Any]:
     source = open_inputs(s)  # every input is checked before anything is written
     edits = resolve_edits(s)
     plans = plan_work(s, source, edits)
+    selection = pair_selection(s, scorer)  # an unknown score name stops here, before the teacher loads
     teacher = teacher if teacher is not None else load_teacher(s)
     edit_kwargs = teacher_overrides(s)
     out.mkdir(parents=True, exist_ok=True)
-    sh.check_dataset_identity(out, dataset_identity(s, source, edits, plans, teacher, edit_kwargs))
+    identity = dataset_identity(s, source, edits, plans, teacher, edit_kwargs)
+    if selection is not None:  # absent otherwise: datasets made before scoring stay resumable
+        identity["pair_scores"] = selection.identity()
+    sh.check_dataset_identity(out, identity)
 
     share = claim_shards(s, plans, out)
     manifest = sh.Manifest(out, s.task_index, s.num_tasks)
@@ -699,9 +755,10 @@ def run(s: Settings, teacher: Pix2PixZero | None = None) -> dict[str, Any]:
         len(share.owned) - len(share.todo),
         share.pairs,
     )
-    job = Job(s, teacher, source, {e.name: e for e in edits}, out, edit_kwargs, manifest)
+    job = Job(s, teacher, source, {e.name: e for e in edits}, out, edit_kwargs, manifest, selection=selection)
     job.shared = shared_edits(plans)
     records, seconds = _produce_shards(job, share)
     done = _done_record(s, share, records, seconds, job.evals_per_pair)
+    done.update(selection_summary(selection, records))
     manifest.append(done)
     return done

@@ -61,6 +61,13 @@ class Settings:
         device: cpu, cuda, cuda:1 ... (auto: cuda if available)
         dtype: float32, float16 or bfloat16 (auto: float16 on cuda, float32 on cpu)
         progress: show a progress bar
+        score: score every pair into its json: world (the shapes world's oracle: success, iou,
+            centre_shift_px, ...), paper (CLIP directional score, CLIP target probability, DINO structure
+            distance, through --clip-model/--dino-model), none, or auto (world for shapes-world edits)
+        keep_if: write only the pairs whose scores pass this rule, e.g. 'success and iou >= 0.8'
+            (clauses NAME or NAME OP NUMBER joined by 'and'); the kept fraction goes to the manifest
+        clip_model: CLIP for --score paper (default openai/clip-vit-base-patch32; an id or a folder)
+        dino_model: DINO ViT for --score paper (default facebook/dino-vitb8; an id or a folder)
     """
 
     out: str | None = _value("DIR")
@@ -90,6 +97,11 @@ class Settings:
     device: str = _value("DEVICE", "auto")
     dtype: str = _value("DTYPE", "auto")
     progress: bool = True
+    # pair scores and the keep rule (p2pz.data.pairs.filtering; the scorer is built by the command line)
+    score: str = _value("KIND", "auto")
+    keep_if: str | None = _value("RULE")
+    clip_model: str | None = _value("PATH_OR_ID")
+    dino_model: str | None = _value("PATH_OR_ID")
 
 
 def with_task_split(s: Settings, environ: Mapping[str, str] | None = None) -> Settings:
@@ -129,3 +141,15 @@ def validate(s: Settings) -> None:
         raise UserError("--steps must be at least 1")
     for spec in s.edit:  # one-line error for a malformed edit or a word a world model never learned
         check_edit_vocabulary(parse_edit(spec), s.model)
+    _validate_selection(s)
+
+
+def _validate_selection(s: Settings) -> None:
+    from p2pz.data.pairs.filtering import SCORER_KINDS, parse_keep_if
+
+    if s.score not in SCORER_KINDS:
+        raise UserError(f"--score {s.score!r} is not one of {', '.join(SCORER_KINDS)}")
+    if s.keep_if is not None:
+        parse_keep_if(s.keep_if)  # one-line error for a rule that does not parse
+        if s.score == "none":
+            raise UserError("--keep-if needs scores: drop --score none (or pick world or paper)")

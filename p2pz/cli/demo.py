@@ -4,12 +4,19 @@ The same code paths as a cluster run, at toy scale:
 
 1. inputs   — shapes-world scenes with their ground truth (``p2pz.data.shapes``);
 2. teacher  — pix2pix-zero with the shipped toy model edits them into WebDataset shards
-              (``p2pz.data.pairs.generate``, exactly what ``p2pz generate`` runs);
-3. student  — ``p2pz train fit`` (LightningCLI) trains the ``lite`` CoModGAN on the shards;
+              (``p2pz.data.pairs.generate``, exactly what ``p2pz generate`` runs), each pair scored by
+              the world's oracle; the pairs ``--keep-if`` keeps (the teacher's successes) are copied
+              into ``shards-kept/`` (``p2pz shards filter``);
+3. student  — ``p2pz train fit`` (LightningCLI) trains the ``lite`` CoModGAN on the kept shards;
 4. export   — the per-edit package (``p2pz export``);
 5. bench    — latency per backend, teacher / student, roofline (``p2pz bench``);
 6. report   — ``report.html``: input | teacher | student on held-out scenes, scored by the world's
               oracle, and the latency chart.
+
+Each stage says how long it took, and the end of the output (and the report) has the split. Messages
+from libraries that a user of the demo can do nothing about (deprecations inside Lightning, "No CUDA
+runtime is found" on a CPU machine, Lightning's tips) are filtered, each by its own text
+(:func:`quiet_library_noise`); everything else, the project's own warnings included, still shows.
 """
 
 from __future__ import annotations
@@ -22,7 +29,9 @@ import html
 import importlib.resources
 import io
 import json
+import logging
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -44,6 +53,13 @@ if TYPE_CHECKING:
 TRAIN_CONFIG = "cpu.yaml"  # of the configs shipped as p2pz.configs (the repository's configs/)
 DEFAULT_EDIT = "circle:square"
 HELD_OUT_SEED = 10_000  # test scenes are drawn from seeds the training scenes never use
+DEFAULT_KEEP_IF = "success"  # train on the teacher's successes only (the oracle's verdict on each pair)
+# The demo's benchmark is shorter than `p2pz bench`'s (all backends, batches 1,4,16, 20 calls): the two
+# backends a user ships (the .pt2 program and ONNX) next to eager, without torch.compile's minutes of
+# compiling on a CPU.
+DEMO_BENCH_BACKENDS = "eager,pt2,onnx"
+DEMO_BENCH_BATCHES = "1,16"
+DEMO_BENCH_ITERS = 10
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -52,7 +68,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="run the whole job end to end on the built-in default (shapes world, CPU)",
         description=(
             "Teacher -> shards -> student training -> export -> benchmark -> report, on the shapes world "
-            "with the toy diffusion model the project ships. Takes about 15 minutes on a 2-core CPU and "
+            "with the toy diffusion model the project ships. Takes about 10 minutes on a 2-core CPU and "
             "leaves DIR/report.html, DIR/model/ (the exported student) and DIR/bench.json. Example:\n"
             "  p2pz demo --out demo_out"
         ),
@@ -73,10 +89,31 @@ def register(sub: argparse._SubParsersAction) -> None:
         default=str(importlib.resources.files("p2pz.configs") / TRAIN_CONFIG),
         help=f"'p2pz train' config (default: the shipped configs/{TRAIN_CONFIG})",
     )
+    p.add_argument(
+        "--keep-if",
+        default=DEFAULT_KEEP_IF,
+        metavar="RULE",
+        help=f"train only on the pairs whose oracle scores pass RULE (default: {DEFAULT_KEEP_IF!r}, the "
+        "teacher's successes; e.g. 'success and iou >= 0.8'; '' trains on every pair). See 'p2pz shards "
+        "filter --help' for the scores",
+    )
     p.add_argument("--test-scenes", type=int, default=16, help="held-out scenes in the report (default: 16)")
-    p.add_argument("--bench-backends", default="eager,compile,pt2,onnx", help="backends to benchmark")
-    p.add_argument("--bench-batches", default="1,4,16", help="batch sizes to benchmark")
-    p.add_argument("--bench-iters", type=int, default=20, help="timed calls per backend and batch")
+    p.add_argument(
+        "--bench-backends",
+        default=DEMO_BENCH_BACKENDS,
+        help=f"backends to benchmark (default: {DEMO_BENCH_BACKENDS}; 'p2pz bench' also times compile)",
+    )
+    p.add_argument(
+        "--bench-batches",
+        default=DEMO_BENCH_BATCHES,
+        help=f"batch sizes to benchmark (default: {DEMO_BENCH_BATCHES})",
+    )
+    p.add_argument(
+        "--bench-iters",
+        type=int,
+        default=DEMO_BENCH_ITERS,
+        help=f"timed calls per backend and batch (default: {DEMO_BENCH_ITERS})",
+    )
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=cmd_demo)
 
@@ -132,6 +169,8 @@ def save_world_direction(args: argparse.Namespace, out: Path, teacher: Any) -> t
 
 
 def generate_pairs(args: argparse.Namespace, out: Path, inputs: Path, direction: Path, teacher: Any) -> dict:
+    """The teacher's pairs into ``out``, each scored by the world's oracle (its ``json``'s ``scores``)."""
+    from p2pz.data.eval.pair_scores import WorldPairScorer
     from p2pz.data.pairs.generate import run
 
     settings = demo_settings(
@@ -146,7 +185,24 @@ def generate_pairs(args: argparse.Namespace, out: Path, inputs: Path, direction:
         seed=args.seed,
         steps=args.steps,
     )
-    return run(settings, teacher=teacher)
+    return run(settings, teacher=teacher, scorer=WorldPairScorer())
+
+
+def keep_pairs(args: argparse.Namespace, shards: Path, kept: Path) -> dict[str, Any]:
+    """The pairs ``--keep-if`` keeps, copied into ``kept`` (made anew on every run: the rule may differ);
+    its ``filter.json`` record. An empty rule keeps every pair where it is."""
+    from p2pz.data.pairs.filtering import filter_shards
+
+    shutil.rmtree(kept, ignore_errors=True)  # the demo's own folder, made from `shards` alone
+    if not args.keep_if.strip():
+        return {"keep_if": None, "pairs_kept": None, "kept_fraction": None, "shards": str(shards)}
+    report = filter_shards(shards, kept, args.keep_if)
+    if not report["pairs_kept"]:
+        raise UserError(
+            f"--keep-if {args.keep_if!r} kept none of the {report['pairs_in']} pairs; loosen it (or give '' "
+            "to train on every pair)"
+        )
+    return report | {"shards": str(kept)}
 
 
 def train_student(args: argparse.Namespace, shards: Path, run_dir: Path) -> Path:
@@ -154,7 +210,7 @@ def train_student(args: argparse.Namespace, shards: Path, run_dir: Path) -> Path
     cmd = [
         sys.executable,
         "-m",
-        "p2pz.cli.train",
+        "p2pz.cli.demo",  # `p2pz train fit` with the demo's filter of library noise (see train_main)
         "fit",
         "--config",
         args.train_config,
@@ -166,6 +222,8 @@ def train_student(args: argparse.Namespace, shards: Path, run_dir: Path) -> Path
         str(args.train_steps),
         "--seed_everything",
         str(args.seed),
+        "--trainer.enable_model_summary",  # its FLOPs column reads 0 for the project's custom ops
+        "false",
     ]
     if (run_dir / "checkpoints" / "last.ckpt").exists():
         cmd += ["--ckpt_path", "last"]  # a demo interrupted in training picks up where it was
@@ -179,12 +237,15 @@ def edit_held_out(
     args: argparse.Namespace, scenes: list[Any], model_dir: Path, direction: Any, teacher: Any
 ) -> dict[str, list]:
     """Teacher and student edits of the held-out scenes (the student from its exported package)."""
+    from tqdm import tqdm
+
     from p2pz.data.shapes import world
     from p2pz.student.export import apply_to_images, load_exported, read_config
 
     inputs = [world.render(s) for s in scenes]
     teacher_out = []
-    for start in range(0, len(inputs), args.batch_size):
+    starts = range(0, len(inputs), args.batch_size)
+    for start in tqdm(starts, desc="teacher, held-out scenes", unit="batch", dynamic_ncols=True):
         chunk = inputs[start : start + args.batch_size]
         results = teacher.edit(
             chunk,
@@ -381,7 +442,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
     out = Path(args.out)
     source = _check_demo_inputs(args)  # before anything is written
-    started = time.perf_counter()
+    quiet_library_noise()
+    demo_started = started = time.perf_counter()
     teacher = load_teacher(demo_settings(args))  # one teacher for the pairs and the report; a bad
     teacher_load_s = time.perf_counter() - started  # model stops the demo before anything is written
     out.mkdir(parents=True, exist_ok=True)
@@ -394,10 +456,12 @@ def cmd_demo(args: argparse.Namespace) -> int:
     with _stage(timings, "teacher (generate)", teacher_title):
         direction_file, direction = save_world_direction(args, out, teacher)
         generate_pairs(args, out / "shards", out / "inputs", direction_file, teacher)
+        kept = keep_pairs(args, out / "shards", out / "shards-kept")
+        print(_kept_line(args, kept), flush=True)
     timings["teacher (generate)"] += teacher_load_s
 
     with _stage(timings, "student (train)", f"3/6 student: p2pz train fit, {args.train_steps} iterations"):
-        checkpoint = train_student(args, out / "shards", out / "run")
+        checkpoint = train_student(args, Path(kept["shards"]), out / "run")
 
     with _stage(timings, "export", "4/6 export"):
         export_package(checkpoint, out / "model", extra={"teacher_model": str(args.model)})
@@ -407,6 +471,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
     with _stage(timings, "report", f"6/6 report: {args.test_scenes} held-out scenes"):
         images, scores, per_scene = _score_held_out(args, out, source, teacher, direction)
+    timings["total"] = time.perf_counter() - demo_started
     write_demo_report(
         out / "report.html",
         edit=args.edit,
@@ -415,11 +480,28 @@ def cmd_demo(args: argparse.Namespace) -> int:
         per_scene=per_scene,
         bench=bench,
         timings=timings,
-        facts=_demo_facts(args, out),
+        facts=_demo_facts(args, out, kept),
         chart=chart,
     )
+    print(f"\n{stage_split(timings)}")
     print(f"\nreport: {out / 'report.html'}\nmodel: {out / 'model'}\nbench: {bench_json}")
     return 0
+
+
+def stage_split(timings: dict[str, float]) -> str:
+    """The seconds of each stage and the whole, as the demo's last lines say them."""
+    total = timings.get("total") or sum(timings.values())
+    parts = [f"{k} {v:.0f} s ({v / total:.0%})" for k, v in timings.items() if k != "total" and total > 0]
+    return f"time per stage: {', '.join(parts)}; total {total / 60:.0f} min {total % 60:.0f} s"
+
+
+def _kept_line(args: argparse.Namespace, kept: dict[str, Any]) -> str:
+    if kept.get("keep_if") is None:
+        return "   training on every pair (--keep-if '')"
+    return (
+        f"   kept {kept['pairs_kept']} of {kept['pairs_in']} pairs ({kept['kept_fraction']:.0%}) "
+        f"with --keep-if {kept['keep_if']!r}"
+    )
 
 
 def _check_demo_inputs(args: argparse.Namespace) -> str:
@@ -447,6 +529,7 @@ def _stage(timings: dict[str, float], key: str, title: str) -> Iterator[None]:
     start = time.perf_counter()
     yield
     timings[key] = time.perf_counter() - start
+    print(f"   ({key}: {timings[key]:.0f} s)", flush=True)
 
 
 def _bench_student(args: argparse.Namespace, out: Path) -> tuple[dict[str, Any], Path, Path]:
@@ -486,12 +569,19 @@ def _score_held_out(
     return images, scores, per_scene
 
 
-def _demo_facts(args: argparse.Namespace, out: Path) -> dict[str, Any]:
+def _demo_facts(args: argparse.Namespace, out: Path, kept: dict[str, Any] | None = None) -> dict[str, Any]:
     """The run's settings and machine, for the report's last table."""
+    kept = kept or {}
     return {
         "teacher model": args.model,
         "edit": args.edit,
         "pairs": args.pairs,
+        "pairs the student learned from": (
+            f"{kept['pairs_kept']} of {kept['pairs_in']} ({kept['kept_fraction']:.0%}), those the oracle's "
+            f"scores pass: --keep-if {kept['keep_if']!r}"
+            if kept.get("keep_if")
+            else "all (no --keep-if)"
+        ),
         "teacher steps": args.steps,
         "teacher settings": f"preset {args.preset}, CFG {args.guidance_scale:g}, "
         f"xa guidance {args.xa_guidance:g}, direction from world captions",
@@ -500,3 +590,61 @@ def _demo_facts(args: argparse.Namespace, out: Path) -> dict[str, Any]:
         "python": sys.version.split()[0],
         "cpu cores": os.cpu_count(),
     }
+
+
+# ------------------------------------------------------------------------------------------------
+# Library noise
+
+
+# Warnings from libraries that a user of the demo can do nothing about, each matched by the start of its
+# text (the demo's own warnings, and any other library's, still show).
+LIBRARY_WARNINGS = (
+    r"The `srun` command is available on your system but is not used",  # Lightning, on a SLURM login node
+    r"Starting from v1\.9\.0, `tensorboardX` has been removed",  # Lightning's note on its default logger
+    r"`isinstance\(treespec, LeafSpec\)` is deprecated",  # Lightning's own use of torch's pytree
+    r"Your `IterableDataset` has `__len__` defined",  # the pair stream's epoch length is nominal
+    r"Total length of `\w+` across ranks is zero",  # a run without validation pairs
+)
+# Log lines of the same kind: logger name -> the lines' starts.
+LIBRARY_LOG_LINES = {
+    "torch.utils.cpp_extension": ("No CUDA runtime is found",),  # building the CPU ops on a CPU machine
+    "lightning.pytorch.utilities.rank_zero": ("💡 Tip",),  # Lightning's advertisement of its cloud logger
+}
+# Loggers whose INFO lines are for their developers (the ONNX exporter's optimiser lists every node)
+CHATTY_LOGGERS = ("onnxscript", "onnx_ir")
+
+
+class _DropLines(logging.Filter):
+    def __init__(self, starts: tuple[str, ...]):
+        super().__init__()
+        self.starts = starts
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith(self.starts)
+
+
+def quiet_library_noise() -> None:
+    """Filter the library messages listed above, in this process (the demo's stages and its training)."""
+    import warnings
+
+    for pattern in LIBRARY_WARNINGS:
+        warnings.filterwarnings("ignore", message=pattern)
+    for name, starts in LIBRARY_LOG_LINES.items():
+        logger = logging.getLogger(name)
+        if not any(isinstance(f, _DropLines) for f in logger.filters):
+            logger.addFilter(_DropLines(starts))
+    for name in CHATTY_LOGGERS:
+        logging.getLogger(name).setLevel(logging.WARNING)
+
+
+def train_main(args: list[str]) -> int:
+    """The demo's training stage: ``p2pz train`` (``python -m p2pz.cli.train``) with the library noise
+    filtered, run as ``python -m p2pz.cli.demo fit ...``."""
+    from p2pz.cli.train import script_main
+
+    quiet_library_noise()
+    return script_main(args, prog="p2pz demo (training)")
+
+
+if __name__ == "__main__":
+    sys.exit(train_main(sys.argv[1:]))

@@ -72,18 +72,34 @@ def _generate(argv: list[str]) -> int:
     from p2pz.data.pairs.generate import run
 
     settings = parse_generate_args(argv)
-    done = run(settings)
+    done = run(settings, scorer=build_scorer(settings))
     evals = done.get("unet_evals_per_pair") or {}
     cost = (
         f", {evals['forward']:g} forward + {evals['backward']:g} backward UNet evaluations per pair"
         if evals.get("forward") is not None
         else ""
     )
+    kept_out = f", {done['rejected']} kept out by --keep-if" if done.get("keep_if") else ""
     print(
         f"task {done['task_index']}/{done['num_tasks']}: wrote {done['shards_written']} shards, "
-        f"{done['samples_written']} pairs ({done['skipped']} skipped) to {settings.out}{cost}"
+        f"{done['samples_written']} pairs ({done['skipped']} skipped{kept_out}) to {settings.out}{cost}"
     )
     return 0
+
+
+def build_scorer(settings: Settings):  # -> PairScorer | None
+    """The pair scorer ``--score`` names (``auto``: the oracle for shapes-world edits), built here, above
+    the layer that uses it (``p2pz.data.pairs`` must not import the metrics of ``p2pz.data.eval``)."""
+    from p2pz.data.eval.pair_scores import make_pair_scorer
+    from p2pz.data.pairs.generate import resolve_edits
+
+    return make_pair_scorer(
+        settings.score,
+        edits=[job.edit for job in resolve_edits(settings)],
+        clip_model=settings.clip_model,
+        dino_model=settings.dino_model,
+        device=settings.device,
+    )
 
 
 def parse_generate_args(argv: Sequence[str], environ: Mapping[str, str] | None = None) -> Settings:
@@ -275,3 +291,54 @@ def _register_shards(subparsers: argparse._SubParsersAction) -> None:
     )
     inspect.add_argument("--json", action="store_true", help="print the summary as JSON")
     inspect.set_defaults(func=_inspect)
+    _register_filter(sub)
+
+
+# --------------------------------------------------------------------------------------------------
+# p2pz shards filter
+
+FILTER_EPILOG = """rule: clauses joined by 'and', each NAME (true / non-zero) or NAME OP NUMBER, OP one of
+>= > <= < == != (true/false stand for 1/0). A pair missing a score fails its clause.
+  shapes world (--score world, the default for its edits): success, target, kept,
+      others_kept, found, iou, iou_input, centre_shift_px, psnr_outside
+  real images (--score paper): clip_direction, clip_target_prob, clip_acc, structure_dist
+
+examples:
+  p2pz shards filter pairs/ pairs-good/ --keep-if "success and iou >= 0.8"
+  p2pz shards filter pairs/ pairs-good/ --keep-if 'clip_acc and structure_dist <= 0.05'
+"""
+
+
+def _register_filter(sub: argparse._SubParsersAction) -> None:
+    parser = sub.add_parser(
+        "filter",
+        help="copy only the pairs whose scores pass a rule into new shards",
+        description="Copy the pairs of SRC whose scores (written by 'p2pz generate' into each pair's json) "
+        "pass --keep-if into new shards in DST, with dataset.json and filter.json (the rule, counts per "
+        "shard, the kept fraction). DST must not exist; it appears only when complete.",
+        epilog=FILTER_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("src", metavar="SRC", help="the --out folder of 'p2pz generate'")
+    parser.add_argument("dst", metavar="DST", help="a new folder for the kept pairs")
+    parser.add_argument("--keep-if", required=True, metavar="RULE", help="e.g. 'success and iou >= 0.8'")
+    parser.add_argument("--json", action="store_true", help="print filter.json's record as JSON")
+    parser.set_defaults(func=_filter)
+
+
+def _filter(args: argparse.Namespace) -> int:
+    from p2pz.data.pairs.filtering import filter_shards
+
+    report = filter_shards(args.src, args.dst, args.keep_if, progress=not args.json)
+    if args.json:
+        print(json.dumps(report, indent=2))
+        return 0
+    fraction = report["kept_fraction"]
+    print(
+        f"kept {report['pairs_kept']} of {report['pairs_in']} pairs"
+        + (f" ({fraction:.1%})" if fraction is not None else "")
+        + f" with {report['keep_if']!r} into {args.dst}"
+    )
+    for clause, count in sorted(report["failed_clauses"].items(), key=lambda kv: -kv[1]):
+        print(f"  {count:6d} pairs fail {clause}")
+    return 0

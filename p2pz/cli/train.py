@@ -78,11 +78,24 @@ def student_cli_class() -> type[LightningCLI]:
             callbacks = (
                 [] if callbacks is None else list(callbacks) if isinstance(callbacks, list) else [callbacks]
             )
-            kwargs["callbacks"] = [*callbacks, RequeueOnSignal()]
+            kwargs["callbacks"] = [*callbacks, RequeueOnSignal(), *progress_bar(callbacks, trainer_config)]
             return super().instantiate_trainer(**kwargs)
 
     StudentCLI.__module__, StudentCLI.__qualname__ = __name__, "StudentCLI"
     return StudentCLI
+
+
+def progress_bar(callbacks: list[Any], trainer_config: Any) -> list[Any]:
+    """The iterations / max_steps bar (``IterationProgressBar``), unless the config turns progress bars off
+    or names its own."""
+    from lightning.pytorch.callbacks import ProgressBar
+
+    from p2pz.student.callbacks import IterationProgressBar
+
+    enabled = trainer_config.get("enable_progress_bar") if hasattr(trainer_config, "get") else None
+    if enabled is False or any(isinstance(c, ProgressBar) for c in callbacks):
+        return []
+    return [IterationProgressBar()]
 
 
 def refuse_unreadable_shards(data: Any) -> None:

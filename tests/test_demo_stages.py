@@ -1,0 +1,95 @@
+"""The demo as a newcomer sees it: a progress bar while the student trains, the time of each stage,
+and no library noise they can do nothing about (while the project's own warnings still show)."""
+
+from __future__ import annotations
+
+import functools
+import logging
+import warnings
+
+import pytest
+from test_training import TINY, write_pair_shards
+
+from p2pz.cli import demo
+
+
+@pytest.fixture
+def quiet():
+    """The demo's filters, installed for one test and removed after it."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        demo.quiet_library_noise()
+        yield caught
+    for name in demo.LIBRARY_LOG_LINES:
+        logger = logging.getLogger(name)
+        for f in [f for f in logger.filters if isinstance(f, demo._DropLines)]:
+            logger.removeFilter(f)
+    for name in demo.CHATTY_LOGGERS:
+        logging.getLogger(name).setLevel(logging.NOTSET)
+
+
+def test_library_noise_is_filtered_narrowly(quiet, caplog, capfd):
+    warn = functools.partial(warnings.warn, stacklevel=1)
+    warn("The `srun` command is available on your system but is not used. HINT: ...")
+    warn("`isinstance(treespec, LeafSpec)` is deprecated, use ...", DeprecationWarning)
+    warn("Total length of `list` across ranks is zero. Please make sure this was your intention.")
+    warn("only one shard and no --data.val_shards: training runs without validation")  # ours
+    warn("`something_else` is deprecated", DeprecationWarning)  # another library's: shown
+    assert [str(w.message) for w in quiet] == [
+        "only one shard and no --data.val_shards: training runs without validation",
+        "`something_else` is deprecated",
+    ]
+    with caplog.at_level(logging.INFO):
+        logging.getLogger("torch.utils.cpp_extension").warning(
+            "No CUDA runtime is found, using CUDA_HOME='%s'", "/x"
+        )
+        logging.getLogger("torch.utils.cpp_extension").warning("Error building extension 'p2pz_ops_cpu'")
+        logging.getLogger("lightning.pytorch.utilities.rank_zero").info(
+            "💡 Tip: For seamless cloud logging ..."
+        )
+        logging.getLogger("lightning.pytorch.utilities.rank_zero").info(
+            "`Trainer.fit` stopped: `max_steps=3` reached."
+        )
+        logging.getLogger("onnxscript.optimizer").info("Skipping constant folding for node ...")
+        logging.getLogger("onnxscript.optimizer").warning("a real problem")
+    torch_lines = capfd.readouterr().err  # torch's loggers print through their own handler
+    assert "Error building extension" in torch_lines and "No CUDA runtime" not in torch_lines
+    assert [r.getMessage() for r in caplog.records if not r.name.startswith("torch")] == [
+        "`Trainer.fit` stopped: `max_steps=3` reached.",
+        "a real problem",
+    ]
+
+
+def test_stage_split_names_every_stage_and_the_total():
+    line = demo.stage_split(
+        {"teacher (generate)": 200.0, "student (train)": 290.0, "bench": 50.0, "total": 563.0}
+    )
+    assert line == (
+        "time per stage: teacher (generate) 200 s (36%), student (train) 290 s (52%), bench 50 s (9%); "
+        "total 9 min 23 s"
+    )
+
+
+def test_training_shows_iterations_of_max_steps_and_the_loss(tmp_path, capsys):
+    """`p2pz train` draws one bar over the run's iterations (Lightning's counts batches per epoch)."""
+    from p2pz.cli import train
+    from p2pz.student.callbacks import IterationProgressBar
+
+    shards = write_pair_shards(tmp_path / "pairs", shards=2, per_shard=4)
+    args = [
+        "--config",
+        TINY,
+        "--data.shards",
+        str(shards),
+        "--trainer.default_root_dir",
+        str(tmp_path / "run"),
+    ]
+    cli = train.main(args=[*args, "--trainer.max_steps", "4", "--data.epoch_length", "3"], run=False)
+    assert isinstance(cli.trainer.progress_bar_callback, IterationProgressBar)
+    cli.trainer.fit(cli.model, datamodule=cli.datamodule)
+    err = capsys.readouterr().err.replace("\r", "\n")
+    final = [line for line in err.splitlines() if line.startswith("training:")][-1]
+    assert "4/4" in final and "l1=" in final  # across two epochs of 3 batches: one bar, to max_steps
+
+    off = train.main(args=[*args, "--trainer.enable_progress_bar", "false"], run=False)
+    assert off.trainer.progress_bar_callback is None
