@@ -40,7 +40,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from p2pz.data.models import TOY_MODEL
-from p2pz.data.shapes.teacher_settings import add_toy_teacher_arguments
+from p2pz.data.shapes.teacher_settings import AUTO, TOY_XA_GUIDANCE, add_toy_teacher_arguments
 
 README_EDITS = ("circle:square", "red:blue")  # the README's table: more scenes
 README_SCENES, OTHER_SCENES = 100, 20
@@ -77,7 +77,7 @@ def main(argv: list[str] | None = None) -> int:
     log = ScoreLog(args.log, _log_settings(args, teacher))
     print(
         f"toy ablation: {args.model}, {len(edits)} edits, {_scenes_text(args)}, {args.steps} steps, "
-        f"preset {args.preset}, CFG {args.guidance_scale:g}, xa_guidance {args.xa_guidance:g} "
+        f"preset {args.preset}, CFG {args.guidance_scale:g}, xa_guidance {args.xa_guidance} "
         f"(direction_xa), {torch.get_num_threads()} threads",
         flush=True,
     )
@@ -86,10 +86,36 @@ def main(argv: list[str] | None = None) -> int:
     for edit in edits:
         scenes = edit.scenes(_scene_count(args, edit), seed=args.seed)
         direction = world_direction(teacher, edit, args.sentences)  # one direction for the edit's rows
+        step = _guidance_step(args, teacher, edit, direction)
         for row in args.rows:
-            results[f"{edit.name}/{row}"] = _run_row(args, teacher, log, edit, scenes, direction, row)
+            results[f"{edit.name}/{row}"] = _run_row(args, teacher, log, edit, scenes, direction, row, step)
     _print_results(results)
     return 0
+
+
+def _guidance_step(
+    args: argparse.Namespace, teacher: Pix2PixZero, edit: WorldEdit, direction: EditDirection
+) -> float:
+    """``--xa-guidance``, or with ``auto`` the step calibrated for this edit on its own seeded scenes
+    (never the evaluated ones), printed with the sweep it was chosen from."""
+    if args.xa_guidance != AUTO or "direction_xa" not in args.rows:
+        return TOY_XA_GUIDANCE if args.xa_guidance == AUTO else args.xa_guidance
+    from tqdm.auto import tqdm
+
+    from p2pz.data.eval.calibration import calibrate_world_edit
+
+    with tqdm(total=4, desc=f"{edit.name}/calibration", file=sys.stderr) as bar:
+        calibration = calibrate_world_edit(
+            teacher,
+            edit,
+            TOY_XA_GUIDANCE,
+            direction=direction,
+            num_steps=args.steps,
+            guidance_scale=args.guidance_scale,
+            progress=bar,
+        )
+    print(f"{edit.name}: calibrated xa_guidance {calibration.chosen:g}\n{calibration.table()}", flush=True)
+    return calibration.chosen
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -119,7 +145,7 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--steps", type=int, default=50, help="DDIM steps of inversion and editing (default 50)"
     )
-    add_toy_teacher_arguments(parser)  # --preset, --xa-guidance, --guidance-scale
+    add_toy_teacher_arguments(parser, xa_default=AUTO)  # --preset, --xa-guidance, --guidance-scale
     parser.add_argument(
         "--sentences", default="world", help="sentence banks of the directions (default: world captions)"
     )
@@ -185,6 +211,7 @@ def _run_row(
     scenes: list[Scene],
     direction: EditDirection,
     row: str,
+    xa_guidance: float,
 ) -> dict[str, Any]:
     """Edit and score the scenes ``log`` lacks for one row, then summarise all of the row's scenes."""
     from tqdm.auto import tqdm
@@ -206,7 +233,7 @@ def _run_row(
             scenes,
             row,
             num_steps=args.steps,
-            xa_guidance=args.xa_guidance,
+            xa_guidance=xa_guidance,
             guidance_scale=args.guidance_scale,
             batch_size=args.batch_size,
             direction=direction,
@@ -218,6 +245,8 @@ def _run_row(
     seconds = time.perf_counter() - tic
     summary = _summarise([log.done(edit.name, row)[i] for i in range(len(scenes))])
     summary["seconds_this_run"] = round(seconds, 1)
+    if row == "direction_xa":
+        summary["xa_guidance"] = xa_guidance
     print(f"{edit.name}/{row}: {_fmt(summary)} ({seconds:.0f} s)", flush=True)
     return summary
 

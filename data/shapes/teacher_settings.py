@@ -29,10 +29,24 @@ import argparse
 TOY_PRESET = "joint"
 TOY_XA_GUIDANCE = 15.0
 TOY_GUIDANCE_SCALE = 3.0
+AUTO = "auto"  # --xa-guidance auto: calibrate the step per edit (p2pz.data.eval.calibration)
 
 
-def add_toy_teacher_arguments(parser: argparse.ArgumentParser) -> None:
-    """``--preset``, ``--xa-guidance`` and ``--guidance-scale``, defaulting to the toy model's values."""
+def xa_guidance_value(text: str) -> float | str:
+    """``--xa-guidance``'s value: a step, or ``auto``."""
+    if text.strip().lower() == AUTO:
+        return AUTO
+    try:
+        return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is neither a number nor 'auto'") from None
+
+
+def add_toy_teacher_arguments(
+    parser: argparse.ArgumentParser, xa_default: float | str = TOY_XA_GUIDANCE
+) -> None:
+    """``--preset``, ``--xa-guidance`` (a step or ``auto``) and ``--guidance-scale``, defaulting to
+    the toy model's values (``xa_default``: the step's default, e.g. ``auto``)."""
     from p2pz.teacher.presets import PRESETS
 
     parser.add_argument(
@@ -43,10 +57,11 @@ def add_toy_teacher_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--xa-guidance",
-        type=float,
-        default=TOY_XA_GUIDANCE,
-        help=f"cross-attention guidance step (default: {TOY_XA_GUIDANCE:g}, the toy model's; the presets' "
-        "0.1 is tuned for SD-1.4; see data/shapes/teacher_settings.py)",
+        type=xa_guidance_value,
+        default=xa_default,
+        help=f"cross-attention guidance step, or 'auto': calibrated per edit on {6} seeded scenes among "
+        f"{TOY_XA_GUIDANCE:g} x 1/3, 2/3, 1, 2 (default: {xa_default}; the presets' 0.1 is tuned for SD-1.4; "
+        "see data/shapes/teacher_settings.py and p2pz.data.eval.calibration)",
     )
     parser.add_argument(
         "--guidance-scale",

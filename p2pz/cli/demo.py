@@ -41,7 +41,7 @@ from typing import TYPE_CHECKING, Any
 
 from p2pz.cli import check_config_file
 from p2pz.data.models import TOY_MODEL
-from p2pz.data.shapes.teacher_settings import add_toy_teacher_arguments
+from p2pz.data.shapes.teacher_settings import AUTO, TOY_XA_GUIDANCE, add_toy_teacher_arguments
 from p2pz.utils.errors import UserError
 
 if TYPE_CHECKING:
@@ -166,6 +166,31 @@ def save_world_direction(args: argparse.Namespace, out: Path, teacher: Any) -> t
 
     direction = world_direction(teacher, parse_world_edit(args.edit))
     return direction.save(out / "direction.safetensors"), direction
+
+
+def resolve_guidance(args: argparse.Namespace, out: Path, teacher: Any, direction: Any) -> None:
+    """``--xa-guidance auto``: the step calibrated for the edit on seeded world scenes (neither the
+    demo's inputs nor its held-out scenes), printed and saved as ``calibration.json``."""
+    if args.xa_guidance != AUTO:
+        return
+    from tqdm.auto import tqdm
+
+    from p2pz.data.eval.calibration import calibrate_world_edit
+    from p2pz.data.shapes.edits import parse_world_edit
+
+    with tqdm(total=4, desc=f"calibrating the guidance of {args.edit}") as bar:
+        calibration = calibrate_world_edit(
+            teacher,
+            parse_world_edit(args.edit),
+            TOY_XA_GUIDANCE,
+            direction=direction,
+            num_steps=args.steps,
+            guidance_scale=args.guidance_scale,
+            progress=bar,
+        )
+    print(f"{calibration.table()}\ncalibrated xa_guidance: {calibration.chosen:g}", flush=True)
+    (out / "calibration.json").write_text(json.dumps(calibration.to_dict(), indent=1) + "\n")
+    args.xa_guidance, args.calibrated = calibration.chosen, True
 
 
 def generate_pairs(args: argparse.Namespace, out: Path, inputs: Path, direction: Path, teacher: Any) -> dict:
@@ -455,6 +480,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     teacher_title = f"2/6 teacher: pix2pix-zero {args.edit} into shards ({args.steps} steps)"
     with _stage(timings, "teacher (generate)", teacher_title):
         direction_file, direction = save_world_direction(args, out, teacher)
+        resolve_guidance(args, out, teacher, direction)
         generate_pairs(args, out / "shards", out / "inputs", direction_file, teacher)
         kept = keep_pairs(args, out / "shards", out / "shards-kept")
         print(_kept_line(args, kept), flush=True)
@@ -584,7 +610,8 @@ def _demo_facts(args: argparse.Namespace, out: Path, kept: dict[str, Any] | None
         ),
         "teacher steps": args.steps,
         "teacher settings": f"preset {args.preset}, CFG {args.guidance_scale:g}, "
-        f"xa guidance {args.xa_guidance:g}, direction from world captions",
+        f"xa guidance {args.xa_guidance:g}{' (calibrated)' if getattr(args, 'calibrated', False) else ''}, "
+        "direction from world captions",
         "student iterations": args.train_steps,
         "package": str(out / "model"),
         "python": sys.version.split()[0],

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from p2pz.data.models import TOY_MODEL
+from p2pz.data.shapes.teacher_settings import AUTO, TOY_XA_GUIDANCE, xa_guidance_value
 from p2pz.teacher.edits import Edit
 from p2pz.utils.errors import UserError
 
@@ -74,9 +75,10 @@ def _add_world_arguments(w: argparse._ArgumentGroup) -> None:
     )
     w.add_argument(
         "--xa-guidance",
-        type=float,
+        type=xa_guidance_value,
         default=None,
-        help="cross-attention guidance step (default: the preset's)",
+        help="cross-attention guidance step, or 'auto' (calibrated per edit on seeded scenes apart from "
+        "the scored ones, around the toy model's 15 or the preset's step; default: the preset's)",
     )
     w.add_argument(
         "--guidance-scale",
@@ -155,6 +157,25 @@ def run(args: argparse.Namespace) -> int:
 # --world
 
 
+def _guidance_step(args: argparse.Namespace, teacher: Any, edit: Any) -> tuple[float | None, dict | None]:
+    """``--xa-guidance`` as given, or (``auto``) calibrated for ``edit`` and the calibration's record."""
+    if args.xa_guidance != AUTO or args.row != "direction_xa":
+        return (None if args.xa_guidance == AUTO else args.xa_guidance), None
+    from tqdm.auto import tqdm
+
+    from p2pz.data.eval.calibration import calibrate_world_edit
+    from p2pz.data.shapes.edits import model_vocabulary
+
+    world_model = model_vocabulary(args.model) is not None
+    base = TOY_XA_GUIDANCE if world_model else teacher.preset.xa_guidance_real
+    with tqdm(total=4, desc=f"{edit.name} (calibration)") as bar:
+        calibration = calibrate_world_edit(
+            teacher, edit, base, num_steps=args.steps, guidance_scale=args.guidance_scale, progress=bar
+        )
+    print(f"{edit.name}: calibrated xa_guidance {calibration.chosen:g}\n{calibration.table()}", flush=True)
+    return calibration.chosen, calibration.to_dict()
+
+
 def eval_world(args: argparse.Namespace) -> dict:
     import torch
     from tqdm.auto import tqdm
@@ -172,6 +193,7 @@ def eval_world(args: argparse.Namespace) -> dict:
     metrics, shown = {}, []
     for edit in edits:
         scenes = edit.scenes(args.scenes, seed=args.seed)
+        xa_guidance, calibration = _guidance_step(args, teacher, edit)
         with tqdm(total=len(scenes), desc=f"{edit.name} ({args.row})") as bar:
             result = edit_world_scenes(
                 teacher,
@@ -179,7 +201,7 @@ def eval_world(args: argparse.Namespace) -> dict:
                 scenes,
                 args.row,
                 num_steps=args.steps,
-                xa_guidance=args.xa_guidance,
+                xa_guidance=xa_guidance,
                 guidance_scale=args.guidance_scale,
                 batch_size=args.batch_size,
                 sentences=args.sentences,
@@ -188,6 +210,8 @@ def eval_world(args: argparse.Namespace) -> dict:
                 progress=bar,
             )
         metrics[edit.name] = {**result.summary(), "per_image": [s.to_dict() for s in result.scores]}
+        if calibration is not None:
+            metrics[edit.name]["calibration"] = calibration
         for scene, image, score in zip(scenes, result.edited, result.scores):
             if len(shown) < GRID_PAIRS:
                 shown.append((world.render(scene), image, _world_label(score.to_dict())))

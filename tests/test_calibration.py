@@ -1,0 +1,104 @@
+"""Calibrating the cross-attention guidance step per edit (``p2pz calibrate``, ``--xa-guidance auto``)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from p2pz.cli.main import main
+from p2pz.data.eval.calibration import (
+    CALIBRATION_SEED,
+    candidate_steps,
+    pick_step,
+    world_calibration_scenes,
+)
+from p2pz.data.models import TOY_MODEL
+from p2pz.data.shapes.edits import parse_world_edit
+from p2pz.utils.errors import UserError
+
+
+def _rows(*cells):
+    return [{"xa_guidance": x, "success": s, "structure": q} for x, s, q in cells]
+
+
+def test_the_step_keeps_most_structure_among_those_where_the_edit_happens():
+    # circle:square on the toy model: 15 and 30 lose a sixth of the edits, 5 keeps them all
+    rows = _rows((5, 1.0, 0.839), (15, 0.833, 0.817), (30, 0.833, 0.850))
+    assert pick_step(rows, higher_is_better=True) == 5
+    # the same success everywhere: the best structure wins
+    assert pick_step(_rows((5, 1.0, 0.70), (15, 1.0, 0.71), (30, 1.0, 0.72)), True) == 30
+    # within the margin: structure may cost a little success
+    assert pick_step(_rows((5, 1.0, 0.70), (15, 0.95, 0.80)), True) == 15
+    # real images: a lower structure distance is better; a tie goes to the smaller step
+    assert pick_step(_rows((0.05, 0.8, 0.02), (0.1, 0.8, 0.01), (0.2, 0.8, 0.01)), False) == 0.1
+
+
+def test_candidates_surround_the_base_step():
+    assert candidate_steps(15) == [5.0, 10.0, 15.0, 30.0]
+    assert candidate_steps(0.1) == pytest.approx([0.03333, 0.06667, 0.1, 0.2])
+    with pytest.raises(UserError):
+        candidate_steps(0)
+
+
+def test_calibration_scenes_are_never_the_evaluated_ones():
+    edit = parse_world_edit("circle:square")
+    calibration = world_calibration_scenes(edit, 4)
+    evaluated = edit.scenes(100, seed=0)
+    assert all(s.objects[0].shape == "circle" for s in calibration)
+    assert not {repr(s) for s in calibration} & {repr(s) for s in evaluated}
+    assert calibration == edit.scenes(4, seed=CALIBRATION_SEED)
+
+
+def test_p2pz_calibrate_edits_at_every_step_and_picks_by_the_rule(tmp_path, capsys):
+    out = tmp_path / "calibration.json"
+    argv = ["calibrate", "--model", str(TOY_MODEL), "--edit", "square:circle", "--count", "2", "--steps", "3"]
+    assert main([*argv, "--candidates", "1", "40", "--out", str(out)]) == 0
+    record = json.loads(out.read_text())
+    assert [r["xa_guidance"] for r in record["rows"]] == [1.0, 40.0]
+    assert record["inputs"] == 2 and record["structure_score"] == "iou"
+    assert record["chosen"] == pick_step(record["rows"], higher_is_better=True)
+    # the steps give different edits (the guidance moved something), scored by the oracle
+    assert record["rows"][0]["structure"] != record["rows"][1]["structure"]
+    printed = capsys.readouterr().out
+    assert f"chosen xa_guidance for square:circle: {record['chosen']:g}" in printed
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--edit", "cat:dog"], "never learned cat, dog"),
+        (["--edit", "cat:dog", "--model", "some/sd-model"], "not a shapes-world edit: give --inputs"),
+        (["--edit", "circle:diamond"], "never learned diamond"),
+        (["--edit", "circle:square", "--count", "0"], "--count must be at least 1"),
+        (["--edit", "circle:square", "--inputs", "/nonexistent"], "is not a folder of images"),
+    ],
+)
+def test_p2pz_calibrate_bad_input_is_one_line(capsys, argv, message):
+    assert main(["calibrate", "--model", str(TOY_MODEL), *argv]) == 2
+    err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert len(err) == 1 and message in err[0]
+
+
+def test_eval_world_calibrates_with_auto(tmp_path):
+    out = tmp_path / "eval"
+    argv = ["eval", "--world", "--model", str(TOY_MODEL), "--edit", "circle:square", "--scenes", "1"]
+    argv += [
+        "--steps",
+        "2",
+        "--preset",
+        "joint",
+        "--guidance-scale",
+        "3",
+        "--xa-guidance",
+        "auto",
+        "--out",
+        str(out),
+    ]
+    assert main(argv) == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    calibration = metrics["circle-to-square"]["calibration"] if "circle-to-square" in metrics else None
+    if calibration is None:  # metrics may be nested under "metrics"
+        calibration = metrics["metrics"]["circle-to-square"]["calibration"]
+    assert [r["xa_guidance"] for r in calibration["rows"]] == [5.0, 10.0, 15.0, 30.0]
+    assert calibration["chosen"] in (5.0, 10.0, 15.0, 30.0)
