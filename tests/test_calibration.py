@@ -102,3 +102,32 @@ def test_eval_world_calibrates_with_auto(tmp_path):
         calibration = metrics["metrics"]["circle-to-square"]["calibration"]
     assert [r["xa_guidance"] for r in calibration["rows"]] == [5.0, 10.0, 15.0, 30.0]
     assert calibration["chosen"] in (5.0, 10.0, 15.0, 30.0)
+
+
+def test_generate_with_auto_calibrates_on_its_inputs_and_records_the_step(tmp_path):
+    from p2pz.data.pairs.sample import iter_shard
+    from p2pz.data.shapes import world
+
+    inputs = tmp_path / "inputs"
+    inputs.mkdir()
+    for i, scene in enumerate(parse_world_edit("circle:square").scenes(2, seed=7)):
+        world.render(scene).save(inputs / f"scene-{i}.png")
+    out = tmp_path / "pairs"
+    argv = ["generate", "--model", str(TOY_MODEL), "--edit", "circle:square", "--inputs", str(inputs)]
+    argv += ["--out", str(out), "--steps", "2", "--preset", "joint", "--xa-guidance", "auto", "--no-progress"]
+    assert main(argv) == 0
+    calibration = json.loads((out / "calibration.json").read_text())
+    assert calibration["edit"] == "circle:square" and calibration["inputs"] == 2
+    assert [r["xa_guidance"] for r in calibration["rows"]] == [5.0, 10.0, 15.0, 30.0]
+    metas = [json.loads(s["json"]) for shard in sorted(out.glob("*.tar")) for s in iter_shard(shard)]
+    assert len(metas) == 2
+    assert {m["teacher"]["overrides"]["xa_guidance"] for m in metas} == {calibration["chosen"]}
+
+
+def test_generate_auto_needs_one_edit_and_scores(tmp_path, capsys):
+    argv = ["generate", "--model", str(TOY_MODEL), "--inputs", str(tmp_path), "--out", str(tmp_path / "o")]
+    assert main([*argv, "--edit", "circle:square", "--edit", "red:blue", "--xa-guidance", "auto"]) == 2
+    assert "calibrates one edit" in capsys.readouterr().err
+    assert main([*argv, "--edit", "circle:square", "--score", "none", "--xa-guidance", "auto"]) == 2
+    assert "needs pair scores" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()

@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from typing import Literal
 
 from p2pz.data.pairs import shards as sh
 from p2pz.data.shapes.edits import check_edit_vocabulary
@@ -49,7 +50,8 @@ class Settings:
         seed: global seed; each pair's seed is derived from it and the pair's identity
         steps: DDIM steps for inversion and editing (default: the preset's)
         guidance_scale: classifier-free guidance of the edit (default: the preset's)
-        xa_guidance: cross-attention guidance weight (default: the preset's)
+        xa_guidance: cross-attention guidance weight (default: the preset's), or 'auto': calibrated for
+            the edit on its first inputs (p2pz calibrate), the choice written to calibration.json
         num_sentences: sentences per concept for the edit direction (default: the teacher's)
         captioner: captioner for inputs without a caption (default: the teacher's)
         save_recon: store the teacher's reconstruction as recon.png
@@ -85,7 +87,7 @@ class Settings:
     seed: int = _value("N", 0)
     steps: int | None = _value("N")
     guidance_scale: float | None = _value("X")
-    xa_guidance: float | None = _value("X")
+    xa_guidance: float | Literal["auto"] | None = _value("X")
     num_sentences: int | None = _value("N")
     captioner: str | None = _value("PATH_OR_ID")
     save_recon: bool = True

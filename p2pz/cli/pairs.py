@@ -15,7 +15,7 @@ import re
 import typing
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from p2pz.cli import add_passthrough_command, check_config_files, split_config_args
 from p2pz.utils.errors import UserError
@@ -72,7 +72,9 @@ def _generate(argv: list[str]) -> int:
     from p2pz.data.pairs.generate import run
 
     settings = parse_generate_args(argv)
-    done = run(settings, scorer=build_scorer(settings))
+    scorer = build_scorer(settings)
+    settings, teacher = calibrate_if_asked(settings, scorer)
+    done = run(settings, teacher=teacher, scorer=scorer)
     evals = done.get("unet_evals_per_pair") or {}
     cost = (
         f", {evals['forward']:g} forward + {evals['backward']:g} backward UNet evaluations per pair"
@@ -85,6 +87,49 @@ def _generate(argv: list[str]) -> int:
         f"{done['samples_written']} pairs ({done['skipped']} skipped{kept_out}) to {settings.out}{cost}"
     )
     return 0
+
+
+def calibrate_if_asked(settings: Settings, scorer: Any) -> tuple[Settings, Any]:
+    """``--xa-guidance auto``: the settings with the step calibrated for the edit on its first inputs
+    (``p2pz.data.eval.calibration``; the sweep goes to ``OUT/calibration.json``), and the teacher it
+    loaded (reused for the pairs). Other settings pass through, with no teacher."""
+    if settings.xa_guidance != "auto":
+        return settings, None
+    from p2pz.data.eval.calibration import CALIBRATION_SCENES, calibrate_guidance
+    from p2pz.data.pairs.generate import ensure_direction, load_teacher, open_inputs, resolve_edits
+    from p2pz.data.shapes import teacher_settings as toy
+    from p2pz.data.shapes.edits import model_vocabulary
+    from p2pz.utils.atomic import atomic_path
+
+    edits = resolve_edits(settings)
+    if len(edits) != 1 or settings.synthetic:
+        raise UserError(
+            "--xa-guidance auto calibrates one edit on --inputs images: run generate per edit, or give "
+            "each edit's step (p2pz calibrate prints it)"
+        )
+    if scorer is None:
+        raise UserError("--xa-guidance auto needs pair scores to choose by: --score world or --score paper")
+    source, job = open_inputs(settings), edits[0]
+    images = [source.load(i).image for i in source.ids(job.source)[:CALIBRATION_SCENES]]
+    teacher = load_teacher(settings)
+    world_model = model_vocabulary(settings.model) is not None
+    base = toy.TOY_XA_GUIDANCE if world_model else teacher.preset.xa_guidance_real
+    calibration = calibrate_guidance(
+        teacher,
+        job.edit,
+        ensure_direction(teacher, job, settings),
+        images,
+        scorer,
+        base,
+        num_steps=settings.steps,
+        guidance_scale=settings.guidance_scale,
+        seed=settings.seed,
+    )
+    print(f"{calibration.table()}\ncalibrated xa_guidance for {job.edit.spec}: {calibration.chosen:g}")
+    Path(settings.out).mkdir(parents=True, exist_ok=True)
+    with atomic_path(Path(settings.out) / "calibration.json") as tmp:
+        Path(tmp).write_text(json.dumps(calibration.to_dict(), indent=1) + "\n")
+    return dataclasses.replace(settings, xa_guidance=calibration.chosen), teacher
 
 
 def build_scorer(settings: Settings):  # -> PairScorer | None
