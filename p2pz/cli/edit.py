@@ -12,6 +12,8 @@ import argparse
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from p2pz.data.shapes.teacher_settings import AUTO, xa_guidance_value
+
 if TYPE_CHECKING:
     from p2pz.teacher.directions import EditDirection
     from p2pz.teacher.pipeline import EditResult, Pix2PixZero
@@ -38,6 +40,7 @@ def _edit(args: argparse.Namespace) -> int:
         direction = teacher.direction(
             args.source, args.target, num_sentences=args.num_sentences, seed=args.seed
         )
+    calibration = _calibrate_if_asked(args, teacher, image, direction)
     [result] = teacher.edit(
         [image],
         [direction],
@@ -48,12 +51,49 @@ def _edit(args: argparse.Namespace) -> int:
         guidance_scale=args.guidance_scale,
     )
     settings = _edit_settings(args, teacher, direction, result, out, recon_path)
+    if calibration is not None:
+        settings["xa_guidance_calibration"] = calibration
     _write_outputs(result, settings, out, recon_path, sidecar)
     print(out)
     if not result.finite:
         print("warning: the edit has NaN/inf values (try --dtype fp32)")
         return 1
     return 0
+
+
+def _calibrate_if_asked(
+    args: argparse.Namespace, teacher: Pix2PixZero, image: Any, direction: EditDirection
+) -> dict[str, Any] | None:
+    """``--xa-guidance auto``: set ``args.xa_guidance`` to the step calibrated on this image and
+    return the calibration's record (None for a given step)."""
+    if args.xa_guidance != AUTO:
+        return None
+    from p2pz.data.eval.calibration import calibrate_guidance
+    from p2pz.data.eval.pair_scores import make_pair_scorer
+    from p2pz.data.shapes import teacher_settings as toy
+    from p2pz.data.shapes.edits import is_world_edit, model_vocabulary
+    from p2pz.teacher.edits import Edit
+
+    edit = Edit(direction.source, direction.target)
+    scorer = make_pair_scorer("world" if is_world_edit(edit.source, edit.target) else "paper", edits=[edit])
+    base = (
+        toy.TOY_XA_GUIDANCE if model_vocabulary(args.model) is not None else teacher.preset.xa_guidance_real
+    )
+    calibration = calibrate_guidance(
+        teacher,
+        edit,
+        direction,
+        [image],
+        scorer,
+        base,
+        captions=[args.caption] if args.caption else None,
+        num_steps=args.steps,
+        guidance_scale=args.guidance_scale,
+        seed=args.seed,
+    )
+    print(f"{calibration.table()}\ncalibrated xa_guidance: {calibration.chosen:g}")
+    args.xa_guidance = calibration.chosen
+    return calibration.to_dict()
 
 
 def _check_arguments(args: argparse.Namespace, out: Path) -> None:
@@ -216,8 +256,11 @@ def register(subparsers) -> None:
     p.add_argument("--steps", type=int, help=f"DDIM steps (default: the preset's, {OFFICIAL.num_steps})")
     p.add_argument(
         "--xa-guidance",
-        type=float,
-        help=f"cross-attention guidance step, higher keeps more layout (default {OFFICIAL.xa_guidance_real})",
+        type=xa_guidance_value,
+        help="cross-attention guidance step, higher keeps more layout "
+        f"(default {OFFICIAL.xa_guidance_real}), or 'auto': the step that keeps most structure while the "
+        "edit happens on this image, among the base step x 1/3, 2/3, 1, 2 (scored by the world's "
+        "oracle, or CLIP + DINO; see p2pz calibrate)",
     )
     p.add_argument(
         "--guidance-scale",
