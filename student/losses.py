@@ -45,10 +45,13 @@ def r1_penalty(real_logits: torch.Tensor, real_images: torch.Tensor) -> torch.Te
     """Mean over the batch of ``||d D / d y||^2``; ``real_images`` must have ``requires_grad``.
 
     The graph of the gradient is kept (``create_graph``), so backpropagating the penalty reaches
-    the discriminator's weights (a second-order gradient).
+    the discriminator's weights (a second-order gradient). As in StyleGAN2-ADA, the gradient is taken
+    unscaled and squared and summed in fp32: under autocast it already is fp32 (the gradient of the
+    fp32 images), and half-precision images ('16-true', 'bf16-true') are upcast first, since the
+    squares of gradients above 256 overflow fp16 and a 512 px sum loses bf16's 8 bits.
     """
     (grad,) = torch.autograd.grad(outputs=real_logits.sum(), inputs=real_images, create_graph=True)
-    return grad.square().sum(dim=[1, 2, 3]).mean()
+    return grad.float().square().sum(dim=[1, 2, 3]).mean()
 
 
 # --------------------------------------------------------------------------------------------------
