@@ -316,11 +316,13 @@ def _teacher_comparison(
 ) -> dict[str, Any]:
     """The teacher's latency for one edit and how many times slower it is than the student at batch 1."""
     teacher_model = teacher_model or config.get("teacher_model")
-    if not teacher_model:
+    if not teacher_model or teacher_model == "none":
         return {
             "teacher_ms": None,
             "teacher_over_student": None,
-            "teacher_note": "no teacher model given (--teacher) or recorded in the package",
+            "teacher_note": "teacher skipped (--teacher none)"
+            if teacher_model
+            else "no teacher model given (--teacher) or recorded in the package",
         }
     say("teacher edit")
     edit = (config.get("data") or {}).get("edit") or {}

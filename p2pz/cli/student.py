@@ -113,7 +113,8 @@ def _register_bench(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--teacher",
         default=None,
-        help="teacher model for the speed-up figure (default: the one recorded in the package)",
+        help="teacher model for the speed-up figure (default: the one recorded in the package; 'none' "
+        "skips the teacher's edit, e.g. a real-size teacher on a CPU)",
     )
     p.add_argument(
         "--teacher-steps", type=int, default=None, help="teacher DDIM steps (default: its preset's)"
