@@ -55,7 +55,7 @@ class UNetEvals:
         self.forward: dict[str, int] = {}
         self.backward: dict[str, int] = {}
         self.seconds = 0.0  # inside the UNet (forward and backward), with timing=True
-        self._started: list[float] = []
+        self._started: float | None = None  # the running forward call's start, with timing=True
         self._handles = [
             unet.register_forward_pre_hook(self._before, with_kwargs=True),
             unet.register_forward_hook(self._after, with_kwargs=True),
@@ -85,13 +85,14 @@ class UNetEvals:
             sample.register_hook(lambda grad: self._count_backward(stage, batch))
         if self.timing:
             _sync(sample.device)
-            self._started.append(time.perf_counter())
+            self._started = time.perf_counter()
 
     def _after(self, module: Any, args: tuple, kwargs: dict, output: Any) -> None:
-        if self.timing and self._started:
+        if self.timing and self._started is not None:
             sample = args[0] if args else kwargs.get("sample")
             _sync(sample.device)
-            self.seconds += time.perf_counter() - self._started.pop()
+            self.seconds += time.perf_counter() - self._started
+            self._started = None
 
     def _count_backward(self, stage: str, batch: int) -> None:
         self.backward[stage] = self.backward.get(stage, 0) + batch

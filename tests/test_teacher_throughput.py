@@ -86,6 +86,11 @@ def test_counter_counts_samples_through_the_unet_and_backward_passes(official):
         assert counter.backward == {"b": 6}
         unet(x[:1], 10, encoder_hidden_states=embeds[:1])
         assert counter.forward["other"] == 1
+        assert counter.seconds == 0.0
+        counter.timing = True  # seconds inside the UNet
+        with torch.no_grad():
+            unet(x, 10, encoder_hidden_states=embeds)
+        assert counter.seconds > 0.0
     finally:
         counter.remove()
     assert UNetEvals.of(unet) is official.unet_evals  # the teacher's own counter is still there
