@@ -529,7 +529,7 @@ def _stage(timings: dict[str, float], key: str, title: str) -> Iterator[None]:
     start = time.perf_counter()
     yield
     timings[key] = time.perf_counter() - start
-    print(f"   ({key}: {timings[key]:.0f} s)", flush=True)
+    print(f"   done in {timings[key]:.0f} s", flush=True)
 
 
 def _bench_student(args: argparse.Namespace, out: Path) -> tuple[dict[str, Any], Path, Path]:
@@ -643,7 +643,8 @@ def train_main(args: list[str]) -> int:
     from p2pz.cli.train import script_main
 
     quiet_library_noise()
-    return script_main(args, prog="p2pz demo (training)")
+    # the arguments are sys.argv's: LightningCLI reads them there (given again, it warns about both)
+    return script_main(None if args == sys.argv[1:] else args, prog="p2pz demo (training)")
 
 
 if __name__ == "__main__":
