@@ -519,6 +519,11 @@ def _check_demo_inputs(args: argparse.Namespace) -> str:
         raise UserError(f"--out {args.out} is a file; give a folder for everything the demo makes")
     # read now, not at stage 3 after the teacher has run for minutes
     check_config_file(args.train_config, "--train-config")
+    if args.keep_if.strip():
+        from p2pz.data.eval.pair_scores import WORLD_SCORES
+        from p2pz.data.pairs.filtering import parse_keep_if
+
+        parse_keep_if(args.keep_if).check_names(WORLD_SCORES, "the world's oracle")
     return parse_world_edit(args.edit).source
 
 
