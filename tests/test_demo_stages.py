@@ -93,3 +93,15 @@ def test_training_shows_iterations_of_max_steps_and_the_loss(tmp_path, capsys):
 
     off = train.main(args=[*args, "--trainer.enable_progress_bar", "false"], run=False)
     assert off.trainer.progress_bar_callback is None
+
+
+@pytest.mark.parametrize(
+    "rule, says", [("ioux >= 0.8", "unknown score 'ioux'"), ("success or iou", "cannot read")]
+)
+def test_demo_checks_its_keep_rule_before_writing(tmp_path, capsys, rule, says):
+    from p2pz.cli.main import main
+
+    out = tmp_path / "demo"
+    assert main(["demo", "--out", str(out), "--keep-if", rule]) == 2
+    assert says in capsys.readouterr().err
+    assert not out.exists()

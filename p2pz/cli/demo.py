@@ -545,6 +545,11 @@ def _check_demo_inputs(args: argparse.Namespace) -> str:
         raise UserError(f"--out {args.out} is a file; give a folder for everything the demo makes")
     # read now, not at stage 3 after the teacher has run for minutes
     check_config_file(args.train_config, "--train-config")
+    if args.keep_if.strip():
+        from p2pz.data.eval.pair_scores import WORLD_SCORES
+        from p2pz.data.pairs.filtering import parse_keep_if
+
+        parse_keep_if(args.keep_if).check_names(WORLD_SCORES, "the world's oracle")
     return parse_world_edit(args.edit, args.model).source
 
 
@@ -555,7 +560,7 @@ def _stage(timings: dict[str, float], key: str, title: str) -> Iterator[None]:
     start = time.perf_counter()
     yield
     timings[key] = time.perf_counter() - start
-    print(f"   ({key}: {timings[key]:.0f} s)", flush=True)
+    print(f"   done in {timings[key]:.0f} s", flush=True)
 
 
 def _bench_student(args: argparse.Namespace, out: Path) -> tuple[dict[str, Any], Path, Path]:
@@ -670,7 +675,8 @@ def train_main(args: list[str]) -> int:
     from p2pz.cli.train import script_main
 
     quiet_library_noise()
-    return script_main(args, prog="p2pz demo (training)")
+    # the arguments are sys.argv's: LightningCLI reads them there (given again, it warns about both)
+    return script_main(None if args == sys.argv[1:] else args, prog="p2pz demo (training)")
 
 
 if __name__ == "__main__":

@@ -358,9 +358,10 @@ def _register_filter(sub: argparse._SubParsersAction) -> None:
     parser = sub.add_parser(
         "filter",
         help="copy only the pairs whose scores pass a rule into new shards",
-        description="Copy the pairs of SRC whose scores (written by 'p2pz generate' into each pair's json) "
-        "pass --keep-if into new shards in DST, with dataset.json and filter.json (the rule, counts per "
-        "shard, the kept fraction). DST must not exist; it appears only when complete.",
+        description="Copy the pairs of SRC whose scores (written by 'p2pz generate' into each pair's\n"
+        "json) pass --keep-if into new shards in DST, with dataset.json and filter.json (the\n"
+        "rule, counts per shard, the kept fraction). DST must not exist; it appears only\n"
+        "when complete.",
         epilog=FILTER_EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
