@@ -151,7 +151,6 @@ def test_eval_student_scores_fidelity_to_the_teacher(tiny_model_dir, tmp_path, c
     assert student["psnr_to_teacher_object_db"] == pytest.approx(
         student["copy_psnr_to_teacher_object_db"], abs=0.05
     )
-    assert student["psnr_to_teacher_object_db"] <= student["psnr_to_teacher_db"] + 1e-6
     assert student["success"] == 0.0  # a copy never edits
     assert {"psnr_to_teacher_db", "iou"} <= set(student["per_image"][0])
     grid = Image.open(out / "grid.png")

@@ -285,18 +285,15 @@ def eval_student(args: argparse.Namespace) -> dict:
     student_images = apply_to_images(student, config["resolution"], inputs)
     student_images = [im if im.size == x.size else im.resize(x.size) for im, x in zip(student_images, inputs)]
     fid = fidelity(inputs, teacher_images, student_images)
-    scores = {
-        "teacher": score_world_edits(scenes, teacher_images, edit),
-        "student": {**score_world_edits(scenes, student_images, edit), **fid},
-    }
+    per_fid = fid.pop("per_image")
+    student_world = score_world_edits(scenes, student_images, edit)
     shown = [
         (x, t, s, difference_image(s, t), f"{_world_label(e)} {f['psnr_to_teacher_db']:.1f} dB")
-        for x, t, s, e, f in zip(
-            inputs, teacher_images, student_images, scores["student"]["per_image"], fid["per_image"]
-        )
+        for x, t, s, e, f in zip(inputs, teacher_images, student_images, student_world["per_image"], per_fid)
     ][:GRID_PAIRS]
-    for entry, f in zip(scores["student"]["per_image"], fid.pop("per_image")):
+    for entry, f in zip(student_world["per_image"], per_fid):
         entry.update(f)
+    scores = {"teacher": score_world_edits(scenes, teacher_images, edit), "student": {**student_world, **fid}}
     metrics = {f"{edit.name} ({who})": value for who, value in scores.items()}
     run_settings = {
         "student": str(args.student),
