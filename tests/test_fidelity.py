@@ -74,3 +74,19 @@ def test_fidelity_rejects_lists_of_different_lengths():
     source, teacher, _ = scene_pair()
     with pytest.raises(ValueError):
         fidelity([source], [teacher], [])
+
+
+def test_demo_report_shows_fidelity_and_the_difference_images():
+    """The demo's held-out table gets a student - teacher column, its scores table the PSNR rows."""
+    from p2pz.cli.demo import _fidelity, _held_out_grid, _scores_table
+
+    source, teacher, _ = scene_pair()
+    images = {"input": [source, source], "teacher": [teacher, teacher], "student": [source, teacher]}
+    fid = _fidelity(images)
+    assert fid["per_image"][1]["psnr_to_teacher_db"] == MAX_PSNR
+    grid = _held_out_grid(images, {"student": ["not edited", "edited"]}, fid)
+    assert grid.count("<img") == 8 and "student − teacher" in grid
+    assert grid.index("student</th>") < grid.index("student − teacher")  # after the three pictures
+    table = _scores_table({"student": {"success": 0.5}}, fid)
+    assert "copy the input" in table and "psnr_to_teacher_object_db" in table
+    assert _fidelity({"input": [source], "teacher": [], "student": []}) is None
