@@ -3,7 +3,9 @@
 One training iteration on a batch of teacher pairs ``(x, y)`` (input, teacher's edit):
 
 1. **Generator step** — ``y_hat = G(x)``;
-   ``L_G = w_gan * softplus(-D(x, y_hat)) + w_l1 * |y_hat - y| + w_lpips * LPIPS(y_hat, y)``.
+   ``L_G = w_gan * softplus(-D(x, y_hat)) + w_l1 * |y_hat - y| + w_l2 * (y_hat - y)^2
+   + w_lpips * LPIPS(y_hat, y)``, the distances optionally weighted up (``change_weight``) where the
+   teacher changed the input.
 2. **Discriminator step** — ``L_D = softplus(D(x, y_hat)) + softplus(-D(x, y))``, plus, every
    ``r1_interval`` iterations (lazy regularisation), ``r1_interval * r1_gamma / 2 * ||grad_y D(x, y)||^2``.
    The penalty is folded into that iteration's D step (scaled by the interval so its average strength
@@ -30,6 +32,7 @@ frozen, not a registered submodule: it is neither checkpointed, nor averaged, no
 from __future__ import annotations
 
 import copy
+import math
 import os
 import random
 import warnings
@@ -107,6 +110,14 @@ class StudentModule(pl.LightningModule):
         grid_every_n_steps: save an (input | teacher | student) image grid every this many iterations
             (and at iteration 1); 0 turns grids off.
         grid_samples: rows in the grid.
+        l2_weight: weight of the mean squared distance to the teacher's edit (PSNR is an MSE).
+        change_weight: extra weight of the reconstruction terms where the teacher changed the image
+            (|edit - input| above ``change_threshold`` in any channel, grown by 1 px): those few pixels
+            are the edit itself, and an average over the whole image barely sees them.
+        change_threshold: the change (in [-1, 1] units) that marks a pixel as edited.
+        lr_decay: ``cosine`` decays both learning rates to ``lr_final_ratio`` of their value over
+            ``trainer.max_steps`` iterations; None keeps them constant (StyleGAN2, CoModGAN).
+        lr_final_ratio: the learning rates' last value, as a fraction of the first, with ``lr_decay``.
     """
 
     def __init__(
@@ -130,6 +141,11 @@ class StudentModule(pl.LightningModule):
         ema_rampup: float | None = 0.05,
         grid_every_n_steps: int = 500,
         grid_samples: int = 8,
+        l2_weight: float = 0.0,
+        change_weight: float = 0.0,
+        change_threshold: float = 0.05,
+        lr_decay: str | None = None,
+        lr_final_ratio: float = 0.05,
     ) -> None:
         super().__init__()
         from p2pz.student.networks import Discriminator, Generator
@@ -138,6 +154,8 @@ class StudentModule(pl.LightningModule):
         self.automatic_optimization = False
         if r1_interval < 1:
             raise UserError(f"r1_interval must be at least 1, got {r1_interval}")
+        if lr_decay not in (None, "cosine"):
+            raise UserError(f"lr_decay must be 'cosine' or null, got {lr_decay!r}")
 
         self.G = Generator(resolution=resolution, img_channels=3, preset=preset, **(generator or {}))
         self.D = Discriminator(resolution=resolution, img_channels=3, preset=preset, **(discriminator or {}))
@@ -192,16 +210,19 @@ class StudentModule(pl.LightningModule):
         iteration = self.global_step  # iterations completed before this one
         use_gan = hp.gan_weight > 0
 
+        self._set_learning_rates(opt_g, opt_d, iteration)
+
         # 1. generator step
         with self.toggled_optimizer(opt_g):
             fake = self.G(x)
-            g_terms = {"l1": (fake - target).abs().mean()}
+            g_terms = self._reconstruction_terms(fake, target, x)
             if hp.lpips_weight > 0:
                 g_terms["lpips"] = self.perceptual(fake, target)
             if use_gan:
                 g_terms["gan"] = generator_gan_loss(self.D(x, fake))
             g_total = (
                 hp.l1_weight * g_terms["l1"]
+                + hp.l2_weight * g_terms.get("l2", 0.0)
                 + hp.lpips_weight * g_terms.get("lpips", 0.0)
                 + hp.gan_weight * g_terms.get("gan", 0.0)
             )
@@ -268,6 +289,35 @@ class StudentModule(pl.LightningModule):
             f"({self._skipped_steps[phase]} so far in this run)"
         )
         return True
+
+    def _reconstruction_terms(
+        self, fake: torch.Tensor, target: torch.Tensor, x: torch.Tensor
+    ) -> dict[str, torch.Tensor]:
+        """L1 (and L2) to the teacher's edit, weighted up where the teacher changed the input."""
+        hp = self.hparams
+        weight = None
+        if hp.change_weight > 0:
+            changed = ((target - x).abs().amax(dim=1, keepdim=True) > hp.change_threshold).float()
+            changed = torch.nn.functional.max_pool2d(changed, 3, stride=1, padding=1)  # the rim's pixels too
+            weight = 1.0 + hp.change_weight * changed
+            weight = weight / weight.mean()  # the loss keeps its scale; only its focus moves
+        diff = fake - target
+        terms = {"l1": diff.abs().mean() if weight is None else (weight * diff.abs()).mean()}
+        if hp.l2_weight > 0:
+            terms["l2"] = diff.square().mean() if weight is None else (weight * diff.square()).mean()
+        return terms
+
+    def _set_learning_rates(self, opt_g: Any, opt_d: Any, iteration: int) -> None:
+        """Cosine decay of both learning rates over ``trainer.max_steps`` (with ``lr_decay``)."""
+        hp = self.hparams
+        total = self.trainer.max_steps if self.trainer is not None else -1
+        if hp.lr_decay is None or total is None or total <= 0:
+            return
+        progress = min(1.0, iteration / total)
+        factor = hp.lr_final_ratio + (1 - hp.lr_final_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+        for optimizer, base in ((opt_g, hp.lr_g), (opt_d, hp.lr_d)):
+            for group in optimizer.param_groups:
+                group["lr"] = base * factor
 
     def _step_uncounted(self, optimizer: LightningOptimizer) -> None:
         """``optimizer.step()`` without advancing ``global_step`` (see the module docstring).

@@ -2,6 +2,7 @@
 
 import io
 import json
+from pathlib import Path
 
 import pytest
 from PIL import Image
@@ -106,3 +107,62 @@ def test_word_swap_direction_turns_the_caption_into_the_swapped_one(tiny_model_d
     assert torch.allclose(original[0] + first.tensor, swapped[0], atol=1e-5)
     assert torch.allclose(original[1] + second.tensor, swapped[1], atol=1e-5)
     assert not torch.allclose(first.tensor, second.tensor)  # each scene its own caption
+
+
+def copying_student_package(root: Path, teacher_model: object) -> Path:
+    """An exported lite student that returns its input exactly (a zero residual), trained on
+    circle:square pairs of ``teacher_model`` as far as its config.json says."""
+    import torch
+
+    from p2pz.student.export import export_package
+    from p2pz.student.training import StudentModule
+
+    module = StudentModule(resolution=64, preset="lite", lpips_weight=0.0, generator={"input_residual": True})
+    for name, p in module.g_ema.named_parameters():
+        if "torgb" in name:
+            p.data.zero_()  # the skip-RGB sum is 0: the output is the input
+    torch.save(
+        {"state_dict": module.state_dict(), "generator_config": dict(module.g_ema.config)}, root / "c.ckpt"
+    )
+    out = export_package(root / "c.ckpt", root / "model", formats=())
+    config = json.loads((out / "config.json").read_text())
+    config["data"] = {
+        "edit": {"name": "circle-to-square", "source": "circle", "target": "square"},
+        "teacher": {"model": str(teacher_model), "preset": "joint", "overrides": {"num_steps": 2}},
+    }
+    (out / "config.json").write_text(json.dumps(config))
+    return out
+
+
+def test_eval_student_scores_fidelity_to_the_teacher(tiny_model_dir, tmp_path, capsys):
+    """A student that copies its input scores exactly the copy baseline's PSNR to the teacher."""
+    package = copying_student_package(tmp_path, tiny_model_dir)
+    out = tmp_path / "eval"
+    assert main(["eval", "--student", str(package), "--scenes", "2", "--out", str(out)]) == 0
+    report = json.loads((out / "metrics.json").read_text())
+    assert report["kind"] == "student"
+    assert (
+        report["settings"]["teacher"]["preset"] == "joint" and report["settings"]["teacher"]["num_steps"] == 2
+    )
+    student = report["metrics"]["circle-to-square (student)"]
+    teacher = report["metrics"]["circle-to-square (teacher)"]
+    assert student["n"] == teacher["n"] == 2
+    assert student["psnr_to_teacher_db"] == pytest.approx(student["copy_psnr_to_teacher_db"], abs=0.05)
+    assert student["psnr_to_teacher_object_db"] == pytest.approx(
+        student["copy_psnr_to_teacher_object_db"], abs=0.05
+    )
+    assert student["success"] == 0.0  # a copy never edits
+    assert {"psnr_to_teacher_db", "iou"} <= set(student["per_image"][0])
+    grid = Image.open(out / "grid.png")
+    assert grid.width >= 4 * 128  # input | teacher | student | difference
+    assert "psnr_to_teacher_db" in capsys.readouterr().out
+
+
+def test_eval_student_needs_the_edit_in_the_package(tmp_path, capsys):
+    package = copying_student_package(tmp_path, "unused")
+    config = json.loads((package / "config.json").read_text())
+    config["data"] = {}
+    (package / "config.json").write_text(json.dumps(config))
+    assert main(["eval", "--student", str(package), "--out", str(tmp_path / "eval")]) == 2
+    assert "which edit" in capsys.readouterr().err
+    assert not (tmp_path / "eval").exists()

@@ -349,6 +349,15 @@ METRICS_NOTE = (
 )
 
 
+FIDELITY_NOTE = (
+    "psnr_to_teacher_db: PSNR of the edit to the teacher's edit of the same scene (whole image); "
+    "psnr_to_teacher_object_db: the same inside the objects (the union of the input's and the teacher's "
+    "object masks), where a student that half-copies its input leaves a ghost of the source shape. "
+    "'copy the input' is the baseline of not editing at all. The difference image shows student − "
+    "teacher on grey (4× contrast): grey where they agree."
+)
+
+
 def write_demo_report(
     path: Path,
     *,
@@ -361,9 +370,14 @@ def write_demo_report(
     facts: dict[str, Any],
     chart: Path,
 ) -> None:
-    """The demo's ``report.html``: a single self-contained HTML file (images inlined)."""
+    """The demo's ``report.html``: a single self-contained HTML file (images inlined).
+
+    The student's fidelity to its teacher (``p2pz.data.eval.fidelity``) is computed here from the
+    held-out images, so the report shows it whatever the caller scored.
+    """
     from p2pz.utils.atomic import atomic_path
 
+    fid = _fidelity(images)
     title = html.escape(edit.replace(":", " → "))
     page = "\n".join(
         [
@@ -372,10 +386,11 @@ def write_demo_report(
             f"<h1>pix2pix-zero → student: <code>{title}</code></h1>",
             f"<p class=big>{_headline(bench)}</p>",
             "<h2>Held-out scenes</h2>",
-            _held_out_grid(images, per_scene),
-            "<h2>Scores on the shapes world (oracle)</h2>",
-            _scores_table(scores),
+            _held_out_grid(images, per_scene, fid),
+            "<h2>Scores on the shapes world (oracle, and fidelity to the teacher)</h2>",
+            _scores_table(scores, fid),
             f"<p>{METRICS_NOTE}</p>",
+            f"<p>{html.escape(FIDELITY_NOTE)}</p>" if fid else "",
             f"<h2>Student latency (p50 / p99, {html.escape(bench['device'])})</h2>",
             _latency_table(bench),
             f"<p>{_roofline(bench)}</p>",
@@ -389,20 +404,53 @@ def write_demo_report(
         tmp.write_text(page)
 
 
-def _held_out_grid(images: dict[str, list[Image.Image]], per_scene: dict[str, list[str]]) -> str:
-    """Held-out scenes: input | teacher | student, with the oracle's per-scene verdicts."""
+def _fidelity(images: dict[str, list[Image.Image]]) -> dict[str, Any] | None:
+    """The student's and the copy baseline's PSNR to the teacher (None without teacher images)."""
+    if not images.get("teacher") or not images.get("student"):
+        return None
+    from p2pz.data.eval.fidelity import fidelity
+
+    return fidelity(images["input"], images["teacher"], images["student"])
+
+
+def _held_out_grid(
+    images: dict[str, list[Image.Image]], per_scene: dict[str, list[str]], fid: dict[str, Any] | None = None
+) -> str:
+    """Held-out scenes: input | teacher | student (| student − teacher), then the per-scene verdicts."""
+    from p2pz.data.eval.fidelity import difference_image
+
     judges = [who for who in ("teacher", "student") if per_scene.get(who)]
     grid_rows = []
     for i in range(len(images["input"])):
         row = [f"<img src='{_png_data_uri(images[col][i])}'>" for col in ("input", "teacher", "student")]
+        if fid:
+            diff = difference_image(images["student"][i], images["teacher"][i])
+            figures = fid["per_image"][i]
+            row.append(
+                f"<img src='{_png_data_uri(diff)}'>{figures['psnr_to_teacher_db']:.1f} dB "
+                f"(objects {figures['psnr_to_teacher_object_db']:.1f} dB)"
+            )
         row += [html.escape(str(per_scene[who][i])) for who in judges]
         grid_rows.append(row)
-    header = ["input", "teacher (pix2pix-zero)", "student"] + [f"{w} (oracle)" for w in judges]
+    header = ["input", "teacher (pix2pix-zero)", "student"]
+    header += ["student − teacher, PSNR to teacher"] if fid else []
+    header += [f"{w} (oracle)" for w in judges]
     return _table(header, grid_rows)
 
 
-def _scores_table(scores: dict[str, dict[str, Any]]) -> str:
-    """One row per model, one column per numeric metric of any of them."""
+def _scores_table(scores: dict[str, dict[str, Any]], fid: dict[str, Any] | None = None) -> str:
+    """One row per model (and the copy-the-input baseline), one column per numeric metric of any of them."""
+    scores = dict(scores)
+    if fid:
+        scores["student"] = {
+            **scores.get("student", {}),
+            "psnr_to_teacher_db": fid["psnr_to_teacher_db"],
+            "psnr_to_teacher_object_db": fid["psnr_to_teacher_object_db"],
+        }
+        scores["copy the input"] = {
+            "psnr_to_teacher_db": fid["copy_psnr_to_teacher_db"],
+            "psnr_to_teacher_object_db": fid["copy_psnr_to_teacher_object_db"],
+        }
     metrics = sorted({k for s in scores.values() for k, v in s.items() if isinstance(v, (int, float))})
     score_rows = [[who] + [_fmt(s.get(m, "")) for m in metrics] for who, s in scores.items()]
     return _table([""] + metrics, score_rows)

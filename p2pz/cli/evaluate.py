@@ -2,11 +2,18 @@
 
     p2pz eval --world --model data/toy_model --edit circle:square --scenes 100 --out runs/eval
     p2pz eval --pairs runs/pairs --out runs/eval-pairs
+    p2pz eval --student models/circle-to-square --scenes 64 --out runs/eval-student
 
 ``--world`` has the teacher edit seeded world scenes and scores every edit with the oracle;
 ``--pairs`` scores existing (input, edit) pairs from WebDataset shards (``p2pz generate``): pairs of
-the shapes world with the world's metrics, other pairs with CLIP-Acc, BG LPIPS and Structure Dist.
-Both write ``metrics.json`` and ``grid.png`` (input | edit, with scores) into ``--out``.
+the shapes world with the world's metrics, other pairs with CLIP-Acc, BG LPIPS and Structure Dist;
+``--student`` scores an exported student package on held-out world scenes (seeds its training scenes
+never use, as in ``p2pz demo``), with the oracle and against the teacher's own edits of the same
+scenes, the teacher run as the package's ``config.json`` says it made the pairs: PSNR to the teacher
+over the whole image and inside the objects (the union of the input's and the edit's object masks),
+next to the same figures for copying the input.
+All write ``metrics.json`` and ``grid.png`` (input | edit, with scores; for ``--student``
+input | teacher | student | student - teacher) into ``--out``.
 """
 
 from __future__ import annotations
@@ -48,6 +55,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         metavar="SHARDS_OR_DIR",
         help="score the pairs in these WebDataset shards (folder, glob or brace pattern)",
     )
+    what.add_argument(
+        "--student",
+        metavar="MODEL_DIR",
+        help="score an exported student package (p2pz export) on held-out world scenes, against its teacher",
+    )
     p.add_argument("--out", required=True, metavar="DIR", help="output folder for metrics.json and grid.png")
     # one titled group per mode, so --help shows which options belong to which
     _add_world_arguments(p.add_argument_group("--world"))
@@ -66,7 +78,7 @@ def _add_world_arguments(w: argparse._ArgumentGroup) -> None:
         metavar="SRC:TGT",
         help="world edit, e.g. circle:square or red:blue (repeatable; default circle:square)",
     )
-    w.add_argument("--scenes", type=int, default=100, help="scenes per edit (default 100)")
+    w.add_argument("--scenes", type=int, default=None, help="scenes per edit (default 100; --student: 64)")
     w.add_argument(
         "--steps",
         type=int,
@@ -99,7 +111,9 @@ def _add_world_arguments(w: argparse._ArgumentGroup) -> None:
         help="sentence banks for the edit direction: 'world' (the world's captions, default), "
         "'template' or a text file",
     )
-    w.add_argument("--preset", default="official", help="teacher preset (default: official)")
+    w.add_argument(
+        "--preset", default=None, help="teacher preset (default: official; --student: the package's)"
+    )
     w.add_argument("--batch-size", type=int, default=8, help="scenes per teacher call (default 8)")
     w.add_argument("--seed", type=int, default=0, help="seed of the scenes and edits (default 0)")
     w.add_argument("--device", default="cpu", help="torch device of the teacher (default cpu)")
@@ -146,7 +160,10 @@ def run(args: argparse.Namespace) -> int:
     out = Path(args.out)
     if out.exists() and not out.is_dir():
         raise UserError(f"--out {out} is a file; give a folder")
-    report = eval_world(args) if args.world else eval_pairs(args)
+    if args.student:
+        report = eval_student(args)
+    else:
+        report = eval_world(args) if args.world else eval_pairs(args)
     write_outputs(out, report)
     print(summary_table(report["metrics"]))
     print(f"wrote {out / 'metrics.json'} and {out / 'grid.png'}")
@@ -186,6 +203,8 @@ def eval_world(args: argparse.Namespace) -> dict:
     from p2pz.teacher import Pix2PixZero
 
     edits = [parse_world_edit(e, args.model) for e in (args.edit or ["circle:square"])]
+    args.scenes = 100 if args.scenes is None else args.scenes
+    args.preset = args.preset or "official"
     if args.scenes < 1:
         raise UserError(f"--scenes must be at least 1, got {args.scenes}")
     torch.manual_seed(args.seed)
@@ -235,6 +254,108 @@ def _world_label(score: dict) -> str:
     shift = score.get("centre_shift_px")
     verdict = "ok" if score["success"] else "FAIL"
     return f"{verdict} iou {score['iou']:.2f} d {'-' if shift is None else f'{shift:.1f}'}"
+
+
+# ---------------------------------------------------------------------------------------------
+# --student
+
+
+def student_teacher_settings(config: dict, args: argparse.Namespace) -> tuple[str, dict[str, Any]]:
+    """(edit spec, teacher settings) of the pairs a package was trained on, from its ``config.json``.
+
+    ``--model``, ``--preset``, ``--steps``, ``--xa-guidance`` and ``--guidance-scale`` replace the
+    package's values when given (e.g. a teacher model that has moved).
+    """
+    data = config.get("data") or {}
+    edit, teacher = data.get("edit") or {}, data.get("teacher") or {}
+    if not edit.get("source") or not edit.get("target"):
+        raise UserError(
+            f"{args.student}/config.json does not say which edit the student learned (data.edit); "
+            "export it with 'p2pz export' from a run on 'p2pz generate' pairs"
+        )
+    overrides = teacher.get("overrides") or {}
+    if args.xa_guidance == AUTO:  # the teacher is compared as it made the student's pairs
+        raise UserError("--student compares with the teacher's own step: drop --xa-guidance auto")
+    given = args.model if args.model != str(TOY_MODEL) else None  # --model's default is the toy model
+    settings = {
+        "model": given or teacher.get("model") or config.get("teacher_model") or str(TOY_MODEL),
+        "preset": args.preset or teacher.get("preset") or "official",
+        "num_steps": args.steps if args.steps is not None else overrides.get("num_steps"),
+        "xa_guidance": args.xa_guidance if args.xa_guidance is not None else overrides.get("xa_guidance"),
+        "guidance_scale": (
+            args.guidance_scale if args.guidance_scale is not None else overrides.get("guidance_scale")
+        ),
+    }
+    return f"{edit['source']}:{edit['target']}", settings
+
+
+def eval_student(args: argparse.Namespace) -> dict:
+    """An exported student and its teacher on the same held-out world scenes: oracle and fidelity."""
+    from p2pz.cli.demo import HELD_OUT_SEED, make_scenes
+    from p2pz.data.eval.fidelity import difference_image, fidelity
+    from p2pz.data.eval.world_metrics import score_world_edits
+    from p2pz.data.shapes import world
+    from p2pz.data.shapes.edits import parse_world_edit
+    from p2pz.student.export import apply_to_images, load_exported, read_config
+
+    config = read_config(args.student)
+    spec, settings = student_teacher_settings(config, args)
+    edit = parse_world_edit(spec)
+    count = 64 if args.scenes is None else args.scenes
+    if count < 1:
+        raise UserError(f"--scenes must be at least 1, got {count}")
+    scenes = make_scenes(edit.source, count, HELD_OUT_SEED + args.seed * 1_000_000)
+    inputs = [world.render(s) for s in scenes]
+    teacher_images = _teacher_edits(args, settings, edit, inputs)
+    student = load_exported(args.student, "eager")
+    student_images = apply_to_images(student, config["resolution"], inputs)
+    student_images = [im if im.size == x.size else im.resize(x.size) for im, x in zip(student_images, inputs)]
+    fid = fidelity(inputs, teacher_images, student_images)
+    per_fid = fid.pop("per_image")
+    student_world = score_world_edits(scenes, student_images, edit)
+    shown = [
+        (x, t, s, difference_image(s, t), f"{_world_label(e)} {f['psnr_to_teacher_db']:.1f} dB")
+        for x, t, s, e, f in zip(inputs, teacher_images, student_images, student_world["per_image"], per_fid)
+    ][:GRID_PAIRS]
+    for entry, f in zip(student_world["per_image"], per_fid):
+        entry.update(f)
+    scores = {"teacher": score_world_edits(scenes, teacher_images, edit), "student": {**student_world, **fid}}
+    metrics = {f"{edit.name} ({who})": value for who, value in scores.items()}
+    run_settings = {
+        "student": str(args.student),
+        "edit": spec,
+        "scenes": count,
+        "seed": args.seed,
+        "teacher": settings,
+    }
+    return {"kind": "student", "settings": run_settings, "metrics": metrics, "grid": shown}
+
+
+def _teacher_edits(args: argparse.Namespace, settings: dict, edit: Any, inputs: list) -> list:
+    """The teacher's edits of ``inputs``, its direction from the world's captions (as the demo's pairs)."""
+    from tqdm.auto import tqdm
+
+    from p2pz.data.shapes.edits import world_direction
+    from p2pz.teacher import Pix2PixZero
+
+    # the model's own captioner, as 'p2pz generate' ran it (the toy model's reads the world's scenes)
+    teacher = Pix2PixZero.from_pretrained(settings["model"], preset=settings["preset"], device=args.device)
+    direction = world_direction(teacher, edit)
+    out = []
+    with tqdm(total=len(inputs), desc=f"teacher {edit.name}") as bar:
+        for start in range(0, len(inputs), args.batch_size):
+            chunk = inputs[start : start + args.batch_size]
+            results = teacher.edit(
+                chunk,
+                [direction] * len(chunk),
+                seeds=list(range(start, start + len(chunk))),
+                num_steps=settings["num_steps"],
+                xa_guidance=settings["xa_guidance"],
+                guidance_scale=settings["guidance_scale"],
+            )
+            out.extend(r.edited for r in results)
+            bar.update(len(chunk))
+    return out
 
 
 # ---------------------------------------------------------------------------------------------
@@ -399,18 +520,19 @@ def _score_paper_pairs(args: argparse.Namespace, paper_pairs: dict, shown: list)
 
 
 def make_grid(pairs: list) -> Any:
-    """input | edit tiles with a label under each pair, ``GRID_COLUMNS`` pairs per row."""
+    """input | edit tiles (or more images per entry) with a label under each, ``GRID_COLUMNS`` per row."""
     from PIL import Image, ImageDraw
 
     label_h = 14
-    cols = max(1, min(GRID_COLUMNS, len(pairs)))
+    per_entry = max((len(p) - 1 for p in pairs), default=2)
+    cols = max(1, min(GRID_COLUMNS if per_entry <= 2 else 2, len(pairs)))
     rows = max(1, math.ceil(len(pairs) / cols))
-    cell_w, cell_h = 2 * TILE + 8, TILE + label_h + 4
+    cell_w, cell_h = per_entry * TILE + 8, TILE + label_h + 4
     grid = Image.new("RGB", (cols * cell_w, rows * cell_h), (255, 255, 255))
     draw = ImageDraw.Draw(grid)
-    for i, (src, edited, label) in enumerate(pairs):
+    for i, (*images, label) in enumerate(pairs):
         x, y = (i % cols) * cell_w, (i // cols) * cell_h
-        for j, image in enumerate((src, edited)):
+        for j, image in enumerate(images):
             tile = image.convert("RGB").resize((TILE, TILE), Image.Resampling.NEAREST)
             grid.paste(tile, (x + j * TILE, y))
         draw.text((x + 2, y + TILE + 1), label, fill=(0, 0, 0))
@@ -444,6 +566,10 @@ def summary_table(metrics: dict) -> str:
                 "clip_acc",
                 "bg_lpips",
                 "structure_dist",
+                "psnr_to_teacher_db",
+                "psnr_to_teacher_object_db",
+                "copy_psnr_to_teacher_db",
+                "copy_psnr_to_teacher_object_db",
             )
         ]
         lines.append(f"{name}: " + ", ".join(fields))
