@@ -416,14 +416,15 @@ class Pix2PixZero:
     def encode_images(
         self, images: Sequence[Image.Image], generators: Sequence[torch.Generator]
     ) -> torch.Tensor:
-        """Scaled VAE latents, each sampled from its posterior with its own generator (seeded,
+        """Scaled float32 VAE latents, each sampled from its posterior with its own generator (seeded,
         unlike the official code; drawn on the CPU as diffusers' ``randn_tensor`` does)."""
         x = pil_to_tensor(list(images)).to(self.vae.device, self.vae.dtype)
         dist = self.vae.encode(x).latent_dist
         noise = torch.cat(
             [torch.randn(dist.mean[:1].shape, generator=g, dtype=dist.mean.dtype) for g in generators]
         ).to(dist.mean.device)
-        return (dist.mean + dist.std * noise) * self.vae.config.scaling_factor
+        # float32 from here on: the inversion keeps its latents in float32 (see ``invert``)
+        return (dist.mean.float() + dist.std.float() * noise.float()) * self.vae.config.scaling_factor
 
     @torch.no_grad()
     def decode_latents(self, latents: torch.Tensor):
