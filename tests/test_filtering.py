@@ -353,3 +353,34 @@ def test_shards_filter_needs_scored_pairs(tmp_path, capsys):
     assert main(["shards", "filter", str(src), str(tmp_path / "dst"), "--keep-if", "success"]) == 2
     assert "carries no scores" in capsys.readouterr().err
     assert not (tmp_path / "dst").exists()
+
+
+def test_filter_scores_pairs_made_before_scoring_with_a_given_scorer(tmp_path):
+    """Pairs without scores (made before scoring existed) are scored by the scorer handed in, and their
+    copies carry the scores."""
+    from p2pz.data.eval.pair_scores import WorldPairScorer
+    from p2pz.data.pairs.filtering import filter_shards
+    from p2pz.data.shapes import world
+    from p2pz.data.shapes.edits import parse_world_edit
+
+    edit = parse_world_edit("circle:square")
+    meta = {"edit": {"name": edit.name, "source": "circle", "target": "square"}}
+    src = tmp_path / "src"
+    with sh.atomic_shard(src, 0) as shard:
+        for i, scene in enumerate(edit.scenes(4, seed=2)):
+            result = edit.apply(scene) if i % 2 == 0 else scene  # odd pairs: the teacher copied its input
+            shard.write(fmt.build_sample(f"k{i}", world.render(scene), world.render(result), meta))
+    report = filter_shards(src, tmp_path / "dst", "success", scorer=WorldPairScorer())
+    assert (report["pairs_in"], report["pairs_kept"]) == (4, 2)
+    kept = {
+        raw[fmt.KEY]: fmt.decode_meta(raw[fmt.META])
+        for raw in fmt.iter_shard(tmp_path / "dst" / sh.shard_name(0))
+    }
+    assert set(kept) == {"k0", "k2"} and all(m["scores"]["success"] is True for m in kept.values())
+    assert (
+        main(
+            ["shards", "filter", str(src), str(tmp_path / "cli"), "--keep-if", "success", "--score", "world"]
+        )
+        == 0
+    )
+    assert json.loads((tmp_path / "cli" / FILTER_FILE).read_text())["pairs_kept"] == 2

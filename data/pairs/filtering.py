@@ -244,7 +244,12 @@ def selection_summary(
 
 
 def filter_shards(
-    src_dir: str | os.PathLike, dst_dir: str | os.PathLike, keep_if: str, *, progress: bool = False
+    src_dir: str | os.PathLike,
+    dst_dir: str | os.PathLike,
+    keep_if: str,
+    *,
+    scorer: PairScorer | None = None,
+    progress: bool = False,
 ) -> dict[str, Any]:
     """Copy the pairs of ``src_dir``'s shards that ``keep_if`` keeps into new shards in ``dst_dir``.
 
@@ -252,9 +257,10 @@ def filter_shards(
     ``filter.json`` records the rule, the counts per shard and the kept fraction (the returned dict).
     Nothing half-written: ``dst_dir`` is built beside itself under a temporary name and renamed into
     place at the end, and it must not exist yet. Every pair must carry scores (``p2pz generate``
-    writes them); an unknown score name is a one-line error naming the scores the pairs have.
+    writes them), or ``scorer`` scores the pairs that carry none (pairs made before scoring existed;
+    their copies then carry the scores); an unknown score name is a one-line error naming the scores
+    the pairs have.
     """
-    from p2pz.data.pairs import sample as fmt
     from p2pz.data.pairs import shards as sh
     from p2pz.utils.atomic import atomic_path
 
@@ -280,7 +286,7 @@ def filter_shards(
         tmp.mkdir(parents=True)
         for path in _progress(shard_paths, progress):
             index = sh.shard_index(path)
-            total, kept = _filter_one_shard(path, tmp, index, rule, failed, fmt, sh)
+            total, kept = _filter_one_shard(path, tmp, index, rule, failed, scorer)
             report["shards"].append({"shard": path.name, "pairs_in": total, "pairs_kept": kept})
             report["pairs_in"] += total
             report["pairs_kept"] += kept
@@ -304,9 +310,12 @@ def _source_shards(src: Path) -> list[Path]:
 
 
 def _filter_one_shard(
-    path: Path, out: Path, index: int, rule: KeepRule, failed: Counter, fmt, sh
+    path: Path, out: Path, index: int, rule: KeepRule, failed: Counter, scorer: PairScorer | None
 ) -> tuple[int, int]:
     """Copy one shard's kept pairs (all their members, byte for byte); (pairs read, pairs kept)."""
+    from p2pz.data.pairs import sample as fmt
+    from p2pz.data.pairs import shards as sh
+
     total = 0
     shard = sh.AtomicShard(out, index)
     try:
@@ -314,7 +323,7 @@ def _filter_one_shard(
             if not fmt.is_complete(sample):
                 continue  # a torn pair is no pair (the reader skips it too)
             total += 1
-            scores = _sample_scores(sample, path, rule, fmt)
+            scores = _sample_scores(sample, path, rule, scorer)
             if rule.keeps(scores):
                 shard.write({k: v for k, v in sample.items() if k != fmt.URL})
             else:
@@ -329,18 +338,40 @@ def _filter_one_shard(
     return total, shard.count
 
 
-def _sample_scores(sample: Mapping[str, Any], path: Path, rule: KeepRule, fmt) -> Mapping[str, Any]:
+def _sample_scores(
+    sample: dict[str, Any], path: Path, rule: KeepRule, scorer: PairScorer | None
+) -> Mapping[str, Any]:
+    """The pair's stored scores, or ``scorer``'s (then written into the sample's json as well)."""
+    from p2pz.data.pairs import sample as fmt
+
     try:
         meta = fmt.decode_meta(sample.get(fmt.META))
     except ValueError as err:
         raise UserError(f"{path.name}: pair {sample[fmt.KEY]!r} has unreadable metadata ({err})") from None
     scores = meta.get(SCORES)
+    if not isinstance(scores, dict) and scorer is not None:
+        scores = _score_stored_pair(sample, meta, path, scorer)
+        sample[fmt.META] = fmt.encode_meta(meta | {SCORES: scores})
     if not isinstance(scores, dict):
         raise UserError(
             f"{path.name}: pair {sample[fmt.KEY]!r} carries no scores; make the pairs with "
             "'p2pz generate --score world|paper' (the shapes world is scored by default)"
         )
     rule.check_names(scores, f"pair {sample[fmt.KEY]!r} of {path.name}")
+    return scores
+
+
+def _score_stored_pair(
+    sample: Mapping[str, Any], meta: Mapping[str, Any], path: Path, scorer: PairScorer
+) -> Scores:
+    from p2pz.data.pairs import sample as fmt
+    from p2pz.teacher.edits import Edit
+
+    edit = meta.get("edit") or {}
+    if not edit.get("source") or not edit.get("target"):
+        raise UserError(f"{path.name}: pair {sample[fmt.KEY]!r} does not say its edit; it cannot be scored")
+    pair = fmt.decode_sample(sample)
+    [scores] = PairSelection(scorer).score([pair.source], [pair.edited], Edit(edit["source"], edit["target"]))
     return scores
 
 

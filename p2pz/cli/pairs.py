@@ -368,14 +368,29 @@ def _register_filter(sub: argparse._SubParsersAction) -> None:
     parser.add_argument("src", metavar="SRC", help="the --out folder of 'p2pz generate'")
     parser.add_argument("dst", metavar="DST", help="a new folder for the kept pairs")
     parser.add_argument("--keep-if", required=True, metavar="RULE", help="e.g. 'success and iou >= 0.8'")
+    parser.add_argument(
+        "--score",
+        choices=("world", "paper"),
+        help="score the pairs that carry no scores (made before scoring existed) with this scorer",
+    )
+    parser.add_argument("--clip-model", metavar="PATH_OR_ID", help="CLIP for --score paper")
+    parser.add_argument("--dino-model", metavar="PATH_OR_ID", help="DINO ViT for --score paper")
     parser.add_argument("--json", action="store_true", help="print filter.json's record as JSON")
     parser.set_defaults(func=_filter)
 
 
 def _filter(args: argparse.Namespace) -> int:
-    from p2pz.data.pairs.filtering import filter_shards
+    from p2pz.data.pairs.filtering import filter_shards, parse_keep_if
 
-    report = filter_shards(args.src, args.dst, args.keep_if, progress=not args.json)
+    parse_keep_if(args.keep_if)  # a rule that does not parse stops before any model loads
+    scorer = None
+    if args.score:
+        from p2pz.data.eval.pair_scores import make_pair_scorer
+
+        scorer = make_pair_scorer(
+            args.score, clip_model=args.clip_model, dino_model=args.dino_model, device="auto"
+        )
+    report = filter_shards(args.src, args.dst, args.keep_if, scorer=scorer, progress=not args.json)
     if args.json:
         print(json.dumps(report, indent=2))
         return 0
