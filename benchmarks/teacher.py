@@ -371,6 +371,8 @@ def main() -> None:
     args = parser.parse_args()
     if args.size is None:
         args.size = 256 if args.architecture == "sd14" else 128
+    if min(args.step_counts) < 2 or len(set(args.step_counts)) < 2:
+        parser.error("--step-counts needs two different counts of at least 2 (the teacher's minimum)")
 
     import torch
 
