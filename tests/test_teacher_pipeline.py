@@ -392,8 +392,11 @@ def test_joint_guidance_steps_the_shared_latent_by_both_branches_gradients(offic
 
     joint = one_step("joint")
     assert torch.allclose(joint, expected, rtol=1e-4, atol=1e-5)
-    for other in ("negative", "edit"):
-        assert not torch.allclose(joint, one_step(other), atol=1e-3), other
+    assert not torch.allclose(joint, one_step("negative"), atol=1e-3)
+    # From x_T the negative branch's maps equal their reference (same latent, same embedding), so its
+    # gradient is zero and the joint step is the edit branch's alone: the paper preset ("edit") takes
+    # the same step only because both divide by the 2 x heads rows of the CFG pair (one loss scale).
+    assert torch.allclose(joint, one_step("edit"), rtol=1e-4, atol=1e-5)
 
 
 @pytest.fixture(scope="module")
