@@ -14,7 +14,7 @@ in the closing notes of the shapes-world issue and ``benchmarks/toy_ablation.py`
   each): red -> blue success 0.98, IoU 0.82, shift 1.0 px; circle -> square 0.91, 0.81, 0.5 px.
   Larger steps cost shape edits their success (circle -> square at 20: 0.70 on 20 scenes).
   ``paper`` (the edit branch alone) changes colours but greys the background (others kept 0.75
-  at step 8).
+  at step 8; measured when that preset's loss was twice the official scale, i.e. step 16 now).
 - CFG 5 with the caption as negative prompt amplifies the edit five times and regenerates colour
   edits from scratch (objects move ~25 px) whatever the guidance; CFG 3 keeps them in reach.
 - Directions come from the world's own captions (``p2pz.data.eval.ablation.world_direction``): the
