@@ -589,12 +589,14 @@ class MinibatchStdLayer(nn.Module):
         # The largest group size <= group_size that divides the batch (NVlabs requires divisibility).
         g = max(d for d in range(1, min(self.group_size, n) + 1) if n % d == 0)
         f = self.num_channels
-        y = x.reshape(g, -1, f, c // f, h, w)  # [G, M, F, c, H, W]: sample n is in group n % M
+        # In fp32 whatever the autocast: in fp16 the 1e-8 rounds to 0, exactly-zero variances occur
+        # and sqrt's gradient there is inf, which makes every discriminator gradient NaN.
+        y = x.float().reshape(g, -1, f, c // f, h, w)  # [G, M, F, c, H, W]: sample n is in group n % M
         y = y - y.mean(dim=0)
         y = (y.square().mean(dim=0) + 1e-8).sqrt()  # [M, F, c, H, W]
         y = y.mean(dim=[2, 3, 4])  # [M, F]
         y = y.reshape(-1, f, 1, 1).repeat(g, 1, h, w)  # [N, F, H, W]
-        return torch.cat([x, y], dim=1)
+        return torch.cat([x, y.to(x.dtype)], dim=1)
 
 
 class DiscriminatorBlock(nn.Module):

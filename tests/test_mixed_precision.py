@@ -37,13 +37,6 @@ def test_r1_penalty_under_bf16_autocast_is_finite_and_close_to_fp32():
     assert finite and value == pytest.approx(exact, rel=0.05)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="MinibatchStdLayer (student/networks.py) computes sqrt(var + 1e-8) in fp16 under autocast: "
-    "1e-8 rounds to 0 in fp16, exactly-zero variances occur, sqrt's gradient there is inf and every "
-    "D gradient (first order and R1) becomes NaN; computing that layer in fp32 fixes it (networks.py "
-    "is another helper's file: remove this mark with that fix)",
-)
 def test_r1_penalty_under_fp16_autocast_is_finite_and_close_to_fp32():
     exact, _ = _discriminator_r1(None)
     value, finite = _discriminator_r1(torch.float16)
