@@ -82,7 +82,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--batch-size", type=int, default=8, help="teacher batch size (default: 8)")
     add_toy_teacher_arguments(p)
     p.add_argument(
-        "--train-steps", type=int, default=2000, help="student training iterations (default: 2000)"
+        "--train-steps",
+        type=int,
+        default=None,
+        help="student training iterations (default: the training config's trainer.max_steps)",
     )
     p.add_argument(
         "--train-config",
@@ -244,7 +247,7 @@ def train_student(args: argparse.Namespace, shards: Path, run_dir: Path) -> Path
         "--trainer.default_root_dir",
         str(run_dir),
         "--trainer.max_steps",
-        str(args.train_steps),
+        str(train_steps(args)),
         "--seed_everything",
         str(args.seed),
         "--trainer.enable_model_summary",  # its FLOPs column reads 0 for the project's custom ops
@@ -534,7 +537,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
         print(_kept_line(args, kept), flush=True)
     timings["teacher (generate)"] += teacher_load_s
 
-    with _stage(timings, "student (train)", f"3/6 student: p2pz train fit, {args.train_steps} iterations"):
+    with _stage(timings, "student (train)", f"3/6 student: p2pz train fit, {train_steps(args)} iterations"):
         checkpoint = train_student(args, Path(kept["shards"]), out / "run")
 
     with _stage(timings, "export", "4/6 export"):
@@ -560,6 +563,19 @@ def cmd_demo(args: argparse.Namespace) -> int:
     print(f"\n{stage_split(timings)}")
     print(f"\nreport: {out / 'report.html'}\nmodel: {out / 'model'}\nbench: {bench_json}")
     return 0
+
+
+def train_steps(args: argparse.Namespace) -> int:
+    """``--train-steps``, or the training config's ``trainer.max_steps`` (one place for the recipe)."""
+    if args.train_steps is not None:
+        return args.train_steps
+    import yaml
+
+    config = yaml.safe_load(Path(args.train_config).read_text()) or {}
+    steps = (config.get("trainer") or {}).get("max_steps")
+    if not isinstance(steps, int) or steps < 1:
+        raise UserError(f"{args.train_config} gives no trainer.max_steps: pass --train-steps")
+    return steps
 
 
 def stage_split(timings: dict[str, float]) -> str:
@@ -593,6 +609,7 @@ def _check_demo_inputs(args: argparse.Namespace) -> str:
         raise UserError(f"--out {args.out} is a file; give a folder for everything the demo makes")
     # read now, not at stage 3 after the teacher has run for minutes
     check_config_file(args.train_config, "--train-config")
+    train_steps(args)  # the iterations come from it unless --train-steps gives them
     if args.keep_if.strip():
         from p2pz.data.eval.pair_scores import WORLD_SCORES
         from p2pz.data.pairs.filtering import parse_keep_if
@@ -665,7 +682,7 @@ def _demo_facts(args: argparse.Namespace, out: Path, kept: dict[str, Any] | None
         "teacher settings": f"preset {args.preset}, CFG {args.guidance_scale:g}, "
         f"xa guidance {args.xa_guidance:g}{' (calibrated)' if getattr(args, 'calibrated', False) else ''}, "
         "direction from world captions",
-        "student iterations": args.train_steps,
+        "student iterations": train_steps(args),
         "package": str(out / "model"),
         "python": sys.version.split()[0],
         "cpu cores": os.cpu_count(),
