@@ -16,9 +16,10 @@ at 512 px: attention weighs in the cost as it does at full size.
 Measurements. Every measurement runs in a fresh Python subprocess (``--worker``), alternating
 between the two implementations, so that neither inherits the other's heap or caches:
 
-* **peak memory**: on CPU, the growth of the process's peak resident set size
-  (``getrusage(RUSAGE_SELF).ru_maxrss``) from just before the first edit (models loaded and
-  inputs prepared) to just after it: the extra memory the edit needed at its peak. torch's CPU
+* **peak memory**: on CPU, the growth of the process's peak resident set size over the first edit:
+  the high-water mark is reset just before it (models loaded, inputs prepared; Linux
+  ``/proc/self/clear_refs``) and ``VmHWM`` read just after it, minus the RSS at the reset: the
+  extra memory the edit needed at its peak. torch's CPU
   allocator keeps no statistics and ``tracemalloc`` does not see its buffers, so RSS is what the
   operating system actually had to provide. On CUDA, ``torch.cuda.max_memory_allocated`` growth.
 * **time**: a second edit in the same worker (after the first, which warms up), the minimum over
@@ -111,13 +112,45 @@ def test_image(size: int):
     return Image.fromarray((np.clip(img, 0, 1) * 255).astype(np.uint8))
 
 
+def _proc_status_bytes(field: str) -> int | None:
+    """``VmRSS`` / ``VmHWM`` of this process from ``/proc/self/status`` (Linux), or None."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith(f"{field}:"):
+                return int(line.split()[1]) * 1024  # kB
+    except OSError:
+        return None
+    return None
+
+
+def reset_peak(device: str) -> int:
+    """Start a peak-memory window; returns the baseline that :func:`peak_bytes` growth counts from.
+
+    On Linux the RSS high-water mark is reset (``/proc/self/clear_refs``), so that loading the
+    model (which for an fp16 folder briefly holds both precisions) cannot hide the edit's own peak:
+    with ``ru_maxrss``, which never goes down, an edit below the load's peak read as +0.
+    """
+    import torch
+
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        return torch.cuda.memory_allocated()
+    try:
+        Path("/proc/self/clear_refs").write_text("5")  # 5: reset the peak RSS to the current RSS
+    except OSError:
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    return _proc_status_bytes("VmRSS") or 0
+
+
 def peak_bytes(device: str) -> int:
     import torch
 
     if device.startswith("cuda"):
         torch.cuda.synchronize()
         return torch.cuda.max_memory_allocated()
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux: kB
+    hwm = _proc_status_bytes("VmHWM")
+    return hwm if hwm is not None else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
 def worker(impl: str, model: str, steps: int, size: int, device: str, out_npy: str, edits: int = 2) -> dict:
@@ -180,9 +213,7 @@ def worker(impl: str, model: str, steps: int, size: int, device: str, out_npy: s
                 output_type="pil",
             ).images[0]
 
-    if device.startswith("cuda"):
-        torch.cuda.reset_peak_memory_stats()
-    before = peak_bytes(device)
+    before = reset_peak(device)
     tic, cpu_tic = time.perf_counter(), time.process_time()
     first = np.asarray(edit())
     sync()
