@@ -102,21 +102,17 @@ def _guidance_step(
     (never the evaluated ones), printed with the sweep it was chosen from."""
     if args.xa_guidance != AUTO or "direction_xa" not in args.rows:
         return TOY_XA_GUIDANCE if args.xa_guidance == AUTO else args.xa_guidance
-    from tqdm.auto import tqdm
-
     from p2pz.data.eval.calibration import calibrate_world_edit
 
-    with tqdm(total=4, desc=f"{edit.name}/calibration", file=sys.stderr) as bar:
-        calibration = calibrate_world_edit(
-            teacher,
-            edit,
-            TOY_XA_GUIDANCE,
-            direction=direction,
-            num_steps=args.steps,
-            guidance_scale=args.guidance_scale,
-            progress=bar,
-        )
-    print(f"{edit.name}: calibrated xa_guidance {calibration.chosen:g}\n{calibration.table()}", flush=True)
+    calibration = calibrate_world_edit(
+        teacher,
+        edit,
+        TOY_XA_GUIDANCE,
+        direction=direction,
+        num_steps=args.steps,
+        guidance_scale=args.guidance_scale,
+    )
+    print(calibration.summary(), flush=True)
     return calibration.chosen
 
 

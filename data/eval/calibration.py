@@ -59,6 +59,10 @@ class Calibration:
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
+    def summary(self) -> str:
+        """The sweep's table and the chosen step, as every command prints them."""
+        return f"{self.table()}\nchosen xa_guidance for {self.edit}: {self.chosen:g}"
+
     def table(self) -> str:
         """The sweep as a plain-text table, the chosen step marked."""
         lines = [f"{'xa_guidance':>12s} {self.success_score:>10s} {self.structure_score:>14s}"]
@@ -171,25 +175,33 @@ def calibrate_world_edit(
     candidates: Sequence[float] | None = None,
     num_steps: int | None = None,
     guidance_scale: float | None = None,
-    progress: Any = None,
+    progress: bool = True,
 ) -> Calibration:
-    """``calibrate_guidance`` on ``count`` calibration scenes of the world, scored by the oracle."""
+    """``calibrate_guidance`` on ``count`` calibration scenes of the world, scored by the oracle, under
+    a progress bar over the steps tried (on stderr; ``progress=False``: none)."""
+    import sys
+
+    from tqdm.auto import tqdm
+
     from p2pz.data.eval.pair_scores import WorldPairScorer
     from p2pz.data.shapes import world
     from p2pz.data.shapes.edits import world_direction
 
     scenes = world_calibration_scenes(edit, count)
-    return calibrate_guidance(
-        teacher,
-        edit,
-        direction if direction is not None else world_direction(teacher, edit),
-        [world.render(s) for s in scenes],
-        WorldPairScorer(),
-        base,
-        captions=[s.caption for s in scenes],
-        candidates=candidates,
-        num_steps=num_steps,
-        guidance_scale=guidance_scale,
-        seed=CALIBRATION_SEED,
-        progress=progress,
-    )
+    steps = list(candidates) if candidates else candidate_steps(base)
+    desc = f"calibrating {edit.spec} ({count} scenes)"
+    with tqdm(total=len(steps), desc=desc, file=sys.stderr, disable=not progress) as bar:
+        return calibrate_guidance(
+            teacher,
+            edit,
+            direction if direction is not None else world_direction(teacher, edit),
+            [world.render(s) for s in scenes],
+            WorldPairScorer(),
+            base,
+            captions=[s.caption for s in scenes],
+            candidates=steps,
+            num_steps=num_steps,
+            guidance_scale=guidance_scale,
+            seed=CALIBRATION_SEED,
+            progress=bar,
+        )

@@ -72,8 +72,7 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
     if args.out and Path(args.out).is_dir():
         raise UserError(f"--out {args.out} is a folder; give a .json file")
     calibration = run_calibration(args, edit)
-    print(calibration.table())
-    print(f"chosen xa_guidance for {edit.spec}: {calibration.chosen:g}")
+    print(calibration.summary())
     if args.out:
         from p2pz.utils.atomic import atomic_path
 

@@ -176,22 +176,18 @@ def resolve_guidance(args: argparse.Namespace, out: Path, teacher: Any, directio
     demo's inputs nor its held-out scenes), printed and saved as ``calibration.json``."""
     if args.xa_guidance != AUTO:
         return
-    from tqdm.auto import tqdm
-
     from p2pz.data.eval.calibration import calibrate_world_edit
     from p2pz.data.shapes.edits import parse_world_edit
 
-    with tqdm(total=4, desc=f"calibrating the guidance of {args.edit}") as bar:
-        calibration = calibrate_world_edit(
-            teacher,
-            parse_world_edit(args.edit),
-            TOY_XA_GUIDANCE,
-            direction=direction,
-            num_steps=args.steps,
-            guidance_scale=args.guidance_scale,
-            progress=bar,
-        )
-    print(f"{calibration.table()}\ncalibrated xa_guidance: {calibration.chosen:g}", flush=True)
+    calibration = calibrate_world_edit(
+        teacher,
+        parse_world_edit(args.edit),
+        TOY_XA_GUIDANCE,
+        direction=direction,
+        num_steps=args.steps,
+        guidance_scale=args.guidance_scale,
+    )
+    print(calibration.summary(), flush=True)
     (out / "calibration.json").write_text(json.dumps(calibration.to_dict(), indent=1) + "\n")
     args.xa_guidance, args.calibrated = calibration.chosen, True
 

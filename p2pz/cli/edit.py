@@ -91,7 +91,7 @@ def _calibrate_if_asked(
         guidance_scale=args.guidance_scale,
         seed=args.seed,
     )
-    print(f"{calibration.table()}\ncalibrated xa_guidance: {calibration.chosen:g}")
+    print(calibration.summary())
     args.xa_guidance = calibration.chosen
     return calibration.to_dict()
 

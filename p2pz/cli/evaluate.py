@@ -178,18 +178,15 @@ def _guidance_step(args: argparse.Namespace, teacher: Any, edit: Any) -> tuple[f
     """``--xa-guidance`` as given, or (``auto``) calibrated for ``edit`` and the calibration's record."""
     if args.xa_guidance != AUTO or args.row != "direction_xa":
         return (None if args.xa_guidance == AUTO else args.xa_guidance), None
-    from tqdm.auto import tqdm
-
     from p2pz.data.eval.calibration import calibrate_world_edit
     from p2pz.data.shapes.edits import model_vocabulary
 
     world_model = model_vocabulary(args.model) is not None
     base = TOY_XA_GUIDANCE if world_model else teacher.preset.xa_guidance_real
-    with tqdm(total=4, desc=f"{edit.name} (calibration)") as bar:
-        calibration = calibrate_world_edit(
-            teacher, edit, base, num_steps=args.steps, guidance_scale=args.guidance_scale, progress=bar
-        )
-    print(f"{edit.name}: calibrated xa_guidance {calibration.chosen:g}\n{calibration.table()}", flush=True)
+    calibration = calibrate_world_edit(
+        teacher, edit, base, num_steps=args.steps, guidance_scale=args.guidance_scale
+    )
+    print(calibration.summary(), flush=True)
     return calibration.chosen, calibration.to_dict()
 
 

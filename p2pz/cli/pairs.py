@@ -125,7 +125,7 @@ def calibrate_if_asked(settings: Settings, scorer: Any) -> tuple[Settings, Any]:
         guidance_scale=settings.guidance_scale,
         seed=settings.seed,
     )
-    print(f"{calibration.table()}\ncalibrated xa_guidance for {job.edit.spec}: {calibration.chosen:g}")
+    print(calibration.summary())
     Path(settings.out).mkdir(parents=True, exist_ok=True)
     with atomic_path(Path(settings.out) / "calibration.json") as tmp:
         Path(tmp).write_text(json.dumps(calibration.to_dict(), indent=1) + "\n")
