@@ -17,7 +17,7 @@ import math
 import lightning.pytorch as pl
 from lightning.pytorch.utilities import rank_zero_warn
 
-from p2pz.data.pairs.reader import PairLoader, ReaderStats, list_shards, pair_loader
+from p2pz.data.pairs.reader import PairLoader, ReaderStats, augment_mode, list_shards, pair_loader
 from p2pz.utils.errors import UserError
 
 
@@ -32,7 +32,9 @@ class PairDataModule(pl.LightningDataModule):
         batch_size: pairs per batch *per device*.
         epoch_length: training batches per rank that make one (Lightning) epoch.
         val_samples: validation pairs scored each time validation runs.
-        augment: random crop (x1.125) and horizontal flip, applied jointly to input and edit.
+        augment: joint augmentation of input and edit: ``crop`` (or ``true``: random crop x1.125 and
+            horizontal flip), ``dihedral`` (one of the 8 flips/rotations of the square, no
+            resampling: for worlds without an up, like the shapes world) or ``none`` (``false``).
         num_workers: DataLoader worker processes per rank for training.
         seed: seed of the shard draw, shuffle and augmentation (combined with rank and resume step).
     """
@@ -46,7 +48,7 @@ class PairDataModule(pl.LightningDataModule):
         batch_size: int = 8,
         epoch_length: int = 1000,
         val_samples: int = 64,
-        augment: bool = True,
+        augment: bool | str = True,
         num_workers: int = 2,
         seed: int = 0,
     ) -> None:
@@ -55,6 +57,7 @@ class PairDataModule(pl.LightningDataModule):
             raise UserError(f"val_fraction must be in [0, 1), got {val_fraction}")
         if batch_size < 1 or epoch_length < 1:
             raise UserError("batch_size and epoch_length must be at least 1")
+        augment_mode(augment)  # a typo fails here, not in a DataLoader worker
         self.save_hyperparameters()
         self.train_urls: list[str] = []
         self.val_urls: list[str] = []

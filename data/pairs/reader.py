@@ -43,6 +43,10 @@ from p2pz.utils.errors import UserError
 SHUFFLE_BUFFER = 256
 UNREADABLE_DRAWS = 20  # resampled draws per shard without one complete pair: every shard is bad
 CROP_JITTER = 1.125  # augment: resize the short side to resolution * this, then crop (pix2pix's 286 -> 256)
+# Joint augmentations of (input, edit): "crop" (pix2pix's resize x1.125 + random crop + horizontal
+# flip; photos) or "dihedral" (one of the square's 8 flips/rotations, pixel-exact, no resampling;
+# worlds without an up or a handedness, like the shapes world); "none".
+AUGMENTS = ("none", "crop", "dihedral")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -256,33 +260,57 @@ class _ShardSource(_IterableDataset):
             yield {"url": url}
 
 
-def joint_crop_flip(images: list, resolution: int, augment: bool, rng: random.Random) -> list:
+def augment_mode(augment: bool | str | None) -> str:
+    """A config's ``augment`` as one of :data:`AUGMENTS` (``true`` is ``"crop"``, ``false`` ``"none"``)."""
+    if augment is None or augment is False:
+        return "none"
+    if augment is True:
+        return "crop"
+    if augment not in AUGMENTS:
+        raise UserError(f"unknown augment {augment!r}; choose one of {', '.join(AUGMENTS)} (or true/false)")
+    return augment
+
+
+def _dihedral_transforms():
+    from PIL import Image
+
+    T = Image.Transpose
+    return (None, T.FLIP_LEFT_RIGHT, T.FLIP_TOP_BOTTOM, T.ROTATE_90, T.ROTATE_180, T.ROTATE_270,
+            T.TRANSPOSE, T.TRANSVERSE)  # fmt: skip
+
+
+def joint_crop_flip(images: list, resolution: int, augment: bool | str, rng: random.Random) -> list:
     """Resize, crop and flip several aligned images with one set of random parameters.
 
     The input and its edit must stay pixel-aligned, so the crop window and the flip are drawn once.
-    Without ``augment``: short side to ``resolution``, centre crop. With it: short side to
-    ``resolution * CROP_JITTER``, random crop, horizontal flip with probability 1/2.
+    Always: short side to ``resolution`` and centre crop, except that ``"crop"`` resizes the short
+    side to ``resolution * CROP_JITTER``, crops at random and flips horizontally with probability
+    1/2; ``"dihedral"`` then applies one of the 8 flips/rotations of the square, drawn uniformly.
     """
     from PIL import Image
 
+    mode = augment_mode(augment)
     width, height = images[0].size
     if any(im.size != (width, height) for im in images):
         raise ValueError(f"pair images differ in size: {[im.size for im in images]}")
-    short = round(resolution * CROP_JITTER) if augment else resolution
+    short = round(resolution * CROP_JITTER) if mode == "crop" else resolution
     scale = short / min(width, height)
     new_size = (max(resolution, round(width * scale)), max(resolution, round(height * scale)))
     if new_size != (width, height):
         images = [im.resize(new_size, Image.BICUBIC) for im in images]
-    if augment:
+    transpose = None
+    if mode == "crop":
         left = rng.randint(0, new_size[0] - resolution)
         top = rng.randint(0, new_size[1] - resolution)
-        flip = rng.random() < 0.5
+        transpose = Image.Transpose.FLIP_LEFT_RIGHT if rng.random() < 0.5 else None
     else:
-        left, top, flip = (new_size[0] - resolution) // 2, (new_size[1] - resolution) // 2, False
+        left, top = (new_size[0] - resolution) // 2, (new_size[1] - resolution) // 2
+        if mode == "dihedral":
+            transpose = rng.choice(_dihedral_transforms())
     box = (left, top, left + resolution, top + resolution)
     images = [im.crop(box) for im in images]
-    if flip:
-        images = [im.transpose(Image.FLIP_LEFT_RIGHT) for im in images]
+    if transpose is not None:
+        images = [im.transpose(transpose) for im in images]
     return images
 
 
@@ -448,7 +476,7 @@ def pair_loader(
     urls: Sequence[str],
     batch_size: int = 8,
     resolution: int = 256,
-    augment: bool = True,
+    augment: bool | str = True,
     resampled: bool = True,
     epoch_length: int | None = 1000,
     num_workers: int = 0,
@@ -472,6 +500,7 @@ def pair_loader(
         raise UserError("pair_loader got an empty shard list")
     if resampled and epoch_length is None:
         raise UserError("resampled reading is endless: give epoch_length (batches per rank)")
+    augment = augment_mode(augment)
     rank, world_size = _rank_and_world(rank, world_size)
     if not 0 <= rank < world_size:
         raise UserError(f"rank {rank} is not in [0, {world_size})")
@@ -495,7 +524,7 @@ def pair_loader(
         wds.tarfile_to_samples(handler=handler),
         _MarkReadable(readable),
     ]
-    if resampled or augment:
+    if resampled or augment != "none":
         stages.append(_Shuffle(SHUFFLE_BUFFER, seed, rank, state))
     stages += [
         _DecodePairs(resolution, augment, seed, rank, state, stats, handler),
