@@ -47,6 +47,8 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
+SHARED_VAE_NOISE_SEED = 0  # the VAE posterior's noise of every image under vae_posterior="shared"
+
 
 @dataclass
 class EditResult:
@@ -417,9 +419,13 @@ class Pix2PixZero:
         self, images: Sequence[Image.Image], generators: Sequence[torch.Generator]
     ) -> torch.Tensor:
         """Scaled float32 VAE latents, each sampled from its posterior with its own generator (seeded,
-        unlike the official code; drawn on the CPU as diffusers' ``randn_tensor`` does)."""
+        unlike the official code; drawn on the CPU as diffusers' ``randn_tensor`` does), or with the
+        one draw ``SHARED_VAE_NOISE_SEED`` gives (``preset.vae_posterior == "shared"``; the
+        generators are then untouched)."""
         x = pil_to_tensor(list(images)).to(self.vae.device, self.vae.dtype)
         dist = self.vae.encode(x).latent_dist
+        if self.preset.vae_posterior == "shared":
+            generators = [torch.Generator().manual_seed(SHARED_VAE_NOISE_SEED) for _ in generators]
         noise = torch.cat(
             [torch.randn(dist.mean[:1].shape, generator=g, dtype=dist.mean.dtype) for g in generators]
         ).to(dist.mean.device)

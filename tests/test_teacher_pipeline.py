@@ -11,6 +11,7 @@ from PIL import Image
 
 from p2pz.teacher.directions import compute_direction
 from p2pz.teacher.editing import cross_attention_loss, edit_with_guidance, make_scheduler
+from p2pz.teacher.images import pil_to_tensor
 from p2pz.teacher.inversion import auto_corr_loss, draw_shifts, invert
 from p2pz.teacher.pipeline import Pix2PixZero
 from p2pz.teacher.presets import DIFFUSERS, OFFICIAL
@@ -416,6 +417,20 @@ def test_joint_preset_batches_like_single_runs(joint, cat2dog):
         [single] = joint.edit([images[i]], [cat2dog], [captions[i]], [seeds[i]], **kwargs)
         assert torch.allclose(batch[i].edited_latent, single.edited_latent, rtol=1e-3, atol=2e-3), i
     assert joint.settings["preset"]["guided_branch"] == "joint"
+
+
+def test_shared_vae_noise_makes_the_encoding_a_function_of_the_image(official, joint):
+    """``joint`` draws the posterior's noise once for all images; ``official`` per image and seed."""
+    image = picture(7)
+    seeded = [torch.Generator().manual_seed(s) for s in (1, 2)]
+    a, b = (joint.encode_images([image], [g]) for g in seeded)
+    assert torch.equal(a, b), "joint: the encoding depends on the seed"
+    c, d = (official.encode_images([image], [torch.Generator().manual_seed(s)]) for s in (1, 2))
+    assert not torch.equal(c, d), "official: the posterior's noise should follow the seed"
+    # ... and the shared draw is a posterior sample, not its mean
+    mean = joint.vae.encode(pil_to_tensor([image])).latent_dist.mean * joint.vae.config.scaling_factor
+    assert not torch.allclose(a, mean.float())
+    assert joint.settings["preset"]["vae_posterior"] == "shared"
 
 
 # -------------------------------------------------------------------------------------------------
