@@ -173,6 +173,33 @@ def test_joint_crop_flip_flips_both():
     assert outcomes == {True, False}
 
 
+def test_dihedral_augmentation_is_exact_joint_and_covers_the_eight_symmetries():
+    import random
+
+    rng_image = np.random.default_rng(0)
+    pixels = rng_image.integers(0, 256, (8, 8, 3), dtype=np.uint8)
+    a, b = Image.fromarray(pixels), Image.fromarray(255 - pixels)
+    originals = np.asarray(a).astype(int)
+    symmetries = {np.rot90(m, k).tobytes() for m in (originals, originals[:, ::-1]) for k in range(4)}
+    seen = set()
+    rng = random.Random(0)
+    for _ in range(80):
+        ca, cb = joint_crop_flip([a, b], 8, "dihedral", rng)
+        xa, xb = np.asarray(ca).astype(int), np.asarray(cb).astype(int)
+        assert np.array_equal(xa + xb, np.full_like(xa, 255))  # the same transform on both, no resampling
+        assert xa.tobytes() in symmetries
+        seen.add(xa.tobytes())
+    assert seen == symmetries
+
+
+def test_augment_names():
+    from p2pz.data.pairs.reader import augment_mode
+
+    assert [augment_mode(v) for v in (True, False, None, "dihedral")] == ["crop", "none", "none", "dihedral"]
+    with pytest.raises(UserError, match="unknown augment"):
+        augment_mode("rotate")
+
+
 def test_ranks_get_disjoint_shards(dataset):
     folder, keys = dataset
     urls = list_shards(folder)
