@@ -44,14 +44,16 @@ DEFAULT_KEEP_IF = "success and iou >= 0.8"
 
 
 def data_settings(args: argparse.Namespace) -> dict[str, Any]:
-    """Everything that decides the pairs: the cache key."""
+    """Everything that decides the pairs: the cache key (the preset's values, not only its name)."""
+    from p2pz.teacher.presets import get_preset
+
     return {
         "model": str(Path(args.model).resolve()) if Path(args.model).exists() else args.model,
         "edit": args.edit,
         "pairs": args.pairs,
         "held_out": args.held_out,
         "steps": args.steps,
-        "preset": args.preset,
+        "preset": get_preset(args.preset).to_dict(),
         "guidance_scale": args.guidance_scale,
         "xa_guidance": args.xa_guidance,
         "seed": args.seed,
