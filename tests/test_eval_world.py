@@ -132,15 +132,17 @@ def test_score_log_shares_unguided_rows_across_guidance_steps(tmp_path):
 
 
 def test_score_log_shares_unguided_rows_across_guided_branches_only(tmp_path):
-    from p2pz.teacher.presets import DIFFUSERS, JOINT, OFFICIAL
+    from p2pz.teacher.presets import DIFFUSERS, JOINT, OFFICIAL, PAPER
 
     path = tmp_path / "log.jsonl"
     score = wm.score_world_edit(CIRCLE, world.render(CIRCLE), "circle:square")
     log = ScoreLog(path, {"preset": OFFICIAL.to_dict(), "xa_guidance": 20.0})
     log.add("circle-to-square", "direction", 0, score, 0.5)
     log.add("circle-to-square", "direction_xa", 0, score, 0.5)
-    joint = ScoreLog(path, {"preset": JOINT.to_dict(), "xa_guidance": 20.0})
-    assert list(joint.done("circle-to-square", "direction")) == [0]  # no guidance: the branch is unused
-    assert joint.done("circle-to-square", "direction_xa") == {}
+    paper = ScoreLog(path, {"preset": PAPER.to_dict(), "xa_guidance": 20.0})
+    assert list(paper.done("circle-to-square", "direction")) == [0]  # no guidance: the branch is unused
+    assert paper.done("circle-to-square", "direction_xa") == {}
+    joint = ScoreLog(path, {"preset": JOINT.to_dict(), "xa_guidance": 20.0})  # another VAE noise
+    assert joint.done("circle-to-square", "direction") == {}
     other = ScoreLog(path, {"preset": DIFFUSERS.to_dict(), "xa_guidance": 20.0})  # another inversion
     assert other.done("circle-to-square", "direction") == {}
