@@ -308,7 +308,10 @@ def filtered_shards(args: argparse.Namespace, folder: Path) -> tuple[Path, dict]
     manifest_file = out.with_suffix(".json")
     if manifest_file.exists():
         return out, json.loads(manifest_file.read_text())
-    manifest = filter_shards(folder / "train", out, args.keep_if)
+    from p2pz.data.eval.pair_scores import WorldPairScorer
+
+    # pairs cached before scoring existed carry no scores: the oracle scores them here
+    manifest = filter_shards(folder / "train", out, args.keep_if, scorer=WorldPairScorer())
     manifest_file.write_text(json.dumps(manifest, default=str))
     return out, manifest
 
