@@ -75,11 +75,6 @@ GENERATOR_DEFAULTS: dict[str, Any] = dict(
     # Off in CoModGAN; for structure-keeping edits it makes copying the untouched pixels free,
     # so a small student spends its capacity on the edit (configs/cpu.yaml turns it on).
     input_residual=False,
-    # A learned [C, R, R] map added to the encoder's first features: where each pixel is. A
-    # convolutional network barely knows (only through its zero padding); a teacher whose output
-    # carries a fixed spatial pattern (the toy teacher's shared VAE noise, see teacher/presets.py)
-    # needs it to be copied. Off in CoModGAN (and for inputs of other sizes than R).
-    position_embedding=False,
 )
 
 DISCRIMINATOR_DEFAULTS: dict[str, Any] = dict(
@@ -354,18 +349,12 @@ class Encoder(nn.Module):
         dropout: float,
         resample_filter,
         conv_clamp,
-        position_embedding: bool = False,
     ) -> None:
         super().__init__()
         self.resolution = resolution
         ch = lambda res: channels_at(res, channel_base, channel_max)
         self.from_rgb = Conv2dLayer(
             img_channels, ch(resolution), 1, activation="lrelu", conv_clamp=conv_clamp
-        )
-        self.position = (
-            nn.Parameter(torch.zeros([ch(resolution), resolution, resolution]))
-            if position_embedding
-            else None
         )
         self.block_resolutions = [2**i for i in range(int(math.log2(resolution)), 2, -1)]  # R, R/2, ..., 8
         self.blocks = nn.ModuleDict(
@@ -381,8 +370,6 @@ class Encoder(nn.Module):
     def forward(self, img: torch.Tensor) -> tuple[torch.Tensor, dict[int, torch.Tensor]]:
         features: dict[int, torch.Tensor] = {}
         x = self.from_rgb(img)
-        if self.position is not None:
-            x = x + self.position.to(x.dtype)
         for res in self.block_resolutions:
             x, features[res] = self.blocks[str(res)](x)
         x = self.conv4(x)
@@ -533,7 +520,7 @@ class Generator(nn.Module):
 
         self.encoder = Encoder(
             resolution, img_channels, cfg["channel_base"], cfg["channel_max"], cfg["global_dim"],
-            cfg["dropout"], **common, position_embedding=bool(cfg["position_embedding"]),
+            cfg["dropout"], **common,
         )  # fmt: skip
         self.mapping = (
             MappingNetwork(

@@ -161,21 +161,3 @@ def test_input_residual_adds_the_input_to_the_same_network():
     torch.testing.assert_close(out_residual, plain(x, z=z) + x)
     # It survives the config round trip that export and checkpoints use.
     assert Generator(**residual.config).input_residual and not Generator(**plain.config).input_residual
-
-
-def test_position_embedding_tells_the_network_where_a_pixel_is():
-    torch.manual_seed(0)
-    kw = dict(channel_base=256, channel_max=16, z_dim=0, dropout=0.0)
-    G = Generator(64, preset="lite", position_embedding=True, **kw).eval()
-    assert G.encoder.position.shape == (4, 64, 64) and not G.encoder.position.any()  # starts as no-op
-    flat = torch.zeros(1, 3, 64, 64)  # the same input everywhere
-    with torch.no_grad():
-        G.encoder.position.normal_()
-        out = G(flat)
-    # On a flat input, pixels away from the borders look alike to a plain CNN; with the map they differ.
-    plain = Generator(64, preset="lite", **kw).eval()
-    with torch.no_grad():
-        plain_out = plain(flat)
-    spread = [o[0, :, 24:40, 24:40].std(dim=(1, 2)).max() for o in (out, plain_out)]
-    assert spread[0] > 10 * spread[1], spread
-    assert Generator(**G.config).encoder.position is not None and plain.encoder.position is None
