@@ -36,7 +36,6 @@ from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_CACHE = REPO / ".cache" / "distill"
-DEFAULT_KEEP_IF = "success and iou >= 0.8"
 
 
 # --------------------------------------------------------------------------------------------------
@@ -321,6 +320,7 @@ def filtered_shards(args: argparse.Namespace, folder: Path) -> tuple[Path, dict]
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    from p2pz.cli.demo import DEFAULT_KEEP_IF
     from p2pz.data.shapes.teacher_settings import add_toy_teacher_arguments
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -346,7 +346,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--eval-every", type=int, default=100, help="iterations between curve points (default 100)"
     )
     p.add_argument("--filter", action="store_true", help="train on the pairs --keep-if keeps")
-    p.add_argument("--keep-if", default=DEFAULT_KEEP_IF, help=f"filter rule (default {DEFAULT_KEEP_IF!r})")
+    p.add_argument(
+        "--keep-if", default=DEFAULT_KEEP_IF, help=f"filter rule (default {DEFAULT_KEEP_IF!r}, the demo's)"
+    )
     p.add_argument("--threads", type=int, default=2, help="torch threads (default 2)")
     p.add_argument("--run-dir", default=None, help="training run folder (default: a temporary one)")
     p.add_argument(
