@@ -424,11 +424,15 @@ class Pix2PixZero:
         generators are then untouched)."""
         x = pil_to_tensor(list(images)).to(self.vae.device, self.vae.dtype)
         dist = self.vae.encode(x).latent_dist
-        if self.preset.vae_posterior == "shared":
-            generators = [torch.Generator().manual_seed(SHARED_VAE_NOISE_SEED) for _ in generators]
-        noise = torch.cat(
-            [torch.randn(dist.mean[:1].shape, generator=g, dtype=dist.mean.dtype) for g in generators]
-        ).to(dist.mean.device)
+
+        def draw(generator: torch.Generator) -> torch.Tensor:
+            return torch.randn(dist.mean[:1].shape, generator=generator, dtype=dist.mean.dtype)
+
+        if self.preset.vae_posterior == "shared":  # one draw, the same for every image
+            noise = draw(torch.Generator().manual_seed(SHARED_VAE_NOISE_SEED)).expand_as(dist.mean)
+        else:
+            noise = torch.cat([draw(g) for g in generators])
+        noise = noise.to(dist.mean.device)
         # float32 from here on: the inversion keeps its latents in float32 (see ``invert``)
         return (dist.mean.float() + dist.std.float() * noise.float()) * self.vae.config.scaling_factor
 
