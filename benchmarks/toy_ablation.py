@@ -27,7 +27,9 @@ so that a killed run resumes where it stopped. Edits with words the model never 
 (``diamond``, ``purple``, ``orange`` for the toy model) are refused in one line.
 
 The output: one line per row as it ends, then a table of every row, the mean over edits and the
-worst edit of each row, and last one JSON object mapping ``<edit>/<row>`` (and ``mean/<row>``,
+worst edit of each row (``recon px``/``recon iou``: the reference pass, the model redrawing the
+input with no edit, scored against the input: a ceiling for edits into that shape), and last one
+JSON object mapping ``<edit>/<row>`` (and ``mean/<row>``,
 ``worst/<row>``) to ``{"success", "iou", "centre_shift_px"}``.
 """
 
@@ -250,13 +252,16 @@ def _run_row(
 
 
 def _summarise(records: list[dict[str, Any]]) -> dict[str, Any]:
-    """The world metrics of a row's logged scenes, plus the median reconstruction shift."""
+    """The world metrics of a row's logged scenes, plus the median reconstruction shift and the mean
+    reconstruction IoU (None when a scene's record predates it)."""
     from p2pz.data.eval.ablation import ScoreLog
     from p2pz.data.eval.world_metrics import aggregate
 
     summary = aggregate([ScoreLog.to_score(r) for r in records])
     recon = sorted(r["reconstruction_shift_px"] for r in records if r["reconstruction_shift_px"] is not None)
     summary["reconstruction_shift_px"] = recon[len(recon) // 2] if recon else None
+    recon_iou = [r.get("reconstruction_iou") for r in records]
+    summary["reconstruction_iou"] = None if None in recon_iou else sum(recon_iou) / len(recon_iou)
     return summary
 
 
@@ -267,11 +272,11 @@ def _print_results(results: dict[str, dict[str, Any]]) -> None:
 
     results = {**results, **across_edits(results)}
     print()
-    header = ("success", "iou", "iou_in", "shift px", "psnr out", "recon px")
+    header = ("success", "iou", "iou_in", "shift px", "psnr out", "recon px", "recon iou")
     print(f"{'edit/row':40s} " + " ".join(f"{h:>8s}" for h in header))
     for name, m in results.items():
         values = (m["success"], m["iou"], m["iou_input"], m["centre_shift_px"], m["psnr_outside"])
-        values += (m.get("reconstruction_shift_px"),)
+        values += (m.get("reconstruction_shift_px"), m.get("reconstruction_iou"))
         label = f"{name} ({m['edit']})" if "edit" in m else name
         print(f"{label:40s} " + " ".join(f"{_num(v):>8s}" for v in values))
     print(

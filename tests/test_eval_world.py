@@ -107,16 +107,31 @@ def test_sentence_banks_differ_by_the_edited_word_only():
         assert "circle" in s and s.replace("circle", "square") == t
 
 
+# A reconstruction as the ablation scores it: an edit that changes nothing, a 2 px shifted circle
+RECONSTRUCTION = wm.score_world_edit(
+    CIRCLE,
+    world.render(Scene((ShapeObject("circle", "red", (32.0, 34.0), 26.0),), CIRCLE.background)),
+    we.WorldEdit("circle", "circle", "shape"),
+)
+
+
+def test_a_reconstruction_is_scored_against_its_input():
+    assert RECONSTRUCTION.success and RECONSTRUCTION.centre_shift_px == pytest.approx(2.0, abs=0.6)
+    assert 0.7 < RECONSTRUCTION.iou < 0.95
+
+
 def test_score_log_resumes_only_matching_settings(tmp_path):
     path = tmp_path / "log.jsonl"
     edit = we.parse_world_edit("circle:square")
     score = wm.score_world_edit(CIRCLE, world.render(CIRCLE), edit)
     log = ScoreLog(path, {"steps": 2})
-    log.add("circle-to-square", "direction", 3, score, float("nan"))
+    log.add("circle-to-square", "direction", 3, score, RECONSTRUCTION)
     with open(path, "a") as f:
         f.write('{"settings": "cut in the mid')  # a line cut by kill -9
     again = ScoreLog(path, {"steps": 2}).done("circle-to-square", "direction")
     assert list(again) == [3] and ScoreLog.to_score(again[3]) == score
+    assert again[3]["reconstruction_iou"] == RECONSTRUCTION.iou
+    assert again[3]["reconstruction_shift_px"] == RECONSTRUCTION.centre_shift_px
     assert ScoreLog(path, {"steps": 50}).done("circle-to-square", "direction") == {}
 
 
@@ -124,8 +139,8 @@ def test_score_log_shares_unguided_rows_across_guidance_steps(tmp_path):
     path = tmp_path / "log.jsonl"
     score = wm.score_world_edit(CIRCLE, world.render(CIRCLE), "circle:square")
     log = ScoreLog(path, {"steps": 2, "xa_guidance": 10.0})
-    log.add("circle-to-square", "word_swap", 0, score, 0.5)
-    log.add("circle-to-square", "direction_xa", 0, score, 0.5)
+    log.add("circle-to-square", "word_swap", 0, score, RECONSTRUCTION)
+    log.add("circle-to-square", "direction_xa", 0, score, RECONSTRUCTION)
     other = ScoreLog(path, {"steps": 2, "xa_guidance": 20.0})
     assert list(other.done("circle-to-square", "word_swap")) == [0]
     assert other.done("circle-to-square", "direction_xa") == {}
@@ -137,8 +152,8 @@ def test_score_log_shares_unguided_rows_across_guided_branches_only(tmp_path):
     path = tmp_path / "log.jsonl"
     score = wm.score_world_edit(CIRCLE, world.render(CIRCLE), "circle:square")
     log = ScoreLog(path, {"preset": OFFICIAL.to_dict(), "xa_guidance": 20.0})
-    log.add("circle-to-square", "direction", 0, score, 0.5)
-    log.add("circle-to-square", "direction_xa", 0, score, 0.5)
+    log.add("circle-to-square", "direction", 0, score, RECONSTRUCTION)
+    log.add("circle-to-square", "direction_xa", 0, score, RECONSTRUCTION)
     paper = ScoreLog(path, {"preset": PAPER.to_dict(), "xa_guidance": 20.0})
     assert list(paper.done("circle-to-square", "direction")) == [0]  # no guidance: the branch is unused
     assert paper.done("circle-to-square", "direction_xa") == {}

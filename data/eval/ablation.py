@@ -51,13 +51,18 @@ class RowResult:
     scores: list[WorldEditScore] = field(default_factory=list)
     edited: list[Image.Image] = field(default_factory=list)
     reconstruction_shift_px: list[float] = field(default_factory=list)
+    # IoU of the reference pass's object with the input's: how well the model redraws the input
+    # with no edit at all, a ceiling for the edit's IoU on the same shape
+    reconstruction_iou: list[float] = field(default_factory=list)
     seconds: float = 0.0
 
     def summary(self) -> dict:
         recon = [s for s in self.reconstruction_shift_px if not math.isnan(s)]
+        recon_iou = self.reconstruction_iou
         return {
             **aggregate(self.scores),
             "reconstruction_shift_px": float(np.median(recon)) if recon else None,
+            "reconstruction_iou": float(np.mean(recon_iou)) if recon_iou else None,
             "seconds": round(self.seconds, 1),
         }
 
@@ -76,15 +81,16 @@ def edit_world_scenes(
     sentences: str = "world",
     keep_images: bool = False,
     seed: int = 0,
-    done: Callable[[int, WorldEditScore, float], None] | None = None,
+    done: Callable[[int, WorldEditScore, WorldEditScore], None] | None = None,
     skip: Sequence[int] = (),
     progress: Any = None,
 ) -> RowResult:
     """Edit ``scenes`` with the teacher as ``row`` says and score every edit against its scene.
 
     ``xa_guidance`` applies to ``direction_xa`` only (None: the preset's value for real images);
-    the other rows run without guidance. ``done(index, score, recon_shift)`` is called after each
-    scene (for resumable runs); scenes whose index is in ``skip`` are not edited.
+    the other rows run without guidance. ``done(index, score, reconstruction_score)`` is called
+    after each scene (for resumable runs); scenes whose index is in ``skip`` are not edited. The
+    reconstruction (the reference pass) is scored as an edit that changes nothing.
     """
     import time
 
@@ -117,10 +123,11 @@ def edit_world_scenes(
             )
             result.scores.append(score)
             result.reconstruction_shift_px.append(recon.centre_shift_px)
+            result.reconstruction_iou.append(recon.iou)
             if keep_images:
                 result.edited.append(out.edited)
             if done is not None:
-                done(i, score, recon.centre_shift_px)
+                done(i, score, recon)
         result.seconds += time.perf_counter() - tic
         if progress is not None:
             progress.update(len(index))
@@ -189,14 +196,17 @@ class ScoreLog:
     def done(self, edit: str, row: str) -> dict[int, dict]:
         return self.records.get((edit, row), {})
 
-    def add(self, edit: str, row: str, index: int, score: WorldEditScore, recon_shift: float) -> None:
+    def add(self, edit: str, row: str, index: int, score: WorldEditScore, recon: WorldEditScore) -> None:
+        """Record one scene's score and its reconstruction's (logs written before the
+        reconstruction's IoU was kept read it as None)."""
         rec = {
             "settings": self.key(row),
             "edit": edit,
             "row": row,
             "index": index,
             "score": score.to_dict(),
-            "reconstruction_shift_px": None if math.isnan(recon_shift) else recon_shift,
+            "reconstruction_shift_px": None if math.isnan(recon.centre_shift_px) else recon.centre_shift_px,
+            "reconstruction_iou": recon.iou,
         }
         self.records.setdefault((edit, row), {})[index] = rec
         if self.path:
