@@ -62,8 +62,11 @@ from pathlib import Path
 CAPTION = "a cat sitting on a couch"
 
 
-def build_model(out: Path, seed: int = 0) -> Path:
-    """The tiny model of ``make_tiny`` with a wider UNet and a 4x VAE (see the module docstring)."""
+def build_model(out: Path, seed: int = 0, size: int = 128) -> Path:
+    """The tiny model of ``make_tiny`` with a wider UNet and a 4x VAE (see the module docstring),
+    native at ``size`` px: both sides then edit at ``--size`` (the UNet's sample_size sets it)."""
+    if size <= 0 or size % 16:
+        sys.exit(f"--size must be a positive multiple of 16 for the tiny model, got {size}")
     import torch
     from diffusers import AutoencoderKL, UNet2DConditionModel
 
@@ -73,7 +76,7 @@ def build_model(out: Path, seed: int = 0) -> Path:
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed + 10)
         unet = UNet2DConditionModel(
-            sample_size=32,
+            sample_size=size // 4,  # the VAE downsamples by 4
             in_channels=4,
             out_channels=4,
             down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
@@ -94,7 +97,7 @@ def build_model(out: Path, seed: int = 0) -> Path:
             layers_per_block=1,
             latent_channels=4,
             norm_num_groups=8,
-            sample_size=128,
+            sample_size=size,
             scaling_factor=VAE_SCALING_FACTOR,
         )
     unet.save_pretrained(out / "unet")
@@ -257,7 +260,7 @@ def main_tiny(args: argparse.Namespace) -> None:
     """The default model: ``--repeats`` workers per side, time from each worker's second edit."""
     start = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="p2pz-bench-") as tmp:
-        model = build_model(Path(tmp) / "model")
+        model = build_model(Path(tmp) / "model", size=args.size)
         runs: dict[str, list[dict]] = {"diffusers": [], "ours": []}
         for r in range(args.repeats):
             for impl in ("diffusers", "ours"):
