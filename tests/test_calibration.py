@@ -9,6 +9,7 @@ import pytest
 from p2pz.cli.main import main
 from p2pz.data.eval.calibration import (
     CALIBRATION_SEED,
+    Calibration,
     candidate_steps,
     pick_step,
     world_calibration_scenes,
@@ -32,6 +33,24 @@ def test_the_step_keeps_most_structure_among_those_where_the_edit_happens():
     assert pick_step(_rows((5, 1.0, 0.70), (15, 0.95, 0.80)), True) == 15
     # real images: a lower structure distance is better; a tie goes to the smaller step
     assert pick_step(_rows((0.05, 0.8, 0.02), (0.1, 0.8, 0.01), (0.2, 0.8, 0.01)), False) == 0.1
+
+
+def _calibration(rows) -> Calibration:
+    chosen = pick_step(rows, higher_is_better=True)
+    return Calibration("circle:triangle", chosen, 15.0, 6, "success", "iou", rows)
+
+
+def test_calibration_warns_in_one_line_when_no_step_makes_the_edit():
+    # circle:triangle on the toy model: the best step makes half the edits
+    weak = _calibration(_rows((5, 0.5, 0.51), (10, 0.333, 0.489), (15, 0.167, 0.487)))
+    warning = weak.warning()
+    assert warning is not None and "\n" not in warning and "50% of the 6 inputs" in warning
+    assert weak.summary().splitlines()[-1] == warning and "chosen xa_guidance" in weak.summary()
+    fine = _calibration(_rows((5, 1.0, 0.821), (10, 1.0, 0.807), (30, 0.5, 0.799)))
+    assert fine.warning() is None and fine.summary().splitlines()[-1].startswith("chosen")
+    # the chosen step's success counts, not the best: 0.8 is within the margin of 0.9, and chosen
+    assert _calibration(_rows((5, 0.9, 0.5), (10, 0.8, 0.6))).warning() is None
+    assert _calibration(_rows((5, 0.85, 0.5), (10, 0.75, 0.6))).warning() is not None
 
 
 def test_candidates_surround_the_base_step():

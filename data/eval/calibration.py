@@ -40,6 +40,9 @@ if TYPE_CHECKING:
 
 LADDER = (1 / 3, 2 / 3, 1.0, 2.0)  # candidate steps, as multiples of the base step
 SUCCESS_MARGIN = 0.1  # a step may give up this much success rate for better structure
+# Below this success rate at the chosen step, calibration warns that many pairs will be failures
+# (the ablation's target for a usable teacher; circle -> triangle on the toy model stays under it)
+LOW_SUCCESS = 0.8
 # scorer name -> (success score, structure score, higher structure is better)
 SCORE_NAMES = {"world": ("success", "iou", True), "paper": ("clip_acc", "structure_dist", False)}
 
@@ -60,8 +63,22 @@ class Calibration:
         return asdict(self)
 
     def summary(self) -> str:
-        """The sweep's table and the chosen step, as every command prints them."""
-        return f"{self.table()}\nchosen xa_guidance for {self.edit}: {self.chosen:g}"
+        """The sweep's table and the chosen step (and the warning, if any), as every command prints them."""
+        text = f"{self.table()}\nchosen xa_guidance for {self.edit}: {self.chosen:g}"
+        warning = self.warning()
+        return f"{text}\n{warning}" if warning else text
+
+    def warning(self) -> str | None:
+        """One line when even the chosen step makes the edit on fewer than ``LOW_SUCCESS`` of the inputs."""
+        success = next(r["success"] for r in self.rows if r["xa_guidance"] == self.chosen)
+        if success >= LOW_SUCCESS:
+            return None
+        best = max(r["success"] for r in self.rows)
+        return (
+            f"warning: at the chosen step the edit succeeded on {success:.0%} of the {self.inputs} inputs "
+            f"(the best step: {best:.0%}): expect failed pairs, and keep only the good ones "
+            "with 'p2pz shards filter SRC DST --keep-if success'"
+        )
 
     def table(self) -> str:
         """The sweep as a plain-text table, the chosen step marked."""
