@@ -20,11 +20,11 @@ success >= 80%, IoU >= 0.8, median shift <= 1.5 px, and IoU above both unguided 
 Scenes: 100 for the README's two edits (circle:square, red:blue), 20 for each other edit;
 ``--scenes N`` gives every edit N. The default run edits 400 scenes three ways (about 1,200
 edits, a guided one costing about three plain ones) plus 288 guided calibration edits (12 edits x
-4 steps x 6 scenes). It has not been timed whole on this project's 2-core machine: from the
-per-scene times of smaller runs (1-2 s per plain and 3-5 s per guided edit at 50 steps), expect
-one to two hours; ``--scenes``/``--edits``/``--steps`` shrink it. ``--log FILE`` records every scored scene,
-so that a killed run resumes where it stopped. Edits with words the model never learned
-(``diamond``, ``purple``, ``orange`` for the toy model) are refused in one line.
+4 steps x 6 scenes). On this project's 2-core machine it took about 75 minutes with one thread
+while another job used the other core (53 min of rows, about 20 of calibration; 1-2 s per plain
+and 3-5 s per guided edit); ``--scenes``/``--edits``/``--steps`` shrink it. ``--log FILE``
+records every scored scene, so that a killed run resumes where it stopped. Edits with words the
+model never learned (``diamond``, ``purple``, ``orange`` for the toy model) are refused in one line.
 
 The output: one line per row as it ends, then a table of every row, the mean over edits and the
 worst edit of each row (``recon px``/``recon iou``: the reference pass, the model redrawing the
