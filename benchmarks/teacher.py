@@ -64,9 +64,8 @@ CAPTION = "a cat sitting on a couch"
 
 def build_model(out: Path, seed: int = 0, size: int = 128) -> Path:
     """The tiny model of ``make_tiny`` with a wider UNet and a 4x VAE (see the module docstring),
-    native at ``size`` px: both sides then edit at ``--size`` (the UNet's sample_size sets it)."""
-    if size <= 0 or size % 16:
-        sys.exit(f"--size must be a positive multiple of 16 for the tiny model, got {size}")
+    native at ``size`` px (a multiple of 16): both sides then edit at ``--size`` (the UNet's
+    sample_size sets it)."""
     import torch
     from diffusers import AutoencoderKL, UNet2DConditionModel
 
@@ -405,6 +404,8 @@ def main() -> None:
     args = parser.parse_args()
     if args.size is None:
         args.size = 256 if args.architecture == "sd14" else 128
+    if args.architecture == "tiny" and (args.size <= 0 or args.size % 16):  # 4x VAE, 2 UNet downsamples
+        sys.exit(f"--size must be a positive multiple of 16 for the tiny model, got {args.size}")
     if min(args.step_counts) < 2 or len(set(args.step_counts)) < 2:
         parser.error("--step-counts needs two different counts of at least 2 (the teacher's minimum)")
 
