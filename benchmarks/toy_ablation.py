@@ -254,15 +254,12 @@ def _run_row(
 def _summarise(records: list[dict[str, Any]]) -> dict[str, Any]:
     """The world metrics of a row's logged scenes, plus the median reconstruction shift and the mean
     reconstruction IoU (None when a scene's record predates it)."""
-    from p2pz.data.eval.ablation import ScoreLog
+    from p2pz.data.eval.ablation import ScoreLog, reconstruction_summary
     from p2pz.data.eval.world_metrics import aggregate
 
-    summary = aggregate([ScoreLog.to_score(r) for r in records])
-    recon = sorted(r["reconstruction_shift_px"] for r in records if r["reconstruction_shift_px"] is not None)
-    summary["reconstruction_shift_px"] = recon[len(recon) // 2] if recon else None
-    recon_iou = [r.get("reconstruction_iou") for r in records]
-    summary["reconstruction_iou"] = None if None in recon_iou else sum(recon_iou) / len(recon_iou)
-    return summary
+    shifts = [r["reconstruction_shift_px"] for r in records]
+    ious = [r.get("reconstruction_iou") for r in records]
+    return {**aggregate([ScoreLog.to_score(r) for r in records]), **reconstruction_summary(shifts, ious)}
 
 
 def _print_results(results: dict[str, dict[str, Any]]) -> None:

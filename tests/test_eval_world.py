@@ -161,3 +161,13 @@ def test_score_log_shares_unguided_rows_across_guided_branches_only(tmp_path):
     assert joint.done("circle-to-square", "direction") == {}
     other = ScoreLog(path, {"preset": DIFFUSERS.to_dict(), "xa_guidance": 20.0})  # another inversion
     assert other.done("circle-to-square", "direction") == {}
+
+
+def test_reconstruction_figures_have_one_definition_for_live_and_logged_rows():
+    from p2pz.data.eval.ablation import reconstruction_summary
+
+    # a row as it runs (NaN: object not found) and as its log reads back (None), even count: true median
+    live = reconstruction_summary([1.0, float("nan"), 3.0], [0.9, 0.8])
+    logged = reconstruction_summary([1.0, None, 3.0], [0.9, 0.8])
+    assert live == logged == {"reconstruction_shift_px": 2.0, "reconstruction_iou": pytest.approx(0.85)}
+    assert reconstruction_summary([], [0.9, None])["reconstruction_iou"] is None  # a log older than the IoU

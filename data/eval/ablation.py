@@ -57,14 +57,18 @@ class RowResult:
     seconds: float = 0.0
 
     def summary(self) -> dict:
-        recon = [s for s in self.reconstruction_shift_px if not math.isnan(s)]
-        recon_iou = self.reconstruction_iou
-        return {
-            **aggregate(self.scores),
-            "reconstruction_shift_px": float(np.median(recon)) if recon else None,
-            "reconstruction_iou": float(np.mean(recon_iou)) if recon_iou else None,
-            "seconds": round(self.seconds, 1),
-        }
+        recon = reconstruction_summary(self.reconstruction_shift_px, self.reconstruction_iou)
+        return {**aggregate(self.scores), **recon, "seconds": round(self.seconds, 1)}
+
+
+def reconstruction_summary(shifts: Sequence[float | None], ious: Sequence[float | None]) -> dict:
+    """A row's redraw figures: the median centre shift (objects not found, NaN or None, left out)
+    and the mean IoU with the input (None when there is none, or when a scene lacks it)."""
+    found = [s for s in shifts if s is not None and not math.isnan(s)]
+    return {
+        "reconstruction_shift_px": float(np.median(found)) if found else None,
+        "reconstruction_iou": float(np.mean(ious)) if ious and None not in ious else None,
+    }
 
 
 def edit_world_scenes(
