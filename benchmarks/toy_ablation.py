@@ -23,8 +23,9 @@ edits, a guided one costing about three plain ones) plus 288 guided calibration 
 4 steps x 6 scenes). On this project's 2-core machine it took about 75 minutes with one thread
 while another job used the other core (53 min of rows, about 20 of calibration; 1-2 s per plain
 and 3-5 s per guided edit); ``--scenes``/``--edits``/``--steps`` shrink it. ``--log FILE``
-records every scored scene, so that a killed run resumes where it stopped. Edits with words the
-model never learned (``diamond``, ``purple``, ``orange`` for the toy model) are refused in one line.
+records every scored scene and calibration, so that a killed run resumes where it stopped. Edits
+with words the model never learned (``diamond``, ``purple``, ``orange`` for the toy model) are
+refused in one line.
 
 The output: one line per row as it ends, then a table of every row, the mean over edits and the
 worst edit of each row (``recon px``/``recon iou``: the reference pass, the model redrawing the
@@ -90,7 +91,7 @@ def main(argv: list[str] | None = None) -> int:
     for edit in edits:
         scenes = edit.scenes(_scene_count(args, edit), seed=args.seed)
         direction = world_direction(teacher, edit, args.sentences)  # one direction for the edit's rows
-        step = _guidance_step(args, teacher, edit, direction)
+        step = _guidance_step(args, teacher, log, edit, direction)
         for row in args.rows:
             results[f"{edit.name}/{row}"] = _run_row(args, teacher, log, edit, scenes, direction, row, step)
     _print_results(results)
@@ -98,22 +99,28 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _guidance_step(
-    args: argparse.Namespace, teacher: Pix2PixZero, edit: WorldEdit, direction: EditDirection
+    args: argparse.Namespace, teacher: Pix2PixZero, log: ScoreLog, edit: WorldEdit, direction: EditDirection
 ) -> float:
     """``--xa-guidance``, or with ``auto`` the step calibrated for this edit on its own seeded scenes
-    (never the evaluated ones), printed with the sweep it was chosen from."""
+    (never the evaluated ones), printed with the sweep it was chosen from; logged, so that a resumed
+    run does not calibrate again."""
     if args.xa_guidance != AUTO or "direction_xa" not in args.rows:
         return TOY_XA_GUIDANCE if args.xa_guidance == AUTO else args.xa_guidance
-    from p2pz.data.eval.calibration import calibrate_world_edit
+    from p2pz.data.eval.calibration import Calibration, calibrate_world_edit
 
-    calibration = calibrate_world_edit(
-        teacher,
-        edit,
-        TOY_XA_GUIDANCE,
-        direction=direction,
-        num_steps=args.steps,
-        guidance_scale=args.guidance_scale,
-    )
+    logged = log.calibration(edit.name)
+    if logged is not None:
+        calibration = Calibration(**logged)
+    else:
+        calibration = calibrate_world_edit(
+            teacher,
+            edit,
+            TOY_XA_GUIDANCE,
+            direction=direction,
+            num_steps=args.steps,
+            guidance_scale=args.guidance_scale,
+        )
+        log.add_calibration(edit.name, calibration.to_dict())
     print(calibration.summary(), flush=True)
     return calibration.chosen
 

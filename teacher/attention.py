@@ -23,6 +23,8 @@ import torch
 if TYPE_CHECKING:
     from diffusers import UNet2DConditionModel
 
+    from p2pz.teacher.box_guidance import ObjectBox
+
 
 class CrossAttentionMaps:
     """Shared state of the ``attn2`` processors: which step it is, and what to do with the maps.
@@ -35,7 +37,8 @@ class CrossAttentionMaps:
     e.g. 2 CFG branches x heads) makes the loss a sum of per-sample losses, so each sample's
     gradient does not depend on the batch size. ``rows_per_sample`` counts the rows *recorded* per
     sample: comparing only the conditional half (``reference_rows="last_half"``) still divides by
-    2 x heads, the official scale of that half's term.
+    2 x heads, the official scale of that half's term. With an object box (box guidance,
+    ``teacher/box_guidance.py``) only the map pixels outside each sample's box count.
     """
 
     def __init__(self) -> None:
@@ -45,6 +48,7 @@ class CrossAttentionMaps:
         self.num_samples: int = 1
         self.reference_rows: str = "all"
         self.loss: torch.Tensor | None = None
+        self.box: ObjectBox | None = None
 
     # -- installing ------------------------------------------------------------------------------
 
@@ -73,14 +77,21 @@ class CrossAttentionMaps:
             yield
 
     @contextlib.contextmanager
-    def guiding(self, step: int, num_samples: int, reference_rows: str = "all") -> Iterator[None]:
+    def guiding(
+        self, step: int, num_samples: int, reference_rows: str = "all", box: ObjectBox | None = None
+    ) -> Iterator[None]:
         """``reference_rows``: compare against all recorded rows, or only their ``"last_half"``
-        (the conditional CFG branch, when the guided pass runs that branch alone)."""
+        (the conditional CFG branch, when the guided pass runs that branch alone). ``box``: the
+        guided samples' object boxes; only the map pixels outside them count."""
         self.loss = None
         self.num_samples = num_samples
         self.reference_rows = reference_rows
-        with self._mode("guide", step):
-            yield
+        self.box = box
+        try:
+            with self._mode("guide", step):
+                yield
+        finally:
+            self.box = None
 
     @contextlib.contextmanager
     def _mode(self, mode: str, step: int) -> Iterator[None]:
@@ -96,7 +107,8 @@ class CrossAttentionMaps:
 
     # -- called by the processors ----------------------------------------------------------------
 
-    def observe(self, layer: str, probs: torch.Tensor) -> None:
+    def observe(self, layer: str, probs: torch.Tensor, heads: int = 1) -> None:
+        """Record or compare ``probs`` ``[batch * heads, HW, tokens]`` of ``layer``."""
         if self.mode == "record":
             self.reference[(self.step, layer)] = probs.detach()
         elif self.mode == "guide":
@@ -107,8 +119,18 @@ class CrossAttentionMaps:
             rows_per_sample = ref.shape[0] / self.num_samples
             if self.reference_rows == "last_half":
                 ref = ref[ref.shape[0] // 2 :]
-            term = (probs - ref).float().pow(2).sum() / rows_per_sample  # fp32 sum: no fp16 overflow
+            squared = (probs - ref).float().pow(2)  # fp32 sum: no fp16 overflow
+            if self.box is not None:
+                squared = squared.sum(-1) * self._outside_rows(probs.shape[1], probs.shape[0] // heads, heads)
+            term = squared.sum() / rows_per_sample
             self.loss = term if self.loss is None else self.loss + term
+
+
+    def _outside_rows(self, map_pixels: int, batch: int, heads: int) -> torch.Tensor:
+        """``[batch * heads, HW]`` weights, 1 outside the box of each row's sample: batch row ``b``
+        is sample ``b % num_samples`` (the CFG branches are stacked batch-major)."""
+        weights = self.box.outside_weights(map_pixels)  # [num_samples, HW]
+        return weights.repeat(batch // self.num_samples, 1).repeat_interleave(heads, 0)
 
 
 class CrossAttentionCaptureProcessor:
@@ -158,7 +180,7 @@ class CrossAttentionCaptureProcessor:
         value = attn.head_to_batch_dim(value)
         probs = attn.get_attention_scores(query, key, attention_mask)  # [B*heads, HW, tokens]
         if self.maps.mode is not None:
-            self.maps.observe(self.layer, probs)
+            self.maps.observe(self.layer, probs, attn.heads)
 
         hidden_states = attn.batch_to_head_dim(torch.bmm(probs, value))
         hidden_states = attn.to_out[1](attn.to_out[0](hidden_states))  # linear, dropout

@@ -35,6 +35,9 @@ Two DDIM trajectories start from the same x_T (the inversion of a real image, or
   back); the edit branch's half lets the attribute change where its maps match the reference's.
   On the shapes world this is what keeps a colour edit's structure without cancelling it.
 
+With ``box_weight > 0`` (the toy teacher's ``box`` preset) the loss also keeps the edited object in
+the input object's box: see ``teacher/box_guidance.py``.
+
 Unlike both reference implementations, the two passes run in lockstep: step i of the reference
 pass, whose maps are needed only by step i of the edit pass, runs just before it. Only one step's
 maps are alive at any time (the official code keeps all of them, 6.6 GB at 512 px, on the CPU),
@@ -54,6 +57,7 @@ import torch
 from tqdm.auto import tqdm
 
 from p2pz.teacher.attention import CrossAttentionMaps
+from p2pz.teacher.box_guidance import BoxGuidance, ObjectBox
 from p2pz.teacher.evals import timed_backward, unet_stage
 
 if TYPE_CHECKING:
@@ -99,6 +103,8 @@ def edit_with_guidance(
     progress: bool = False,
     guided_branch: str = "negative",
     single_branch_reference: bool = True,
+    box_weight: float = 0.0,
+    box_source: torch.Tensor | None = None,
 ) -> EditOutput:
     """Reference and guided edit passes from ``x_T [B, 4, h, w]``.
 
@@ -111,6 +117,8 @@ def edit_with_guidance(
     loss on the shared latent), see the module docstring. ``single_branch_reference``: when both
     CFG branches of the reference pass have the same embeddings (real images, negative prompt =
     caption), run one and use it for both (the same noise and maps, one UNet evaluation less per step).
+    ``box_weight``: box guidance's weight (0: off); its box comes from ``box_source``, the inputs'
+    clean latents ``[B, 4, h, w]``, or without them from a first, unrecorded reference pass.
 
     The latents stay in float32 whatever the UNet's dtype (each UNet call gets a cast copy), so a
     bf16/fp16 UNet rounds its inputs, not the trajectories; see also ``_xa_gradient``.
@@ -120,9 +128,21 @@ def edit_with_guidance(
     batch = x_T.shape[0]
     if direction.shape[0] % batch:
         raise ValueError(f"direction has {direction.shape[0]} rows, not a multiple of the batch {batch}")
+    if box_weight > 0 and guided_branch == "negative":
+        raise ValueError("box guidance needs the guided branch 'edit' or 'joint' (one latent per sample)")
     copies = direction.shape[0] // batch  # edits sharing this reference pass
     cfg = guidance_scale > 1.0  # as both codes: no negative branch at all for scale <= 1
     passes = _Passes.build(uncond, cond, direction, copies, cfg, single_branch_reference)
+    box = None
+    if box_weight > 0 and xa_guidance > 0:
+        if box_source is None:
+            box_source = _reference_pass(unet, scheduler_config, x_T, passes, num_steps, guidance_scale, cfg)
+        box = BoxGuidance(
+            ObjectBox.from_latent(box_source).repeat(copies),
+            box_weight,
+            make_scheduler(scheduler_config, num_steps, "cpu").alphas_cumprod,
+            guidance_scale,
+        )
     ref_sched = make_scheduler(scheduler_config, num_steps, x_T.device)
     edit_sched = make_scheduler(scheduler_config, num_steps, x_T.device)
     pair = (lambda x: torch.cat([x, x])) if cfg else (lambda x: x)
@@ -145,7 +165,7 @@ def edit_with_guidance(
             _widen_reference(maps, i, passes.ref_branches, 2 if cfg else 1, copies)
 
         # Edit step i: one gradient step on the latent against the reference maps ...
-        x_in, loss = _guidance_step(unet, maps, x_edit, t, i, passes, xa_guidance, guided_branch, cfg)
+        x_in, loss = _guidance_step(unet, maps, x_edit, t, i, passes, xa_guidance, guided_branch, cfg, box)
         if loss is not None:
             losses.append(loss)
         # ... then the noise prediction at the moved latent and a DDIM step.
@@ -155,6 +175,21 @@ def edit_with_guidance(
         x_edit = edit_sched.step(_guided(eps, guidance_scale, cfg), t, x_edit).prev_sample
     maps.clear()
     return EditOutput(edited=x_edit, reconstruction=x_ref, xa_loss=losses)
+
+
+@torch.no_grad()
+def _reference_pass(unet, scheduler_config, x_T, passes, num_steps, guidance_scale, cfg) -> torch.Tensor:
+    """The reference pass alone, unrecorded: its final latent (the input's, for a synthetic image)."""
+    sched = make_scheduler(scheduler_config, num_steps, x_T.device)
+    x = x_T.float()
+    for t in sched.timesteps:
+        x_in = x if passes.ref_branches == 1 else torch.cat([x, x])
+        with unet_stage("reference"):
+            eps = unet(x_in.to(unet.dtype), t, encoder_hidden_states=passes.ref_embeds).sample.float()
+        if passes.ref_branches == 2:
+            eps = _guided(eps, guidance_scale, cfg)
+        x = sched.step(eps, t, x).prev_sample
+    return x
 
 
 @dataclass
@@ -201,6 +236,7 @@ def _guidance_step(
     xa_guidance: float,
     guided_branch: str,
     cfg: bool,
+    box: BoxGuidance | None = None,
 ) -> tuple[torch.Tensor, float | None]:
     """The guided pass's input at step ``step`` (the CFG pair with CFG) and the loss before the step."""
     pair = (lambda x: torch.cat([x, x])) if cfg else (lambda x: x)
@@ -213,10 +249,12 @@ def _guidance_step(
         return x_pair - xa_guidance * grad, loss
     if guided_branch == "edit":  # the paper: the edit branch's maps move the shared latent
         rows = "last_half" if cfg else "all"
-        grad, loss = _xa_gradient(unet, maps, x_edit, t, passes.edit_cond, step, samples, rows)
+        grad, loss = _xa_gradient(unet, maps, x_edit, t, passes.edit_cond, step, samples, rows, box=box)
         return pair(x_edit - xa_guidance * grad), loss
     # "joint": the official loss over both branches, differentiated w.r.t. the shared latent
-    grad, loss = _xa_gradient(unet, maps, x_edit, t, passes.edit_embeds, step, samples, "all", duplicate=cfg)
+    grad, loss = _xa_gradient(
+        unet, maps, x_edit, t, passes.edit_embeds, step, samples, "all", duplicate=cfg, box=box
+    )
     return pair(x_edit - xa_guidance * grad), loss
 
 
@@ -236,10 +274,12 @@ def _xa_gradient(
     num_samples: int,
     reference_rows: str,
     duplicate: bool = False,
+    box: BoxGuidance | None = None,
 ) -> tuple[torch.Tensor, float]:
     """dL/dx and L, the cross-attention loss of ``x`` under ``embeds`` against the maps recorded at
     ``step``. ``duplicate``: feed ``[x, x]`` (one copy per CFG branch), so the gradient is the sum
-    of both branches' gradients. ``x`` and the gradient are float32; the loss is summed in float32
+    of both branches' gradients. ``box``: box guidance (map loss outside the boxes, plus the box
+    term on the predicted x0). ``x`` and the gradient are float32; the loss is summed in float32
     (``CrossAttentionMaps``)."""
     scales = FP16_LOSS_SCALES if unet.dtype == torch.float16 else (1.0,)
     reference = {k: v for k, v in maps.reference.items() if k[0] == step} if len(scales) > 1 else {}
@@ -247,11 +287,13 @@ def _xa_gradient(
         if attempt:  # the guiding pass consumed the maps: put them back for the retry
             maps.reference.update(reference)
         x = x.detach().float().requires_grad_(True)
-        guiding = maps.guiding(step, num_samples=num_samples, reference_rows=reference_rows)
+        guiding = maps.guiding(
+            step, num_samples=num_samples, reference_rows=reference_rows, box=box.box if box else None
+        )
         with torch.enable_grad(), guiding, unet_stage("guidance"):
             x_in = (torch.cat([x, x]) if duplicate else x).to(unet.dtype)
-            unet(x_in, t, encoder_hidden_states=embeds)
-            loss = maps.loss
+            eps = unet(x_in, t, encoder_hidden_states=embeds).sample
+            loss = maps.loss if box is None else maps.loss + box.loss(x, eps, t)
         with timed_backward(unet, x.device):
             (grad,) = torch.autograd.grad(loss * scale if scale != 1.0 else loss, x)
         if scale != 1.0:

@@ -76,6 +76,7 @@ class _Batch:
     sources: list[Image.Image] | None
     captions: list[str]
     seeds: list[int]
+    latents: torch.Tensor | None = None  # the inputs' clean latents (real images), for box guidance
 
 
 class Pix2PixZero:
@@ -311,7 +312,7 @@ class Pix2PixZero:
         )  # fmt: skip
         timings["inversion"] = time.perf_counter() - tic
         return self._edit_and_decode(
-            _Batch(x_T, uncond, cond, dirs, sources, captions, seeds),
+            _Batch(x_T, uncond, cond, dirs, sources, captions, seeds, latents),
             num_steps, cfg, xa, timings, start, before, return_latents,
         )  # fmt: skip
 
@@ -376,6 +377,7 @@ class Pix2PixZero:
             self.unet, self.maps, self.scheduler_config, batch.x_T, batch.uncond, batch.cond, batch.dirs,
             num_steps, cfg, xa, progress=self.progress, guided_branch=self.preset.guided_branch,
             single_branch_reference=self.single_branch_reference,
+            box_weight=self.preset.box_weight, box_source=batch.latents,
         )  # fmt: skip
         timings["edit"] = time.perf_counter() - tic
         tic = time.perf_counter()

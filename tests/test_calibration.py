@@ -150,3 +150,23 @@ def test_generate_auto_needs_one_edit_and_scores(tmp_path, capsys):
     assert main([*argv, "--edit", "circle:square", "--score", "none", "--xa-guidance", "auto"]) == 2
     assert "needs pair scores" in capsys.readouterr().err
     assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.slow  # about 30 s: two ablation runs with a calibration
+def test_the_ablation_logs_its_calibration_and_a_resumed_run_reuses_it(tmp_path):
+    """A killed ablation resumes without calibrating again: the step and its sweep come from the log."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "toy_ablation.py"
+    log = tmp_path / "ablation.jsonl"
+    argv = [sys.executable, str(script), "--edits", "red:blue", "--scenes", "1", "--steps", "2"]
+    argv += ["--rows", "direction_xa", "--threads", "1", "--log", str(log)]
+    runs = [subprocess.run(argv, capture_output=True, text=True, cwd=tmp_path) for _ in range(2)]
+    assert [r.returncode for r in runs] == [0, 0], runs[-1].stderr[-2000:]
+    assert "calibrating red:blue" in runs[0].stderr and "calibrating" not in runs[1].stderr
+    records = [json.loads(line) for line in log.read_text().splitlines()]
+    assert [r["row"] for r in records] == ["calibration", "direction_xa"]  # nothing twice
+    assert runs[0].stdout.splitlines()[-1] == runs[1].stdout.splitlines()[-1]  # the same JSON figures
+    assert "<- chosen" in runs[1].stdout

@@ -147,7 +147,7 @@ def test_score_log_shares_unguided_rows_across_guidance_steps(tmp_path):
 
 
 def test_score_log_shares_unguided_rows_across_guided_branches_only(tmp_path):
-    from p2pz.teacher.presets import DIFFUSERS, JOINT, OFFICIAL, PAPER
+    from p2pz.teacher.presets import BOX, DIFFUSERS, JOINT, OFFICIAL, PAPER
 
     path = tmp_path / "log.jsonl"
     score = wm.score_world_edit(CIRCLE, world.render(CIRCLE), "circle:square")
@@ -161,6 +161,20 @@ def test_score_log_shares_unguided_rows_across_guided_branches_only(tmp_path):
     assert joint.done("circle-to-square", "direction") == {}
     other = ScoreLog(path, {"preset": DIFFUSERS.to_dict(), "xa_guidance": 20.0})  # another inversion
     assert other.done("circle-to-square", "direction") == {}
+    joint.add("circle-to-square", "direction", 1, score, RECONSTRUCTION)
+    joint.add("circle-to-square", "direction_xa", 1, score, RECONSTRUCTION)
+    box = ScoreLog(path, {"preset": BOX.to_dict(), "xa_guidance": 20.0})  # box guidance: guided rows only
+    assert list(box.done("circle-to-square", "direction")) == [1]
+    assert box.done("circle-to-square", "direction_xa") == {}
+
+
+def test_score_log_keeps_calibrations_for_the_guided_rows_settings(tmp_path):
+    path = tmp_path / "log.jsonl"
+    calibration = {"edit": "circle:square", "chosen": 5.0, "rows": [{"xa_guidance": 5.0, "success": 1.0}]}
+    ScoreLog(path, {"steps": 2, "xa_guidance": "auto"}).add_calibration("circle-to-square", calibration)
+    assert ScoreLog(path, {"steps": 2, "xa_guidance": "auto"}).calibration("circle-to-square") == calibration
+    assert ScoreLog(path, {"steps": 3, "xa_guidance": "auto"}).calibration("circle-to-square") is None
+    assert ScoreLog(path, {"steps": 2, "xa_guidance": "auto"}).done("circle-to-square", "direction_xa") == {}
 
 
 def test_reconstruction_figures_have_one_definition_for_live_and_logged_rows():

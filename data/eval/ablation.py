@@ -166,25 +166,35 @@ def across_edits(results: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]
 # A resumable record of scored edits (one JSON line per scene)
 
 
+CALIBRATION = "calibration"  # the log's record of an edit's calibrated guidance step
+# Preset fields that only change the guidance step (not the unguided rows' edits)
+GUIDANCE_ONLY_FIELDS = ("name", "guided_branch", "box_weight")
+
+
 class ScoreLog:
     """Append-only JSONL of per-scene scores under a settings key, so a killed run resumes.
 
-    Rows without guidance depend neither on ``xa_guidance`` nor on which branch the guidance
-    step follows, so their key leaves both out (``settings["preset"]`` is the preset's fields):
-    runs that differ only in the guidance share their word-swap and direction scores.
+    Rows without guidance depend neither on ``xa_guidance`` nor on how the guidance step is taken
+    (its branch, box guidance), so their key leaves those out (``settings["preset"]`` is the
+    preset's fields): runs that differ only in the guidance share their word-swap and direction
+    scores. The guidance step calibrated for an edit is logged too (``add_calibration``), under the
+    guided row's key.
     """
 
     def __init__(self, path: str | os.PathLike | None, settings: dict):
         self.path = Path(path) if path else None
         self.settings = dict(settings)
         self.records: dict[tuple[str, str], dict[int, dict]] = {}
+        self.calibrations: dict[str, dict] = {}
         if self.path and self.path.is_file():
             for line in self.path.read_text().splitlines():
                 try:
                     rec = json.loads(line)
                 except json.JSONDecodeError:
                     continue  # a line cut by a kill
-                if rec.get("row") in ROWS and rec.get("settings") == self.key(rec["row"]):
+                if rec.get("row") == CALIBRATION and rec.get("settings") == self.key("direction_xa"):
+                    self.calibrations[rec["edit"]] = rec["calibration"]
+                elif rec.get("row") in ROWS and rec.get("settings") == self.key(rec["row"]):
                     self.records.setdefault((rec["edit"], rec["row"]), {})[rec["index"]] = rec
 
     def key(self, row: str) -> str:
@@ -193,12 +203,27 @@ class ScoreLog:
             settings.pop("xa_guidance", None)
             if isinstance(settings.get("preset"), dict):  # presets that differ only in the guided branch
                 settings["preset"] = {
-                    k: v for k, v in settings["preset"].items() if k not in ("name", "guided_branch")
+                    k: v for k, v in settings["preset"].items() if k not in GUIDANCE_ONLY_FIELDS
                 }
         return json.dumps(settings, sort_keys=True)
 
     def done(self, edit: str, row: str) -> dict[int, dict]:
         return self.records.get((edit, row), {})
+
+    def calibration(self, edit: str) -> dict | None:
+        """The logged calibration of ``edit`` (``Calibration.to_dict()``), if any."""
+        return self.calibrations.get(edit)
+
+    def add_calibration(self, edit: str, calibration: dict) -> None:
+        self.calibrations[edit] = calibration
+        self._append(
+            {
+                "settings": self.key("direction_xa"),
+                "edit": edit,
+                "row": CALIBRATION,
+                "calibration": calibration,
+            }
+        )
 
     def add(self, edit: str, row: str, index: int, score: WorldEditScore, recon: WorldEditScore) -> None:
         """Record one scene's score and its reconstruction's (logs written before the
@@ -213,6 +238,9 @@ class ScoreLog:
             "reconstruction_iou": recon.iou,
         }
         self.records.setdefault((edit, row), {})[index] = rec
+        self._append(rec)
+
+    def _append(self, rec: dict) -> None:
         if self.path:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             with open(self.path, "a") as f:

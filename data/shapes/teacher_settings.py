@@ -36,7 +36,7 @@ its targets on six of the world's twelve edits (the README's table, and why the 
 
 import argparse
 
-TOY_PRESET = "joint"
+TOY_PRESET = "box"
 TOY_XA_GUIDANCE = 15.0
 TOY_GUIDANCE_SCALE = 3.0
 AUTO = "auto"  # --xa-guidance auto: calibrate the step per edit (p2pz.data.eval.calibration)

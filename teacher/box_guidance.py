@@ -1,0 +1,117 @@
+"""Box guidance: keep an edited object in the input object's box (the toy teacher's placement rule).
+
+The cross-attention loss (``teacher/attention.py``) holds every map pixel where the reference
+has it. Inside the object that also holds the *source* shape, so a shape edit either never happens
+(strong steps) or happens around the old shape's centroid (weak steps). Box guidance, off in the
+SD-1.4 presets (``Preset.box_weight = 0``), changes the loss in two ways:
+
+1. **the map loss counts only outside the object's box**, so the maps inside may change with the
+   edit; a map cell coarser than the latent counts as inside when any of its latent pixels is;
+2. **a box term on the edit's predicted clean latent** x0 (from the CFG-combined noise prediction):
+   the row and column maxima of x0's distance from the input's background, normalised by their
+   maximum, should be 1 on the box's rows and columns and 0 elsewhere:
+
+       s = sum_c |x0 - bg| / max(...);   L_box = sum_rows (max_w s - r)^2 + sum_cols (max_h s - c)^2
+
+   which pulls the new object out to the box's extent and keeps colour edits in place.
+
+The box and background come from the input's clean latent (``ObjectBox.from_latent``): the
+channels' L1 distance from the border's median, above half its maximum. That suits the shapes
+world's plain, gradient and striped backgrounds, not photographs.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+BOX_THRESHOLD = 0.5  # a latent pixel is the object's where its distance exceeds this share of the maximum
+
+
+@dataclass
+class ObjectBox:
+    """The object's bounding box on the latent grid, per sample, and the background around it."""
+
+    rows: torch.Tensor  # [B, h] float, 1 on the rows the box spans
+    cols: torch.Tensor  # [B, w] float, 1 on its columns
+    background: torch.Tensor  # [B, C, 1, 1] each channel's median outside the box
+
+    @classmethod
+    def from_latent(cls, latent: torch.Tensor, threshold: float = BOX_THRESHOLD) -> ObjectBox:
+        """The box of the object in clean latents ``[B, C, h, w]`` (see the module docstring)."""
+        latent = latent.detach().float()
+        border = torch.cat(
+            [latent[..., 0, :], latent[..., -1, :], latent[..., :, 0], latent[..., :, -1]], dim=-1
+        )
+        distance = (latent - border.median(-1).values[..., None, None]).abs().sum(1)  # [B, h, w]
+        distance = distance / distance.flatten(1).amax(1).clamp_min(1e-12)[:, None, None]
+        rows = (distance.amax(2) > threshold).float()
+        cols = (distance.amax(1) > threshold).float()
+        inside = rows[:, :, None] * cols[:, None, :]
+        background = torch.stack([_outside_median(x, box) for x, box in zip(latent, inside)])
+        return cls(rows, cols, background[..., None, None])
+
+    @property
+    def mask(self) -> torch.Tensor:
+        """``[B, h, w]``: 1 inside the box."""
+        return self.rows[:, :, None] * self.cols[:, None, :]
+
+    def repeat(self, copies: int) -> ObjectBox:
+        """The box of every sample for ``copies`` edits of the batch (edit-major, as the guided pass)."""
+        return ObjectBox(
+            self.rows.repeat(copies, 1), self.cols.repeat(copies, 1), self.background.repeat(copies, 1, 1, 1)
+        )
+
+    def outside_weights(self, map_pixels: int) -> torch.Tensor:
+        """``[B, map_pixels]``: 1 on the cells of a cross-attention map outside the box, 0 inside.
+
+        Maps coarser than the latent count a cell as inside when any of its latent pixels is."""
+        mask = self.mask[:, None]
+        h, w = mask.shape[-2:]
+        factor = (h * w / map_pixels) ** 0.5
+        size = (round(h / factor), round(w / factor))
+        if size[0] * size[1] != map_pixels:
+            raise ValueError(f"a {map_pixels}-pixel map does not tile the {h}x{w} latent")
+        if factor > 1:
+            inside = F.adaptive_max_pool2d(mask, size)
+        else:
+            inside = F.interpolate(mask, size=size, mode="nearest")
+        return 1.0 - inside.flatten(1)
+
+    def loss(self, x0: torch.Tensor) -> torch.Tensor:
+        """``L_box`` of predicted clean latents ``x0 [B, C, h, w]``, summed over samples."""
+        distance = (x0 - self.background.to(x0)).abs().sum(1)
+        distance = distance / distance.flatten(1).amax(1).detach().clamp_min(1e-6)[:, None, None]
+        rows, cols = self.rows.to(x0), self.cols.to(x0)
+        return (distance.amax(2) - rows).pow(2).sum() + (distance.amax(1) - cols).pow(2).sum()
+
+
+def _outside_median(latent: torch.Tensor, inside: torch.Tensor) -> torch.Tensor:
+    """Each channel's median over the pixels outside the box (over all pixels if it covers them)."""
+    outside = inside == 0
+    pixels = latent[:, outside] if outside.any() else latent.flatten(1)
+    return pixels.median(-1).values
+
+
+@dataclass
+class BoxGuidance:
+    """What the guided pass needs for box guidance: the boxes of its samples and the weight of the
+    box term relative to the map loss."""
+
+    box: ObjectBox  # one row per guided sample
+    weight: float
+    alphas_cumprod: torch.Tensor  # the scheduler's, to predict x0 from the noise prediction
+    guidance_scale: float  # classifier-free guidance, to combine the CFG pair's noise predictions
+
+    def loss(self, x: torch.Tensor, eps: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """The weighted box term of latents ``x [B, ...]`` whose noise prediction at ``t`` is ``eps``
+        (``[2B, ...]``: the CFG pair [negative, conditional], combined first)."""
+        eps = eps.float()
+        if eps.shape[0] == 2 * x.shape[0]:
+            eps_uncond, eps_cond = eps.chunk(2)
+            eps = eps_uncond + self.guidance_scale * (eps_cond - eps_uncond)
+        alpha = self.alphas_cumprod[int(t)].to(x)
+        x0 = (x - (1 - alpha).sqrt() * eps) / alpha.sqrt()
+        return self.weight * self.box.loss(x0)

@@ -1,0 +1,193 @@
+"""Box guidance (the ``box`` preset): the object's box, the map loss outside it, the box term on x0."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from p2pz.teacher.attention import CrossAttentionMaps
+from p2pz.teacher.box_guidance import BoxGuidance, ObjectBox
+from p2pz.teacher.editing import _xa_gradient, edit_with_guidance, make_scheduler
+from p2pz.teacher.pipeline import Pix2PixZero
+
+BACKGROUND = torch.tensor([0.5, -0.2, 0.1, 0.3])
+
+
+def scene_latent(top: int, left: int, height: int, width: int, size: int = 16) -> torch.Tensor:
+    """A ``[1, 4, size, size]`` latent: a plain background (with a faint gradient) and a box-shaped
+    object whose channels differ from it."""
+    ramp = torch.linspace(0, 0.05, size)
+    latent = BACKGROUND[:, None, None] + ramp[None, :, None] + torch.zeros(4, size, size)
+    latent[:, top : top + height, left : left + width] += torch.tensor([1.0, -0.8, 0.6, 0.4])[:, None, None]
+    return latent[None]
+
+
+def test_object_box_finds_the_object_and_the_background_around_it():
+    box = ObjectBox.from_latent(torch.cat([scene_latent(3, 5, 5, 7), scene_latent(0, 0, 4, 4)]))
+    assert box.rows[0].nonzero().flatten().tolist() == [3, 4, 5, 6, 7]
+    assert box.cols[0].nonzero().flatten().tolist() == list(range(5, 12))
+    assert box.rows[1].nonzero().flatten().tolist() == [0, 1, 2, 3]  # at the border too
+    torch.testing.assert_close(box.background.flatten(1), BACKGROUND.expand(2, 4) + 0.025, atol=0.01, rtol=0)
+    assert box.mask[0].sum() == 35 and box.mask[1].sum() == 16
+
+
+def test_a_box_over_the_whole_latent_takes_the_background_from_every_pixel():
+    latent = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+    latent[..., 0, :] = latent[..., -1, :] = latent[..., :, 0] = latent[..., :, -1] = 0
+    latent[..., 1:-1, 1:-1] = 5.0  # the object fills the inside; its box still leaves the border out
+    box = ObjectBox.from_latent(latent, threshold=-1.0)  # everything counts as the object's
+    assert box.mask.all()
+    torch.testing.assert_close(box.background.flatten(), latent.flatten(2).median(-1).values.flatten())
+
+
+def test_outside_weights_at_coarser_and_finer_map_sizes():
+    box = ObjectBox.from_latent(scene_latent(3, 5, 5, 7))  # rows 3-7, cols 5-11 of 16 x 16
+    coarse = box.outside_weights(64).reshape(8, 8)  # a cell is inside when any latent pixel is
+    assert coarse[1:4, 2:6].eq(0).all() and coarse.sum() == 64 - 12
+    same = box.outside_weights(256).reshape(16, 16)
+    assert torch.equal(same, 1 - box.mask[0])
+    fine = box.outside_weights(1024).reshape(32, 32)
+    assert fine[6, 10] == 0 and fine[5, 10] == 1 and fine[6, 9] == 1
+    with pytest.raises(ValueError, match="does not tile"):
+        box.outside_weights(50)
+
+
+def test_map_loss_counts_only_the_pixels_outside_each_samples_box():
+    """Rows are [branch, sample, head] batch-major: each row is weighted by its own sample's box."""
+    boxes = ObjectBox.from_latent(torch.cat([scene_latent(0, 0, 8, 8), scene_latent(8, 8, 8, 8)]))
+    heads, tokens, samples = 3, 5, 2
+    reference = torch.rand(2 * samples * heads, 64, tokens, generator=torch.Generator().manual_seed(1))
+    inside_first = 0  # map pixel (0, 0) of 8 x 8: in sample 0's box, outside sample 1's
+
+    def loss_with_change(sample: int) -> float:
+        probs = reference.clone()
+        for branch in range(2):
+            start = (branch * samples + sample) * heads
+            probs[start : start + heads, inside_first] += 0.1
+        maps = CrossAttentionMaps()
+        with maps.recording(0):
+            maps.observe("layer", reference, heads)
+        with maps.guiding(0, num_samples=samples, box=boxes):
+            maps.observe("layer", probs, heads)
+        return float(maps.loss)
+
+    assert loss_with_change(0) == 0.0  # inside its own box: free to change
+    expected = 2 * heads * tokens * 0.1**2 / (2 * heads)  # 2 branches x heads rows, / rows per sample
+    assert loss_with_change(1) == pytest.approx(expected, rel=1e-4)
+
+
+def test_box_term_is_zero_on_the_box_and_pulls_a_moved_object_back():
+    box = ObjectBox.from_latent(scene_latent(4, 4, 6, 6))
+    assert float(box.loss(scene_latent(4, 4, 6, 6))) < 0.05  # the faint gradient only
+    moved = scene_latent(8, 8, 6, 6).requires_grad_(True)
+    loss = box.loss(moved)
+    assert float(loss.detach()) > 1.0
+    (grad,) = torch.autograd.grad(loss, moved)
+    with torch.no_grad():
+        assert float(box.loss(moved - 0.05 / grad.abs().max() * grad)) < float(loss.detach())
+
+
+def test_box_term_predicts_x0_as_the_scheduler_does():
+    """x0 comes from the CFG-combined noise prediction, as the DDIM step's ``pred_original_sample``."""
+    sched = make_scheduler({"num_train_timesteps": 1000, "clip_sample": False}, 10, "cpu")  # as SD's
+    t = sched.timesteps[3]
+    g = torch.Generator().manual_seed(2)
+    x, eps = torch.randn(1, 4, 16, 16, generator=g), torch.randn(2, 4, 16, 16, generator=g)
+    guidance = BoxGuidance(ObjectBox.from_latent(scene_latent(4, 4, 6, 6)), 0.2, sched.alphas_cumprod, 3.0)
+    combined = eps[:1] + 3.0 * (eps[1:] - eps[:1])
+    x0 = sched.step(combined, t, x).pred_original_sample
+    torch.testing.assert_close(guidance.loss(x, eps, t), 0.2 * guidance.box.loss(x0))
+
+
+# -------------------------------------------------------------------------------------------------
+# In the teacher (tiny model)
+
+STEPS = 4
+
+
+@pytest.fixture(scope="module")
+def teachers(tiny_model_dir):
+    return {
+        p: Pix2PixZero.from_pretrained(tiny_model_dir, preset=p, captioner=False) for p in ("joint", "box")
+    }
+
+
+def _edit_inputs(teacher):
+    latents = teacher.encode_images([_picture()], [torch.Generator().manual_seed(0)])
+    cond = teacher.encode_text(["a cat"])
+    direction = 0.3 * torch.randn(cond.shape, generator=torch.Generator().manual_seed(3))
+    return latents, teacher.encode_text([""]), cond, direction
+
+
+def _picture():
+    from PIL import Image
+
+    image = Image.new("RGB", (64, 64), (40, 90, 160))
+    image.paste((230, 60, 40), (16, 20, 40, 44))
+    return image
+
+
+def test_box_guidance_step_lowers_its_loss(teachers):
+    teacher = teachers["box"]
+    latents, uncond, cond, direction = _edit_inputs(teacher)
+    sched = make_scheduler(teacher.scheduler_config, 10, "cpu")
+    t = sched.timesteps[2]
+    x = latents + 0.3 * torch.randn(latents.shape, generator=torch.Generator().manual_seed(4))
+    guidance = BoxGuidance(ObjectBox.from_latent(latents), 0.2, sched.alphas_cumprod, 3.0)
+    embeds = torch.cat([uncond, cond + direction])
+
+    def loss_and_grad(at):
+        teacher.maps.clear()
+        with torch.no_grad(), teacher.maps.recording(0):
+            teacher.unet(torch.cat([latents, latents]), t, encoder_hidden_states=torch.cat([uncond, cond]))
+        return _xa_gradient(
+            teacher.unet, teacher.maps, at, t, embeds, 0, 1, "all", duplicate=True, box=guidance
+        )
+
+    grad, before = loss_and_grad(x)
+    _, after = loss_and_grad(x - 0.05 / grad.abs().max() * grad)
+    assert after < before
+
+
+def test_box_preset_changes_only_guided_edits(teachers, tiny_model_dir):
+    joint, box = teachers["joint"], teachers["box"]
+    args = dict(captions=["a cat"], seeds=[1], num_steps=STEPS, return_latents=True)
+    direction = _edit_inputs(box)[3][0]
+
+    def edited(teacher, xa):
+        from p2pz.teacher.directions import EditDirection
+
+        d = EditDirection(tensor=direction, source="cat", target="dog")
+        return teacher.edit([_picture()], [d], xa_guidance=xa, **args)[0].edited_latent
+
+    assert torch.equal(edited(joint, 0.0), edited(box, 0.0))  # no guidance: no box either
+    assert not torch.allclose(edited(joint, 50.0), edited(box, 50.0), atol=1e-4)
+    assert box.settings["preset"]["box_weight"] > 0 == joint.settings["preset"]["box_weight"]
+
+
+def test_synthetic_edits_take_the_box_from_a_first_reference_pass(teachers):
+    teacher = teachers["box"]
+    latents, uncond, cond, direction = _edit_inputs(teacher)
+    x_T = torch.randn(latents.shape, generator=torch.Generator().manual_seed(5))
+    before = teacher.unet_evals.snapshot()
+    kwargs = dict(guided_branch="joint", box_weight=0.2)
+    edit_with_guidance(
+        teacher.unet,
+        teacher.maps,
+        teacher.scheduler_config,
+        x_T,
+        uncond,
+        cond,
+        direction,
+        STEPS,
+        3.0,
+        5.0,
+        **kwargs,
+    )
+    reference = teacher.unet_evals.snapshot()["forward"]["reference"] - before["forward"].get("reference", 0)
+    assert reference == 2 * STEPS * 2  # the first pass and the recorded one, both CFG branches
+    with pytest.raises(ValueError, match="box guidance needs"):
+        edit_with_guidance(
+            teacher.unet, teacher.maps, teacher.scheduler_config, x_T, uncond, cond, direction, 1, 3.0, 5.0,
+            guided_branch="negative", box_weight=0.2,
+        )  # fmt: skip
