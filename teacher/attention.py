@@ -125,7 +125,6 @@ class CrossAttentionMaps:
             term = squared.sum() / rows_per_sample
             self.loss = term if self.loss is None else self.loss + term
 
-
     def _outside_rows(self, map_pixels: int, batch: int, heads: int) -> torch.Tensor:
         """``[batch * heads, HW]`` weights, 1 outside the box of each row's sample: batch row ``b``
         is sample ``b % num_samples`` (the CFG branches are stacked batch-major)."""

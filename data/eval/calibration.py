@@ -39,7 +39,8 @@ if TYPE_CHECKING:
     from p2pz.teacher.edits import Edit
     from p2pz.teacher.pipeline import Pix2PixZero
 
-LADDER = (1 / 3, 2 / 3, 1.0, 2.0)  # candidate steps, as multiples of the base step
+LADDER = (0.4, 1.0, 2.0, 3.0)  # candidate steps, as multiples of the base step
+LADDER_TEXT = ", ".join(f"{f:g}" for f in LADDER)  # for --help
 SUCCESS_MARGIN = 0.1  # a step may give up this much success rate for better structure
 # Below this success rate at the chosen step, calibration warns that many pairs will be failures
 # (the ablation's target for a usable teacher; circle -> triangle on the toy model stays under it)

@@ -36,8 +36,10 @@ its targets on six of the world's twelve edits (the README's table, and why the 
 
 import argparse
 
+from p2pz.data.eval.calibration import LADDER_TEXT
+
 TOY_PRESET = "box"
-TOY_XA_GUIDANCE = 15.0
+TOY_XA_GUIDANCE = 5.0
 TOY_GUIDANCE_SCALE = 3.0
 AUTO = "auto"  # --xa-guidance auto: calibrate the step per edit (p2pz.data.eval.calibration)
 
@@ -70,7 +72,7 @@ def add_toy_teacher_arguments(
         type=xa_guidance_value,
         default=xa_default,
         help=f"cross-attention guidance step, or 'auto': calibrated per edit on {6} seeded scenes among "
-        f"{TOY_XA_GUIDANCE:g} x 1/3, 2/3, 1, 2 (default: {xa_default}; the presets' 0.1 is tuned for SD-1.4; "
+        f"{TOY_XA_GUIDANCE:g} x {LADDER_TEXT} (default: {xa_default}; the presets' 0.1 is tuned for SD-1.4; "
         "see data/shapes/teacher_settings.py and p2pz.data.eval.calibration)",
     )
     parser.add_argument(

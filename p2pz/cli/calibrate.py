@@ -17,6 +17,7 @@ import json
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from p2pz.data.eval.calibration import LADDER_TEXT
 from p2pz.utils.errors import UserError
 
 if TYPE_CHECKING:
@@ -47,7 +48,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         type=float,
         nargs="+",
         default=None,
-        help="steps to try (default: base x 1/3, 2/3, 1, 2)",
+        help=f"steps to try (default: base x {LADDER_TEXT})",
     )
     p.add_argument(
         "--preset", default=None, help="teacher preset (default: joint for a world model, else official)"

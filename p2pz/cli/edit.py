@@ -12,6 +12,7 @@ import argparse
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from p2pz.data.eval.calibration import LADDER_TEXT
 from p2pz.data.shapes.teacher_settings import AUTO, xa_guidance_value
 
 if TYPE_CHECKING:
@@ -259,7 +260,7 @@ def register(subparsers) -> None:
         type=xa_guidance_value,
         help="cross-attention guidance step, higher keeps more layout "
         f"(default {OFFICIAL.xa_guidance_real}), or 'auto': the step that keeps most structure while the "
-        "edit happens on this image, among the base step x 1/3, 2/3, 1, 2 (scored by the world's "
+        f"edit happens on this image, among the base step x {LADDER_TEXT} (scored by the world's "
         "oracle, or CLIP + DINO; see p2pz calibrate)",
     )
     p.add_argument(
