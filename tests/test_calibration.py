@@ -54,8 +54,8 @@ def test_calibration_warns_in_one_line_when_no_step_makes_the_edit():
 
 
 def test_candidates_surround_the_base_step():
-    assert candidate_steps(15) == [5.0, 10.0, 15.0, 30.0]
-    assert candidate_steps(0.1) == pytest.approx([0.03333, 0.06667, 0.1, 0.2])
+    assert candidate_steps(5) == [2.0, 5.0, 10.0, 15.0]  # the toy model's
+    assert candidate_steps(0.1) == pytest.approx([0.04, 0.1, 0.2, 0.3])  # SD-1.4's
     with pytest.raises(UserError):
         candidate_steps(0)
 
@@ -119,8 +119,8 @@ def test_eval_world_calibrates_with_auto(tmp_path):
     calibration = metrics["circle-to-square"]["calibration"] if "circle-to-square" in metrics else None
     if calibration is None:  # metrics may be nested under "metrics"
         calibration = metrics["metrics"]["circle-to-square"]["calibration"]
-    assert [r["xa_guidance"] for r in calibration["rows"]] == [5.0, 10.0, 15.0, 30.0]
-    assert calibration["chosen"] in (5.0, 10.0, 15.0, 30.0)
+    assert [r["xa_guidance"] for r in calibration["rows"]] == [2.0, 5.0, 10.0, 15.0]
+    assert calibration["chosen"] in (2.0, 5.0, 10.0, 15.0)
 
 
 def test_generate_with_auto_calibrates_on_its_inputs_and_records_the_step(tmp_path):
@@ -137,7 +137,7 @@ def test_generate_with_auto_calibrates_on_its_inputs_and_records_the_step(tmp_pa
     assert main(argv) == 0
     calibration = json.loads((out / "calibration.json").read_text())
     assert calibration["edit"] == "circle:square" and calibration["inputs"] == 2
-    assert [r["xa_guidance"] for r in calibration["rows"]] == [5.0, 10.0, 15.0, 30.0]
+    assert [r["xa_guidance"] for r in calibration["rows"]] == [2.0, 5.0, 10.0, 15.0]
     metas = [json.loads(s["json"]) for shard in sorted(out.glob("*.tar")) for s in iter_shard(shard)]
     assert len(metas) == 2
     assert {m["teacher"]["overrides"]["xa_guidance"] for m in metas} == {calibration["chosen"]}

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from p2pz.data.eval.calibration import LADDER_TEXT
+from p2pz.data.shapes.teacher_settings import TOY_PRESET
 from p2pz.utils.errors import UserError
 
 if TYPE_CHECKING:
@@ -51,7 +52,9 @@ def register(sub: argparse._SubParsersAction) -> None:
         help=f"steps to try (default: base x {LADDER_TEXT})",
     )
     p.add_argument(
-        "--preset", default=None, help="teacher preset (default: joint for a world model, else official)"
+        "--preset",
+        default=None,
+        help=f"teacher preset (default: {TOY_PRESET} for a world model, else official)",
     )
     p.add_argument("--guidance-scale", type=float, default=None, help="classifier-free guidance")
     p.add_argument("--steps", type=int, default=None, help="DDIM steps (default: the preset's)")

@@ -252,7 +252,8 @@ def register(subparsers) -> None:
         choices=sorted(PRESETS),
         help="official: the authors' defaults; diffusers: what diffusers' pipeline does; paper: the "
         "guidance step as the paper describes it; joint: the official loss stepping the latent both CFG "
-        "branches share (the toy model's) (default: official)",
+        "branches share; box: joint that also keeps the edited object in the input object's box (the "
+        "toy model's) (default: official)",
     )
     p.add_argument("--steps", type=int, help=f"DDIM steps (default: the preset's, {OFFICIAL.num_steps})")
     p.add_argument(

@@ -90,7 +90,8 @@ def _add_world_arguments(w: argparse._ArgumentGroup) -> None:
         type=xa_guidance_value,
         default=None,
         help="cross-attention guidance step, or 'auto' (calibrated per edit on seeded scenes apart from "
-        "the scored ones, around the toy model's 15 or the preset's step; default: the preset's)",
+        f"the scored ones, around the toy model's {TOY_XA_GUIDANCE:g} or the preset's step; "
+        "default: the preset's)",
     )
     w.add_argument(
         "--guidance-scale",
