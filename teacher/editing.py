@@ -135,8 +135,8 @@ def edit_with_guidance(
     passes = _Passes.build(uncond, cond, direction, copies, cfg, single_branch_reference)
     box = None
     if box_weight > 0 and xa_guidance > 0:
-        if box_source is None:
-            box_source = _reference_pass(unet, scheduler_config, x_T, passes, num_steps, guidance_scale, cfg)
+        if box_source is None:  # synthetic inputs: the reference pass's result is the input
+            box_source = _reference_pass(unet, scheduler_config, x_T, passes, num_steps, guidance_scale)
         box = BoxGuidance(
             ObjectBox.from_latent(box_source).repeat(copies),
             box_weight,
@@ -145,7 +145,6 @@ def edit_with_guidance(
         )
     ref_sched = make_scheduler(scheduler_config, num_steps, x_T.device)
     edit_sched = make_scheduler(scheduler_config, num_steps, x_T.device)
-    pair = (lambda x: torch.cat([x, x])) if cfg else (lambda x: x)
     dtype = unet.dtype
 
     x_ref = x_T.float()
@@ -155,12 +154,8 @@ def edit_with_guidance(
     for i, t in enumerate(tqdm(ref_sched.timesteps, desc="editing", disable=not progress, leave=False)):
         # Reference step i: records the maps that guide edit step i.
         record = maps.recording(i) if xa_guidance > 0 else contextlib.nullcontext()
-        with torch.no_grad(), record, unet_stage("reference"):
-            ref_in = x_ref if passes.ref_branches == 1 else pair(x_ref)
-            eps = unet(ref_in.to(dtype), t, encoder_hidden_states=passes.ref_embeds).sample.float()
-        if passes.ref_branches == 2:
-            eps = _guided(eps, guidance_scale, cfg)
-        x_ref = ref_sched.step(eps, t, x_ref).prev_sample
+        with record:
+            x_ref = _reference_step(unet, ref_sched, x_ref, t, passes, guidance_scale)
         if xa_guidance > 0:
             _widen_reference(maps, i, passes.ref_branches, 2 if cfg else 1, copies)
 
@@ -178,17 +173,31 @@ def edit_with_guidance(
 
 
 @torch.no_grad()
-def _reference_pass(unet, scheduler_config, x_T, passes, num_steps, guidance_scale, cfg) -> torch.Tensor:
+def _reference_step(
+    unet: Any, sched: DDIMScheduler, x: torch.Tensor, t, passes: _Passes, guidance_scale: float
+):
+    """One DDIM step of the reference pass (with CFG when it runs both branches)."""
+    with unet_stage("reference"):
+        x_in = x if passes.ref_branches == 1 else torch.cat([x, x])
+        eps = unet(x_in.to(unet.dtype), t, encoder_hidden_states=passes.ref_embeds).sample.float()
+    if passes.ref_branches == 2:
+        eps = _guided(eps, guidance_scale, True)
+    return sched.step(eps, t, x).prev_sample
+
+
+def _reference_pass(
+    unet: Any,
+    scheduler_config: dict,
+    x_T: torch.Tensor,
+    passes: _Passes,
+    num_steps: int,
+    guidance_scale: float,
+) -> torch.Tensor:
     """The reference pass alone, unrecorded: its final latent (the input's, for a synthetic image)."""
     sched = make_scheduler(scheduler_config, num_steps, x_T.device)
     x = x_T.float()
     for t in sched.timesteps:
-        x_in = x if passes.ref_branches == 1 else torch.cat([x, x])
-        with unet_stage("reference"):
-            eps = unet(x_in.to(unet.dtype), t, encoder_hidden_states=passes.ref_embeds).sample.float()
-        if passes.ref_branches == 2:
-            eps = _guided(eps, guidance_scale, cfg)
-        x = sched.step(eps, t, x).prev_sample
+        x = _reference_step(unet, sched, x, t, passes, guidance_scale)
     return x
 
 
