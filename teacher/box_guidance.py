@@ -22,7 +22,7 @@ world's plain, gradient and striped backgrounds, not photographs.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -37,6 +37,8 @@ class ObjectBox:
     rows: torch.Tensor  # [B, h] float, 1 on the rows the box spans
     cols: torch.Tensor  # [B, w] float, 1 on its columns
     background: torch.Tensor  # [B, C, 1, 1] each channel's median outside the box
+    # outside_weights per map size: every step's guidance asks for the same few
+    _outside: dict[int, torch.Tensor] = field(default_factory=dict, repr=False, compare=False)
 
     @classmethod
     def from_latent(cls, latent: torch.Tensor, threshold: float = BOX_THRESHOLD) -> ObjectBox:
@@ -68,6 +70,11 @@ class ObjectBox:
         """``[B, map_pixels]``: 1 on the cells of a cross-attention map outside the box, 0 inside.
 
         Maps coarser than the latent count a cell as inside when any of its latent pixels is."""
+        if map_pixels not in self._outside:
+            self._outside[map_pixels] = self._outside_weights(map_pixels)
+        return self._outside[map_pixels]
+
+    def _outside_weights(self, map_pixels: int) -> torch.Tensor:
         mask = self.mask[:, None]
         h, w = mask.shape[-2:]
         factor = (h * w / map_pixels) ** 0.5

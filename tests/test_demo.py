@@ -11,7 +11,7 @@ import pytest
 from PIL import Image
 
 from p2pz.cli.main import main
-from p2pz.data.shapes.teacher_settings import TOY_GUIDANCE_SCALE, TOY_XA_GUIDANCE
+from p2pz.data.shapes.teacher_settings import DEMO_PRESET, TOY_GUIDANCE_SCALE, toy_xa_guidance
 
 
 @pytest.mark.slow
@@ -55,7 +55,10 @@ def test_demo_small(tmp_path):
     assert "teacher_over_student" not in page  # numbers are rendered, not raw keys
     assert f"{bench['teacher_over_student']:.3g}" in page
     # the toy model's teacher settings, stated
-    assert f"CFG {TOY_GUIDANCE_SCALE:g}, xa guidance {TOY_XA_GUIDANCE:g}" in page
+    assert (
+        f"preset {DEMO_PRESET}, CFG {TOY_GUIDANCE_SCALE:g}, xa guidance {toy_xa_guidance(DEMO_PRESET):g}"
+        in page
+    )
     images = re.findall(r"data:image/png;base64,([A-Za-z0-9+/=]+)", page)
     assert len(images) >= 3 * 4 + 1  # the 4-scene grid (input | teacher | student) and the chart
     for data in images:

@@ -41,7 +41,12 @@ from typing import TYPE_CHECKING, Any
 
 from p2pz.cli import check_config_file
 from p2pz.data.models import TOY_MODEL
-from p2pz.data.shapes.teacher_settings import AUTO, TOY_XA_GUIDANCE, add_toy_teacher_arguments
+from p2pz.data.shapes.teacher_settings import (
+    AUTO,
+    DEMO_PRESET,
+    add_toy_teacher_arguments,
+    toy_xa_guidance,
+)
 from p2pz.utils.errors import UserError
 
 if TYPE_CHECKING:
@@ -80,7 +85,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--pairs", type=int, default=192, help="teacher pairs to generate (default: 192)")
     p.add_argument("--steps", type=int, default=20, help="teacher DDIM steps (default: 20)")
     p.add_argument("--batch-size", type=int, default=8, help="teacher batch size (default: 8)")
-    add_toy_teacher_arguments(p)
+    add_toy_teacher_arguments(p, toy_xa_guidance(DEMO_PRESET), DEMO_PRESET)  # 20 steps: see DEMO_PRESET
     p.add_argument(
         "--train-steps",
         type=int,
@@ -182,7 +187,7 @@ def resolve_guidance(args: argparse.Namespace, out: Path, teacher: Any, directio
     calibration = calibrate_world_edit(
         teacher,
         parse_world_edit(args.edit),
-        TOY_XA_GUIDANCE,
+        toy_xa_guidance(args.preset),
         direction=direction,
         num_steps=args.steps,
         guidance_scale=args.guidance_scale,
