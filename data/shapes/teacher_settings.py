@@ -42,8 +42,6 @@ the ablation's default run and what it meets are in the README's table.
 
 import argparse
 
-from p2pz.data.eval.calibration import LADDER_TEXT
-
 TOY_PRESET = "box"
 TOY_XA_GUIDANCE = 5.0
 TOY_GUIDANCE_SCALE = 3.0
@@ -90,9 +88,9 @@ def add_toy_teacher_arguments(
         "--xa-guidance",
         type=xa_guidance_value,
         default=xa_default,
-        help=f"cross-attention guidance step, or 'auto': calibrated per edit on {6} seeded scenes among "
-        f"{toy_xa_guidance(preset):g} x {LADDER_TEXT} (default: {xa_default}; the presets' 0.1 is tuned "
-        "for SD-1.4; see data/shapes/teacher_settings.py and p2pz.data.eval.calibration)",
+        help=f"cross-attention guidance step, or 'auto': calibrated per edit on {6} seeded scenes at "
+        f"steps around {toy_xa_guidance(preset):g}, see 'p2pz calibrate --help' (default: {xa_default}; "
+        "the presets' 0.1 is tuned for SD-1.4; see data/shapes/teacher_settings.py)",
     )
     parser.add_argument(
         "--guidance-scale",
