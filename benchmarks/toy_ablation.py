@@ -26,9 +26,8 @@ over processes that share nothing but the log's format: the README's figures com
 edits and the colour edits run side by side (``--edits ... --threads 1 --log A.jsonl``, 48 min),
 their logs concatenated, and this default command resuming from them (10 s).
 ``--scenes``/``--edits``/``--steps`` shrink it. ``--log FILE`` records every scored scene and
-calibration, so that a killed run resumes where it stopped. Edits
-with words the model never learned (``diamond``, ``purple``, ``orange`` for the toy model) are
-refused in one line.
+calibration, so that a killed run resumes where it stopped. Edits with words the model never
+learned (``diamond``, ``purple``, ``orange`` for the toy model) are refused in one line.
 
 The output: one line per row as it ends, then a table of every row, the mean over edits and the
 worst edit of each row (``recon px``/``recon iou``: the reference pass, the model redrawing the

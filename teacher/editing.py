@@ -133,18 +133,14 @@ def edit_with_guidance(
     copies = direction.shape[0] // batch  # edits sharing this reference pass
     cfg = guidance_scale > 1.0  # as both codes: no negative branch at all for scale <= 1
     passes = _Passes.build(uncond, cond, direction, copies, cfg, single_branch_reference)
+    ref_sched = make_scheduler(scheduler_config, num_steps, x_T.device)
+    edit_sched = make_scheduler(scheduler_config, num_steps, x_T.device)
     box = None
     if box_weight > 0 and xa_guidance > 0:
         if box_source is None:  # synthetic inputs: the reference pass's result is the input
             box_source = _reference_pass(unet, scheduler_config, x_T, passes, num_steps, guidance_scale)
-        box = BoxGuidance(
-            ObjectBox.from_latent(box_source).repeat(copies),
-            box_weight,
-            make_scheduler(scheduler_config, num_steps, "cpu").alphas_cumprod,
-            guidance_scale,
-        )
-    ref_sched = make_scheduler(scheduler_config, num_steps, x_T.device)
-    edit_sched = make_scheduler(scheduler_config, num_steps, x_T.device)
+        boxes = ObjectBox.from_latent(box_source).repeat(copies)
+        box = BoxGuidance(boxes, box_weight, edit_sched.alphas_cumprod, guidance_scale)
     dtype = unet.dtype
 
     x_ref = x_T.float()

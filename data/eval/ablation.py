@@ -215,6 +215,7 @@ class ScoreLog:
         return self.calibrations.get(edit)
 
     def add_calibration(self, edit: str, calibration: dict) -> None:
+        """Record the calibration of ``edit`` (``Calibration.to_dict()``) under the guided row's key."""
         self.calibrations[edit] = calibration
         self._append(
             {
