@@ -17,7 +17,9 @@
               an edit depends on the image only.
 ``box``       ``joint`` with box guidance (``teacher/box_guidance.py``): the map loss counts only
               outside the input object's box, and a box term on the predicted clean latent keeps the
-              edited object in that box. The shapes world's teacher; its box suits plain backgrounds.
+              edited object in that box, and an empty negative prompt (CFG against the caption
+              pushes the edit away from the source). The shapes world's teacher; its box suits
+              plain backgrounds.
 """
 
 from __future__ import annotations
@@ -133,7 +135,14 @@ JOINT = dataclasses.replace(OFFICIAL, name="joint", guided_branch="joint", vae_p
 # edits) it raised the mean IoU with the ideal edit from 0.73 to 0.78 and the triangle edits' from
 # 0.45-0.63 to 0.63-0.75; weight 0.3 scored the same, 1 cost shape edits their success and 3
 # repainted the background (README, "Box guidance").
-BOX = dataclasses.replace(JOINT, name="box", box_weight=0.2)
+#
+# Its negative prompt is empty, not the caption: classifier-free guidance against the *source*
+# caption extrapolates the edit away from the source, which on the toy model draws triangles with
+# concave sides (away from "circle") and turns blue -> yellow orange. With the empty prompt, as in
+# text-to-image sampling, blue -> yellow succeeds in 5 of 6 calibration scenes at IoU 0.85 (2 of 6
+# before) and triangles come out convex. In the toy ablation's default run (12 edits, calibrated
+# steps) mean success went from 0.89 to 0.99, IoU from 0.77 to 0.78, shift from 1.5 to 1.3 px.
+BOX = dataclasses.replace(JOINT, name="box", box_weight=0.2, negative_prompt_real="empty")
 
 PRESETS = {p.name: p for p in (OFFICIAL, DIFFUSERS, PAPER, JOINT, BOX)}
 

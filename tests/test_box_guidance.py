@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -9,6 +11,7 @@ from p2pz.teacher.attention import CrossAttentionMaps
 from p2pz.teacher.box_guidance import BoxGuidance, ObjectBox
 from p2pz.teacher.editing import _xa_gradient, edit_with_guidance, make_scheduler
 from p2pz.teacher.pipeline import Pix2PixZero
+from p2pz.teacher.presets import get_preset
 
 BACKGROUND = torch.tensor([0.5, -0.2, 0.1, 0.3])
 
@@ -149,8 +152,13 @@ def test_box_guidance_step_lowers_its_loss(teachers):
     assert after < before
 
 
-def test_box_preset_changes_only_guided_edits(teachers, tiny_model_dir):
+def test_box_preset_is_joint_with_box_guidance_and_an_empty_negative_prompt(teachers, tiny_model_dir):
     joint, box = teachers["joint"], teachers["box"]
+    joint_empty = Pix2PixZero.from_pretrained(
+        tiny_model_dir,
+        preset=dataclasses.replace(get_preset("joint"), negative_prompt_real="empty"),
+        captioner=False,
+    )
     args = dict(captions=["a cat"], seeds=[1], num_steps=STEPS, return_latents=True)
     direction = _edit_inputs(box)[3][0]
 
@@ -160,9 +168,22 @@ def test_box_preset_changes_only_guided_edits(teachers, tiny_model_dir):
         d = EditDirection(tensor=direction, source="cat", target="dog")
         return teacher.edit([_picture()], [d], xa_guidance=xa, **args)[0].edited_latent
 
-    assert torch.equal(edited(joint, 0.0), edited(box, 0.0))  # no guidance: no box either
-    assert not torch.allclose(edited(joint, 50.0), edited(box, 50.0), atol=1e-4)
+    # no guidance: no box either, and only the negative prompt differs from joint's
+    assert torch.equal(edited(joint_empty, 0.0), edited(box, 0.0))
+    assert not torch.allclose(edited(joint, 0.0), edited(box, 0.0), atol=1e-4)
+    assert not torch.allclose(edited(joint_empty, 50.0), edited(box, 50.0), atol=1e-4)
     assert box.settings["preset"]["box_weight"] > 0 == joint.settings["preset"]["box_weight"]
+
+
+def test_box_preset_runs_both_reference_branches_on_real_images(teachers):
+    """The empty negative prompt differs from the caption, so the reference pass is not one branch."""
+    teacher = teachers["box"]
+    from p2pz.teacher.directions import EditDirection
+
+    d = EditDirection(tensor=_edit_inputs(teacher)[3][0], source="cat", target="dog")
+    before = teacher.unet_evals.snapshot()["forward"].get("reference", 0)
+    teacher.edit([_picture()], [d], captions=["a cat"], seeds=[1], num_steps=STEPS, xa_guidance=5.0)
+    assert teacher.unet_evals.snapshot()["forward"]["reference"] - before == 2 * STEPS
 
 
 def test_synthetic_edits_take_the_box_from_a_first_reference_pass(teachers):

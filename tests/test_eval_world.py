@@ -163,8 +163,14 @@ def test_score_log_shares_unguided_rows_across_guided_branches_only(tmp_path):
     assert other.done("circle-to-square", "direction") == {}
     joint.add("circle-to-square", "direction", 1, score, RECONSTRUCTION)
     joint.add("circle-to-square", "direction_xa", 1, score, RECONSTRUCTION)
+    box = ScoreLog(path, {"preset": BOX.to_dict(), "xa_guidance": 20.0})  # another negative prompt
+    assert box.done("circle-to-square", "direction") == {}
+    joint_empty = dataclasses.replace(JOINT, negative_prompt_real="empty")
+    ScoreLog(path, {"preset": joint_empty.to_dict(), "xa_guidance": 20.0}).add(
+        "circle-to-square", "direction", 2, score, RECONSTRUCTION
+    )
     box = ScoreLog(path, {"preset": BOX.to_dict(), "xa_guidance": 20.0})  # box guidance: guided rows only
-    assert list(box.done("circle-to-square", "direction")) == [1]
+    assert list(box.done("circle-to-square", "direction")) == [2]
     assert box.done("circle-to-square", "direction_xa") == {}
 
 
