@@ -18,10 +18,16 @@ SD-1.4 presets (``Preset.box_weight = 0``), changes the loss in two ways:
 The box and background come from the input's clean latent (``ObjectBox.from_latent``): the
 channels' L1 distance from the border's median, above half its maximum. That suits the shapes
 world's plain, gradient and striped backgrounds, not photographs.
+
+A latent pixel spans several image pixels (4 on the toy model, 8 on SD), so the latent box cannot
+see an object that overshoots its box by less than that. With ``Preset.box_pixel_weight > 0`` the
+same term also runs in pixel space: on x0 decoded by the VAE, against the box read the same way from
+the decoded input (``ObjectBox.from_image``). It costs a VAE decode and its backward pass per step.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -54,6 +60,11 @@ class ObjectBox:
         inside = rows[:, :, None] * cols[:, None, :]
         background = torch.stack([_outside_median(x, box) for x, box in zip(latent, inside)])
         return cls(rows, cols, background[..., None, None])
+
+    @classmethod
+    def from_image(cls, image: torch.Tensor, threshold: float = BOX_THRESHOLD) -> ObjectBox:
+        """The same reading on images ``[B, 3, H, W]``: the box at pixel resolution."""
+        return cls.from_latent(image, threshold)
 
     @property
     def mask(self) -> torch.Tensor:
@@ -105,12 +116,16 @@ def _outside_median(latent: torch.Tensor, inside: torch.Tensor) -> torch.Tensor:
 @dataclass
 class BoxGuidance:
     """What the guided pass needs for box guidance: the boxes of its samples and the weight of the
-    box term relative to the map loss."""
+    box term relative to the map loss; optionally the pixel-space term (``pixel_box``, its weight
+    and ``decode``, latents -> images, differentiable)."""
 
     box: ObjectBox  # one row per guided sample
     weight: float
     alphas_cumprod: torch.Tensor  # the scheduler's, to predict x0 from the noise prediction
     guidance_scale: float  # classifier-free guidance, to combine the CFG pair's noise predictions
+    pixel_box: ObjectBox | None = None  # the inputs' boxes in pixels, one row per guided sample
+    pixel_weight: float = 0.0
+    decode: Callable[[torch.Tensor], torch.Tensor] | None = None
 
     def loss(self, x: torch.Tensor, eps: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         """The weighted box term of latents ``x [B, ...]`` whose noise prediction at ``t`` is ``eps``
@@ -121,4 +136,7 @@ class BoxGuidance:
             eps = eps_uncond + self.guidance_scale * (eps_cond - eps_uncond)
         alpha = self.alphas_cumprod[int(t)].to(x)
         x0 = (x - (1 - alpha).sqrt() * eps) / alpha.sqrt()
-        return self.weight * self.box.loss(x0)
+        loss = self.weight * self.box.loss(x0)
+        if self.pixel_box is not None and self.pixel_weight > 0:
+            loss = loss + self.pixel_weight * self.pixel_box.loss(self.decode(x0).float())
+        return loss

@@ -50,6 +50,7 @@ the guidance by 1 / batch size).
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -105,6 +106,8 @@ def edit_with_guidance(
     single_branch_reference: bool = True,
     box_weight: float = 0.0,
     box_source: torch.Tensor | None = None,
+    box_pixel_weight: float = 0.0,
+    decode: Callable[[torch.Tensor], torch.Tensor] | None = None,
 ) -> EditOutput:
     """Reference and guided edit passes from ``x_T [B, 4, h, w]``.
 
@@ -119,6 +122,8 @@ def edit_with_guidance(
     caption), run one and use it for both (the same noise and maps, one UNet evaluation less per step).
     ``box_weight``: box guidance's weight (0: off); its box comes from ``box_source``, the inputs'
     clean latents ``[B, 4, h, w]``, or without them from a first, unrecorded reference pass.
+    ``box_pixel_weight``: the box term's weight in pixel space (0: off), on x0 and the inputs
+    decoded by ``decode`` (latents -> images, differentiable).
 
     The latents stay in float32 whatever the UNet's dtype (each UNet call gets a cast copy), so a
     bf16/fp16 UNet rounds its inputs, not the trajectories; see also ``_xa_gradient``.
@@ -139,8 +144,9 @@ def edit_with_guidance(
     if box_weight > 0 and xa_guidance > 0:
         if box_source is None:  # synthetic inputs: the reference pass's result is the input
             box_source = _reference_pass(unet, scheduler_config, x_T, passes, num_steps, guidance_scale)
-        boxes = ObjectBox.from_latent(box_source).repeat(copies)
-        box = BoxGuidance(boxes, box_weight, edit_sched.alphas_cumprod, guidance_scale)
+        box = _box_guidance(
+            box_source, copies, box_weight, box_pixel_weight, decode, edit_sched, guidance_scale
+        )
     dtype = unet.dtype
 
     x_ref = x_T.float()
@@ -166,6 +172,26 @@ def edit_with_guidance(
         x_edit = edit_sched.step(_guided(eps, guidance_scale, cfg), t, x_edit).prev_sample
     maps.clear()
     return EditOutput(edited=x_edit, reconstruction=x_ref, xa_loss=losses)
+
+
+def _box_guidance(
+    box_source: torch.Tensor,
+    copies: int,
+    weight: float,
+    pixel_weight: float,
+    decode: Callable[[torch.Tensor], torch.Tensor] | None,
+    sched: DDIMScheduler,
+    guidance_scale: float,
+) -> BoxGuidance:
+    """Box guidance for ``copies`` edits of the inputs whose clean latents are ``box_source``."""
+    boxes = ObjectBox.from_latent(box_source).repeat(copies)
+    pixel_box = None
+    if pixel_weight > 0:
+        if decode is None:
+            raise ValueError("box guidance in pixel space needs a decoder (latents -> images)")
+        with torch.no_grad():
+            pixel_box = ObjectBox.from_image(decode(box_source).float()).repeat(copies)
+    return BoxGuidance(boxes, weight, sched.alphas_cumprod, guidance_scale, pixel_box, pixel_weight, decode)
 
 
 @torch.no_grad()

@@ -378,6 +378,7 @@ class Pix2PixZero:
             num_steps, cfg, xa, progress=self.progress, guided_branch=self.preset.guided_branch,
             single_branch_reference=self.single_branch_reference,
             box_weight=self.preset.box_weight, box_source=batch.latents,
+            box_pixel_weight=self.preset.box_pixel_weight, decode=self._decode_differentiable,
         )  # fmt: skip
         timings["edit"] = time.perf_counter() - tic
         tic = time.perf_counter()
@@ -437,6 +438,10 @@ class Pix2PixZero:
         noise = noise.to(dist.mean.device)
         # float32 from here on: the inversion keeps its latents in float32 (see ``invert``)
         return (dist.mean.float() + dist.std.float() * noise.float()) * self.vae.config.scaling_factor
+
+    def _decode_differentiable(self, latents: torch.Tensor) -> torch.Tensor:
+        """Latents -> images ``[B, 3, H, W]`` in [-1, 1], with gradients (pixel-space box guidance)."""
+        return self.vae.decode(latents.to(self.vae.dtype) / self.vae.config.scaling_factor).sample
 
     @torch.no_grad()
     def decode_latents(self, latents: torch.Tensor):

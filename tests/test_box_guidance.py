@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 
+import numpy as np
 import pytest
 import torch
 
@@ -130,13 +131,30 @@ def _picture():
     return image
 
 
-def test_box_guidance_step_lowers_its_loss(teachers):
+def test_object_box_from_an_image_reads_the_box_in_pixels():
+    image = torch.from_numpy(np.asarray(_picture(), np.float32) / 127.5 - 1).permute(2, 0, 1)[None]
+    box = ObjectBox.from_image(image)
+    assert box.rows[0].nonzero().flatten().tolist() == list(range(20, 44))
+    assert box.cols[0].nonzero().flatten().tolist() == list(range(16, 40))
+    torch.testing.assert_close(box.background.flatten(), torch.tensor([40, 90, 160]) / 127.5 - 1)
+
+
+@pytest.mark.parametrize("pixel_weight", [0.0, 0.05])
+def test_box_guidance_step_lowers_its_loss(teachers, pixel_weight):
     teacher = teachers["box"]
     latents, uncond, cond, direction = _edit_inputs(teacher)
     sched = make_scheduler(teacher.scheduler_config, 10, "cpu")
     t = sched.timesteps[2]
     x = latents + 0.3 * torch.randn(latents.shape, generator=torch.Generator().manual_seed(4))
-    guidance = BoxGuidance(ObjectBox.from_latent(latents), 0.2, sched.alphas_cumprod, 3.0)
+    decode = teacher._decode_differentiable
+    pixel_box = ObjectBox.from_image(decode(latents).detach()) if pixel_weight else None
+    guidance = BoxGuidance(
+        ObjectBox.from_latent(latents), 0.2, sched.alphas_cumprod, 3.0, pixel_box, pixel_weight, decode
+    )
+    if pixel_weight:  # the pixel term is part of the loss
+        eps = torch.randn((2, *x.shape[1:]), generator=torch.Generator().manual_seed(6))
+        without = BoxGuidance(guidance.box, 0.2, sched.alphas_cumprod, 3.0)
+        assert guidance.loss(x, eps, t) > without.loss(x, eps, t)
     embeds = torch.cat([uncond, cond + direction])
 
     def loss_and_grad(at):
@@ -175,6 +193,21 @@ def test_box_preset_is_joint_with_box_guidance_and_an_empty_negative_prompt(teac
     assert box.settings["preset"]["box_weight"] > 0 == joint.settings["preset"]["box_weight"]
 
 
+def test_box_pixels_preset_adds_the_pixel_term_to_guided_edits_only(teachers, tiny_model_dir):
+    box = teachers["box"]
+    pixels = Pix2PixZero.from_pretrained(tiny_model_dir, preset="box_pixels", captioner=False)
+    args = dict(captions=["a cat"], seeds=[1], num_steps=STEPS, return_latents=True)
+    from p2pz.teacher.directions import EditDirection
+
+    d = EditDirection(tensor=_edit_inputs(box)[3][0], source="cat", target="dog")
+
+    def edited(teacher, xa):
+        return teacher.edit([_picture()], [d], xa_guidance=xa, **args)[0].edited_latent
+
+    assert torch.equal(edited(box, 0.0), edited(pixels, 0.0))
+    assert not torch.allclose(edited(box, 50.0), edited(pixels, 50.0), atol=1e-4)
+
+
 def test_box_preset_runs_both_reference_branches_on_real_images(teachers):
     """The empty negative prompt differs from the caption, so the reference pass is not one branch."""
     teacher = teachers["box"]
@@ -207,6 +240,11 @@ def test_synthetic_edits_take_the_box_from_a_first_reference_pass(teachers):
     )
     reference = teacher.unet_evals.snapshot()["forward"]["reference"] - before["forward"].get("reference", 0)
     assert reference == 2 * STEPS * 2  # the first pass and the recorded one, both CFG branches
+    with pytest.raises(ValueError, match="pixel space needs a decoder"):
+        edit_with_guidance(
+            teacher.unet, teacher.maps, teacher.scheduler_config, x_T, uncond, cond, direction, 1, 3.0, 5.0,
+            guided_branch="joint", box_weight=0.2, box_pixel_weight=0.05,
+        )  # fmt: skip
     with pytest.raises(ValueError, match="box guidance needs"):
         edit_with_guidance(
             teacher.unet, teacher.maps, teacher.scheduler_config, x_T, uncond, cond, direction, 1, 3.0, 5.0,

@@ -174,6 +174,29 @@ def test_score_log_shares_unguided_rows_across_guided_branches_only(tmp_path):
     assert box.done("circle-to-square", "direction_xa") == {}
 
 
+def test_score_log_box_pixels_shares_unguided_rows_and_reads_logs_from_before_the_field(tmp_path):
+    import json
+
+    from p2pz.teacher.presets import BOX, BOX_PIXELS
+
+    path = tmp_path / "log.jsonl"
+    score = wm.score_world_edit(CIRCLE, world.render(CIRCLE), "circle:square")
+    old_preset = {k: v for k, v in BOX.to_dict().items() if k != "box_pixel_weight"}  # before the field
+    old = ScoreLog(path, {"preset": old_preset, "xa_guidance": 5.0})
+    old.add("circle-to-square", "direction", 0, score, RECONSTRUCTION)
+    old.add("circle-to-square", "direction_xa", 0, score, RECONSTRUCTION)
+    assert '"box_pixel_weight"' not in path.read_text()
+    box = ScoreLog(path, {"preset": BOX.to_dict(), "xa_guidance": 5.0})
+    assert list(box.done("circle-to-square", "direction_xa")) == [0]  # the old log still resumes
+    pixels = ScoreLog(path, {"preset": BOX_PIXELS.to_dict(), "xa_guidance": 5.0})
+    assert list(pixels.done("circle-to-square", "direction")) == [0]
+    assert pixels.done("circle-to-square", "direction_xa") == {}
+    pixels.add("circle-to-square", "direction_xa", 1, score, RECONSTRUCTION)
+    assert json.loads(path.read_text().splitlines()[-1])["settings"] == pixels.key("direction_xa")
+    assert list(ScoreLog(path, {"preset": BOX.to_dict(), "xa_guidance": 5.0}).done(
+        "circle-to-square", "direction_xa")) == [0]  # fmt: skip
+
+
 def test_score_log_keeps_calibrations_for_the_guided_rows_settings(tmp_path):
     path = tmp_path / "log.jsonl"
     calibration = {"edit": "circle:square", "chosen": 5.0, "rows": [{"xa_guidance": 5.0, "success": 1.0}]}

@@ -168,7 +168,10 @@ def across_edits(results: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]
 
 CALIBRATION = "calibration"  # the log's record of an edit's calibrated guidance step
 # Preset fields that only change the guidance step (not the unguided rows' edits)
-GUIDANCE_ONLY_FIELDS = ("name", "guided_branch", "box_weight")
+GUIDANCE_ONLY_FIELDS = ("name", "guided_branch", "box_weight", "box_pixel_weight")
+# Preset fields added after logs were written: left out of the key at these values, which are what
+# the older logs ran with, so those logs still resume
+LATER_FIELDS = {"box_pixel_weight": 0.0}
 
 
 class ScoreLog:
@@ -199,6 +202,10 @@ class ScoreLog:
 
     def key(self, row: str) -> str:
         settings = dict(self.settings)
+        if isinstance(settings.get("preset"), dict):
+            settings["preset"] = {
+                k: v for k, v in settings["preset"].items() if LATER_FIELDS.get(k, object()) != v
+            }
         if row != "direction_xa":
             settings.pop("xa_guidance", None)
             if isinstance(settings.get("preset"), dict):  # presets that differ only in the guided branch
