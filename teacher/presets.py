@@ -20,6 +20,8 @@
               edited object in that box, and an empty negative prompt (CFG against the caption
               pushes the edit away from the source). The shapes world's teacher; its box suits
               plain backgrounds.
+``box_pixels`` ``box`` with the box term also in pixel space, on the predicted x0 decoded by the VAE
+              (finer than the latent's grid; a VAE decode and its backward pass per step).
 """
 
 from __future__ import annotations

@@ -253,7 +253,7 @@ def register(subparsers) -> None:
         help="official: the authors' defaults; diffusers: what diffusers' pipeline does; paper: the "
         "guidance step as the paper describes it; joint: the official loss stepping the latent both CFG "
         "branches share; box: joint that also keeps the edited object in the input object's box (the "
-        "toy model's) (default: official)",
+        "toy model's); box_pixels: box with its box term also on the decoded image (default: official)",
     )
     p.add_argument("--steps", type=int, help=f"DDIM steps (default: the preset's, {OFFICIAL.num_steps})")
     p.add_argument(
