@@ -137,6 +137,6 @@ class BoxGuidance:
         alpha = self.alphas_cumprod[int(t)].to(x)
         x0 = (x - (1 - alpha).sqrt() * eps) / alpha.sqrt()
         loss = self.weight * self.box.loss(x0)
-        if self.pixel_box is not None and self.pixel_weight > 0:
+        if self.pixel_box is not None:  # set only with a pixel weight (editing._box_guidance)
             loss = loss + self.pixel_weight * self.pixel_box.loss(self.decode(x0).float())
         return loss

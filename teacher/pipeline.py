@@ -446,8 +446,7 @@ class Pix2PixZero:
     @torch.no_grad()
     def decode_latents(self, latents: torch.Tensor):
         """Latents -> ``[B, H, W, 3]`` float32 numpy images in [0, 1]."""
-        image = self.vae.decode(latents.to(self.vae.dtype) / self.vae.config.scaling_factor).sample
-        return tensor_to_numpy(image)
+        return tensor_to_numpy(self._decode_differentiable(latents))
 
     # ------------------------------------------------------------------------------------------
     # Argument checks
