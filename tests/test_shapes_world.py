@@ -166,7 +166,18 @@ def test_toy_model_training_is_reproducible(tmp_path):
 
     def train(name: str) -> dict[str, str]:
         out = tmp_path / name
-        args = ["--out", str(out), "--seed", "3", "--vae-steps", "2", "--unet-steps", "3"]
+        args = [
+            "--out",
+            str(out),
+            "--seed",
+            "3",
+            "--vae-steps",
+            "2",
+            "--decoder-steps",
+            "2",
+            "--unet-steps",
+            "3",
+        ]
         args += ["--scenes", "32", "--batch", "4", "--threads", "1", "--minutes", "30"]
         assert train_toy.main(args) == 0
         files = sorted(out.glob("*/*.safetensors"))
@@ -175,3 +186,41 @@ def test_toy_model_training_is_reproducible(tmp_path):
 
     first, second = train("a"), train("b")
     assert first == second
+
+
+def test_decoder_finetuning_keeps_the_latent_space(tmp_path):
+    """``--finetune-decoder`` changes the decoder alone: the encoder (whose latents the UNet learned)
+    and every other component stay bit for bit, and ``train_log.json`` records the stage."""
+    import json
+
+    import torch
+    from safetensors.torch import load_file
+
+    from p2pz.data.models import train_toy
+
+    out = tmp_path / "toy"
+    common = ["--out", str(out), "--seed", "3", "--threads", "1", "--scenes", "32", "--batch", "4"]
+    assert train_toy.main([*common, "--vae-steps", "2", "--decoder-steps", "0", "--unet-steps", "1"]) == 0
+    before = load_file(out / "vae" / "diffusion_pytorch_model.safetensors")
+    unet_before = (out / "unet" / "diffusion_pytorch_model.safetensors").read_bytes()
+    assert train_toy.main([*common, "--finetune-decoder", "--decoder-steps", "3"]) == 0
+
+    after = load_file(out / "vae" / "diffusion_pytorch_model.safetensors")
+    assert after.keys() == before.keys()
+    changed = {k for k in before if not torch.equal(before[k], after[k])}
+    assert changed and all(k.startswith(("decoder.", "post_quant_conv.")) for k in changed)
+    assert (out / "unet" / "diffusion_pytorch_model.safetensors").read_bytes() == unet_before
+    record = json.loads((out / "train_log.json").read_text())
+    assert record["decoder"]["steps"] == 3
+    assert "--vae-steps 2 --decoder-steps 3 --unet-steps 1" in record["reproduce"]
+    assert json.loads((out / "vae" / "config.json").read_text()).get("_name_or_path") is None
+
+
+def test_decoder_finetuning_needs_a_model_folder(tmp_path, capsys):
+    from p2pz.data.models import train_toy
+
+    with pytest.raises(SystemExit) as exit_info:
+        train_toy.main(["--out", str(tmp_path / "none"), "--finetune-decoder"])
+    assert exit_info.value.code == 2
+    assert "has no vae/" in capsys.readouterr().err
+    assert not (tmp_path / "none").exists()

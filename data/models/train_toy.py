@@ -8,8 +8,12 @@ Stages (with ``--resume``, each continues from its checkpoint in ``.NAME.train_s
 the output folder, e.g. after a crash):
   1. tokenizer for the world's words;
   2. VAE: L1 + L2 reconstruction with object pixels weighted 5×, a tiny KL term;
-  3. latents of a fixed set of renders, and the latent scaling factor (1 / their std);
-  4. UNet + text encoder jointly: epsilon prediction, Min-SNR-5 weighting, 10% caption dropout
+  3. the VAE's decoder alone, encoder frozen (``--decoder-steps``): the same reconstruction loss
+     on posterior samples, so the decoder draws sharper edges while the latent space the UNet
+     learns stays the one the encoder made (Stability's ft-MSE decoders for SD-1.x do the same);
+     ``--finetune-decoder`` runs this stage alone on a trained model folder;
+  4. latents of a fixed set of renders, and the latent scaling factor (1 / their std);
+  5. UNet + text encoder jointly: epsilon prediction, Min-SNR-5 weighting, 10% caption dropout
      (for classifier-free guidance), EMA 0.999, bf16 autocast, cosine learning rate.
 
 Budget: each stage plans its number of steps from the measured speed so that it ends on time
@@ -42,6 +46,8 @@ if TYPE_CHECKING:
     from transformers import CLIPTextModel, CLIPTokenizer
 
 log = logging.getLogger("train_toy")
+DECODER_STEPS = 4000  # stage 3's default (the shipped model's: its train_log.json)
+DECODER_LR = 5e-4  # stage 3's peak learning rate (a quarter of the VAE's: it starts trained)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -231,8 +237,7 @@ def train_vae(args, state_dir: Path, deadline: float):
         x, m, _ = render_batch(rng.integers(0, 2**31, size=batch) + 10_000_000)
         posterior = vae.encode(x).latent_dist
         recon = vae.decode(posterior.sample()).sample
-        weight = 1 + 4 * m  # object pixels weigh 5×: they are what the oracle reads
-        loss = (weight * ((recon - x).abs() + (recon - x) ** 2)).mean() + 1e-6 * posterior.kl().mean()
+        loss = reconstruction_loss(recon, x, m) + 1e-6 * posterior.kl().mean()
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
@@ -262,6 +267,71 @@ def train_vae(args, state_dir: Path, deadline: float):
     (state_dir / "vae_log.json").write_text(json.dumps(vae_log))
     ckpt.unlink(missing_ok=True)
     return vae, vae_log
+
+
+def finetune_decoder(args, vae, state_dir: Path):
+    """Stage 3: ``args.decoder_steps`` steps on the decoder (and ``post_quant_conv``), encoder frozen.
+
+    The latents a decoder sees are the encoder's, so fine-tuning it leaves the UNet's data as they
+    were. Every draw (scenes, posterior noise) comes from the seed and the step. Returns the VAE (in
+    eval mode, every weight trainable again) and the stage's log entry (None when it has no steps).
+    """
+    import torch
+    from diffusers import AutoencoderKL
+
+    if not args.decoder_steps:
+        return vae, None
+    done, ckpt = state_dir / "vae_decoder", state_dir / "decoder_ckpt.pt"
+    if done.is_dir():
+        log.info("decoder: found a fine-tuned one in %s", done)
+        return AutoencoderKL.from_pretrained(done), json.loads((state_dir / "decoder_log.json").read_text())
+    vae.requires_grad_(False)
+    params = [*vae.decoder.parameters(), *vae.post_quant_conv.parameters()]
+    for p in params:
+        p.requires_grad_(True)
+    opt = torch.optim.AdamW(params, lr=DECODER_LR, weight_decay=0.0)
+    step, batch, t_start = 0, 16, time.time()
+    if args.resume and ckpt.exists():
+        saved = torch.load(ckpt, weights_only=True)  # tensors and plain values only: runs no code
+        vae.load_state_dict(saved["model"])
+        opt.load_state_dict(saved["opt"])
+        step = saved["step"]
+        log.info("decoder: resumed at step %d", step)
+    last_save = time.time()
+    vae.train()
+    while step < args.decoder_steps:
+        for g in opt.param_groups:
+            g["lr"] = cosine_lr(step, args.decoder_steps, DECODER_LR, DECODER_LR / 25, warmup=20)
+        rng = np.random.default_rng([args.seed, 2, step])
+        x, m, _ = render_batch(rng.integers(0, 2**31, size=batch) + 20_000_000)
+        with torch.no_grad():
+            posterior = vae.encode(x).latent_dist
+            z = posterior.sample(generator=torch.Generator().manual_seed(args.seed * 104_729 + step))
+        recon = vae.decode(z).sample
+        loss = reconstruction_loss(recon, x, m)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        step += 1
+        if step % 100 == 0:
+            psnr = -10 * math.log10(float(((recon.detach() - x) / 2).pow(2).mean()) + 1e-12)
+            log.info("decoder step %d/%d loss %.4f psnr %.1f dB", step, args.decoder_steps, loss.item(), psnr)
+        if time.time() - last_save > 120:
+            save_state(ckpt, {"model": vae.state_dict(), "opt": opt.state_dict(), "step": step})
+            last_save = time.time()
+    vae.requires_grad_(True).eval()
+    decoder_log = {"steps": step, "batch": batch, "seconds": round(time.time() - t_start, 1)}
+    vae.save_pretrained(done)
+    (state_dir / "decoder_log.json").write_text(json.dumps(decoder_log))
+    ckpt.unlink(missing_ok=True)
+    return vae, decoder_log
+
+
+def reconstruction_loss(recon: torch.Tensor, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """L1 + L2, object pixels weighted 5×: they are what the oracle reads."""
+    weight = 1 + 4 * mask
+    return (weight * ((recon - x).abs() + (recon - x) ** 2)).mean()
 
 
 def encode_dataset(args, vae, state_dir: Path):
@@ -524,6 +594,19 @@ def _parser() -> argparse.ArgumentParser:
         default=None,
         help="fix the UNet's steps; unset: as many as fit the time budget",
     )
+    parser.add_argument(
+        "--decoder-steps",
+        type=int,
+        default=DECODER_STEPS,
+        help="steps fine-tuning the VAE's decoder alone (encoder frozen: the UNet's latents stay the "
+        "same); 0: none",
+    )
+    parser.add_argument(
+        "--finetune-decoder",
+        action="store_true",
+        help="run only the decoder stage on the trained model in --out and replace its VAE there "
+        "(the shipped model before this stage: --out data/toy_model)",
+    )
     parser.add_argument("--scenes", type=int, default=24_000, help="renders encoded for UNet training")
     parser.add_argument("--batch", type=int, default=64, help="UNet batch size")
     parser.add_argument("--lr", type=float, default=8e-4, help="UNet + text encoder peak learning rate")
@@ -539,11 +622,12 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
+    parser = _parser()
+    args = parser.parse_args(argv)
+    if args.finetune_decoder and not (args.out / "vae").is_dir():
+        parser.error(f"--finetune-decoder needs a trained model folder in --out; {args.out} has no vae/")
 
     import torch
-
-    from p2pz.data.shapes.tokenizer import build_tokenizer
 
     torch.set_num_threads(args.threads)
     start = time.time()
@@ -556,35 +640,80 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(
         level=logging.INFO, format="%(asctime)s %(message)s", handlers=[logging.StreamHandler(), handler]
     )
-    log.info("training the toy model into %s with %.0f minutes (seed %d)", out, args.minutes, args.seed)
+    if args.finetune_decoder:
+        log.info("fine-tuning the decoder of %s for %d steps", out, args.decoder_steps)
+        finetune_model_decoder(args, state_dir)
+    else:
+        log.info("training the toy model into %s with %.0f minutes (seed %d)", out, args.minutes, args.seed)
+        train_model(args, state_dir, start)
+    shutil.rmtree(state_dir, ignore_errors=True)
+    log.info("done in %.1f min: %s", (time.time() - start) / 60, out)
+    return 0
+
+
+def train_model(args: argparse.Namespace, state_dir: Path, start: float) -> None:
+    """Every stage, then the model folder in ``args.out`` (written whole or not at all)."""
+    from p2pz.data.shapes.tokenizer import build_tokenizer
+    from p2pz.utils.atomic import atomic_path
 
     tokenizer = build_tokenizer()
     vae, vae_log = train_vae(args, state_dir, deadline=start + args.vae_minutes * 60)
+    vae, decoder_log = finetune_decoder(args, vae, state_dir)
     data = encode_dataset(args, vae, state_dir)
     log.info("latent scaling factor %.3f", data["scaling_factor"])
     unet, text_encoder, scheduler, unet_log = train_unet(
         args, data, tokenizer, state_dir, deadline=start + args.minutes * 60 - 30
     )
+    record = {
+        "seed": args.seed,
+        "vae": vae_log,
+        "decoder": decoder_log,
+        "unet": unet_log,
+        "scenes": args.scenes,
+        "lr": args.lr,
+        "ema": args.ema,
+        "minutes": round((time.time() - start) / 60, 1),
+    }
+    with atomic_path(args.out) as tmp:
+        write_model(tmp, vae, text_encoder, unet, scheduler, data["scaling_factor"])
+        write_train_log(tmp, record, args.out)
+        shutil.copy(state_dir / "train.log", tmp / "train.log")
+
+
+def finetune_model_decoder(args: argparse.Namespace, state_dir: Path) -> None:
+    """``--finetune-decoder``: stage 3 alone on the model in ``args.out``, with its seed; the folder
+    is replaced whole (new VAE weights, the stage in ``train_log.json``) or not at all."""
+    from safetensors.torch import load_file
+
     from p2pz.utils.atomic import atomic_path
 
+    out: Path = args.out
+    record = json.loads((out / "train_log.json").read_text()) if (out / "train_log.json").exists() else {}
+    args.seed = record.get("seed", args.seed)
+    config = json.loads((out / "vae" / "config.json").read_text())
+    vae = make_vae()  # a fresh module: its saved config is the one training writes
+    vae.register_to_config(scaling_factor=config["scaling_factor"])
+    vae.load_state_dict(load_file(out / "vae" / "diffusion_pytorch_model.safetensors"))
+    use_classic_attention(vae)
+    vae, record["decoder"] = finetune_decoder(args, vae, state_dir)
     with atomic_path(out) as tmp:
-        write_model(tmp, vae, text_encoder, unet, scheduler, data["scaling_factor"])
-        record = {
-            "seed": args.seed,
-            "vae": vae_log,
-            "unet": unet_log,
-            "scenes": args.scenes,
-            "lr": args.lr,
-            "ema": args.ema,
-            "minutes": round((time.time() - start) / 60, 1),
-            "reproduce": f"python -m p2pz.data.models.train_toy --out {out} --seed {args.seed} "
-            f"--vae-steps {vae_log['steps']} --unet-steps {unet_log['steps']}",
-        }
-        (tmp / "train_log.json").write_text(json.dumps(record, indent=1) + "\n")
-    shutil.copy(state_dir / "train.log", out / "train.log")
-    shutil.rmtree(state_dir, ignore_errors=True)
-    log.info("done in %.1f min: %s", (time.time() - start) / 60, out)
-    return 0
+        shutil.copytree(out, tmp)
+        shutil.rmtree(tmp / "vae")
+        vae.save_pretrained(tmp / "vae", safe_serialization=True)
+        write_train_log(tmp, record, out)
+        with open(tmp / "train.log", "a") as model_log:  # the stage's lines after the training's
+            model_log.write((state_dir / "train.log").read_text())
+
+
+def write_train_log(folder: Path, record: dict[str, Any], out: Path) -> None:
+    """``folder/train_log.json``: the stages' steps and times, and the command that reproduces the
+    model (into ``out``, where the folder lands)."""
+    steps = {stage: (record.get(stage) or {}).get("steps", 0) for stage in ("vae", "decoder", "unet")}
+    record["reproduce"] = (
+        f"python -m p2pz.data.models.train_toy --out {out} --seed {record.get('seed', 0)} "
+        f"--vae-steps {steps['vae']} --decoder-steps {steps['decoder']} --unet-steps {steps['unet']}"
+    )
+    (folder / "train_log.json").write_text(json.dumps(record, indent=1) + "\n")
 
 
 if __name__ == "__main__":
