@@ -108,11 +108,12 @@ def _guidance_step(
     run does not calibrate again."""
     if args.xa_guidance != AUTO or "direction_xa" not in args.rows:
         return TOY_XA_GUIDANCE if args.xa_guidance == AUTO else args.xa_guidance
-    from p2pz.data.eval.calibration import Calibration, calibrate_world_edit
+    from p2pz.data.eval.calibration import Calibration, calibrate_world_edit, pick_step
 
     logged = log.calibration(edit.name)
-    if logged is not None:
+    if logged is not None:  # the sweep is the log's, the choice the rule's as it is now
         calibration = Calibration(**logged)
+        calibration.chosen = pick_step(calibration.rows, higher_is_better=True)  # world: IoU
     else:
         calibration = calibrate_world_edit(
             teacher,
@@ -227,7 +228,8 @@ def _run_row(
 
     from p2pz.data.eval.ablation import edit_world_scenes
 
-    done = log.done(edit.name, row)
+    step = xa_guidance if row == "direction_xa" else None  # the guided rows' records carry it
+    done = log.done(edit.name, row, step)
     pending = [i for i in range(len(scenes)) if i not in done]
     tic = time.perf_counter()
     with tqdm(
@@ -248,11 +250,11 @@ def _run_row(
             direction=direction,
             seed=args.seed,
             skip=sorted(done),
-            done=lambda i, s, r: log.add(edit.name, row, i, s, r),  # logged as it goes: resumable
+            done=lambda i, s, r: log.add(edit.name, row, i, s, r, step),  # logged as it goes: resumable
             progress=bar,
         )
     seconds = time.perf_counter() - tic
-    summary = _summarise([log.done(edit.name, row)[i] for i in range(len(scenes))])
+    summary = _summarise([log.done(edit.name, row, step)[i] for i in range(len(scenes))])
     summary["seconds_this_run"] = round(seconds, 1)
     if row == "direction_xa":
         summary["xa_guidance"] = xa_guidance

@@ -146,6 +146,19 @@ def test_score_log_shares_unguided_rows_across_guidance_steps(tmp_path):
     assert other.done("circle-to-square", "direction_xa") == {}
 
 
+def test_score_log_keeps_guided_scenes_to_the_step_they_ran_at(tmp_path):
+    """With ``auto`` the key holds no step: a changed calibration must not reuse the old step's scenes."""
+    path = tmp_path / "log.jsonl"
+    score = wm.score_world_edit(CIRCLE, world.render(CIRCLE), "circle:square")
+    log = ScoreLog(path, {"steps": 2, "xa_guidance": "auto"})
+    log.add("circle-to-square", "direction_xa", 0, score, RECONSTRUCTION, 15.0)
+    log.add("circle-to-square", "direction_xa", 1, score, RECONSTRUCTION)  # as older logs: no step
+    again = ScoreLog(path, {"steps": 2, "xa_guidance": "auto"})
+    assert list(again.done("circle-to-square", "direction_xa", 15.0)) == [0, 1]
+    assert list(again.done("circle-to-square", "direction_xa", 10.0)) == [1]
+    assert list(again.done("circle-to-square", "direction_xa")) == [0, 1]
+
+
 def test_score_log_shares_unguided_rows_across_guided_branches_only(tmp_path):
     from p2pz.teacher.presets import BOX, DIFFUSERS, JOINT, OFFICIAL, PAPER
 

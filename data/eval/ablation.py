@@ -214,8 +214,14 @@ class ScoreLog:
                 }
         return json.dumps(settings, sort_keys=True)
 
-    def done(self, edit: str, row: str) -> dict[int, dict]:
-        return self.records.get((edit, row), {})
+    def done(self, edit: str, row: str, step: float | None = None) -> dict[int, dict]:
+        """The logged scenes of one row; with ``step``, only those guided at that step (a calibrated
+        step that changed, e.g. with the rule that picks it, is not the one they ran at). Records
+        written before steps were logged count as run at any step."""
+        records = self.records.get((edit, row), {})
+        if step is None:
+            return records
+        return {i: r for i, r in records.items() if r.get("xa_guidance", step) == step}
 
     def calibration(self, edit: str) -> dict | None:
         """The logged calibration of ``edit`` (``Calibration.to_dict()``), if any."""
@@ -233,9 +239,17 @@ class ScoreLog:
             }
         )
 
-    def add(self, edit: str, row: str, index: int, score: WorldEditScore, recon: WorldEditScore) -> None:
+    def add(
+        self,
+        edit: str,
+        row: str,
+        index: int,
+        score: WorldEditScore,
+        recon: WorldEditScore,
+        step: float | None = None,
+    ) -> None:
         """Record one scene's score and its reconstruction's (logs written before the
-        reconstruction's IoU was kept read it as None)."""
+        reconstruction's IoU was kept read it as None), and the guidance step it ran at."""
         rec = {
             "settings": self.key(row),
             "edit": edit,
@@ -245,6 +259,8 @@ class ScoreLog:
             "reconstruction_shift_px": None if math.isnan(recon.centre_shift_px) else recon.centre_shift_px,
             "reconstruction_iou": recon.iou,
         }
+        if step is not None:
+            rec["xa_guidance"] = step
         self.records.setdefault((edit, row), {})[index] = rec
         self._append(rec)
 
