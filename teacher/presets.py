@@ -153,7 +153,7 @@ BOX = dataclasses.replace(JOINT, name="box", box_weight=0.2, negative_prompt_rea
 # (0.72), triangle -> circle 0.82 (0.75-0.79), triangle -> square 0.77 (0.68), square -> triangle
 # 0.71 (0.68); weight 0.1 or 0.2 cost circle -> triangle its success (4 of 6). The ablation's
 # default run: mean IoU 0.83 against box's 0.78, every edit higher, eight of twelve edits meeting
-# every target against six (README). Not yet the toy model's teacher (TOY_PRESET).
+# every target against six (README). The toy model's teacher (``TOY_PRESET``).
 BOX_PIXELS = dataclasses.replace(BOX, name="box_pixels", box_pixel_weight=0.05)
 
 PRESETS = {p.name: p for p in (OFFICIAL, DIFFUSERS, PAPER, JOINT, BOX, BOX_PIXELS)}
