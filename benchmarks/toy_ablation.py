@@ -109,12 +109,12 @@ def _guidance_step(
     run does not calibrate again."""
     if args.xa_guidance != AUTO or "direction_xa" not in args.rows:
         return TOY_XA_GUIDANCE if args.xa_guidance == AUTO else args.xa_guidance
-    from p2pz.data.eval.calibration import Calibration, calibrate_world_edit, pick_step
+    from p2pz.data.eval.calibration import SCORE_NAMES, Calibration, calibrate_world_edit, pick_step
 
     logged = log.calibration(edit.name)
     if logged is not None:  # the sweep is the log's, the choice the rule's as it is now
         calibration = Calibration(**logged)
-        calibration.chosen = pick_step(calibration.rows, higher_is_better=True)  # world: IoU
+        calibration.chosen = pick_step(calibration.rows, higher_is_better=SCORE_NAMES["world"][2])
     else:
         calibration = calibrate_world_edit(
             teacher,

@@ -224,3 +224,28 @@ def test_decoder_finetuning_needs_a_model_folder(tmp_path, capsys):
     assert exit_info.value.code == 2
     assert "has no vae/" in capsys.readouterr().err
     assert not (tmp_path / "none").exists()
+
+
+def test_decoder_finetuning_refuses_another_vae(tmp_path, tiny_model_dir, capsys):
+    """A model folder whose VAE is not the toy model's: one line, and the folder left as it was."""
+    import hashlib
+    import shutil
+
+    from p2pz.data.models import train_toy
+
+    out = tmp_path / "tiny"
+    shutil.copytree(tiny_model_dir, out)
+
+    def digest() -> dict[str, str]:
+        return {
+            str(f): hashlib.sha256(f.read_bytes()).hexdigest() for f in sorted(out.rglob("*")) if f.is_file()
+        }
+
+    before = digest()
+    with pytest.raises(SystemExit) as exit_info:
+        train_toy.main(["--out", str(out), "--finetune-decoder", "--decoder-steps", "1"])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert "does not hold the toy model's VAE" in err[-1]
+    assert digest() == before
+    assert not (tmp_path / ".tiny.train_state").exists()

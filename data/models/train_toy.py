@@ -626,6 +626,11 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.finetune_decoder and not (args.out / "vae").is_dir():
         parser.error(f"--finetune-decoder needs a trained model folder in --out; {args.out} has no vae/")
+    if args.finetune_decoder:
+        try:  # before anything is written
+            trained_vae = load_toy_vae(args.out / "vae")
+        except ValueError as err:
+            parser.error(str(err))
 
     import torch
 
@@ -642,7 +647,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     if args.finetune_decoder:
         log.info("fine-tuning the decoder of %s for %d steps", out, args.decoder_steps)
-        finetune_model_decoder(args, state_dir)
+        finetune_model_decoder(args, trained_vae, state_dir)
     else:
         log.info("training the toy model into %s with %.0f minutes (seed %d)", out, args.minutes, args.seed)
         train_model(args, state_dir, start)
@@ -680,21 +685,32 @@ def train_model(args: argparse.Namespace, state_dir: Path, start: float) -> None
         shutil.copy(state_dir / "train.log", tmp / "train.log")
 
 
-def finetune_model_decoder(args: argparse.Namespace, state_dir: Path) -> None:
-    """``--finetune-decoder``: stage 3 alone on the model in ``args.out``, with its seed; the folder
-    is replaced whole (new VAE weights, the stage in ``train_log.json``) or not at all."""
+def load_toy_vae(folder: Path):
+    """The toy model's VAE saved in ``folder``, as a fresh module (its saved config is then the one
+    training writes); ``ValueError`` in one line when the folder holds something else."""
     from safetensors.torch import load_file
 
+    weights = folder / "diffusion_pytorch_model.safetensors"
+    try:
+        scaling_factor = json.loads((folder / "config.json").read_text())["scaling_factor"]
+        vae = make_vae()
+        vae.load_state_dict(load_file(weights))
+    except (OSError, KeyError, ValueError, RuntimeError) as err:
+        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise ValueError(f"{folder} does not hold the toy model's VAE ({reason})") from None
+    vae.register_to_config(scaling_factor=scaling_factor)
+    use_classic_attention(vae)
+    return vae
+
+
+def finetune_model_decoder(args: argparse.Namespace, vae, state_dir: Path) -> None:
+    """``--finetune-decoder``: stage 3 alone on ``vae``, the model's in ``args.out``, with its seed;
+    the folder is replaced whole (new VAE weights, the stage in ``train_log.json``) or not at all."""
     from p2pz.utils.atomic import atomic_path
 
     out: Path = args.out
     record = json.loads((out / "train_log.json").read_text()) if (out / "train_log.json").exists() else {}
     args.seed = record.get("seed", args.seed)
-    config = json.loads((out / "vae" / "config.json").read_text())
-    vae = make_vae()  # a fresh module: its saved config is the one training writes
-    vae.register_to_config(scaling_factor=config["scaling_factor"])
-    vae.load_state_dict(load_file(out / "vae" / "diffusion_pytorch_model.safetensors"))
-    use_classic_attention(vae)
     vae, record["decoder"] = finetune_decoder(args, vae, state_dir)
     with atomic_path(out) as tmp:
         shutil.copytree(out, tmp)
