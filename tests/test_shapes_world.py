@@ -1,5 +1,7 @@
 """The shapes world: renderer, captions, oracle, tokenizer and captioner (no trained model needed)."""
 
+import math
+
 import numpy as np
 import pytest
 
@@ -213,7 +215,32 @@ def test_decoder_finetuning_keeps_the_latent_space(tmp_path):
     record = json.loads((out / "train_log.json").read_text())
     assert record["decoder"]["steps"] == 3
     assert "--vae-steps 2 --decoder-steps 3 --unet-steps 1" in record["reproduce"]
+    precision = train_toy.resolve_precision("auto")  # what the UNet stage ran in: recorded, reproduced
+    assert record["unet"]["precision"] == precision
+    assert record["reproduce"].endswith(f"--precision {precision}")
     assert json.loads((out / "vae" / "config.json").read_text()).get("_name_or_path") is None
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_unet_stage_runs_in_the_precision_asked_for(precision):
+    """``--precision``: the UNet's layers compute in bf16 under autocast and in float32 without it
+    (``auto`` picks float32 on CPUs that only emulate bf16, where it is ~13x slower)."""
+    import argparse
+
+    import torch
+
+    from p2pz.data.models import train_toy
+    from p2pz.data.shapes.tokenizer import build_tokenizer
+
+    args = argparse.Namespace(seed=0, lr=1e-4, precision=precision)
+    nets = train_toy._UNetTraining.create(args, build_tokenizer())
+    seen: set[torch.dtype] = set()
+    nets.unet.conv_in.register_forward_hook(lambda module, inputs, output: seen.add(output.dtype))
+    noisy, noise = torch.randn(2, 4, 16, 16), torch.randn(2, 4, 16, 16)
+    ids = torch.zeros(2, 77, dtype=torch.long)
+    loss = nets.step(noisy, noise, torch.tensor([10, 500]), ids, weight=torch.ones(1000))
+    assert seen == {torch.bfloat16 if precision == "bf16" else torch.float32}
+    assert math.isfinite(loss)
 
 
 def test_decoder_finetuning_needs_a_model_folder(tmp_path, capsys):
