@@ -181,8 +181,12 @@ def sd14_256(sd14_model_dir, tmp_path_factory) -> Path:
 
 @pytest.mark.slow
 def test_teacher_256px_fp32_and_bf16(sd14_256, input_images, tmp_path):
+    from p2pz.data.models.train_toy import bf16_is_native
+
+    # emulated bf16 (AVX2 CPUs): the bf16 run took over 30 min on such a CI machine; fp32 runs anyway
+    native = bf16_is_native()
     runs = {}
-    for dtype in ("float32", "bfloat16"):
+    for dtype in ("float32", "bfloat16") if native else ("float32",):
         runs[dtype] = _generate(sd14_256, input_images, tmp_path / f"pairs-{dtype}", steps=3, dtype=dtype)
         meta = runs[dtype]["meta"]
         assert meta["teacher"]["settings"]["resolution"] == 256
@@ -193,6 +197,8 @@ def test_teacher_256px_fp32_and_bf16(sd14_256, input_images, tmp_path):
             f"\n256 px {dtype}: {runs[dtype]['seconds']:.0f} s, "
             f"peak RSS so far {runs[dtype]['peak_gib']:.1f} GiB"
         )
+    if not native:
+        pytest.skip("fp32 passed; this CPU has no native bf16, so the bf16 half is not run here")
     assert np.array_equal(runs["float32"]["src"], runs["bfloat16"]["src"])
     for kind in ("edit", "recon"):
         diff = np.abs(runs["float32"][kind].astype(int) - runs["bfloat16"][kind].astype(int))
