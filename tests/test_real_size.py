@@ -181,7 +181,7 @@ def sd14_256(sd14_model_dir, tmp_path_factory) -> Path:
 
 @pytest.mark.slow
 def test_teacher_256px_fp32_and_bf16(sd14_256, input_images, tmp_path):
-    from p2pz.data.models.train_toy import bf16_is_native
+    from p2pz.utils.cpu import bf16_is_native
 
     # emulated bf16 (AVX2 CPUs): the bf16 run took over 30 min on such a CI machine; fp32 runs anyway
     native = bf16_is_native()
@@ -230,7 +230,7 @@ def test_comod_512_bf16_trains_resumes_exports_and_benches(shard_512, tmp_path):
     """configs/sd14-512.yaml on the CPU in bf16-mixed (32-true without native bf16): 2 iterations
     with G, D, R1 (interval 2, so it runs at iteration 0) and EMA; resume from last.ckpt for a third;
     export; `p2pz bench`."""
-    from p2pz.data.models.train_toy import bf16_is_native
+    from p2pz.utils.cpu import bf16_is_native
 
     # bf16-mixed where the CPU has native bf16; emulated (AVX2) it is over 10x slower: 32-true there
     precision = "bf16-mixed" if bf16_is_native() else "32-true"

@@ -42,6 +42,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from p2pz.data.models.tiny import SD14_SCHEDULER
+from p2pz.utils.cpu import bf16_is_native
 
 if TYPE_CHECKING:
     import torch
@@ -169,17 +170,6 @@ class Budget:
 
 
 PRECISIONS = ("auto", "bf16", "fp32")
-
-
-def bf16_is_native() -> bool:
-    """Whether this CPU computes bf16 natively (oneDNN's check, as torch's own bf16 paths use it)."""
-    import torch
-
-    check = getattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", None)
-    try:
-        return bool(check()) if check is not None else False
-    except RuntimeError:  # a build without oneDNN
-        return False
 
 
 def resolve_precision(precision: str) -> str:
