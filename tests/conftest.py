@@ -23,3 +23,12 @@ def tiny_model_dir(tmp_path_factory):
     from p2pz.data.models.tiny import make_tiny
 
     return make_tiny(tmp_path_factory.mktemp("tiny") / "tiny-sd", seed=0)
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_xdist_auto_num_workers(config):
+    """``-n auto`` (the default run's addopts): one worker per core this process may use, at most 4.
+    Each worker imports torch and builds its own tiny model, and a file's tests stay on one worker
+    (``--dist loadfile``): beyond a few workers the largest files set the time."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    return max(1, min(4, cores or 1))

@@ -28,7 +28,11 @@ def quiet():
         logging.getLogger(name).setLevel(logging.NOTSET)
 
 
-def test_library_noise_is_filtered_narrowly(quiet, caplog, capfd):
+def test_library_noise_is_filtered_narrowly(quiet, caplog, capfd, monkeypatch):
+    # Lightning stops its loggers' propagation (on import with no root handler, and ``p2pz train``
+    # in-process): let them reach caplog whatever ran before in this worker
+    for name in ("lightning", "lightning.pytorch"):
+        monkeypatch.setattr(logging.getLogger(name), "propagate", True)
     warn = functools.partial(warnings.warn, stacklevel=1)
     warn("The `srun` command is available on your system but is not used. HINT: ...")
     warn("`isinstance(treespec, LeafSpec)` is deprecated, use ...", DeprecationWarning)
