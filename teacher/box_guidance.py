@@ -23,6 +23,10 @@ A latent pixel spans several image pixels (4 on the toy model, 8 on SD), so the 
 see an object that overshoots its box by less than that. With ``Preset.box_pixel_weight > 0`` the
 same term also runs in pixel space: on x0 decoded by the VAE, against the box read the same way from
 the decoded input (``ObjectBox.from_image``). It costs a VAE decode and its backward pass per step.
+
+With ``Preset.box_late_factor > 1`` both terms weigh that much more in the late steps (``LATE_SHARE``),
+where the object's edges form: on the toy model a stronger pull there fills a square out to its box
+and keeps triangles' sides straight, where a stronger pull from the start bends triangles' sides.
 """
 
 from __future__ import annotations
@@ -33,6 +37,9 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
+# the late steps, where ``BoxGuidance.late_factor`` applies: timesteps below this share of the
+# training schedule (the last 40% of the trajectory, t < 400 on SD's 1000), where edges form
+LATE_SHARE = 0.4
 BOX_THRESHOLD = 0.5  # a latent pixel is the object's where its distance exceeds this share of the maximum
 
 
@@ -126,6 +133,8 @@ class BoxGuidance:
     pixel_box: ObjectBox | None = None  # the inputs' boxes in pixels, one row per guided sample
     pixel_weight: float = 0.0
     decode: Callable[[torch.Tensor], torch.Tensor] | None = None
+    late_factor: float = 1.0  # both terms' weights times this at timesteps below ``late_below``
+    late_below: int = 0
 
     def loss(self, x: torch.Tensor, eps: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         """The weighted box term of latents ``x [B, ...]`` whose noise prediction at ``t`` is ``eps``
@@ -139,4 +148,4 @@ class BoxGuidance:
         loss = self.weight * self.box.loss(x0)
         if self.pixel_box is not None:  # set only with a pixel weight (editing._box_guidance)
             loss = loss + self.pixel_weight * self.pixel_box.loss(self.decode(x0).float())
-        return loss
+        return loss * self.late_factor if int(t) < self.late_below else loss

@@ -58,7 +58,7 @@ import torch
 from tqdm.auto import tqdm
 
 from p2pz.teacher.attention import CrossAttentionMaps
-from p2pz.teacher.box_guidance import BoxGuidance, ObjectBox
+from p2pz.teacher.box_guidance import LATE_SHARE, BoxGuidance, ObjectBox
 from p2pz.teacher.evals import timed_backward, unet_stage
 
 if TYPE_CHECKING:
@@ -108,6 +108,7 @@ def edit_with_guidance(
     box_source: torch.Tensor | None = None,
     box_pixel_weight: float = 0.0,
     decode: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    box_late_factor: float = 1.0,
 ) -> EditOutput:
     """Reference and guided edit passes from ``x_T [B, 4, h, w]``.
 
@@ -123,7 +124,8 @@ def edit_with_guidance(
     ``box_weight``: box guidance's weight (0: off); its box comes from ``box_source``, the inputs'
     clean latents ``[B, 4, h, w]``, or without them from a first, unrecorded reference pass.
     ``box_pixel_weight``: the box term's weight in pixel space (0: off), on x0 and the inputs
-    decoded by ``decode`` (latents -> images, differentiable).
+    decoded by ``decode`` (latents -> images, differentiable). ``box_late_factor``: both box terms'
+    weights times this in the late steps (``box_guidance.LATE_SHARE``).
 
     The latents stay in float32 whatever the UNet's dtype (each UNet call gets a cast copy), so a
     bf16/fp16 UNet rounds its inputs, not the trajectories; see also ``_xa_gradient``.
@@ -145,8 +147,9 @@ def edit_with_guidance(
         if box_source is None:  # synthetic inputs: the reference pass's result is the input
             box_source = _reference_pass(unet, scheduler_config, x_T, passes, num_steps, guidance_scale)
         box = _box_guidance(
-            box_source, copies, box_weight, box_pixel_weight, decode, edit_sched, guidance_scale
-        )
+            box_source, copies, box_weight, box_pixel_weight, decode, edit_sched, guidance_scale,
+            box_late_factor,
+        )  # fmt: skip
     dtype = unet.dtype
 
     x_ref = x_T.float()
@@ -182,6 +185,7 @@ def _box_guidance(
     decode: Callable[[torch.Tensor], torch.Tensor] | None,
     sched: DDIMScheduler,
     guidance_scale: float,
+    late_factor: float = 1.0,
 ) -> BoxGuidance:
     """Box guidance for ``copies`` edits of the inputs whose clean latents are ``box_source``."""
     boxes = ObjectBox.from_latent(box_source).repeat(copies)
@@ -191,7 +195,11 @@ def _box_guidance(
             raise ValueError("box guidance in pixel space needs a decoder (latents -> images)")
         with torch.no_grad():
             pixel_box = ObjectBox.from_image(decode(box_source).float()).repeat(copies)
-    return BoxGuidance(boxes, weight, sched.alphas_cumprod, guidance_scale, pixel_box, pixel_weight, decode)
+    late_below = int(LATE_SHARE * sched.config.num_train_timesteps)
+    return BoxGuidance(
+        boxes, weight, sched.alphas_cumprod, guidance_scale, pixel_box, pixel_weight, decode,
+        late_factor, late_below,
+    )  # fmt: skip
 
 
 @torch.no_grad()

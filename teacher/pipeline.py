@@ -379,6 +379,7 @@ class Pix2PixZero:
             single_branch_reference=self.single_branch_reference,
             box_weight=self.preset.box_weight, box_source=batch.latents,
             box_pixel_weight=self.preset.box_pixel_weight, decode=self._decode_differentiable,
+            box_late_factor=self.preset.box_late_factor,
         )  # fmt: skip
         timings["edit"] = time.perf_counter() - tic
         tic = time.perf_counter()

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from p2pz.teacher.attention import CrossAttentionMaps
-from p2pz.teacher.box_guidance import BoxGuidance, ObjectBox
+from p2pz.teacher.box_guidance import LATE_SHARE, BoxGuidance, ObjectBox
 from p2pz.teacher.editing import _xa_gradient, edit_with_guidance, make_scheduler
 from p2pz.teacher.pipeline import Pix2PixZero
 from p2pz.teacher.presets import get_preset
@@ -101,6 +101,21 @@ def test_box_term_predicts_x0_as_the_scheduler_does():
     combined = eps[:1] + 3.0 * (eps[1:] - eps[:1])
     x0 = sched.step(combined, t, x).pred_original_sample
     torch.testing.assert_close(guidance.loss(x, eps, t), 0.2 * guidance.box.loss(x0))
+
+
+def test_late_factor_scales_the_box_term_in_the_late_steps_only():
+    """``box_late_factor``: both box terms weigh more below ``LATE_SHARE`` of the schedule, not before."""
+    sched = make_scheduler({"num_train_timesteps": 1000, "clip_sample": False}, 10, "cpu")
+    g = torch.Generator().manual_seed(4)
+    x, eps = torch.randn(1, 4, 16, 16, generator=g), torch.randn(2, 4, 16, 16, generator=g)
+    box = ObjectBox.from_latent(scene_latent(4, 4, 6, 6))
+    plain = BoxGuidance(box, 0.2, sched.alphas_cumprod, 3.0)
+    late_below = int(LATE_SHARE * 1000)
+    late = BoxGuidance(box, 0.2, sched.alphas_cumprod, 3.0, late_factor=12.0, late_below=late_below)
+    early_t, late_t = sched.timesteps[2], sched.timesteps[-2]
+    assert int(early_t) >= late_below > int(late_t)
+    torch.testing.assert_close(late.loss(x, eps, early_t), plain.loss(x, eps, early_t))
+    torch.testing.assert_close(late.loss(x, eps, late_t), 12.0 * plain.loss(x, eps, late_t))
 
 
 # -------------------------------------------------------------------------------------------------
@@ -206,6 +221,26 @@ def test_box_pixels_preset_adds_the_pixel_term_to_guided_edits_only(teachers, ti
 
     assert torch.equal(edited(box, 0.0), edited(pixels, 0.0))
     assert not torch.allclose(edited(box, 50.0), edited(pixels, 50.0), atol=1e-4)
+
+
+def test_box_late_preset_is_box_pixels_with_a_stronger_late_box_term(teachers, tiny_model_dir):
+    """``box_late`` changes guided edits (its late factor reaches the guidance), never unguided ones."""
+    assert get_preset("box_late") == dataclasses.replace(
+        get_preset("box_pixels"), name="box_late", box_late_factor=get_preset("box_late").box_late_factor
+    )
+    assert get_preset("box_late").box_late_factor > 1
+    pixels = Pix2PixZero.from_pretrained(tiny_model_dir, preset="box_pixels", captioner=False)
+    late = Pix2PixZero.from_pretrained(tiny_model_dir, preset="box_late", captioner=False)
+    from p2pz.teacher.directions import EditDirection
+
+    d = EditDirection(tensor=_edit_inputs(pixels)[3][0], source="cat", target="dog")
+    args = dict(captions=["a cat"], seeds=[1], num_steps=STEPS, return_latents=True)
+
+    def edited(teacher, xa):
+        return teacher.edit([_picture()], [d], xa_guidance=xa, **args)[0].edited_latent
+
+    assert torch.equal(edited(pixels, 0.0), edited(late, 0.0))
+    assert not torch.allclose(edited(pixels, 50.0), edited(late, 50.0), atol=1e-4)
 
 
 def test_box_preset_runs_both_reference_branches_on_real_images(teachers):
