@@ -25,8 +25,9 @@ same term also runs in pixel space: on x0 decoded by the VAE, against the box re
 the decoded input (``ObjectBox.from_image``). It costs a VAE decode and its backward pass per step.
 
 With ``Preset.box_late_factor > 1`` both terms weigh that much more in the late steps (``LATE_SHARE``),
-where the object's edges form: on the toy model a stronger pull there fills a square out to its box
-and keeps triangles' sides straight, where a stronger pull from the start bends triangles' sides.
+where the object's edges form: on the toy model it pulls squares out to their box (triangle -> square
+IoU 0.716 -> 0.777 on the ablation's 20 scenes), where the same pull from the first step bends
+triangles' sides (``presets.BOX_LATE``).
 """
 
 from __future__ import annotations
