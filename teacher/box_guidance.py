@@ -134,8 +134,7 @@ class BoxGuidance:
     pixel_box: ObjectBox | None = None  # the inputs' boxes in pixels, one row per guided sample
     pixel_weight: float = 0.0
     decode: Callable[[torch.Tensor], torch.Tensor] | None = None
-    late_factor: float = 1.0  # both terms' weights times this at timesteps below ``late_below``
-    late_below: int = 0
+    late_factor: float = 1.0  # both terms' weights times this in the late steps (``LATE_SHARE``)
 
     def loss(self, x: torch.Tensor, eps: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         """The weighted box term of latents ``x [B, ...]`` whose noise prediction at ``t`` is ``eps``
@@ -149,4 +148,5 @@ class BoxGuidance:
         loss = self.weight * self.box.loss(x0)
         if self.pixel_box is not None:  # set only with a pixel weight (editing._box_guidance)
             loss = loss + self.pixel_weight * self.pixel_box.loss(self.decode(x0).float())
-        return loss * self.late_factor if int(t) < self.late_below else loss
+        late = int(t) < LATE_SHARE * len(self.alphas_cumprod)  # the schedule's training timesteps
+        return loss * self.late_factor if late else loss

@@ -58,7 +58,7 @@ import torch
 from tqdm.auto import tqdm
 
 from p2pz.teacher.attention import CrossAttentionMaps
-from p2pz.teacher.box_guidance import LATE_SHARE, BoxGuidance, ObjectBox
+from p2pz.teacher.box_guidance import BoxGuidance, ObjectBox
 from p2pz.teacher.evals import timed_backward, unet_stage
 
 if TYPE_CHECKING:
@@ -195,11 +195,9 @@ def _box_guidance(
             raise ValueError("box guidance in pixel space needs a decoder (latents -> images)")
         with torch.no_grad():
             pixel_box = ObjectBox.from_image(decode(box_source).float()).repeat(copies)
-    late_below = int(LATE_SHARE * sched.config.num_train_timesteps)
     return BoxGuidance(
-        boxes, weight, sched.alphas_cumprod, guidance_scale, pixel_box, pixel_weight, decode,
-        late_factor, late_below,
-    )  # fmt: skip
+        boxes, weight, sched.alphas_cumprod, guidance_scale, pixel_box, pixel_weight, decode, late_factor
+    )
 
 
 @torch.no_grad()

@@ -162,15 +162,10 @@ BOX = dataclasses.replace(JOINT, name="box", box_weight=0.2, negative_prompt_rea
 BOX_PIXELS = dataclasses.replace(BOX, name="box_pixels", box_pixel_weight=0.05)
 
 # ``box_pixels`` with its box terms 12x stronger over the last 40% of the timesteps (t < 400), where
-# an object's edges form; the same weights before. The toy model's three edits below IoU 0.8, on the
-# ablation's first 8 scenes at their calibrated step 2 (``box_pixels`` in brackets): triangle -> square
-# 0.775 (0.695), square -> triangle 0.805 (0.784), circle -> triangle 0.757 (0.758, success 7 of 8).
-# A weight 2.5x stronger at every step instead costs triangles their sides (circle -> triangle 0.69
-# with the late factor on top); a late factor of 3 or 6 gains less (triangle -> square 0.722, 0.732),
-# 24 costs the edit (triangle -> square: 5 of 8). The ablation's 20-scene rows: triangle -> square
-# 0.777, square -> triangle 0.790, circle -> triangle 0.777 (box_pixels: 0.716, 0.759, 0.774). It
-# costs a colour edit its success: blue -> yellow made on 12 of 20 scenes (20 of 20), so the factor
-# would have to be calibrated per edit like the step; not the toy model's preset (README).
+# an object's edges form. The ablation's 20-scene rows at step 2: triangle -> square 0.777, square ->
+# triangle 0.790, circle -> triangle 0.777 (box_pixels: 0.716, 0.759, 0.774); but blue -> yellow is
+# made on 12 of 20 scenes (20 of 20), so the factor would have to be calibrated per edit like the
+# step: not the toy model's preset. The other schedules tried: README, "A stronger box term late".
 BOX_LATE = dataclasses.replace(BOX_PIXELS, name="box_late", box_late_factor=12.0)
 
 PRESETS = {p.name: p for p in (OFFICIAL, DIFFUSERS, PAPER, JOINT, BOX, BOX_PIXELS, BOX_LATE)}

@@ -111,7 +111,7 @@ def test_late_factor_scales_the_box_term_in_the_late_steps_only():
     box = ObjectBox.from_latent(scene_latent(4, 4, 6, 6))
     plain = BoxGuidance(box, 0.2, sched.alphas_cumprod, 3.0)
     late_below = int(LATE_SHARE * 1000)
-    late = BoxGuidance(box, 0.2, sched.alphas_cumprod, 3.0, late_factor=12.0, late_below=late_below)
+    late = BoxGuidance(box, 0.2, sched.alphas_cumprod, 3.0, late_factor=12.0)
     early_t, late_t = sched.timesteps[2], sched.timesteps[-2]
     assert int(early_t) >= late_below > int(late_t)
     torch.testing.assert_close(late.loss(x, eps, early_t), plain.loss(x, eps, early_t))
