@@ -27,7 +27,8 @@ the decoded input (``ObjectBox.from_image``). It costs a VAE decode and its back
 With ``Preset.box_late_factor > 1`` both terms weigh that much more in the late steps (``LATE_SHARE``),
 where the object's edges form: on the toy model it pulls squares out to their box (triangle -> square
 IoU 0.716 -> 0.777 on the ablation's 20 scenes), where the same pull from the first step bends
-triangles' sides (``presets.BOX_LATE``).
+triangles' sides (``presets.BOX_LATE``). With ``Preset.box_late_terms = "pixel"`` only the pixel
+term does: the latent term's late pull turned yellow objects on white orange (``presets.BOX_EDGES``).
 """
 
 from __future__ import annotations
@@ -134,7 +135,8 @@ class BoxGuidance:
     pixel_box: ObjectBox | None = None  # the inputs' boxes in pixels, one row per guided sample
     pixel_weight: float = 0.0
     decode: Callable[[torch.Tensor], torch.Tensor] | None = None
-    late_factor: float = 1.0  # both terms' weights times this in the late steps (``LATE_SHARE``)
+    late_factor: float = 1.0  # the terms' weights times this in the late steps (``LATE_SHARE``) ...
+    late_terms: str = "both"  # ... both terms' ("both") or the pixel term's alone ("pixel")
 
     def loss(self, x: torch.Tensor, eps: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         """The weighted box term of latents ``x [B, ...]`` whose noise prediction at ``t`` is ``eps``
@@ -145,8 +147,9 @@ class BoxGuidance:
             eps = eps_uncond + self.guidance_scale * (eps_cond - eps_uncond)
         alpha = self.alphas_cumprod[int(t)].to(x)
         x0 = (x - (1 - alpha).sqrt() * eps) / alpha.sqrt()
-        loss = self.weight * self.box.loss(x0)
-        if self.pixel_box is not None:  # set only with a pixel weight (editing._box_guidance)
-            loss = loss + self.pixel_weight * self.pixel_box.loss(self.decode(x0).float())
         late = int(t) < LATE_SHARE * len(self.alphas_cumprod)  # the schedule's training timesteps
-        return loss * self.late_factor if late else loss
+        factor = self.late_factor if late else 1.0
+        loss = (factor if self.late_terms == "both" else 1.0) * self.weight * self.box.loss(x0)
+        if self.pixel_box is not None:  # set only with a pixel weight (editing._box_guidance)
+            loss = loss + factor * self.pixel_weight * self.pixel_box.loss(self.decode(x0).float())
+        return loss

@@ -109,6 +109,7 @@ def edit_with_guidance(
     box_pixel_weight: float = 0.0,
     decode: Callable[[torch.Tensor], torch.Tensor] | None = None,
     box_late_factor: float = 1.0,
+    box_late_terms: str = "both",
 ) -> EditOutput:
     """Reference and guided edit passes from ``x_T [B, 4, h, w]``.
 
@@ -124,8 +125,9 @@ def edit_with_guidance(
     ``box_weight``: box guidance's weight (0: off); its box comes from ``box_source``, the inputs'
     clean latents ``[B, 4, h, w]``, or without them from a first, unrecorded reference pass.
     ``box_pixel_weight``: the box term's weight in pixel space (0: off), on x0 and the inputs
-    decoded by ``decode`` (latents -> images, differentiable). ``box_late_factor``: both box terms'
-    weights times this in the late steps (``box_guidance.LATE_SHARE``).
+    decoded by ``decode`` (latents -> images, differentiable). ``box_late_factor``: the box terms'
+    weights times this in the late steps (``box_guidance.LATE_SHARE``): both terms' (``box_late_terms
+    = "both"``) or the pixel term's alone (``"pixel"``).
 
     The latents stay in float32 whatever the UNet's dtype (each UNet call gets a cast copy), so a
     bf16/fp16 UNet rounds its inputs, not the trajectories; see also ``_xa_gradient``.
@@ -148,7 +150,7 @@ def edit_with_guidance(
             box_source = _reference_pass(unet, scheduler_config, x_T, passes, num_steps, guidance_scale)
         box = _box_guidance(
             box_source, copies, box_weight, box_pixel_weight, decode, edit_sched, guidance_scale,
-            box_late_factor,
+            box_late_factor, box_late_terms,
         )  # fmt: skip
     dtype = unet.dtype
 
@@ -186,6 +188,7 @@ def _box_guidance(
     sched: DDIMScheduler,
     guidance_scale: float,
     late_factor: float = 1.0,
+    late_terms: str = "both",
 ) -> BoxGuidance:
     """Box guidance for ``copies`` edits of the inputs whose clean latents are ``box_source``."""
     boxes = ObjectBox.from_latent(box_source).repeat(copies)
@@ -196,8 +199,9 @@ def _box_guidance(
         with torch.no_grad():
             pixel_box = ObjectBox.from_image(decode(box_source).float()).repeat(copies)
     return BoxGuidance(
-        boxes, weight, sched.alphas_cumprod, guidance_scale, pixel_box, pixel_weight, decode, late_factor
-    )
+        boxes, weight, sched.alphas_cumprod, guidance_scale, pixel_box, pixel_weight, decode, late_factor,
+        late_terms,
+    )  # fmt: skip
 
 
 @torch.no_grad()

@@ -301,7 +301,7 @@ class Pix2PixZero:
         tic = time.perf_counter()
         latents = self.encode_images(sources, generators)
         cond = self.encode_text(captions)
-        uncond = cond if self.preset.negative_prompt_real == "caption" else self.encode_text([""] * n)
+        uncond = self._negative_embeddings(cond)
         timings["encode"] = time.perf_counter() - tic
 
         tic = time.perf_counter()
@@ -369,6 +369,15 @@ class Pix2PixZero:
             num_steps, cfg, xa, timings, start, before, return_latents,
         )  # fmt: skip
 
+    def _negative_embeddings(self, cond: torch.Tensor) -> torch.Tensor:
+        """The negative prompt's embeddings of real-image edits whose captions embed as ``cond``:
+        the caption itself, or the empty prompt's with the preset's share of the caption."""
+        if self.preset.negative_prompt_real == "caption":
+            return cond
+        empty = self.encode_text([""] * cond.shape[0])
+        weight = self.preset.negative_caption_weight
+        return empty if weight == 0 else weight * cond + (1 - weight) * empty
+
     def _edit_and_decode(
         self, batch: _Batch, num_steps, cfg, xa, timings, start, before, return_latents
     ) -> list[list[EditResult]]:
@@ -379,7 +388,7 @@ class Pix2PixZero:
             single_branch_reference=self.single_branch_reference,
             box_weight=self.preset.box_weight, box_source=batch.latents,
             box_pixel_weight=self.preset.box_pixel_weight, decode=self._decode_differentiable,
-            box_late_factor=self.preset.box_late_factor,
+            box_late_factor=self.preset.box_late_factor, box_late_terms=self.preset.box_late_terms,
         )  # fmt: skip
         timings["edit"] = time.perf_counter() - tic
         tic = time.perf_counter()

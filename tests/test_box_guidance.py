@@ -118,6 +118,31 @@ def test_late_factor_scales_the_box_term_in_the_late_steps_only():
     torch.testing.assert_close(late.loss(x, eps, late_t), 12.0 * plain.loss(x, eps, late_t))
 
 
+def test_pixel_late_terms_scale_the_pixel_term_alone_in_the_late_steps():
+    """``box_late_terms="pixel"``: late, the pixel term weighs ``late_factor`` times more and the
+    latent term as before; early, both as without a late factor."""
+    sched = make_scheduler({"num_train_timesteps": 1000, "clip_sample": False}, 10, "cpu")
+    g = torch.Generator().manual_seed(6)
+    x, eps = torch.randn(1, 4, 16, 16, generator=g), torch.randn(2, 4, 16, 16, generator=g)
+    box = ObjectBox.from_latent(scene_latent(4, 4, 6, 6))
+    pixel_box = ObjectBox.from_image(scene_latent(5, 3, 7, 8)[:, :3])
+    common = dict(pixel_box=pixel_box, pixel_weight=0.05, decode=lambda z: z[:, :3])
+
+    def guidance(**kw):
+        return BoxGuidance(box, 0.2, sched.alphas_cumprod, 3.0, **common, **kw)
+
+    plain, latent_only = guidance(), BoxGuidance(box, 0.2, sched.alphas_cumprod, 3.0)
+    pixel_late = guidance(late_factor=12.0, late_terms="pixel")
+    early_t, late_t = sched.timesteps[2], sched.timesteps[-2]
+    torch.testing.assert_close(pixel_late.loss(x, eps, early_t), plain.loss(x, eps, early_t))
+    latent_term = latent_only.loss(x, eps, late_t)
+    pixel_term = plain.loss(x, eps, late_t) - latent_term
+    assert pixel_term > 0
+    torch.testing.assert_close(pixel_late.loss(x, eps, late_t), latent_term + 12.0 * pixel_term)
+    both = guidance(late_factor=12.0).loss(x, eps, late_t)
+    torch.testing.assert_close(both, 12.0 * (latent_term + pixel_term))
+
+
 # -------------------------------------------------------------------------------------------------
 # In the teacher (tiny model)
 
@@ -241,6 +266,30 @@ def test_box_late_preset_is_box_pixels_with_a_stronger_late_box_term(teachers, t
 
     assert torch.equal(edited(pixels, 0.0), edited(late, 0.0))
     assert not torch.allclose(edited(pixels, 50.0), edited(late, 50.0), atol=1e-4)
+
+
+def test_box_edges_preset_mixes_the_caption_into_the_negative_prompt(teachers, tiny_model_dir):
+    """``box_edges``: box_pixels with a late pixel term and the caption's share of the negative
+    prompt, w * E(caption) + (1 - w) * E(""), which changes unguided edits too."""
+    edges = get_preset("box_edges")
+    assert edges == dataclasses.replace(
+        get_preset("box_pixels"), name="box_edges", box_late_factor=edges.box_late_factor,
+        box_late_terms="pixel", negative_caption_weight=edges.negative_caption_weight,
+    )  # fmt: skip
+    assert edges.box_late_factor > 1 and 0 < edges.negative_caption_weight < 1
+    pixels = Pix2PixZero.from_pretrained(tiny_model_dir, preset="box_pixels", captioner=False)
+    teacher = Pix2PixZero.from_pretrained(tiny_model_dir, preset="box_edges", captioner=False)
+    cond = teacher.encode_text(["a cat", "a dog"])
+    w = edges.negative_caption_weight
+    expected = w * cond + (1 - w) * teacher.encode_text(["", ""])
+    torch.testing.assert_close(teacher._negative_embeddings(cond), expected)
+    torch.testing.assert_close(pixels._negative_embeddings(cond), teacher.encode_text(["", ""]))
+    from p2pz.teacher.directions import EditDirection
+
+    d = EditDirection(tensor=_edit_inputs(pixels)[3][0], source="cat", target="dog")
+    args = dict(captions=["a cat"], seeds=[1], num_steps=STEPS, return_latents=True, xa_guidance=0.0)
+    unguided = [t.edit([_picture()], [d], **args)[0].edited_latent for t in (pixels, teacher)]
+    assert not torch.allclose(*unguided, atol=1e-4)
 
 
 def test_box_preset_runs_both_reference_branches_on_real_images(teachers):

@@ -227,3 +227,25 @@ def test_reconstruction_figures_have_one_definition_for_live_and_logged_rows():
     logged = reconstruction_summary([1.0, None, 3.0], [0.9, 0.8])
     assert live == logged == {"reconstruction_shift_px": 2.0, "reconstruction_iou": pytest.approx(0.85)}
     assert reconstruction_summary([], [0.9, None])["reconstruction_iou"] is None  # a log older than the IoU
+
+
+def test_score_log_box_edges_keeps_old_logs_and_reruns_unguided_rows_for_its_negative_prompt(tmp_path):
+    """The late terms only change guided rows; the caption's share of the negative prompt changes
+    every row; logs written before either field still resume under the presets without them."""
+    from p2pz.teacher.presets import BOX_EDGES, BOX_LATE, BOX_PIXELS
+
+    path = tmp_path / "log.jsonl"
+    score = wm.score_world_edit(CIRCLE, world.render(CIRCLE), "circle:square")
+    new_fields = ("box_late_terms", "negative_caption_weight")
+    old_preset = {k: v for k, v in BOX_PIXELS.to_dict().items() if k not in new_fields}
+    old = ScoreLog(path, {"preset": old_preset, "xa_guidance": 2.0})
+    old.add("circle-to-square", "direction", 0, score, RECONSTRUCTION)
+    old.add("circle-to-square", "direction_xa", 0, score, RECONSTRUCTION)
+    pixels = ScoreLog(path, {"preset": BOX_PIXELS.to_dict(), "xa_guidance": 2.0})
+    assert list(pixels.done("circle-to-square", "direction_xa")) == [0]  # the old log still resumes
+    pixel_late = dataclasses.replace(BOX_LATE, name="pixel_late", box_late_terms="pixel")
+    late = ScoreLog(path, {"preset": pixel_late.to_dict(), "xa_guidance": 2.0})
+    assert list(late.done("circle-to-square", "direction")) == [0]  # no guidance: no late terms
+    assert late.done("circle-to-square", "direction_xa") == {}
+    edges = ScoreLog(path, {"preset": BOX_EDGES.to_dict(), "xa_guidance": 2.0})
+    assert edges.done("circle-to-square", "direction") == {}  # another negative prompt

@@ -168,10 +168,14 @@ def across_edits(results: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]
 
 CALIBRATION = "calibration"  # the log's record of an edit's calibrated guidance step
 # Preset fields that only change the guidance step (not the unguided rows' edits)
-GUIDANCE_ONLY_FIELDS = ("name", "guided_branch", "box_weight", "box_pixel_weight", "box_late_factor")
+GUIDANCE_ONLY_FIELDS = (
+    "name", "guided_branch", "box_weight", "box_pixel_weight", "box_late_factor", "box_late_terms",
+)  # fmt: skip
 # Preset fields added after logs were written: left out of the key at these values, which are what
 # the older logs ran with, so those logs still resume
-LATER_FIELDS = {"box_pixel_weight": 0.0, "box_late_factor": 1.0}
+LATER_FIELDS = {
+    "box_pixel_weight": 0.0, "box_late_factor": 1.0, "box_late_terms": "both", "negative_caption_weight": 0.0,
+}  # fmt: skip
 
 
 class ScoreLog:

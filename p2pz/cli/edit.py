@@ -252,8 +252,10 @@ def register(subparsers) -> None:
         choices=sorted(PRESETS),
         help="official: the authors' defaults; diffusers: what diffusers' pipeline does; paper: the "
         "guidance step as the paper describes it; joint: the official loss stepping the latent both CFG "
-        "branches share; box: joint that also keeps the edited object in the input object's box (the "
-        "toy model's); box_pixels: box with its box term also on the decoded image (default: official)",
+        "branches share; box: joint that also keeps the edited object in the input object's box; "
+        "box_pixels: box with its box term also on the decoded image; box_late: box_pixels with both box "
+        "terms stronger in the late steps; box_edges: box_pixels with its pixel term stronger late and "
+        "half the caption in the negative prompt (the toy model's) (default: official)",
     )
     p.add_argument("--steps", type=int, help=f"DDIM steps (default: the preset's, {OFFICIAL.num_steps})")
     p.add_argument(
