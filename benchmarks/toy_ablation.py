@@ -20,10 +20,10 @@ success >= 80%, IoU >= 0.8, median shift <= 1.5 px, and IoU above both unguided 
 Scenes: 100 for the README's two edits (circle:square, red:blue), 20 for each other edit;
 ``--scenes N`` gives every edit N. The default run edits 400 scenes three ways (about 1,200
 edits, a guided one costing about three plain ones) plus 288 guided calibration edits (12 edits x
-4 steps x 6 scenes). On this project's 2-core machine it takes about 105 minutes of one core
-(76 min of rows, the rest calibration; 2.5-3.5 s per plain and 5-8 s per guided edit). Its edits split
+4 steps x 6 scenes). On this project's 2-core machine it takes about 150 minutes of one core
+(3-5 s per plain and 7-9 s per guided edit with ``box_edges``). Its edits split
 over processes that share nothing but the log's format: the README's figures come from the shape
-edits and the colour edits run side by side (``--edits ... --threads 1 --log A.jsonl``, 53 min),
+edits and the colour edits run side by side (``--edits ... --threads 1 --log A.jsonl``, 75 min),
 their logs concatenated, and this default command resuming from them (seconds; it reruns a guided
 row only where the calibration rule now picks another step than the logged scenes ran at).
 ``--scenes``/``--edits``/``--steps`` shrink it. ``--log FILE`` records every scored scene and
