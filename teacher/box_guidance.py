@@ -35,6 +35,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
@@ -42,6 +43,7 @@ import torch.nn.functional as F
 # the late steps, where ``BoxGuidance.late_factor`` applies: timesteps below this share of the
 # training schedule (the last 40% of the trajectory, t < 400 on SD's 1000), where edges form
 LATE_SHARE = 0.4
+LateTerms = Literal["both", "pixel"]  # which box terms the late factor multiplies
 BOX_THRESHOLD = 0.5  # a latent pixel is the object's where its distance exceeds this share of the maximum
 
 
@@ -136,7 +138,7 @@ class BoxGuidance:
     pixel_weight: float = 0.0
     decode: Callable[[torch.Tensor], torch.Tensor] | None = None
     late_factor: float = 1.0  # the terms' weights times this in the late steps (``LATE_SHARE``) ...
-    late_terms: str = "both"  # ... both terms' ("both") or the pixel term's alone ("pixel")
+    late_terms: LateTerms = "both"  # ... both terms' ("both") or the pixel term's alone ("pixel")
 
     def loss(self, x: torch.Tensor, eps: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         """The weighted box term of latents ``x [B, ...]`` whose noise prediction at ``t`` is ``eps``

@@ -58,7 +58,7 @@ import torch
 from tqdm.auto import tqdm
 
 from p2pz.teacher.attention import CrossAttentionMaps
-from p2pz.teacher.box_guidance import BoxGuidance, ObjectBox
+from p2pz.teacher.box_guidance import BoxGuidance, LateTerms, ObjectBox
 from p2pz.teacher.evals import timed_backward, unet_stage
 
 if TYPE_CHECKING:
@@ -109,7 +109,7 @@ def edit_with_guidance(
     box_pixel_weight: float = 0.0,
     decode: Callable[[torch.Tensor], torch.Tensor] | None = None,
     box_late_factor: float = 1.0,
-    box_late_terms: str = "both",
+    box_late_terms: LateTerms = "both",
 ) -> EditOutput:
     """Reference and guided edit passes from ``x_T [B, 4, h, w]``.
 
@@ -188,7 +188,7 @@ def _box_guidance(
     sched: DDIMScheduler,
     guidance_scale: float,
     late_factor: float = 1.0,
-    late_terms: str = "both",
+    late_terms: LateTerms = "both",
 ) -> BoxGuidance:
     """Box guidance for ``copies`` edits of the inputs whose clean latents are ``box_source``."""
     boxes = ObjectBox.from_latent(box_source).repeat(copies)
