@@ -258,12 +258,14 @@ def load_exported(
     device: str | torch.device = "cpu",
     *,
     trust_pt2: bool = False,
+    dtype: torch.dtype = torch.float32,
 ) -> nn.Module:
     """An exported student as a module ``y = model(x)``; ``x`` in [-1, 1], ``[N, 3, H, W]``.
 
     backend: ``eager`` (the project's Generator with the safetensors weights, fastest ops for the
     device), ``pt2`` (the torch.export program) or ``onnx`` (onnxruntime, CPU). ``pt2`` unpickles the
-    program, which can run code: it needs ``trust_pt2=True`` (a package you made or trust).
+    program, which can run code: it needs ``trust_pt2=True`` (a package you made or trust). ``dtype``:
+    the eager generator's precision (the pt2 program and the ONNX file are float32 only).
     """
     model_dir = Path(model_dir)
     config = read_config(model_dir)
@@ -273,9 +275,11 @@ def load_exported(
 
         generator = Generator(**config["generator"])
         generator.load_state_dict(_read_weights(model_dir / files.get("weights", WEIGHTS)))
-        return generator.eval().requires_grad_(False).to(device)
+        return generator.eval().requires_grad_(False).to(device=device, dtype=dtype)
     if backend not in ("pt2", "onnx"):
         raise UserError(f"unknown backend {backend!r}; choose eager, pt2 or onnx")
+    if dtype != torch.float32:
+        raise UserError(f"--dtype {str(dtype).removeprefix('torch.')} runs with the eager backend only")
     if backend not in files:
         raise UserError(f"{model_dir} was exported without {backend}; re-run 'p2pz export' with it")
     if backend == "pt2":
@@ -302,13 +306,21 @@ def program_on_device(program: torch.export.ExportedProgram, device: str | torch
 # Applying a package to image files
 
 
-def apply_to_images(model: nn.Module, resolution: int, images: list[Any], batch_size: int = 8) -> list[Any]:
+def apply_to_images(
+    model: nn.Module,
+    resolution: int,
+    images: list[Any],
+    batch_size: int = 8,
+    device: str | torch.device = "cpu",
+    dtype: torch.dtype = torch.float32,
+) -> list[Any]:
     """Edit PIL images with an exported student: ``resolution`` x ``resolution`` RGB results.
 
     Each image is brought to the model's input as the teacher brings its inputs
     (:func:`p2pz.teacher.images.prepare_image`: RGB with transparency on white, the shorter side
     resized to ``resolution``, the centred square cropped), so a non-square photo is cropped, not
-    squashed, and the result is the edit of that centred square.
+    squashed, and the result is the edit of that centred square. The inputs go to ``device`` in
+    ``dtype`` (the model's own, see :func:`load_exported`); the results are 8-bit images whatever it is.
     """
     from p2pz.teacher.images import numpy_to_pil, pil_to_tensor, prepare_image, tensor_to_numpy
 
@@ -316,7 +328,7 @@ def apply_to_images(model: nn.Module, resolution: int, images: list[Any], batch_
     for start in range(0, len(images), batch_size):
         x = pil_to_tensor([prepare_image(im, resolution) for im in images[start : start + batch_size]])
         with torch.no_grad():
-            y = model(x)
+            y = model(x.to(device=device, dtype=dtype))
         outputs.extend(numpy_to_pil(tensor_to_numpy(y)))
     return outputs
 

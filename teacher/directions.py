@@ -230,7 +230,7 @@ def load_direction(path: str | os.PathLike | Sequence[str | os.PathLike]) -> Edi
 
 @torch.no_grad()
 def embed_sentences(
-    tokenizer: Any, text_encoder: Any, sentences: Sequence[str], batch_size: int = 16
+    tokenizer: Any, text_encoder: Any, sentences: Sequence[str], batch_size: int = 16, progress: bool = True
 ) -> torch.Tensor:
     """Per-token mean of ``last_hidden_state`` over ``sentences``: a [77, D] float32 CPU tensor.
 
@@ -245,7 +245,9 @@ def embed_sentences(
     device = next(text_encoder.parameters()).device
     total = None
     batches = range(0, len(sentences), batch_size)
-    for start in tqdm(batches, desc="embedding sentences", disable=len(batches) < 8, leave=False):
+    for start in tqdm(
+        batches, desc="embedding sentences", disable=not progress or len(batches) < 8, leave=False
+    ):
         ids = tokenizer(
             sentences[start : start + batch_size],
             padding="max_length",
@@ -283,12 +285,13 @@ def compute_direction(
     source: str = "",
     target: str = "",
     batch_size: int = 16,
+    progress: bool = True,
     model: str = "",
     metadata: dict[str, Any] | None = None,
 ) -> EditDirection:
     """Edit direction = mean embedding of ``target_sentences`` - mean of ``source_sentences``."""
-    src = embed_sentences(tokenizer, text_encoder, source_sentences, batch_size)
-    tgt = embed_sentences(tokenizer, text_encoder, target_sentences, batch_size)
+    src = embed_sentences(tokenizer, text_encoder, source_sentences, batch_size, progress)
+    tgt = embed_sentences(tokenizer, text_encoder, target_sentences, batch_size, progress)
     meta = {
         "model": model,
         "text_encoder_fingerprint": text_encoder_fingerprint(tokenizer, text_encoder),

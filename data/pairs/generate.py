@@ -526,19 +526,10 @@ def select_pair(
 
 
 def _pick_device(s: Settings) -> tuple[str, torch.dtype]:
-    import torch
+    from p2pz.utils.devices import resolve_device, resolve_dtype, torch_dtype
 
-    device = s.device
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    dtypes = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
-    if s.dtype == "auto":
-        dtype = torch.float16 if device.startswith("cuda") else torch.float32
-    elif s.dtype in dtypes:
-        dtype = dtypes[s.dtype]
-    else:
-        raise UserError(f"--dtype {s.dtype} is not one of auto, {', '.join(dtypes)}")
-    return device, dtype
+    device = resolve_device(s.device)
+    return device, torch_dtype(resolve_dtype(s.dtype, device))
 
 
 def load_teacher(s: Settings) -> Pix2PixZero:

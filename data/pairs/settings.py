@@ -9,6 +9,7 @@ Code that runs the job directly (the demo, the benchmarks, the tests) builds a `
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -16,7 +17,10 @@ from typing import Literal
 
 from p2pz.data.pairs import shards as sh
 from p2pz.data.shapes.edits import check_edit_vocabulary
+from p2pz.data.shapes.teacher_settings import xa_guidance_value
 from p2pz.teacher.edits import parse_edit
+from p2pz.utils import values
+from p2pz.utils.devices import dtype_name
 from p2pz.utils.errors import UserError
 
 
@@ -60,9 +64,10 @@ class Settings:
         convert_modes: convert CMYK, 16-bit and transparent images (alpha over white) instead of skipping
         task_index: this task's index in a cluster split (default: SLURM_ARRAY_TASK_ID, else 0)
         num_tasks: number of tasks in the split (default: SLURM_ARRAY_TASK_COUNT, else 1)
-        device: cpu, cuda, cuda:1 ... (auto: cuda if available)
-        dtype: float32, float16 or bfloat16 (auto: float16 on cuda, float32 on cpu)
-        progress: show a progress bar
+        device: torch device: auto (cuda when present, else cpu), cpu, cuda or cuda:N
+        dtype: precision of the teacher: auto, float32, float16 or bfloat16 (fp32, fp16, bf16 accepted;
+            auto: float16 on cuda, float32 on cpu)
+        progress: show a progress bar (--no-progress: none)
         score: score every pair into its json: world (the shapes world's oracle: success, iou,
             centre_shift_px, ...), paper (CLIP directional score, CLIP target probability, DINO structure
             distance, through --clip-model/--dino-model), none, or auto (world for shapes-world edits)
@@ -132,18 +137,44 @@ def validate(s: Settings) -> None:
         raise UserError("give at least one edit, e.g. --edit cat:dog, or a --direction file")
     if s.synthetic == bool(s.inputs):
         raise UserError("give either --inputs DIR_OR_SHARDS or --synthetic (exactly one)")
-    for name in ("samples_per_shard", "batch_size", "num_tasks"):
-        if getattr(s, name) < 1:
-            raise UserError(f"--{name.replace('_', '-')} must be at least 1")
+    _validate_ranges(s)
     if not 0 <= s.task_index < s.num_tasks:
         raise UserError(
             f"--task-index {s.task_index} is not in [0, {s.num_tasks}) (--num-tasks {s.num_tasks})"
         )
-    if s.steps is not None and s.steps < 1:
-        raise UserError("--steps must be at least 1")
     for spec in s.edit:  # one-line error for a malformed edit or a word a world model never learned
         check_edit_vocabulary(parse_edit(spec), s.model)
     _validate_selection(s)
+
+
+# Each number's range, by the one definition of its kind (p2pz.utils.values); None stands for the default.
+RANGES = {
+    "num_synthetic": values.positive_int,
+    "samples_per_shard": values.positive_int,
+    "batch_size": values.positive_int,
+    "seed": values.non_negative_int,
+    "steps": values.positive_int,
+    "guidance_scale": values.non_negative_float,
+    "xa_guidance": xa_guidance_value,
+    "num_sentences": values.positive_int,
+    "min_size": values.non_negative_int,
+    "task_index": values.non_negative_int,
+    "num_tasks": values.positive_int,
+}
+
+
+def _validate_ranges(s: Settings) -> None:
+    """Every number in its range, ``--device`` a device and ``--dtype`` a precision, as the other
+    commands check their flags: one line, ``argument --batch-size: must be >= 1, got 0``."""
+    checks = {**RANGES, "device": values.device_name, "dtype": lambda v: dtype_name(v, allow_auto=True)}
+    for name, check in checks.items():
+        value = getattr(s, name)
+        if value is None:
+            continue
+        try:
+            check(value)
+        except argparse.ArgumentTypeError as err:
+            raise UserError(f"argument --{name.replace('_', '-')}: {err}") from None
 
 
 def _validate_selection(s: Settings) -> None:

@@ -65,6 +65,8 @@ the ablation's default run and what it meets are in the README's table.
 
 import argparse
 
+from p2pz.utils.values import non_negative_float
+
 TOY_PRESET = "box_edges"
 TOY_XA_GUIDANCE = 5.0
 TOY_GUIDANCE_SCALE = 3.0
@@ -79,13 +81,13 @@ AUTO = "auto"  # --xa-guidance auto: calibrate the step per edit (p2pz.data.eval
 
 
 def xa_guidance_value(text: str) -> float | str:
-    """``--xa-guidance``'s value: a step, or ``auto``."""
-    if text.strip().lower() == AUTO:
+    """``--xa-guidance``'s value: a step (a finite number >= 0; 0 turns the guidance off), or ``auto``."""
+    if str(text).strip().lower() == AUTO:
         return AUTO
     try:
-        return float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is neither a number nor 'auto'") from None
+        return non_negative_float(text)
+    except argparse.ArgumentTypeError as err:
+        raise argparse.ArgumentTypeError(f"{err} (or 'auto')") from None
 
 
 def toy_xa_guidance(preset: str) -> float:
@@ -118,7 +120,7 @@ def add_toy_teacher_arguments(
     )
     parser.add_argument(
         "--guidance-scale",
-        type=float,
+        type=non_negative_float,
         default=TOY_GUIDANCE_SCALE,
         help=f"classifier-free guidance (default: {TOY_GUIDANCE_SCALE:g}, the toy model's)",
     )

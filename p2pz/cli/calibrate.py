@@ -17,9 +17,11 @@ import json
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from p2pz.cli.options import add_device, add_dtype, add_edit, add_progress, add_seed, plain
 from p2pz.data.eval.calibration import LADDER_TEXT
 from p2pz.data.shapes.teacher_settings import TOY_PRESET
 from p2pz.utils.errors import UserError
+from p2pz.utils.values import non_negative_float, positive_float, positive_int
 
 if TYPE_CHECKING:
     from PIL import Image
@@ -32,21 +34,23 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "calibrate",
         help="choose an edit's cross-attention guidance step on a few inputs",
-        description=__doc__,
+        description=plain(__doc__),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("--model", required=True, help="the teacher: a diffusers folder or hub id")
-    p.add_argument("--edit", required=True, help="SOURCE:TARGET, e.g. square:circle or cat:dog")
+    add_edit(p, required=True, help="the edit, e.g. square:circle or cat:dog")
     p.add_argument(
         "--inputs",
         default=None,
         help="folder of input images (default for a shapes-world edit: seeded world scenes)",
     )
-    p.add_argument("--count", type=int, default=None, help="inputs to edit per step (default 6)")
-    p.add_argument("--base", type=float, default=None, help="base step (default: the teacher's usual step)")
+    p.add_argument("--count", type=positive_int, default=None, help="inputs to edit per step (default 6)")
+    p.add_argument(
+        "--base", type=positive_float, default=None, help="base step (default: the teacher's usual step)"
+    )
     p.add_argument(
         "--candidates",
-        type=float,
+        type=non_negative_float,
         nargs="+",
         default=None,
         help=f"steps to try (default: base x {LADDER_TEXT})",
@@ -56,23 +60,30 @@ def register(sub: argparse._SubParsersAction) -> None:
         default=None,
         help=f"teacher preset (default: {TOY_PRESET} for a world model, else official)",
     )
-    p.add_argument("--guidance-scale", type=float, default=None, help="classifier-free guidance")
-    p.add_argument("--steps", type=int, default=None, help="DDIM steps (default: the preset's)")
+    p.add_argument(
+        "--guidance-scale",
+        type=non_negative_float,
+        default=None,
+        help="classifier-free guidance (default: the toy model's for a world model, else the preset's)",
+    )
+    p.add_argument("--steps", type=positive_int, default=None, help="DDIM steps (default: the preset's)")
     p.add_argument("--score", default="auto", choices=("auto", "world", "paper"), help="pair scorer")
     p.add_argument("--clip-model", default=None, help="CLIP for --score paper")
     p.add_argument("--dino-model", default=None, help="DINO for --score paper")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--device", default="cpu")
+    add_seed(p, "the edits of --inputs images (world scenes use the calibration's own seeds)")
+    add_device(p)
+    add_dtype(p, what="the teacher")
+    add_progress(p)
     p.add_argument("--out", default=None, help="write the calibration as JSON here")
     p.set_defaults(func=cmd_calibrate)
 
 
 def cmd_calibrate(args: argparse.Namespace) -> int:
     from p2pz.teacher.edits import parse_edit
+    from p2pz.utils.devices import resolve_device
 
     edit = parse_edit(args.edit)
-    if args.count is not None and args.count < 1:
-        raise UserError(f"--count must be at least 1, got {args.count}")
+    args.device = resolve_device(args.device)
     if args.out and Path(args.out).is_dir():
         raise UserError(f"--out {args.out} is a folder; give a .json file")
     calibration = run_calibration(args, edit)
@@ -112,7 +123,8 @@ def run_calibration(args: argparse.Namespace, edit: Any) -> Calibration:
     images, captions = _inputs(args, edit, paths)
     direction = _direction(teacher, edit, world)
     steps = args.candidates or candidate_steps(base)
-    with tqdm(total=len(steps), desc=f"calibrating {edit.spec} ({len(images)} inputs)") as bar:
+    desc = f"calibrating {edit.spec} ({len(images)} inputs)"
+    with tqdm(total=len(steps), desc=desc, disable=not args.progress) as bar:
         return calibrate_guidance(
             teacher,
             edit,
@@ -136,7 +148,7 @@ def _teacher(args: argparse.Namespace, world_model: bool) -> tuple[Pix2PixZero, 
     from p2pz.teacher.presets import get_preset
 
     preset = args.preset or (toy.TOY_PRESET if world_model else "official")
-    teacher = Pix2PixZero.from_pretrained(args.model, preset=preset, device=args.device)
+    teacher = Pix2PixZero.from_pretrained(args.model, preset=preset, device=args.device, dtype=args.dtype)
     base = args.base or (toy.TOY_XA_GUIDANCE if world_model else get_preset(preset).xa_guidance_real)
     scale = args.guidance_scale or (toy.TOY_GUIDANCE_SCALE if world_model else None)
     return teacher, base, scale

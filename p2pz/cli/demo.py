@@ -40,6 +40,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from p2pz.cli import check_config_file
+from p2pz.cli.options import add_device, add_dtype, add_edit, add_list, add_progress, add_seed, hidden_alias
+from p2pz.cli.student import BENCH_BACKENDS
 from p2pz.data.models import TOY_MODEL
 from p2pz.data.shapes.teacher_settings import (
     AUTO,
@@ -48,6 +50,7 @@ from p2pz.data.shapes.teacher_settings import (
     toy_xa_guidance,
 )
 from p2pz.utils.errors import UserError
+from p2pz.utils.values import positive_int
 
 if TYPE_CHECKING:
     from PIL import Image
@@ -62,8 +65,8 @@ DEFAULT_KEEP_IF = "success"  # train on the teacher's successes only (the oracle
 # The demo's benchmark is shorter than `p2pz bench`'s (all backends, batches 1,4,16, 20 calls): the two
 # backends a user ships (the .pt2 program and ONNX) next to eager, without torch.compile's minutes of
 # compiling on a CPU.
-DEMO_BENCH_BACKENDS = "eager,pt2,onnx"
-DEMO_BENCH_BATCHES = "1,16"
+DEMO_BENCH_BACKENDS = ("eager", "pt2", "onnx")
+DEMO_BENCH_BATCHES = (1, 16)
 DEMO_BENCH_ITERS = 10
 
 
@@ -81,14 +84,17 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--out", required=True, help="folder for everything the demo makes")
     p.add_argument("--model", default=str(TOY_MODEL), help="teacher model (default: the shipped toy model)")
-    p.add_argument("--edit", default=DEFAULT_EDIT, help=f"SOURCE:TARGET edit (default: {DEFAULT_EDIT})")
-    p.add_argument("--pairs", type=int, default=192, help="teacher pairs to generate (default: 192)")
-    p.add_argument("--steps", type=int, default=20, help="teacher DDIM steps (default: 20)")
-    p.add_argument("--batch-size", type=int, default=8, help="teacher batch size (default: 8)")
+    add_edit(p, default=DEFAULT_EDIT, help=f"the shapes-world edit (default: {DEFAULT_EDIT})")
+    p.add_argument(
+        "--num-pairs", type=positive_int, default=192, help="teacher pairs to generate (default: 192)"
+    )
+    hidden_alias(p, "--pairs", "num_pairs", type=positive_int)  # the flag's name before --num-pairs
+    p.add_argument("--steps", type=positive_int, default=20, help="teacher DDIM steps (default: 20)")
+    p.add_argument("--batch-size", type=positive_int, default=8, help="teacher batch size (default: 8)")
     add_toy_teacher_arguments(p, toy_xa_guidance(DEMO_PRESET), DEMO_PRESET)  # 20 steps: see DEMO_PRESET
     p.add_argument(
         "--train-steps",
-        type=int,
+        type=positive_int,
         default=None,
         help="student training iterations (default: the training config's trainer.max_steps)",
     )
@@ -105,24 +111,36 @@ def register(sub: argparse._SubParsersAction) -> None:
         "teacher's successes; e.g. 'success and iou >= 0.8'; '' trains on every pair). See 'p2pz shards "
         "filter --help' for the scores",
     )
-    p.add_argument("--test-scenes", type=int, default=16, help="held-out scenes in the report (default: 16)")
     p.add_argument(
-        "--bench-backends",
-        default=DEMO_BENCH_BACKENDS,
-        help=f"backends to benchmark (default: {DEMO_BENCH_BACKENDS}; 'p2pz bench' also times compile)",
+        "--test-scenes", type=positive_int, default=16, help="held-out scenes in the report (default: 16)"
     )
-    p.add_argument(
+    add_list(
+        p,
+        "--bench-backends",
+        default=list(DEMO_BENCH_BACKENDS),
+        choices=BENCH_BACKENDS,
+        metavar="BACKEND",
+        help=f"backends to benchmark (default: {' '.join(DEMO_BENCH_BACKENDS)}; 'p2pz bench' also times "
+        "compile)",
+    )
+    add_list(
+        p,
         "--bench-batches",
-        default=DEMO_BENCH_BATCHES,
-        help=f"batch sizes to benchmark (default: {DEMO_BENCH_BATCHES})",
+        positive_int,
+        default=list(DEMO_BENCH_BATCHES),
+        metavar="N",
+        help=f"batch sizes to benchmark (default: {' '.join(map(str, DEMO_BENCH_BATCHES))})",
     )
     p.add_argument(
         "--bench-iters",
-        type=int,
+        type=positive_int,
         default=DEMO_BENCH_ITERS,
         help=f"timed calls per backend and batch (default: {DEMO_BENCH_ITERS})",
     )
-    p.add_argument("--seed", type=int, default=0)
+    add_seed(p, "the scenes, the teacher's edits and the training")
+    add_device(p, "the teacher and the student's benchmark (training follows --train-config)")
+    add_dtype(p, what="the teacher")
+    add_progress(p)
     p.set_defaults(func=cmd_demo)
 
 
@@ -157,10 +175,17 @@ def write_inputs(scenes: list[Any], folder: Path) -> None:
 
 
 def demo_settings(args: argparse.Namespace, **more: Any) -> Any:
-    """``p2pz generate`` settings of the demo's teacher (CPU, float32, the demo's preset)."""
+    """``p2pz generate`` settings of the demo's teacher (--device, --dtype, the demo's preset)."""
     from p2pz.data.pairs.generate import Settings
 
-    return Settings(model=args.model, preset=args.preset, device="cpu", dtype="float32", **more)
+    return Settings(
+        model=args.model,
+        preset=args.preset,
+        device=args.device,
+        dtype=args.dtype,
+        progress=args.progress,
+        **more,
+    )
 
 
 def save_world_direction(args: argparse.Namespace, out: Path, teacher: Any) -> tuple[Path, Any]:
@@ -209,7 +234,7 @@ def generate_pairs(args: argparse.Namespace, out: Path, inputs: Path, direction:
         guidance_scale=args.guidance_scale,
         xa_guidance=args.xa_guidance,
         inputs=str(inputs),
-        samples_per_shard=max(16, args.pairs // 8),
+        samples_per_shard=max(16, args.num_pairs // 8),
         batch_size=args.batch_size,
         seed=args.seed,
         steps=args.steps,
@@ -254,6 +279,8 @@ def train_student(args: argparse.Namespace, shards: Path, run_dir: Path) -> Path
         "--trainer.enable_model_summary",  # its FLOPs column reads 0 for the project's custom ops
         "false",
     ]
+    if not args.progress:
+        cmd += ["--trainer.enable_progress_bar", "false"]
     if (run_dir / "checkpoints" / "last.ckpt").exists():
         cmd += ["--ckpt_path", "last"]  # a demo interrupted in training picks up where it was
     result = subprocess.run(cmd)  # in the caller's folder: shards, run_dir and the config may be relative
@@ -274,7 +301,8 @@ def edit_held_out(
     inputs = [world.render(s) for s in scenes]
     teacher_out = []
     starts = range(0, len(inputs), args.batch_size)
-    for start in tqdm(starts, desc="teacher, held-out scenes", unit="batch", dynamic_ncols=True):
+    desc = "teacher, held-out scenes"
+    for start in tqdm(starts, desc=desc, unit="batch", dynamic_ncols=True, disable=not args.progress):
         chunk = inputs[start : start + args.batch_size]
         results = teacher.edit(
             chunk,
@@ -285,8 +313,8 @@ def edit_held_out(
             guidance_scale=args.guidance_scale,
         )
         teacher_out.extend(r.edited for r in results)
-    student = load_exported(model_dir, "eager")
-    student_out = apply_to_images(student, read_config(model_dir)["resolution"], inputs)
+    student = load_exported(model_dir, "eager", args.device)
+    student_out = apply_to_images(student, read_config(model_dir)["resolution"], inputs, device=args.device)
     # the oracle scores at the world's size; a student trained at another resolution is resized to it
     student_out = [im if im.size == x.size else im.resize(x.size) for im, x in zip(student_out, inputs)]
     return {"input": inputs, "teacher": teacher_out, "student": student_out}
@@ -516,7 +544,9 @@ def cmd_demo(args: argparse.Namespace) -> int:
     """``p2pz demo``: the six stages into ``--out``, each timed, then where the results are."""
     from p2pz.data.pairs.generate import load_teacher
     from p2pz.student.export import export_package
+    from p2pz.utils.devices import resolve_device
 
+    args.device = resolve_device(args.device)
     out = Path(args.out)
     source = _check_demo_inputs(args)  # before anything is written
     quiet_library_noise()
@@ -526,8 +556,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
     out.mkdir(parents=True, exist_ok=True)
     timings: dict[str, float] = {}
 
-    with _stage(timings, "inputs", f"1/6 inputs: {args.pairs} shapes-world scenes"):
-        write_inputs(make_scenes(source, args.pairs, args.seed * 1_000_000), out / "inputs")
+    with _stage(timings, "inputs", f"1/6 inputs: {args.num_pairs} shapes-world scenes"):
+        write_inputs(make_scenes(source, args.num_pairs, args.seed * 1_000_000), out / "inputs")
 
     teacher_title = f"2/6 teacher: pix2pix-zero {args.edit} into shards ({args.steps} steps)"
     with _stage(timings, "teacher (generate)", teacher_title):
@@ -636,8 +666,9 @@ def _bench_student(args: argparse.Namespace, out: Path) -> tuple[dict[str, Any],
 
     bench = run_benchmark(
         out / "model",
-        batches=[int(b) for b in args.bench_batches.split(",")],
-        backends=args.bench_backends.split(","),
+        batches=list(args.bench_batches),
+        backends=list(args.bench_backends),
+        device=args.device,
         trust_pt2=True,  # the package the demo exported a moment ago, not a file from elsewhere
         iters=args.bench_iters,
         teacher_model=str(args.model),
@@ -672,7 +703,7 @@ def _demo_facts(args: argparse.Namespace, out: Path, kept: dict[str, Any] | None
     return {
         "teacher model": args.model,
         "edit": args.edit,
-        "pairs": args.pairs,
+        "pairs": args.num_pairs,
         "pairs the student learned from": (
             f"{kept['pairs_kept']} of {kept['pairs_in']} ({kept['kept_fraction']:.0%}), those the oracle's "
             f"scores pass: --keep-if {kept['keep_if']!r}"

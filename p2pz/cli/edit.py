@@ -12,8 +12,10 @@ import argparse
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from p2pz.cli.options import add_device, add_dtype, add_edit, add_progress, add_seed, add_source_target
 from p2pz.data.eval.calibration import LADDER_TEXT
 from p2pz.data.shapes.teacher_settings import AUTO, xa_guidance_value
+from p2pz.utils.values import int_at_least, non_negative_float, positive_int
 
 if TYPE_CHECKING:
     from p2pz.teacher.directions import EditDirection
@@ -57,7 +59,7 @@ def _edit(args: argparse.Namespace) -> int:
     _write_outputs(result, settings, out, recon_path, sidecar)
     print(out)
     if not result.finite:
-        print("warning: the edit has NaN/inf values (try --dtype fp32)")
+        print("warning: the edit has NaN/inf values (try --dtype float32)")
         return 1
     return 0
 
@@ -99,16 +101,15 @@ def _calibrate_if_asked(
 
 def _check_arguments(args: argparse.Namespace, out: Path) -> None:
     """Argument errors that argparse cannot see, raised before anything is loaded."""
+    from p2pz.cli.options import source_target
     from p2pz.utils.errors import UserError
 
     if out.suffix.lower() not in IMAGE_SUFFIXES:
         raise UserError(
             f"--out must end in an image suffix ({', '.join(sorted(IMAGE_SUFFIXES))}), got '{out}'"
         )
-    if args.direction is None and (args.source is None or args.target is None):
-        raise UserError("give --source and --target (e.g. --source cat --target dog), or --direction FILE")
-    if args.steps is not None and args.steps < 2:
-        raise UserError(f"--steps must be at least 2, got {args.steps}")
+    if args.direction is None:
+        args.source, args.target = source_target(args)
 
 
 def _load_direction_file(args: argparse.Namespace) -> EditDirection | None:
@@ -121,17 +122,18 @@ def _load_direction_file(args: argparse.Namespace) -> EditDirection | None:
 
 
 def _load_teacher(args: argparse.Namespace) -> Pix2PixZero:
-    """The teacher, with progress bars; no captioner when the caption is given."""
+    """The teacher, with progress bars unless --no-progress; no captioner when the caption is given."""
     from p2pz.teacher.pipeline import Pix2PixZero
+    from p2pz.utils.devices import resolve_device
 
     teacher = Pix2PixZero.from_pretrained(
         args.model,
         preset=args.preset,
-        device=args.device,
+        device=resolve_device(args.device),
         dtype=args.dtype,
         captioner=False if args.caption else None,
     )
-    teacher.progress = True
+    teacher.progress = args.progress
     return teacher
 
 
@@ -224,9 +226,9 @@ def register(subparsers) -> None:
             "on white), its shorter side resized to the model's resolution and centre-cropped square.\n\n"
             "examples:\n"
             "  p2pz make-tiny models/tiny\n"
-            "  p2pz edit --model models/tiny --image cat.png --source cat --target dog --out dog.png\n"
-            "  p2pz edit --model CompVis/stable-diffusion-v1-4 --image cat.png --source cat --target dog \\\n"
-            "      --device cuda --dtype fp16 --out dog.png\n"
+            "  p2pz edit --model models/tiny --image cat.png --edit cat:dog --out dog.png\n"
+            "  p2pz edit --model CompVis/stable-diffusion-v1-4 --image cat.png --edit cat:dog \\\n"
+            "      --device cuda --dtype float16 --out dog.png\n"
             "  p2pz edit --model models/tiny --image cat.png --direction directions/cat-dog.safetensors \\\n"
             "      --caption 'a cat on a sofa' --out dog.png"
         ),
@@ -236,15 +238,15 @@ def register(subparsers) -> None:
         "--model", required=True, metavar="PATH_OR_ID", help="Stable Diffusion 1.x folder or Hub id"
     )
     p.add_argument("--image", required=True, metavar="IMG", help="image to edit (PNG, JPEG, WebP, ...)")
-    p.add_argument("--source", help="concept in the image, e.g. cat (not needed with --direction)")
-    p.add_argument("--target", help="concept to turn it into, e.g. dog (not needed with --direction)")
+    add_edit(p, help="the edit, e.g. cat:dog (or --source cat --target dog; not needed with --direction)")
+    add_source_target(p)
     p.add_argument("--out", required=True, metavar="OUT.png", help="where to write the edited image")
     p.add_argument("--caption", help="caption of the image (default: BLIP caption)")
     p.add_argument(
         "--direction",
         metavar="FILE",
         nargs="+",
-        help="edit direction file from `p2pz direction` (.safetensors), an official .pt, or two concept .pt",
+        help="edit direction file from 'p2pz direction' (.safetensors), an official .pt, or two concept .pt",
     )
     p.add_argument(
         "--preset",
@@ -257,7 +259,9 @@ def register(subparsers) -> None:
         "terms stronger in the late steps; box_edges: box_pixels with its pixel term stronger late and "
         "half the caption in the negative prompt (the toy model's) (default: official)",
     )
-    p.add_argument("--steps", type=int, help=f"DDIM steps (default: the preset's, {OFFICIAL.num_steps})")
+    p.add_argument(
+        "--steps", type=int_at_least(2), help=f"DDIM steps (default: the preset's, {OFFICIAL.num_steps})"
+    )
     p.add_argument(
         "--xa-guidance",
         type=xa_guidance_value,
@@ -268,20 +272,17 @@ def register(subparsers) -> None:
     )
     p.add_argument(
         "--guidance-scale",
-        type=float,
+        type=non_negative_float,
         help=f"classifier-free guidance scale (default: the preset's, {OFFICIAL.guidance_scale})",
     )
-    p.add_argument(
-        "--seed", type=int, default=0, help="seed of the VAE sample, inversion and sentences (default: 0)"
-    )
+    add_seed(p, "the VAE sample, inversion and sentences")
     p.add_argument(
         "--num-sentences",
-        type=int,
+        type=positive_int,
         default=None,
         help="sentences per concept for the direction (default: 1000)",
     )
-    p.add_argument("--device", default="cpu", help="torch device, e.g. cuda (default: cpu)")
-    p.add_argument(
-        "--dtype", default="fp32", choices=["fp32", "fp16", "bf16"], help="model dtype (default: fp32)"
-    )
+    add_device(p)
+    add_dtype(p)
+    add_progress(p)
     p.set_defaults(func=_edit)

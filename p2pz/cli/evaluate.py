@@ -26,10 +26,12 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
+from p2pz.cli.options import ExtendList, add_device, add_dtype, add_edit, add_progress, add_seed, plain
 from p2pz.data.models import TOY_MODEL
 from p2pz.data.shapes.teacher_settings import AUTO, TOY_XA_GUIDANCE, xa_guidance_value
 from p2pz.teacher.edits import Edit
 from p2pz.utils.errors import UserError
+from p2pz.utils.values import non_negative_float, positive_int
 
 log = logging.getLogger(__name__)
 
@@ -43,7 +45,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser(
         "eval",
         help="score edits: the teacher on shapes-world scenes, or existing pairs with the paper's metrics",
-        description=__doc__.replace("``", "'"),
+        description=plain(__doc__),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     what = p.add_mutually_exclusive_group(required=True)
@@ -72,16 +74,17 @@ def _add_world_arguments(w: argparse._ArgumentGroup) -> None:
     w.add_argument(
         "--model", default=str(TOY_MODEL), help="teacher model folder or id (default: the shipped toy model)"
     )
-    w.add_argument(
-        "--edit",
-        action="append",
-        metavar="SRC:TGT",
-        help="world edit, e.g. circle:square or red:blue (repeatable; default circle:square)",
+    add_edit(
+        w,
+        many=True,
+        help="world edits, e.g. --edit circle:square red:blue (or the flag repeated; default circle:square)",
     )
-    w.add_argument("--scenes", type=int, default=None, help="scenes per edit (default 100; --student: 64)")
+    w.add_argument(
+        "--scenes", type=positive_int, default=None, help="scenes per edit (default 100; --student: 64)"
+    )
     w.add_argument(
         "--steps",
-        type=int,
+        type=positive_int,
         default=None,
         help="DDIM steps of inversion and editing (default: the preset's, 50)",
     )
@@ -95,7 +98,7 @@ def _add_world_arguments(w: argparse._ArgumentGroup) -> None:
     )
     w.add_argument(
         "--guidance-scale",
-        type=float,
+        type=non_negative_float,
         default=None,
         help="classifier-free guidance of the edit (default: the preset's)",
     )
@@ -115,9 +118,11 @@ def _add_world_arguments(w: argparse._ArgumentGroup) -> None:
     w.add_argument(
         "--preset", default=None, help="teacher preset (default: official; --student: the package's)"
     )
-    w.add_argument("--batch-size", type=int, default=8, help="scenes per teacher call (default 8)")
-    w.add_argument("--seed", type=int, default=0, help="seed of the scenes and edits (default 0)")
-    w.add_argument("--device", default="cpu", help="torch device of the teacher (default cpu)")
+    w.add_argument("--batch-size", type=positive_int, default=8, help="scenes per teacher call (default 8)")
+    add_seed(w, "the scenes and edits")
+    add_device(w, "the teacher (and --student's package)")
+    add_dtype(w, what="the teacher")
+    add_progress(w)
 
 
 def _add_pairs_arguments(r: argparse._ArgumentGroup) -> None:
@@ -149,15 +154,19 @@ def _add_pairs_arguments(r: argparse._ArgumentGroup) -> None:
     )
     r.add_argument(
         "--skip",
-        action="append",
+        nargs="+",
+        action=ExtendList,
         choices=("clip", "lpips", "structure"),
         default=[],
-        help="leave out one of the paper's metrics (repeatable)",
+        help="leave out some of the paper's metrics, e.g. --skip lpips structure",
     )
-    r.add_argument("--limit", type=int, default=None, help="score at most this many pairs")
+    r.add_argument("--limit", type=positive_int, default=None, help="score at most this many pairs")
 
 
 def run(args: argparse.Namespace) -> int:
+    from p2pz.utils.devices import resolve_device
+
+    args.device = resolve_device(args.device)
     out = Path(args.out)
     if out.exists() and not out.is_dir():
         raise UserError(f"--out {out} is a file; give a folder")
@@ -203,15 +212,15 @@ def eval_world(args: argparse.Namespace) -> dict:
     edits = [parse_world_edit(e, args.model) for e in (args.edit or ["circle:square"])]
     args.scenes = 100 if args.scenes is None else args.scenes
     args.preset = args.preset or "official"
-    if args.scenes < 1:
-        raise UserError(f"--scenes must be at least 1, got {args.scenes}")
     torch.manual_seed(args.seed)
-    teacher = Pix2PixZero.from_pretrained(args.model, preset=args.preset, device=args.device, captioner=False)
+    teacher = Pix2PixZero.from_pretrained(
+        args.model, preset=args.preset, device=args.device, dtype=args.dtype, captioner=False
+    )
     metrics, shown = {}, []
     for edit in edits:
         scenes = edit.scenes(args.scenes, seed=args.seed)
         xa_guidance, calibration = _guidance_step(args, teacher, edit)
-        with tqdm(total=len(scenes), desc=f"{edit.name} ({args.row})") as bar:
+        with tqdm(total=len(scenes), desc=f"{edit.name} ({args.row})", disable=not args.progress) as bar:
             result = edit_world_scenes(
                 teacher,
                 edit,
@@ -300,13 +309,11 @@ def eval_student(args: argparse.Namespace) -> dict:
     spec, settings = student_teacher_settings(config, args)
     edit = parse_world_edit(spec)
     count = 64 if args.scenes is None else args.scenes
-    if count < 1:
-        raise UserError(f"--scenes must be at least 1, got {count}")
     scenes = make_scenes(edit.source, count, HELD_OUT_SEED + args.seed * 1_000_000)
     inputs = [world.render(s) for s in scenes]
     teacher_images = _teacher_edits(args, settings, edit, inputs)
-    student = load_exported(args.student, "eager")
-    student_images = apply_to_images(student, config["resolution"], inputs)
+    student = load_exported(args.student, "eager", device=args.device)
+    student_images = apply_to_images(student, config["resolution"], inputs, device=args.device)
     student_images = [im if im.size == x.size else im.resize(x.size) for im, x in zip(student_images, inputs)]
     fid = fidelity(inputs, teacher_images, student_images)
     per_fid = fid.pop("per_image")
@@ -337,10 +344,12 @@ def _teacher_edits(args: argparse.Namespace, settings: dict, edit: Any, inputs: 
     from p2pz.teacher import Pix2PixZero
 
     # the model's own captioner, as 'p2pz generate' ran it (the toy model's reads the world's scenes)
-    teacher = Pix2PixZero.from_pretrained(settings["model"], preset=settings["preset"], device=args.device)
+    teacher = Pix2PixZero.from_pretrained(
+        settings["model"], preset=settings["preset"], device=args.device, dtype=args.dtype
+    )
     direction = world_direction(teacher, edit)
     out = []
-    with tqdm(total=len(inputs), desc=f"teacher {edit.name}") as bar:
+    with tqdm(total=len(inputs), desc=f"teacher {edit.name}", disable=not args.progress) as bar:
         for start in range(0, len(inputs), args.batch_size):
             chunk = inputs[start : start + args.batch_size]
             results = teacher.edit(

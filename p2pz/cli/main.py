@@ -12,6 +12,7 @@ import sys
 
 from p2pz import __version__
 from p2pz.cli import calibrate, demo, edit, evaluate, pairs, student, teacher, train
+from p2pz.cli.options import OneLineParser, progress_bars
 from p2pz.utils.errors import UserError
 
 # Stages that add subcommands, in the order they appear in ``p2pz --help``.
@@ -19,7 +20,7 @@ COMMAND_MODULES = [teacher, edit, calibrate, pairs, train, student, evaluate, de
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = OneLineParser(
         prog="p2pz",
         description=(
             "pix2pix-zero edits (cat -> dog, circle -> square) made by a diffusion teacher, "
@@ -41,7 +42,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(message)s")
     try:
-        return int(args.func(args) or 0)
+        with progress_bars(getattr(args, "progress", True)):
+            return int(args.func(args) or 0)
     except UserError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

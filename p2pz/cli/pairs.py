@@ -18,7 +18,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from p2pz.cli import add_passthrough_command, check_config_files, split_config_args
+from p2pz.cli.options import hidden_alias
 from p2pz.utils.errors import UserError
+from p2pz.utils.values import non_negative_int
 
 if TYPE_CHECKING:
     import jsonargparse
@@ -155,6 +157,7 @@ def parse_generate_args(argv: Sequence[str], environ: Mapping[str, str] | None =
     exit (``SystemExit``) as in every jsonargparse command.
     """
     from p2pz.data.pairs.settings import Settings, validate, with_task_split
+    from p2pz.utils.devices import dtype_name
 
     # jsonargparse applies arguments in order, and flags override the config wherever they stand
     configs, rest = split_config_args(argv)
@@ -170,7 +173,7 @@ def parse_generate_args(argv: Sequence[str], environ: Mapping[str, str] | None =
             values[name] = [values[name]]
     settings = with_task_split(Settings(**values), environ)
     validate(settings)
-    return settings
+    return dataclasses.replace(settings, dtype=dtype_name(settings.dtype, allow_auto=True))  # fp16 -> float16
 
 
 def generate_parser() -> jsonargparse.ArgumentParser:
@@ -212,7 +215,9 @@ def generate_parser() -> jsonargparse.ArgumentParser:
         if hints[f.name] is bool:
             parser.add_argument(*flags, action=ActionYesNo(no_prefix="no-"), default=f.default, **kwargs)
         elif f.name in lists:
-            parser.add_argument(*flags, action=_Repeatable, type=_text_or_texts, default=[], **kwargs)
+            parser.add_argument(
+                *flags, action=_Repeatable, nargs="+", type=_text_or_texts, default=[], **kwargs
+            )
         else:
             parser.add_argument(*flags, type=hints[f.name], default=f.default, **kwargs)
     return parser
@@ -234,16 +239,18 @@ def _text_or_texts(value: object) -> str | list[str]:
 
 
 class _Repeatable(argparse.Action):
-    """A repeatable flag (``--edit a --edit b``): its first use on the command line replaces the
-    config's list, the following ones add to it."""
+    """A list flag in the ``p2pz`` list syntax: space-separated values (``--edit a:b c:d``), the flag
+    repeatable (``--edit a:b --edit c:d``); its first use on the command line replaces the config's
+    list, the following ones add to it."""
 
     def __call__(self, parser, namespace, values, option_string=None) -> None:
-        current = getattr(namespace, self.dest, None)
-        if current is not None and current is getattr(self, "_made", None):
-            current.append(values)
-        else:
-            self._made = [values]
-            setattr(namespace, self.dest, self._made)
+        for value in values if isinstance(values, list) else [values]:
+            current = getattr(namespace, self.dest, None)
+            if current is not None and current is getattr(self, "_made", None):
+                current.append(value)
+            else:
+                self._made = [value]
+                setattr(namespace, self.dest, self._made)
 
 
 def _one_line(message: str, argv: Sequence[str]) -> str:
@@ -289,11 +296,11 @@ def _inspect(args: argparse.Namespace) -> int:
     from p2pz.data.pairs.inspect import SHEET_NAME, contact_sheet, format_summary, summarise
     from p2pz.utils.atomic import atomic_path
 
-    summary = summarise(args.folder, sheet_pairs=args.pairs)
+    summary = summarise(args.folder, sheet_pairs=args.grid_pairs)
     pairs = summary.pop("_sheet")
     damaged = summary["damaged_shards"]
     sheet_path = None
-    if args.pairs > 0 and pairs and not damaged:  # a run that ends in an error writes nothing
+    if args.grid_pairs > 0 and pairs and not damaged:  # a run that ends in an error writes nothing
         sheet_path = Path(args.sheet) if args.sheet else Path(args.folder) / SHEET_NAME
         with atomic_path(sheet_path, suffix=".png") as tmp:
             contact_sheet(pairs).save(tmp, format="PNG")
@@ -329,8 +336,13 @@ def _register_shards(subparsers: argparse._SubParsersAction) -> None:
     )
     inspect.add_argument("folder", metavar="DIR", help="the --out folder of 'p2pz generate'")
     inspect.add_argument(
-        "--pairs", type=int, default=8, help="pairs on the contact sheet (0: none; default 8)"
+        "--grid-pairs",
+        type=non_negative_int,
+        default=8,
+        metavar="N",
+        help="pairs on the contact sheet (0: none; default 8)",
     )
+    hidden_alias(inspect, "--pairs", "grid_pairs", type=non_negative_int)  # its name before --grid-pairs
     inspect.add_argument(
         "--sheet", metavar="PNG", help="where to save the contact sheet (default DIR/contact-sheet.png)"
     )

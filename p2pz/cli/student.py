@@ -6,8 +6,11 @@ import argparse
 import json
 from pathlib import Path
 
+from p2pz.cli.options import add_device, add_dtype, add_list, add_progress
 from p2pz.utils.errors import UserError
+from p2pz.utils.values import non_negative_int, positive_int
 
+BENCH_BACKENDS = ("eager", "compile", "pt2", "onnx")
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff"}
 
 
@@ -31,10 +34,15 @@ def _register_export(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("checkpoint", help="a .ckpt written by p2pz train (e.g. RUN/checkpoints/last.ckpt)")
     p.add_argument("--out", required=True, help="folder to write the package to (replaced atomically)")
-    p.add_argument(
+    add_list(
+        p,
         "--formats",
-        default="pt2,onnx",
-        help="comma-separated extra formats besides the safetensors weights (default: pt2,onnx; '' for none)",
+        nargs="*",
+        default=["pt2", "onnx"],
+        choices=("pt2", "onnx"),
+        metavar="FORMAT",
+        help="extra formats besides the safetensors weights, e.g. --formats pt2 onnx (default: pt2 onnx; "
+        "none after the flag for none)",
     )
     p.set_defaults(func=cmd_export)
 
@@ -67,7 +75,10 @@ def _register_apply(sub: argparse._SubParsersAction) -> None:
         help="allow --backend pt2: loading the .pt2 program unpickles it, which can run code from the "
         "package, so pass this only for a package you made or trust (eager and onnx run no code from it)",
     )
-    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--batch-size", type=positive_int, default=8, help="images per model call (default: 8)")
+    add_device(p, "the model (onnx runs on the cpu)")
+    add_dtype(p, what="the model (eager only; pt2 and onnx are float32)")
+    add_progress(p)
     p.set_defaults(func=cmd_apply)
 
 
@@ -89,12 +100,21 @@ def _register_bench(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--out", default="bench.json", help="JSON report path; the chart is written beside it (.png)"
     )
-    p.add_argument("--batches", default="1,4,16", help="comma-separated batch sizes (default: 1,4,16)")
-    p.add_argument(
+    add_list(
+        p,
+        "--batches",
+        positive_int,
+        default=[1, 4, 16],
+        metavar="N",
+        help="batch sizes, e.g. --batches 1 4 16 (default: 1 4 16)",
+    )
+    add_list(
+        p,
         "--backends",
         default=None,
-        help="comma-separated backends out of eager,compile,pt2,onnx (default: all of them, pt2 only "
-        "with --trust-pt2)",
+        choices=BENCH_BACKENDS,
+        metavar="BACKEND",
+        help="backends out of eager compile pt2 onnx (default: all of them, pt2 only with --trust-pt2)",
     )
     p.add_argument(
         "--trust-pt2",
@@ -102,14 +122,14 @@ def _register_bench(sub: argparse._SubParsersAction) -> None:
         help="also run the .pt2 program: loading it unpickles it, which can run code from the package, "
         "so pass this only for a package you made or trust",
     )
-    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when present)")
+    add_device(p)
     p.add_argument(
         "--iters",
-        type=int,
+        type=positive_int,
         default=20,
         help="timed calls per backend and batch, at least 20 for the percentiles (default: 20)",
     )
-    p.add_argument("--warmup", type=int, default=3, help="untimed calls first (default: 3)")
+    p.add_argument("--warmup", type=non_negative_int, default=3, help="untimed calls first (default: 3)")
     p.add_argument(
         "--teacher",
         default=None,
@@ -117,19 +137,16 @@ def _register_bench(sub: argparse._SubParsersAction) -> None:
         "skips the teacher's edit, e.g. a real-size teacher on a CPU)",
     )
     p.add_argument(
-        "--teacher-steps", type=int, default=None, help="teacher DDIM steps (default: its preset's)"
+        "--teacher-steps", type=positive_int, default=None, help="teacher DDIM steps (default: its preset's)"
     )
+    add_progress(p)
     p.set_defaults(func=cmd_bench)
-
-
-def _csv(text: str) -> list[str]:
-    return [t.strip() for t in text.split(",") if t.strip()]
 
 
 def cmd_export(args: argparse.Namespace) -> int:
     from p2pz.student.export import export_package
 
-    out = export_package(args.checkpoint, args.out, formats=tuple(_csv(args.formats)))
+    out = export_package(args.checkpoint, args.out, formats=tuple(args.formats))
     print(f"exported {args.checkpoint} -> {out}")
     return 0
 
@@ -157,7 +174,10 @@ def cmd_apply(args: argparse.Namespace) -> int:
 
     from p2pz.student.export import apply_to_images, load_exported, read_config, save_image_atomic
     from p2pz.teacher.images import load_image
+    from p2pz.utils.devices import resolve_device, torch_dtype
 
+    device = "cpu" if args.backend == "onnx" else resolve_device(args.device)
+    dtype = torch_dtype(args.dtype)
     out = Path(args.out)
     if out.exists() and not out.is_dir():
         raise UserError(f"--out {out} is a file; give a folder for the edited images")
@@ -166,12 +186,15 @@ def cmd_apply(args: argparse.Namespace) -> int:
     # is written, with one line naming it
     images = [load_image(path) for path in files]
     config = read_config(args.model)
-    model = load_exported(args.model, args.backend, trust_pt2=args.trust_pt2)
+    model = load_exported(args.model, args.backend, device, trust_pt2=args.trust_pt2, dtype=dtype)
     out.mkdir(parents=True, exist_ok=True)
     names: set[str] = set()
-    for start in tqdm(range(0, len(images), args.batch_size), desc="editing", unit="batch"):
+    starts = range(0, len(images), args.batch_size)
+    for start in tqdm(starts, desc="editing", unit="batch", disable=not args.progress):
         chunk = files[start : start + args.batch_size]
-        edited = apply_to_images(model, config["resolution"], images[start : start + args.batch_size])
+        edited = apply_to_images(
+            model, config["resolution"], images[start : start + args.batch_size], device=device, dtype=dtype
+        )
         for path, image in zip(chunk, edited):
             name = path.stem
             while name in names:  # same stem in two folders: keep both
@@ -190,14 +213,17 @@ def cmd_bench(args: argparse.Namespace) -> int:
     read_config(args.model)  # not a package: one line, before the ops (and torch's notes) are loaded
 
     from p2pz.student.bench import run_benchmark, select_backends, write_report
+    from p2pz.utils.devices import resolve_device
 
-    batches = [int(b) for b in _csv(args.batches)]
-    backends = None if args.backends is None else _csv(args.backends)
+    batches = args.batches
+    if not batches:
+        raise UserError("--batches needs at least one batch size, e.g. --batches 1 4 16")
+    backends = args.backends
     select_backends(backends, args.trust_pt2)  # refuse an untrusted pt2 before the progress bar starts
     if Path(args.out).is_dir():
         raise UserError(f"--out {args.out} is a folder; give the path of the JSON report (e.g. bench.json)")
     # shown after a second: a package that fails to load stops with its one error line only
-    bar = tqdm(desc="bench", unit="step", delay=1.0)
+    bar = tqdm(desc="bench", unit="step", delay=1.0, disable=not args.progress)
 
     def progress(msg: str) -> None:
         bar.set_postfix_str(msg, refresh=False)
@@ -209,7 +235,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
             batches=batches,
             backends=backends,
             trust_pt2=args.trust_pt2,
-            device=args.device,
+            device=resolve_device(args.device),
             warmup=args.warmup,
             iters=args.iters,
             teacher_model=args.teacher,

@@ -8,6 +8,9 @@ from __future__ import annotations
 
 import argparse
 
+from p2pz.cli.options import add_device, add_dtype, add_edit, add_progress, add_seed, add_source_target
+from p2pz.utils.values import positive_int
+
 _FMT = argparse.RawDescriptionHelpFormatter
 
 
@@ -36,20 +39,21 @@ def _make_tiny(args: argparse.Namespace) -> int:
 def _direction(args: argparse.Namespace) -> int:
     from pathlib import Path
 
+    from p2pz.cli.options import source_target
     from p2pz.teacher.directions import compute_direction
     from p2pz.teacher.models import load_sd_components
     from p2pz.teacher.sentences import make_sentences, read_sentences
+    from p2pz.utils.devices import resolve_device
     from p2pz.utils.errors import UserError
 
     if len(args.sentences) > 2:
         raise UserError("--sentences takes one source for both concepts or two (source's, target's)")
-    if args.num_sentences < 1:
-        raise UserError("--num-sentences must be at least 1")
+    source, target = source_target(args)
     out = Path(args.out)
     if out.exists() and not out.is_dir():
         raise UserError(f"--out {out} is a file; give a folder for the direction file")
     banks = args.sentences * (2 // len(args.sentences))
-    words = (args.source, args.target)
+    words = (source, target)
     from_files: dict[int, list[str]] = {}
     for i, bank in enumerate(banks):  # read sentence files before loading any model
         if bank in ("template", "llm"):
@@ -61,22 +65,24 @@ def _direction(args: argparse.Namespace) -> int:
         if not Path(bank).exists():
             raise UserError(f"sentence file '{bank}' does not exist; use template, llm or a text file")
         from_files[i] = read_sentences(bank, words[i])  # empty, binary: one line naming the file
-    sd = load_sd_components(args.model, args.device, args.dtype, components=("tokenizer", "text_encoder"))
+    device = resolve_device(args.device)
+    sd = load_sd_components(args.model, device, args.dtype, components=("tokenizer", "text_encoder"))
     per_concept = []
     for i, (word, bank) in enumerate(zip(words, banks)):
         if i in from_files:
             per_concept.append(from_files[i])
             continue
-        sentences = make_sentences(word, bank, args.num_sentences, args.seed, args.llm, args.device)
+        sentences = make_sentences(word, bank, args.num_sentences, args.seed, args.llm, device)
         per_concept.append(sentences)
     direction = compute_direction(
         sd.tokenizer,
         sd.text_encoder,
         per_concept[0],
         per_concept[1],
-        source=args.source,
-        target=args.target,
+        source=source,
+        target=target,
         batch_size=args.batch_size,
+        progress=args.progress,
         model=str(args.model),
         metadata={
             "source_sentences": banks[0],
@@ -110,7 +116,7 @@ def register(subparsers) -> None:
         formatter_class=_FMT,
     )
     p.add_argument("out", metavar="OUT", help="folder to write (replaced if it exists)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the random weights (default: 0)")
+    add_seed(p, "the random weights")
     p.add_argument(
         "--architecture",
         choices=("tiny", "sd14"),
@@ -135,14 +141,14 @@ def register(subparsers) -> None:
             "  llm       sample with a FLAN-T5 model (--llm; needs its weights)\n"
             "  FILE      a text file with one sentence per line\n\n"
             "examples:\n"
-            "  p2pz direction --model models/tiny --source cat --target dog --out directions/\n"
+            "  p2pz direction --model models/tiny --edit cat:dog --out directions/\n"
             "  p2pz direction --source horse --target zebra --sentences llm --out directions/\n"
             "  p2pz direction --source cat --target dog --sentences cats.txt dogs.txt --out directions/"
         ),
         formatter_class=_FMT,
     )
-    p.add_argument("--source", required=True, help="concept to edit away from, e.g. cat")
-    p.add_argument("--target", required=True, help="concept to edit towards, e.g. dog")
+    add_edit(p, help="the edit, e.g. cat:dog (or --source cat --target dog)")
+    add_source_target(p)
     p.add_argument("--out", required=True, metavar="DIR", help="folder for SOURCE-TARGET.safetensors")
     p.add_argument(
         "--model",
@@ -159,21 +165,18 @@ def register(subparsers) -> None:
     )
     p.add_argument(
         "--num-sentences",
-        type=int,
+        type=positive_int,
         default=DEFAULT_NUM_SENTENCES,
         help=f"sentences per concept for template/llm banks (default: {DEFAULT_NUM_SENTENCES})",
     )
-    p.add_argument(
-        "--seed", type=int, default=0, help="seed of the template draws / LLM sampling (default: 0)"
-    )
+    add_seed(p, "the template draws / LLM sampling")
     p.add_argument(
         "--llm", default=DEFAULT_LLM, metavar="PATH_OR_ID", help=f"model for llm banks ({DEFAULT_LLM})"
     )
     p.add_argument(
-        "--batch-size", type=int, default=16, help="sentences per text-encoder batch (default: 16)"
+        "--batch-size", type=positive_int, default=16, help="sentences per text-encoder batch (default: 16)"
     )
-    p.add_argument("--device", default="cpu", help="torch device, e.g. cuda (default: cpu)")
-    p.add_argument(
-        "--dtype", default="fp32", choices=["fp32", "fp16", "bf16"], help="model dtype (default: fp32)"
-    )
+    add_device(p)
+    add_dtype(p)
+    add_progress(p)
     p.set_defaults(func=_direction)
