@@ -273,6 +273,7 @@ def llm_sentences(
     device: Any = "cpu",
     dtype: Any = None,
     max_rounds: int | None = None,
+    progress: bool = True,
     **generate_overrides: Any,
 ) -> list[str]:
     """``n`` sentences sampled from a FLAN-T5-style seq2seq model with the official app's prompt.
@@ -299,7 +300,10 @@ def llm_sentences(
     sampling = {**LLM_SAMPLING, **generate_overrides}
     max_rounds = max_rounds or 4 * (n // sampling["num_return_sequences"] + 1)
     try:
-        with torch.no_grad(), tqdm(total=n, desc=f"sentences for '{word}'", leave=False) as bar:
+        with (
+            torch.no_grad(),
+            tqdm(total=n, desc=f"sentences for '{word}'", leave=False, disable=not progress) as bar,
+        ):
             for _ in range(max_rounds):
                 ids = lm.generate(**inputs, **sampling)
                 texts = tokenizer.batch_decode(ids, skip_special_tokens=True)
@@ -323,13 +327,14 @@ def make_sentences(
     seed: int = 0,
     llm: str | os.PathLike = DEFAULT_LLM,
     device: Any = "cpu",
+    progress: bool = True,
 ) -> list[str]:
     """A sentence bank for ``word`` from ``source``: 'template', 'llm', or a text-file path.
 
-    ``n`` applies to generated banks; a file gives all of its sentences.
+    ``n`` applies to generated banks; a file gives all of its sentences. ``progress``: the llm's bar.
     """
     if str(source) == "template":
         return template_sentences(word, n, seed)
     if str(source) == "llm":
-        return llm_sentences(word, n, seed, llm, device)
+        return llm_sentences(word, n, seed, llm, device, progress=progress)
     return read_sentences(source, word)

@@ -384,7 +384,7 @@ def test_inspect_summary_and_sheet(reference, tmp_path):
     from p2pz.cli.main import main
 
     sheet = tmp_path / "sheet.png"
-    assert main(["shards", "inspect", str(reference), "--sheet", str(sheet), "--pairs", "4"]) == 0
+    assert main(["shards", "inspect", str(reference), "--sheet", str(sheet), "--grid-pairs", "4"]) == 0
     image = Image.open(sheet)
     assert image.size[0] == 3 * 128 and image.size[1] > 4 * 128  # input | edit | reconstruction, 4 rows
     from p2pz.data.pairs.inspect import summarise

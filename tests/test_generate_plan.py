@@ -280,7 +280,7 @@ def test_generate_command_errors_are_one_line(config, capsys):
     from p2pz.cli.main import main
 
     assert main(["generate", "--config", config, "--steps", "0"]) == 2
-    assert capsys.readouterr().err == "error: --steps must be at least 1\n"
+    assert capsys.readouterr().err == "error: argument --steps: must be >= 1, got 0\n"
     assert main(["generate", "--config", config, "--whatever", "1"]) == 2
     assert "unrecognized arguments: --whatever" in capsys.readouterr().err
     assert main(["generate", "--config", config + ".missing"]) == 2

@@ -28,7 +28,7 @@ from p2pz.utils.devices import DTYPES, dtype_name
 from p2pz.utils.values import device_name, non_negative_int
 
 DEVICE_HELP = "torch device: auto (cuda when present, else cpu), cpu, cuda or cuda:N (default: auto)"
-MARKUP = re.compile(r"``(.+?)``|:\w+:`(.+?)`")
+MARKUP = re.compile(r"``(.+?)``|:[\w:]+:`~?(.+?)`|`([^`\n]+)`")
 
 
 class OneLineParser(argparse.ArgumentParser):
@@ -43,8 +43,8 @@ class OneLineParser(argparse.ArgumentParser):
 
 
 def plain(text: str) -> str:
-    """reStructuredText inline markup (``p2pz x``, :func:`f`) as plain text for ``--help`` ('p2pz x')."""
-    return MARKUP.sub(lambda m: f"'{m.group(1) or m.group(2)}'", text)
+    """reStructuredText inline markup (``p2pz x``, :func:`f`, `x`) as plain text for ``--help`` ('p2pz x')."""
+    return MARKUP.sub(lambda m: f"'{next(g for g in m.groups() if g is not None)}'", text)
 
 
 def add_device(parser: Any, what: str = "") -> None:
@@ -87,8 +87,9 @@ def add_progress(parser: Any) -> None:
 
 @contextlib.contextmanager
 def progress_bars(enabled: bool) -> Iterator[None]:
-    """With ``enabled`` False, tqdm bars that do not set ``disable`` themselves (the libraries', and those
-    of subprocesses started meanwhile) are off; the command turns off its own through ``args.progress``."""
+    """With ``enabled`` False, tqdm bars that do not set ``disable`` themselves are off: tqdm reads
+    ``TQDM_DISABLE`` when it is first imported, which a command does after this (the libraries' bars,
+    and those of subprocesses started meanwhile). The command turns off its own through ``args.progress``."""
     if enabled:
         yield
         return

@@ -72,7 +72,9 @@ def _direction(args: argparse.Namespace) -> int:
         if i in from_files:
             per_concept.append(from_files[i])
             continue
-        sentences = make_sentences(word, bank, args.num_sentences, args.seed, args.llm, device)
+        sentences = make_sentences(
+            word, bank, args.num_sentences, args.seed, args.llm, device, progress=args.progress
+        )
         per_concept.append(sentences)
     direction = compute_direction(
         sd.tokenizer,

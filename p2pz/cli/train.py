@@ -56,6 +56,10 @@ def student_cli_class() -> type[LightningCLI]:
     from p2pz.student.requeue import RequeueOnSignal
 
     class StudentCLI(LightningCLI):
+        def init_parser(self, **kwargs: Any) -> LightningArgumentParser:
+            kwargs.setdefault("formatter_class", plain_help_formatter())  # no RST markup in --help
+            return super().init_parser(**kwargs)
+
         def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
             # always present, configured as --checkpoint.* (or `checkpoint:` in the YAML)
             parser.add_lightning_class_args(StepCheckpoint, "checkpoint")
@@ -83,6 +87,27 @@ def student_cli_class() -> type[LightningCLI]:
 
     StudentCLI.__module__, StudentCLI.__qualname__ = __name__, "StudentCLI"
     return StudentCLI
+
+
+@functools.cache
+def plain_help_formatter() -> type:
+    """jsonargparse's help formatter with reStructuredText markup as plain text (``x`` -> 'x'): the
+    options' help comes from docstrings (the project's and Lightning's)."""
+    from jsonargparse import DefaultHelpFormatter
+
+    from p2pz.cli.options import plain
+
+    class PlainHelpFormatter(DefaultHelpFormatter):
+        def _expand_help(self, action: argparse.Action) -> str:
+            return plain(super()._expand_help(action))
+
+        def _format_text(self, text: str) -> str:
+            return super()._format_text(plain(text))
+
+        def start_section(self, heading: str | None) -> None:
+            super().start_section(plain(heading) if heading else heading)
+
+    return PlainHelpFormatter
 
 
 def progress_bar(callbacks: list[Any], trainer_config: Any) -> list[Any]:
