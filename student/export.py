@@ -275,7 +275,10 @@ def load_exported(
 
         generator = Generator(**config["generator"])
         generator.load_state_dict(_read_weights(model_dir / files.get("weights", WEIGHTS)))
-        return generator.eval().requires_grad_(False).to(device=device, dtype=dtype)
+        generator = generator.eval().requires_grad_(False).to(device)
+        for param in generator.parameters():  # the buffers (resampling filters) stay float32, as the
+            param.data = param.data.to(dtype)  # ops take them; they cast them to the input's dtype
+        return generator
     if backend not in ("pt2", "onnx"):
         raise UserError(f"unknown backend {backend!r}; choose eager, pt2 or onnx")
     if dtype != torch.float32:

@@ -116,6 +116,34 @@ def test_apply_cli(package, tmp_path):
     assert (tmp_path / "out" / "b.png").exists()
 
 
+@pytest.mark.parametrize("dtype", ["bfloat16", "fp16"])
+def test_apply_runs_in_the_dtype_asked_for(package, tmp_path, dtype):
+    """--device cpu --dtype bfloat16 (or the short fp16): the generator and its inputs in that precision,
+    8-bit images out, close to float32's (the resampling filters stay float32, as the ops take them)."""
+    model_dir, _ = package
+    inputs = tmp_path / "in"
+    inputs.mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(3):
+        Image.fromarray(rng.integers(0, 256, (64, 64, 3), dtype=np.uint8)).save(inputs / f"x{i}.png")
+    argv = ["apply", str(model_dir), str(inputs), "--device", "cpu", "--batch-size", "2", "--no-progress"]
+    assert main([*argv, "--out", str(tmp_path / "fp32")]) == 0
+    assert main([*argv, "--out", str(tmp_path / "low"), "--dtype", dtype]) == 0
+    for i in range(3):
+        full = np.asarray(Image.open(tmp_path / "fp32" / f"x{i}.png"), dtype=np.int16)
+        low = np.asarray(Image.open(tmp_path / "low" / f"x{i}.png"))
+        assert low.dtype == np.uint8 and low.shape == (64, 64, 3)
+        assert np.abs(low - full).mean() < 2.0  # the same edit, at a lower precision
+
+
+def test_apply_low_precision_needs_the_eager_backend(package, tmp_path):
+    model_dir, _ = package
+    Image.fromarray(np.zeros((64, 64, 3), np.uint8)).save(tmp_path / "x.png")
+    argv = ["apply", str(model_dir), str(tmp_path / "x.png"), "--out", str(tmp_path / "out")]
+    assert main([*argv, "--backend", "onnx", "--dtype", "bfloat16"]) == 2
+    assert not (tmp_path / "out").exists()
+
+
 def test_apply_crops_a_4_by_3_photo_like_the_teacher(package, tmp_path):
     """A 4:3 photo is cropped to its centred square as the teacher crops its inputs, not squashed."""
     from p2pz.teacher.images import pil_to_tensor, prepare_image, tensor_to_numpy
