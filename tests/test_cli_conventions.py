@@ -206,7 +206,7 @@ def numeric_flags() -> list[tuple[str, str]]:
     for name, parser in COMMANDS.items():
         for action in visible_options(parser):
             kind = getattr(action, "item_type", None) or action.type
-            if kind in NUMERIC_TYPES or kind is xa_guidance_value:
+            if kind in NUMERIC_TYPES or kind in (int, float, xa_guidance_value):
                 found.append((name, action.option_strings[-1]))
     return found
 

@@ -39,11 +39,12 @@ class Settings:
         out: output folder for the pairs-NNNNNN.tar shards, dataset.json and the manifests
         model: teacher Stable Diffusion: a diffusers folder or a hub id
         preset: teacher preset (official: the paper's settings)
-        edit: an edit as SOURCE:TARGET words, e.g. cat:dog (repeatable; in YAML a list, 'edit' or 'edits')
-        direction: a saved edit direction file instead of words (repeatable)
+        edit: edits as SOURCE:TARGET words, e.g. --edit cat:dog cat:lion (the flag may be repeated; in YAML
+            a list, 'edit' or 'edits')
+        direction: saved edit direction files instead of words (one or more)
         inputs: folder of images (recursive), or existing WebDataset shards (folder, glob, brace pattern)
         synthetic: no inputs: the teacher generates each input from a prompt with the source word
-        prompt: synthetic prompt template; {source} is replaced by the source word (repeatable;
+        prompt: synthetic prompt templates; {source} is replaced by the source word (one or more;
             default 'a photo of a {source}')
         num_synthetic: synthetic inputs per edit
         samples_per_shard: pairs per output shard; a crash redoes at most one shard per task

@@ -31,7 +31,7 @@ GENERATE_DESCRIPTION = """\
 Run the pix2pix-zero teacher over many inputs and store (input, edited) pairs as
 WebDataset shards pairs-000000.tar, ... in --out, with dataset.json and one manifest
 (JSON lines: shards, counts, skipped inputs and why, pairs/hour and the teacher's
-UNet evaluations per pair) per task. Several --edit of the same inputs share each
+UNet evaluations per pair) per task. Several edits of the same inputs share each
 input's inversion and reference pass (shards stay per edit; --no-share-inversion:
 every pair on its own).
 
@@ -45,8 +45,8 @@ GENERATE_EPILOG = """\
 examples:
   p2pz generate --model CompVis/stable-diffusion-v1-4 --edit cat:dog \\
       --inputs photos/ --out pairs/
-  p2pz generate --model CompVis/stable-diffusion-v1-4 --edit cat:dog --edit cat:lion \\
-      --edit "cat:cat wearing a hat" --inputs photos/ --out pairs/   # one inversion per photo
+  p2pz generate --model CompVis/stable-diffusion-v1-4 --edit cat:dog cat:lion \\
+      "cat:cat wearing a hat" --inputs photos/ --out pairs/   # one inversion per photo
   p2pz generate --config configs/generate-cat-dog.yaml --task-index 3 --num-tasks 16
   p2pz generate --config configs/generate-cat-dog.yaml --print_config   # the merged settings"""
 

@@ -113,7 +113,7 @@ def register(subparsers) -> None:
             "example:\n"
             "  p2pz make-tiny models/tiny\n"
             "  p2pz make-tiny models/sd14-random --architecture sd14\n"
-            "  p2pz direction --model models/tiny --source cat --target dog --out directions/"
+            "  p2pz direction --model models/tiny --edit cat:dog --out directions/"
         ),
         formatter_class=_FMT,
     )
@@ -144,8 +144,8 @@ def register(subparsers) -> None:
             "  FILE      a text file with one sentence per line\n\n"
             "examples:\n"
             "  p2pz direction --model models/tiny --edit cat:dog --out directions/\n"
-            "  p2pz direction --source horse --target zebra --sentences llm --out directions/\n"
-            "  p2pz direction --source cat --target dog --sentences cats.txt dogs.txt --out directions/"
+            "  p2pz direction --edit horse:zebra --sentences llm --out directions/\n"
+            "  p2pz direction --edit cat:dog --sentences cats.txt dogs.txt --out directions/"
         ),
         formatter_class=_FMT,
     )
