@@ -256,10 +256,11 @@ def run_benchmark(
     ``skipped_backends`` says why a backend was left out.
     """
     from p2pz.student.export import read_config
+    from p2pz.utils.devices import resolve_device
 
     model_dir = Path(model_dir)
     config = read_config(model_dir)
-    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    dev = torch.device(resolve_device(device))  # None / "auto": cuda when present
     res = config["resolution"]
     say = progress or (lambda _msg: None)
 

@@ -167,9 +167,8 @@ def make_pair_scorer(
             raise UserError(f"--score world scores shapes-world edits only; {outside[0]} is not one")
         return WorldPairScorer()
     if kind == "paper":
-        if device == "auto":
-            import torch
+        from p2pz.utils.devices import resolve_device
 
-            device = "cuda" if torch.cuda.is_available() else "cpu"
+        device = resolve_device(device)
         return PaperPairScorer(clip_model or DEFAULT_CLIP, dino_model or DEFAULT_DINO, device=device)
     raise UserError(f"--score {kind!r} is not one of {', '.join(SCORER_KINDS)}")
