@@ -48,6 +48,7 @@ from p2pz.data.shapes.teacher_settings import (
     toy_xa_guidance,
 )
 from p2pz.utils.errors import UserError
+from p2pz.utils.formatting import format_duration, format_ratio
 
 if TYPE_CHECKING:
     from PIL import Image
@@ -481,7 +482,7 @@ def _headline(bench: dict[str, Any]) -> str:
     speedup = bench.get("teacher_over_student")
     student_b1 = [r["1"]["p50_ms"] for r in bench["student"].values() if "1" in r]
     return (
-        f"The student edits in one forward pass, <b>{_fmt(speedup) if speedup else 'n/a'}×</b> faster than "
+        f"The student edits in one forward pass, <b>{format_ratio(speedup) if speedup else 'n/a'}×</b> faster than "
         f"the teacher it learned from ({_fmt(bench.get('teacher_ms'))} ms vs "
         f"{_fmt(min(student_b1)) if student_b1 else 'n/a'} ms per image on {html.escape(bench['device'])})."
     )
@@ -583,7 +584,7 @@ def stage_split(timings: dict[str, float]) -> str:
     """The seconds of each stage and the whole, as the demo's last lines say them."""
     total = timings.get("total") or sum(timings.values())
     parts = [f"{k} {v:.0f} s ({v / total:.0%})" for k, v in timings.items() if k != "total" and total > 0]
-    return f"time per stage: {', '.join(parts)}; total {total / 60:.0f} min {total % 60:.0f} s"
+    return f"time per stage: {', '.join(parts)}; total {format_duration(total)}"
 
 
 def _kept_line(args: argparse.Namespace, kept: dict[str, Any]) -> str:
@@ -626,7 +627,7 @@ def _stage(timings: dict[str, float], key: str, title: str) -> Iterator[None]:
     start = time.perf_counter()
     yield
     timings[key] = time.perf_counter() - start
-    print(f"   done in {timings[key]:.0f} s", flush=True)
+    print(f"   done in {format_duration(timings[key])}", flush=True)
 
 
 def _bench_student(args: argparse.Namespace, out: Path) -> tuple[dict[str, Any], Path, Path]:
