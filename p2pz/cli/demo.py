@@ -481,8 +481,9 @@ def _headline(bench: dict[str, Any]) -> str:
     """The point of the job in one sentence: how much faster the student edits than its teacher."""
     speedup = bench.get("teacher_over_student")
     student_b1 = [r["1"]["p50_ms"] for r in bench["student"].values() if "1" in r]
+    times = f"{format_ratio(speedup)}×" if speedup else "n/a"
     return (
-        f"The student edits in one forward pass, <b>{format_ratio(speedup) if speedup else 'n/a'}×</b> faster than "
+        f"The student edits in one forward pass, <b>{times}</b> faster than "
         f"the teacher it learned from ({_fmt(bench.get('teacher_ms'))} ms vs "
         f"{_fmt(min(student_b1)) if student_b1 else 'n/a'} ms per image on {html.escape(bench['device'])})."
     )
