@@ -11,21 +11,16 @@ import pytest
 from test_training import TINY, write_pair_shards
 
 from p2pz.cli import demo
+from p2pz.cli.quiet import library_noise_filtered
 
 
 @pytest.fixture
 def quiet():
-    """The demo's filters, installed for one test and removed after it."""
+    """The filters every command runs under (p2pz.cli.quiet), installed for one test."""
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        demo.quiet_library_noise()
-        yield caught
-    for name in demo.LIBRARY_LOG_LINES:
-        logger = logging.getLogger(name)
-        for f in [f for f in logger.filters if isinstance(f, demo._DropLines)]:
-            logger.removeFilter(f)
-    for name in demo.CHATTY_LOGGERS:
-        logging.getLogger(name).setLevel(logging.NOTSET)
+        with library_noise_filtered():
+            yield caught
 
 
 def test_library_noise_is_filtered_narrowly(quiet, caplog, capfd, monkeypatch):

@@ -102,6 +102,49 @@ def test_package_files_follow_the_umask(tmp_path, umask, file_mode, dir_mode):
         assert stat.S_IMODE((out / name).stat().st_mode) == file_mode, name
 
 
+# `p2pz export` as a user runs it, with one warning of the project's own on the way: the ONNX optimiser's
+# INFO lines ("Skipping constant folding for node ...", "Applied N of general pattern rewrite rules")
+# stay out of stderr, the project's warnings stay in.
+EXPORT_WITH_A_PROJECT_WARNING = """
+import logging, sys, warnings
+import p2pz.student.export as export
+plain = export.export_onnx
+def export_onnx(*args, **kwargs):
+    logging.getLogger("p2pz.student.export").warning("a project log warning")
+    warnings.warn("a project warning")
+    plain(*args, **kwargs)
+export.export_onnx = export_onnx
+from p2pz.cli.main import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def test_export_prints_no_library_noise(tmp_path):
+    import subprocess
+    import sys
+
+    from p2pz.student.training import StudentModule
+
+    narrow = {"channel_base": 512, "channel_max": 16}  # a few seconds of ONNX export
+    module = StudentModule(
+        resolution=64, preset="lite", lpips_weight=0.0, generator=narrow, discriminator=narrow
+    )
+    checkpoint = {"state_dict": module.state_dict(), "generator_config": dict(module.g_ema.config)}
+    torch.save(checkpoint, tmp_path / "last.ckpt")
+    argv = ["export", str(tmp_path / "last.ckpt"), "--out", str(tmp_path / "model"), "--formats", "onnx"]
+    run = subprocess.run(
+        [sys.executable, "-c", EXPORT_WITH_A_PROJECT_WARNING, *argv],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert run.returncode == 0, run.stderr
+    assert (tmp_path / "model" / "generator.onnx").is_file()
+    for noise in ("Skipping constant folding", "general pattern rewrite rules", "No CUDA runtime is found"):
+        assert noise not in run.stderr, run.stderr
+    assert "a project log warning" in run.stderr and "UserWarning: a project warning" in run.stderr
+
+
 def test_apply_cli(package, tmp_path):
     model_dir, _ = package
     inputs = tmp_path / "in"

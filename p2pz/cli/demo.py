@@ -15,8 +15,8 @@ The same code paths as a cluster run, at toy scale:
 
 Each stage says how long it took, and the end of the output (and the report) has the split. Messages
 from libraries that a user of the demo can do nothing about (deprecations inside Lightning, "No CUDA
-runtime is found" on a CPU machine, Lightning's tips) are filtered, each by its own text
-(:func:`quiet_library_noise`); everything else, the project's own warnings included, still shows.
+runtime is found" on a CPU machine, Lightning's tips) are filtered, each by its own text, as in every
+command (:mod:`p2pz.cli.quiet`); everything else, the project's own warnings included, still shows.
 """
 
 from __future__ import annotations
@@ -29,7 +29,6 @@ import html
 import importlib.resources
 import io
 import json
-import logging
 import os
 import shutil
 import subprocess
@@ -521,7 +520,6 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
     out = Path(args.out)
     source = _check_demo_inputs(args)  # before anything is written
-    quiet_library_noise()
     demo_started = started = time.perf_counter()
     teacher = load_teacher(demo_settings(args))  # one teacher for the pairs and the report; a bad
     teacher_load_s = time.perf_counter() - started  # model stops the demo before anything is written
@@ -692,57 +690,11 @@ def _demo_facts(args: argparse.Namespace, out: Path, kept: dict[str, Any] | None
     }
 
 
-# ------------------------------------------------------------------------------------------------
-# Library noise
-
-
-# Warnings from libraries that a user of the demo can do nothing about, each matched by the start of its
-# text (the demo's own warnings, and any other library's, still show).
-LIBRARY_WARNINGS = (
-    r"The `srun` command is available on your system but is not used",  # Lightning, on a SLURM login node
-    r"Starting from v1\.9\.0, `tensorboardX` has been removed",  # Lightning's note on its default logger
-    r"`isinstance\(treespec, LeafSpec\)` is deprecated",  # Lightning's own use of torch's pytree
-    r"Your `IterableDataset` has `__len__` defined",  # the pair stream's epoch length is nominal
-    r"Total length of `\w+` across ranks is zero",  # a run without validation pairs
-)
-# Log lines of the same kind: logger name -> the lines' starts.
-LIBRARY_LOG_LINES = {
-    "torch.utils.cpp_extension": ("No CUDA runtime is found",),  # building the CPU ops on a CPU machine
-    "lightning.pytorch.utilities.rank_zero": ("💡 Tip",),  # Lightning's advertisement of its cloud logger
-}
-# Loggers whose INFO lines are for their developers (the ONNX exporter's optimiser lists every node)
-CHATTY_LOGGERS = ("onnxscript", "onnx_ir")
-
-
-class _DropLines(logging.Filter):
-    def __init__(self, starts: tuple[str, ...]):
-        super().__init__()
-        self.starts = starts
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        return not str(record.msg).startswith(self.starts)
-
-
-def quiet_library_noise() -> None:
-    """Filter the library messages listed above, in this process (the demo's stages and its training)."""
-    import warnings
-
-    for pattern in LIBRARY_WARNINGS:
-        warnings.filterwarnings("ignore", message=pattern)
-    for name, starts in LIBRARY_LOG_LINES.items():
-        logger = logging.getLogger(name)
-        if not any(isinstance(f, _DropLines) for f in logger.filters):
-            logger.addFilter(_DropLines(starts))
-    for name in CHATTY_LOGGERS:
-        logging.getLogger(name).setLevel(logging.WARNING)
-
-
 def train_main(args: list[str]) -> int:
-    """The demo's training stage: ``p2pz train`` (``python -m p2pz.cli.train``) with the library noise
-    filtered, run as ``python -m p2pz.cli.demo fit ...``."""
+    """The demo's training stage: ``p2pz train`` (``python -m p2pz.cli.train``, the library noise
+    filtered as in every command), run as ``python -m p2pz.cli.demo fit ...``."""
     from p2pz.cli.train import script_main
 
-    quiet_library_noise()
     # the arguments are sys.argv's: LightningCLI reads them there (given again, it warns about both)
     return script_main(None if args == sys.argv[1:] else args, prog="p2pz demo (training)")
 
