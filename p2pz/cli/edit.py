@@ -109,6 +109,11 @@ def _check_arguments(args: argparse.Namespace, out: Path) -> None:
         raise UserError("give --source and --target (e.g. --source cat --target dog), or --direction FILE")
     if args.steps is not None and args.steps < 2:
         raise UserError(f"--steps must be at least 2, got {args.steps}")
+    if args.direction is None:  # a world model's unlearned word: one line listing the words it knows
+        from p2pz.data.shapes.edits import check_edit_vocabulary
+        from p2pz.teacher.edits import Edit
+
+        check_edit_vocabulary(Edit(args.source, args.target), args.model)
 
 
 def _load_direction_file(args: argparse.Namespace) -> EditDirection | None:
