@@ -44,7 +44,7 @@ class Skipped:
             name, reason = self.inputs[0]
             raise UserError(f"cannot use {name}: {reason}")
         self.report()
-        if usable == 0:
+        if usable == 0 and self.inputs:
             raise UserError(f"none of the {len(self)} {self.what} could be used (each named above)")
 
     def summary(self) -> str:
@@ -55,4 +55,5 @@ class Skipped:
         """At the end of a command that finished the rest: the one line that makes its exit non-zero."""
         self.report()
         if self.inputs:
-            raise UserError(f"{len(self)} {self.what} skipped (each named above); {done}")
+            what = self.what if len(self) > 1 else self.what.removesuffix("s")
+            raise UserError(f"{len(self)} {what} skipped (each named above); {done}")
