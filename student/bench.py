@@ -258,6 +258,8 @@ def run_benchmark(
     """
     from p2pz.student.export import read_config
 
+    if not batches or min(batches) < 1:
+        raise ValueError(f"batch sizes must be at least 1, got {list(batches)}")
     model_dir = Path(model_dir)
     config = read_config(model_dir)
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))

@@ -223,6 +223,19 @@ def test_apply_skips_unreadable_photos_and_edits_the_rest(tmp_path, capsys):
     assert Image.open(out / "d.png").size == (64, 64)
 
 
+def test_a_batch_size_below_one_is_refused_by_the_library(tmp_path):
+    """apply_to_images(batch_size=-1) returned no images at all; run_benchmark timed empty batches."""
+    from p2pz.student.bench import run_benchmark
+    from p2pz.student.export import apply_to_images
+
+    photo = Image.new("RGB", (64, 64))
+    for size in (0, -1):
+        with pytest.raises(ValueError, match="batch_size must be at least 1"):
+            apply_to_images(torch.nn.Identity(), 64, [photo], batch_size=size)
+        with pytest.raises(ValueError, match="batch sizes must be at least 1"):
+            run_benchmark(tmp_path, batches=[1, size])
+
+
 def test_load_rejects_non_package(tmp_path):
     from p2pz.student.export import load_exported
 
