@@ -127,6 +127,21 @@ def test_eval_pairs_skips_what_it_cannot_read_and_scores_the_rest(tmp_path, caps
     assert (out / "grid.png").is_file()
 
 
+def test_a_damaged_mask_costs_its_pair_bg_lpips_only(tmp_path):
+    """--masks: a mask that cannot be read is named and left out; its pair is still scored."""
+    import argparse
+
+    from p2pz.cli.evaluate import _mask_for
+    from p2pz.cli.skipped import Skipped
+
+    (tmp_path / "k000.png").write_bytes(b"\x89PNG\r\n\x1a\n cut")
+    Image.new("L", (64, 64), 255).save(tmp_path / "k001.png")
+    args, skipped = argparse.Namespace(masks=str(tmp_path)), Skipped("inputs")
+    assert _mask_for(args, "k000", skipped) is None
+    assert _mask_for(args, "k001", skipped).mode == "L"
+    assert [name for name, _ in skipped.inputs] == [str(tmp_path / "k000.png")]
+
+
 def test_word_swap_direction_turns_the_caption_into_the_swapped_one(tiny_model_dir):
     import torch
 
