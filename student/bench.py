@@ -24,6 +24,7 @@ from torch.utils.benchmark import Measurement, Timer
 
 from p2pz.utils.atomic import atomic_path
 from p2pz.utils.errors import UserError
+from p2pz.utils.formatting import format_ratio
 
 BACKENDS = ("eager", "compile", "pt2", "onnx")
 
@@ -258,6 +259,8 @@ def run_benchmark(
     from p2pz.student.export import read_config
     from p2pz.utils.devices import resolve_device
 
+    if not batches or min(batches) < 1:
+        raise ValueError(f"batch sizes must be at least 1, got {list(batches)}")
     model_dir = Path(model_dir)
     config = read_config(model_dir)
     dev = torch.device(resolve_device(device))  # None / "auto": cuda when present
@@ -377,7 +380,7 @@ def plot_latency(report: dict[str, Any], path: Path) -> None:
     speedup = report.get("teacher_over_student")
     title = f"student latency, {report['resolution']} px, {report['device']}"
     if speedup:
-        title += f" — {speedup:,.0f}× faster than the teacher"
+        title += f" — {format_ratio(speedup)}× faster than the teacher"
     ax.set_title(title, fontsize=9)
     ax.legend(fontsize=8)
     fig.tight_layout()

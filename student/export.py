@@ -327,6 +327,8 @@ def apply_to_images(
     """
     from p2pz.teacher.images import numpy_to_pil, pil_to_tensor, prepare_image, tensor_to_numpy
 
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be at least 1, got {batch_size}")
     outputs = []
     for start in range(0, len(images), batch_size):
         x = pil_to_tensor([prepare_image(im, resolution) for im in images[start : start + batch_size]])

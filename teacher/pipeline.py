@@ -24,6 +24,7 @@ import functools
 import hashlib
 import json
 import logging
+import math
 import os
 import time
 from collections.abc import Sequence
@@ -467,8 +468,10 @@ class Pix2PixZero:
             raise UserError(f"num_steps must be between 2 and 500, got {num_steps}")
         xa = float(self.preset.xa_guidance(synthetic) if xa_guidance is None else xa_guidance)
         cfg = float(self.preset.guidance_scale if guidance_scale is None else guidance_scale)
-        if xa < 0:
-            raise UserError(f"xa_guidance must be >= 0, got {xa}")
+        if not (math.isfinite(xa) and xa >= 0):  # a NaN passes `xa < 0` and edits into noise
+            raise UserError(f"xa_guidance must be a finite number >= 0, got {xa}")
+        if not math.isfinite(cfg):
+            raise UserError(f"guidance_scale must be a finite number, got {cfg}")
         return num_steps, xa, cfg
 
     @staticmethod

@@ -11,21 +11,16 @@ import pytest
 from test_training import TINY, write_pair_shards
 
 from p2pz.cli import demo
+from p2pz.cli.quiet import library_noise_filtered
 
 
 @pytest.fixture
 def quiet():
-    """The demo's filters, installed for one test and removed after it."""
+    """The filters every command runs under (p2pz.cli.quiet), installed for one test."""
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        demo.quiet_library_noise()
-        yield caught
-    for name in demo.LIBRARY_LOG_LINES:
-        logger = logging.getLogger(name)
-        for f in [f for f in logger.filters if isinstance(f, demo._DropLines)]:
-            logger.removeFilter(f)
-    for name in demo.CHATTY_LOGGERS:
-        logging.getLogger(name).setLevel(logging.NOTSET)
+        with library_noise_filtered():
+            yield caught
 
 
 def test_library_noise_is_filtered_narrowly(quiet, caplog, capfd, monkeypatch):
@@ -72,6 +67,32 @@ def test_stage_split_names_every_stage_and_the_total():
         "time per stage: teacher (generate) 200 s (36%), student (train) 290 s (52%), bench 50 s (9%); "
         "total 9 min 23 s"
     )
+
+
+def test_the_total_floors_its_minutes():
+    """829 s is 13 min 49 s (13.8 minutes rounded would say 14 min)."""
+    assert demo.stage_split({"bench": 829.0}).endswith("; total 13 min 49 s")
+    assert demo.stage_split({"bench": 42.0}).endswith("; total 42 s")
+
+
+@pytest.mark.parametrize(
+    ("ratio", "shown"), [(1250.3, "1,250×"), (42.17, "42.2×"), (3.14159, "3.14×"), (99.96, "100×")]
+)
+def test_the_headline_prints_the_speedup_as_people_read_it(ratio, shown):
+    bench = {"teacher_over_student": ratio, "teacher_ms": 900.0, "device": "cpu", "student": {}}
+    assert f"<b>{shown}</b> faster" in demo._headline(bench)
+
+
+def test_the_bench_chart_title_prints_the_speedup_as_people_read_it(tmp_path, monkeypatch):
+    from matplotlib.axes import Axes
+
+    from p2pz.student.bench import plot_latency
+
+    titles = []
+    monkeypatch.setattr(Axes, "set_title", lambda self, text, **kw: titles.append(text))
+    report = {"teacher_over_student": 3.14159, "teacher_ms": 900.0, "resolution": 64, "device": "cpu"}
+    plot_latency({**report, "student": {"eager": {"1": {"p50_ms": 3.0}}}}, tmp_path / "chart.png")
+    assert titles and titles[0].endswith(" — 3.14× faster than the teacher")
 
 
 def test_training_shows_iterations_of_max_steps_and_the_loss(tmp_path, capsys):

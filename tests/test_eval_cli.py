@@ -88,6 +88,60 @@ def test_eval_pairs_scores_world_shards_with_world_metrics(tmp_path, ideal):
     assert (out / "grid.png").is_file()
 
 
+def test_eval_pairs_skips_what_it_cannot_read_and_scores_the_rest(tmp_path, capsys):
+    """A corrupt image in one pair and a shard cut short: each named on stderr with why, the other pairs
+    scored and written, then one error line and exit 2."""
+    import tarfile
+
+    edit = parse_world_edit("circle:triangle")
+    scenes = edit.scenes(8, seed=5)
+    shards = tmp_path / "pairs"
+    shards.mkdir()
+    _write_world_shard(shards / "pairs-000000.tar", edit, scenes[:3], True)
+    _write_world_shard(tmp_path / "whole.tar", edit, scenes[3:6], True)
+    with tarfile.open(tmp_path / "whole.tar") as whole, tarfile.open(shards / "pairs-000001.tar", "w") as tar:
+        for info in whole.getmembers():
+            data = whole.extractfile(info).read()
+            if info.name == "k001.src.png":
+                data = data[: len(data) // 2]  # a truncated PNG inside a readable shard
+                info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    _write_world_shard(tmp_path / "cut.tar", edit, scenes[6:], True)
+    with tarfile.open(tmp_path / "cut.tar") as whole:  # cut inside the second pair's first member
+        cut = next(m for m in whole.getmembers() if m.name.startswith("k001")).offset_data + 10
+    (shards / "pairs-000002.tar").write_bytes((tmp_path / "cut.tar").read_bytes()[:cut])
+    out = tmp_path / "eval"
+    assert main(["eval", "--pairs", str(shards), "--out", str(out)]) == 2
+    captured = capsys.readouterr()
+    lines = [line for line in captured.err.splitlines() if line.strip()]
+    assert lines[0].startswith(f"skipped {shards / 'pairs-000001.tar'}:k001: corrupt pair"), lines
+    assert lines[1].startswith(f"skipped {shards / 'pairs-000002.tar'}: damaged shard"), lines
+    assert len(lines) == 3 and lines[2].startswith("error: 2 inputs skipped"), lines
+    assert str(out / "metrics.json") in lines[2] and "(2 skipped)" in captured.out
+    report = json.loads((out / "metrics.json").read_text())
+    assert report["metrics"]["circle-to-triangle"]["n"] == report["settings"]["count"] == 3 + 2 + 1
+    assert [s["input"] for s in report["skipped"]] == [
+        f"{shards / 'pairs-000001.tar'}:k001",
+        str(shards / "pairs-000002.tar"),
+    ]
+    assert (out / "grid.png").is_file()
+
+
+def test_a_damaged_mask_costs_its_pair_bg_lpips_only(tmp_path):
+    """--masks: a mask that cannot be read is named and left out; its pair is still scored."""
+    import argparse
+
+    from p2pz.cli.evaluate import _mask_for
+    from p2pz.cli.skipped import Skipped
+
+    (tmp_path / "k000.png").write_bytes(b"\x89PNG\r\n\x1a\n cut")
+    Image.new("L", (64, 64), 255).save(tmp_path / "k001.png")
+    args, skipped = argparse.Namespace(masks=str(tmp_path)), Skipped("inputs")
+    assert _mask_for(args, "k000", skipped) is None
+    assert _mask_for(args, "k001", skipped).mode == "L"
+    assert [name for name, _ in skipped.inputs] == [str(tmp_path / "k000.png")]
+
+
 def test_word_swap_direction_turns_the_caption_into_the_swapped_one(tiny_model_dir):
     import torch
 

@@ -102,6 +102,54 @@ def test_package_files_follow_the_umask(tmp_path, umask, file_mode, dir_mode):
         assert stat.S_IMODE((out / name).stat().st_mode) == file_mode, name
 
 
+def narrow_checkpoint(path):
+    """A lite student at 64 px with a few channels per layer, saved as train.py saves it."""
+    from p2pz.student.training import StudentModule
+
+    narrow = {"channel_base": 512, "channel_max": 16}
+    module = StudentModule(
+        resolution=64, preset="lite", lpips_weight=0.0, generator=narrow, discriminator=narrow
+    )
+    torch.save({"state_dict": module.state_dict(), "generator_config": dict(module.g_ema.config)}, path)
+    return path
+
+
+# `p2pz export` as a user runs it, with one warning of the project's own on the way: the ONNX optimiser's
+# INFO lines ("Skipping constant folding for node ...", "Applied N of general pattern rewrite rules")
+# stay out of stderr, the project's warnings stay in.
+EXPORT_WITH_A_PROJECT_WARNING = """
+import logging, sys, warnings
+import p2pz.student.export as export
+plain = export.export_onnx
+def export_onnx(*args, **kwargs):
+    logging.getLogger("p2pz.student.export").warning("a project log warning")
+    warnings.warn("a project warning")
+    plain(*args, **kwargs)
+export.export_onnx = export_onnx
+from p2pz.cli.main import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def test_export_prints_no_library_noise(tmp_path):
+    import subprocess
+    import sys
+
+    narrow_checkpoint(tmp_path / "last.ckpt")  # a few seconds of ONNX export
+    argv = ["export", str(tmp_path / "last.ckpt"), "--out", str(tmp_path / "model"), "--formats", "onnx"]
+    run = subprocess.run(
+        [sys.executable, "-c", EXPORT_WITH_A_PROJECT_WARNING, *argv],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert run.returncode == 0, run.stderr
+    assert (tmp_path / "model" / "generator.onnx").is_file()
+    for noise in ("Skipping constant folding", "general pattern rewrite rules", "No CUDA runtime is found"):
+        assert noise not in run.stderr, run.stderr
+    assert "a project log warning" in run.stderr and "UserWarning: a project warning" in run.stderr
+
+
 def test_apply_cli(package, tmp_path):
     model_dir, _ = package
     inputs = tmp_path / "in"
@@ -175,6 +223,45 @@ def test_apply_bad_input_writes_nothing(package, tmp_path):
     (tmp_path / "bad.png").write_text("not an image")
     assert main(["apply", str(model_dir), str(tmp_path / "bad.png"), "--out", str(tmp_path / "out")]) == 2
     assert not (tmp_path / "out").exists()
+
+
+def test_apply_skips_unreadable_photos_and_edits_the_rest(tmp_path, capsys):
+    """A folder with two bad photos among good ones: one line per bad photo naming it and why, every
+    good photo edited, then one error line and exit 2 (a script notices); no temporary file is left."""
+    from p2pz.student.export import export_package
+
+    model_dir = export_package(narrow_checkpoint(tmp_path / "last.ckpt"), tmp_path / "model", formats=())
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    Image.fromarray(np.full((64, 64, 3), 90, np.uint8)).save(photos / "a.png")
+    Image.fromarray(np.full((70, 90, 3), 30, np.uint8)).save(photos / "d.jpg")
+    good = (photos / "d.jpg").read_bytes()
+    (photos / "b.jpg").write_bytes(good[: len(good) // 2])  # truncated mid-file
+    (photos / "c.png").write_text("not an image")
+    out = tmp_path / "out"
+    assert main(["apply", str(model_dir), str(photos), "--out", str(out), "--batch-size", "1"]) == 2
+    captured = capsys.readouterr()
+    lines = [line for line in captured.err.splitlines() if line.strip() and "editing" not in line]
+    assert lines[0].startswith(f"skipped {photos / 'b.jpg'}: corrupt image"), lines
+    assert lines[1] == f"skipped {photos / 'c.png'}: not an image (no known image format)", lines
+    assert lines[2].startswith("error: 2 images skipped") and str(out) in lines[2], lines
+    assert len(lines) == 3 and "Traceback" not in captured.err
+    assert "wrote 2 edited images" in captured.out and "(2 skipped)" in captured.out
+    assert sorted(p.name for p in out.iterdir()) == ["a.png", "d.png"]
+    assert Image.open(out / "d.png").size == (64, 64)
+
+
+def test_a_batch_size_below_one_is_refused_by_the_library(tmp_path):
+    """apply_to_images(batch_size=-1) returned no images at all; run_benchmark timed empty batches."""
+    from p2pz.student.bench import run_benchmark
+    from p2pz.student.export import apply_to_images
+
+    photo = Image.new("RGB", (64, 64))
+    for size in (0, -1):
+        with pytest.raises(ValueError, match="batch_size must be at least 1"):
+            apply_to_images(torch.nn.Identity(), 64, [photo], batch_size=size)
+        with pytest.raises(ValueError, match="batch sizes must be at least 1"):
+            run_benchmark(tmp_path, batches=[1, size])
 
 
 def test_load_rejects_non_package(tmp_path):

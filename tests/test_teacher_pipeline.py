@@ -476,6 +476,11 @@ def test_bad_arguments(official, cat2dog):
         Pix2PixZero.from_pretrained("/nonexistent", preset="nope")
     with pytest.raises(UserError, match="does not exist"):
         Pix2PixZero.from_pretrained("/nonexistent/model")
+    for value in (float("nan"), float("inf")):  # a NaN scale edited into noise, and exit 0
+        with pytest.raises(UserError, match="guidance_scale must be a finite number"):
+            official.edit([picture(0)], [cat2dog], captions=["a cat"], guidance_scale=value)
+        with pytest.raises(UserError, match="xa_guidance must be a finite number"):
+            official.edit([picture(0)], [cat2dog], captions=["a cat"], xa_guidance=value)
 
 
 def test_captions_come_from_the_bundled_captioner(tiny_model_dir, cat2dog):

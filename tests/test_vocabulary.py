@@ -100,6 +100,45 @@ def test_generate_eval_and_demo_refuse_it(tmp_path, capsys):
     _refused(capsys, ["demo", "--edit", "circle:diamond", "--out", str(tmp_path / "d")], tmp_path / "d")
 
 
+def _never_loaded(*args, **kwargs):
+    raise AssertionError("a model was loaded before the edit's words were checked")
+
+
+@pytest.mark.parametrize("command", ["edit", "direction", "generate"])
+def test_the_teacher_commands_refuse_it_before_loading_the_model(command, tmp_path, capsys, monkeypatch):
+    """``--target hexagon`` on the toy model: one line naming the word and listing the known ones, exit 2."""
+    from PIL import Image
+
+    from p2pz.teacher import models, pipeline
+
+    monkeypatch.setattr(pipeline.Pix2PixZero, "from_pretrained", _never_loaded)
+    monkeypatch.setattr(models, "load_sd_components", _never_loaded)
+    model, out = str(TOY_MODEL), tmp_path / "out"
+    if command == "edit":
+        Image.new("RGB", (64, 64), "white").save(tmp_path / "scene.png")
+        argv = ["edit", "--model", model, "--image", str(tmp_path / "scene.png"), "--caption", "a circle"]
+        argv += ["--source", "circle", "--target", "hexagon", "--out", str(out / "edit.png")]
+    elif command == "direction":
+        argv = ["direction", "--model", model, "--source", "circle", "--target", "hexagon", "--out", str(out)]
+    else:
+        argv = ["generate", "--model", model, "--edit", "circle:hexagon", "--synthetic", "--out", str(out)]
+    assert main(argv) == 2
+    lines = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error:") and "never learned hexagon" in lines[0], lines
+    assert "circle, square, triangle" in lines[0] and "red, green, blue, yellow" in lines[0]
+    assert not out.exists()
+
+
+def test_words_it_learned_pass_the_check(tmp_path, capsys, monkeypatch):
+    """The same command with a known word gets past the check (to the model, stopped here)."""
+    from p2pz.teacher import models
+
+    monkeypatch.setattr(models, "load_sd_components", _never_loaded)
+    argv = ["direction", "--model", str(TOY_MODEL), "--source", "circle", "--target", "square"]
+    with pytest.raises(AssertionError, match="a model was loaded"):
+        main([*argv, "--out", str(tmp_path / "out")])
+
+
 def test_the_ablation_refuses_it(tmp_path):
     run = subprocess.run(
         [sys.executable, str(REPO / "benchmarks" / "toy_ablation.py"), "--edits", "circle:diamond"],

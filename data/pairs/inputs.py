@@ -85,6 +85,15 @@ def check_image(data: bytes, *, min_size: int, convert_modes: bool) -> object:
     return to_rgb(image)
 
 
+def read_image_file(path: str | os.PathLike, *, min_size: int, convert_modes: bool) -> object:
+    """An image file through :func:`check_image`, or InputSkipped saying why not (unreadable included)."""
+    try:
+        data = Path(path).read_bytes()
+    except OSError as err:
+        raise InputSkipped(f"unreadable file ({err.strerror})") from None
+    return check_image(data, min_size=min_size, convert_modes=convert_modes)
+
+
 def _png_bit_depth(data: bytes) -> int | None:
     """Bit depth from a PNG header (Pillow reads 16-bit RGB PNGs as 8-bit 'RGB' and hides it)."""
     if data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) >= 25 and data[12:16] == b"IHDR":
@@ -125,11 +134,7 @@ class FolderInputs:
 
     def load(self, input_id: str) -> LoadedInput:
         path = self.root / input_id
-        try:
-            data = path.read_bytes()
-        except OSError as err:
-            raise InputSkipped(f"unreadable file ({err.strerror})") from None
-        image = check_image(data, min_size=self.min_size, convert_modes=self.convert_modes)
+        image = read_image_file(path, min_size=self.min_size, convert_modes=self.convert_modes)
         caption_file = path.with_suffix(".txt")
         caption = caption_file.read_text().strip() if caption_file.is_file() else None
         return LoadedInput(image=image, caption=caption or None)

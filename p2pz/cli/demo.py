@@ -15,8 +15,8 @@ The same code paths as a cluster run, at toy scale:
 
 Each stage says how long it took, and the end of the output (and the report) has the split. Messages
 from libraries that a user of the demo can do nothing about (deprecations inside Lightning, "No CUDA
-runtime is found" on a CPU machine, Lightning's tips) are filtered, each by its own text
-(:func:`quiet_library_noise`); everything else, the project's own warnings included, still shows.
+runtime is found" on a CPU machine, Lightning's tips) are filtered, each by its own text, as in every
+command (:mod:`p2pz.cli.quiet`); everything else, the project's own warnings included, still shows.
 """
 
 from __future__ import annotations
@@ -29,7 +29,6 @@ import html
 import importlib.resources
 import io
 import json
-import logging
 import os
 import shutil
 import subprocess
@@ -50,6 +49,7 @@ from p2pz.data.shapes.teacher_settings import (
     toy_xa_guidance,
 )
 from p2pz.utils.errors import UserError
+from p2pz.utils.formatting import format_duration, format_ratio
 from p2pz.utils.values import positive_int
 
 if TYPE_CHECKING:
@@ -508,8 +508,9 @@ def _headline(bench: dict[str, Any]) -> str:
     """The point of the job in one sentence: how much faster the student edits than its teacher."""
     speedup = bench.get("teacher_over_student")
     student_b1 = [r["1"]["p50_ms"] for r in bench["student"].values() if "1" in r]
+    times = f"{format_ratio(speedup)}×" if speedup else "n/a"
     return (
-        f"The student edits in one forward pass, <b>{_fmt(speedup) if speedup else 'n/a'}×</b> faster than "
+        f"The student edits in one forward pass, <b>{times}</b> faster than "
         f"the teacher it learned from ({_fmt(bench.get('teacher_ms'))} ms vs "
         f"{_fmt(min(student_b1)) if student_b1 else 'n/a'} ms per image on {html.escape(bench['device'])})."
     )
@@ -549,7 +550,6 @@ def cmd_demo(args: argparse.Namespace) -> int:
     args.device = resolve_device(args.device)
     out = Path(args.out)
     source = _check_demo_inputs(args)  # before anything is written
-    quiet_library_noise()
     demo_started = started = time.perf_counter()
     teacher = load_teacher(demo_settings(args))  # one teacher for the pairs and the report; a bad
     teacher_load_s = time.perf_counter() - started  # model stops the demo before anything is written
@@ -613,7 +613,7 @@ def stage_split(timings: dict[str, float]) -> str:
     """The seconds of each stage and the whole, as the demo's last lines say them."""
     total = timings.get("total") or sum(timings.values())
     parts = [f"{k} {v:.0f} s ({v / total:.0%})" for k, v in timings.items() if k != "total" and total > 0]
-    return f"time per stage: {', '.join(parts)}; total {total / 60:.0f} min {total % 60:.0f} s"
+    return f"time per stage: {', '.join(parts)}; total {format_duration(total)}"
 
 
 def _kept_line(args: argparse.Namespace, kept: dict[str, Any]) -> str:
@@ -656,7 +656,7 @@ def _stage(timings: dict[str, float], key: str, title: str) -> Iterator[None]:
     start = time.perf_counter()
     yield
     timings[key] = time.perf_counter() - start
-    print(f"   done in {timings[key]:.0f} s", flush=True)
+    print(f"   done in {format_duration(timings[key])}", flush=True)
 
 
 def _bench_student(args: argparse.Namespace, out: Path) -> tuple[dict[str, Any], Path, Path]:
@@ -721,57 +721,11 @@ def _demo_facts(args: argparse.Namespace, out: Path, kept: dict[str, Any] | None
     }
 
 
-# ------------------------------------------------------------------------------------------------
-# Library noise
-
-
-# Warnings from libraries that a user of the demo can do nothing about, each matched by the start of its
-# text (the demo's own warnings, and any other library's, still show).
-LIBRARY_WARNINGS = (
-    r"The `srun` command is available on your system but is not used",  # Lightning, on a SLURM login node
-    r"Starting from v1\.9\.0, `tensorboardX` has been removed",  # Lightning's note on its default logger
-    r"`isinstance\(treespec, LeafSpec\)` is deprecated",  # Lightning's own use of torch's pytree
-    r"Your `IterableDataset` has `__len__` defined",  # the pair stream's epoch length is nominal
-    r"Total length of `\w+` across ranks is zero",  # a run without validation pairs
-)
-# Log lines of the same kind: logger name -> the lines' starts.
-LIBRARY_LOG_LINES = {
-    "torch.utils.cpp_extension": ("No CUDA runtime is found",),  # building the CPU ops on a CPU machine
-    "lightning.pytorch.utilities.rank_zero": ("💡 Tip",),  # Lightning's advertisement of its cloud logger
-}
-# Loggers whose INFO lines are for their developers (the ONNX exporter's optimiser lists every node)
-CHATTY_LOGGERS = ("onnxscript", "onnx_ir")
-
-
-class _DropLines(logging.Filter):
-    def __init__(self, starts: tuple[str, ...]):
-        super().__init__()
-        self.starts = starts
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        return not str(record.msg).startswith(self.starts)
-
-
-def quiet_library_noise() -> None:
-    """Filter the library messages listed above, in this process (the demo's stages and its training)."""
-    import warnings
-
-    for pattern in LIBRARY_WARNINGS:
-        warnings.filterwarnings("ignore", message=pattern)
-    for name, starts in LIBRARY_LOG_LINES.items():
-        logger = logging.getLogger(name)
-        if not any(isinstance(f, _DropLines) for f in logger.filters):
-            logger.addFilter(_DropLines(starts))
-    for name in CHATTY_LOGGERS:
-        logging.getLogger(name).setLevel(logging.WARNING)
-
-
 def train_main(args: list[str]) -> int:
-    """The demo's training stage: ``p2pz train`` (``python -m p2pz.cli.train``) with the library noise
-    filtered, run as ``python -m p2pz.cli.demo fit ...``."""
+    """The demo's training stage: ``p2pz train`` (``python -m p2pz.cli.train``, the library noise
+    filtered as in every command), run as ``python -m p2pz.cli.demo fit ...``."""
     from p2pz.cli.train import script_main
 
-    quiet_library_noise()
     # the arguments are sys.argv's: LightningCLI reads them there (given again, it warns about both)
     return script_main(None if args == sys.argv[1:] else args, prog="p2pz demo (training)")
 

@@ -110,6 +110,11 @@ def _check_arguments(args: argparse.Namespace, out: Path) -> None:
         )
     if args.direction is None:
         args.source, args.target = source_target(args)
+        # a world model's unlearned word: one line listing the words it knows
+        from p2pz.data.shapes.edits import check_edit_vocabulary
+        from p2pz.teacher.edits import Edit
+
+        check_edit_vocabulary(Edit(args.source, args.target), args.model)
 
 
 def _load_direction_file(args: argparse.Namespace) -> EditDirection | None:

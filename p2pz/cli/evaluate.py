@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from p2pz.cli.options import ExtendList, add_device, add_dtype, add_edit, add_progress, add_seed, plain
+from p2pz.cli.skipped import Skipped
 from p2pz.data.models import TOY_MODEL
 from p2pz.data.shapes.teacher_settings import AUTO, TOY_XA_GUIDANCE, xa_guidance_value
 from p2pz.teacher.edits import Edit
@@ -170,13 +171,15 @@ def run(args: argparse.Namespace) -> int:
     out = Path(args.out)
     if out.exists() and not out.is_dir():
         raise UserError(f"--out {out} is a file; give a folder")
+    skipped = Skipped("inputs")  # --pairs: the pairs, shards and masks that could not be read
     if args.student:
         report = eval_student(args)
     else:
-        report = eval_world(args) if args.world else eval_pairs(args)
+        report = eval_world(args) if args.world else eval_pairs(args, skipped)
     write_outputs(out, report)
     print(summary_table(report["metrics"]))
-    print(f"wrote {out / 'metrics.json'} and {out / 'grid.png'}")
+    print(f"wrote {out / 'metrics.json'} and {out / 'grid.png'}{skipped.summary()}")
+    skipped.raise_if_any(f"the others are scored in {out / 'metrics.json'}")
     return 0
 
 
@@ -369,11 +372,14 @@ def _teacher_edits(args: argparse.Namespace, settings: dict, edit: Any, inputs: 
 # --pairs
 
 
-def read_pairs(spec: str, limit: int | None = None, damaged: list | None = None):
+def read_pairs(
+    spec: str, limit: int | None = None, damaged: list | None = None, skipped: Skipped | None = None
+):
     """(key, input image, edited image, metadata, mask image or None) from WebDataset shards.
 
     Samples without both images are left out; a damaged shard is read up to the damage (its
-    :class:`ShardError` is appended to ``damaged`` when given, else logged).
+    :class:`ShardError` is appended to ``damaged`` when given, else logged); a sample whose images or
+    metadata cannot be decoded goes to ``skipped`` (``SHARD:KEY`` and why) when given, else is logged.
     """
     from p2pz.data.pairs import sample as fmt
     from p2pz.data.pairs.reader import list_shards
@@ -394,7 +400,15 @@ def read_pairs(spec: str, limit: int | None = None, damaged: list | None = None)
                 break
             if not fmt.is_complete(raw):
                 continue
-            pair = fmt.decode_sample(raw)
+            try:
+                pair = fmt.decode_sample(raw)
+            except Exception as err:  # noqa: BLE001 - image decoders raise many types for damaged bytes
+                name, reason = f"{url}:{raw[fmt.KEY]}", f"corrupt pair ({type(err).__name__}: {err})"
+                if skipped is None:
+                    log.warning("%s: %s; skipped", name, reason)
+                else:
+                    skipped.add(name, reason)
+                continue
             yield Path(pair.key).name, pair.source, pair.edited, pair.meta, pair.mask
             count += 1
             if limit is not None and count >= limit:
@@ -411,11 +425,15 @@ def _edit_words(meta: dict) -> tuple[str, str]:
     return str(source), str(target)
 
 
-def eval_pairs(args: argparse.Namespace) -> dict:
-    """Score existing pairs: world scenes with the oracle's metrics, real images with the paper's."""
+def eval_pairs(args: argparse.Namespace, skipped: Skipped | None = None) -> dict:
+    """Score existing pairs: world scenes with the oracle's metrics, real images with the paper's.
+
+    Pairs that cannot be read go to ``skipped`` (and to the report's ``skipped``), the rest are scored.
+    """
     from p2pz.data.eval.world_metrics import aggregate
 
-    world_scores, paper_pairs, shown, n = _read_and_sort_pairs(args)
+    skipped = Skipped("inputs") if skipped is None else skipped
+    world_scores, paper_pairs, shown, n = _read_and_sort_pairs(args, skipped)
     metrics: dict[str, Any] = {}
     for name, scores in world_scores.items():
         metrics[name] = {"metrics": "world", **aggregate(scores), "per_image": [s.to_dict() for s in scores]}
@@ -425,11 +443,12 @@ def eval_pairs(args: argparse.Namespace) -> dict:
         "kind": "pairs",
         "settings": {"pairs": str(args.pairs), "count": n},
         "metrics": metrics,
+        "skipped": [{"input": name, "reason": reason} for name, reason in skipped.inputs],
         "grid": shown,
     }
 
 
-def _read_and_sort_pairs(args: argparse.Namespace) -> tuple[dict, dict, list, int]:
+def _read_and_sort_pairs(args: argparse.Namespace, skipped: Skipped) -> tuple[dict, dict, list, int]:
     """Read every pair; score world scenes now, set real images (with their masks) aside by edit."""
     import numpy as np
 
@@ -441,7 +460,7 @@ def _read_and_sort_pairs(args: argparse.Namespace) -> tuple[dict, dict, list, in
     shown: list = []
     n = 0
     damaged: list = []  # ShardErrors: the shards' readable pairs are scored, the rest reported
-    for key, src, edited, meta, mask in read_pairs(args.pairs, args.limit, damaged):
+    for key, src, edited, meta, mask in read_pairs(args.pairs, args.limit, damaged, skipped):
         n += 1
         source, target = _edit_words(meta)
         use_world = args.metrics == "world" or (args.metrics == "auto" and is_world_edit(source, target))
@@ -460,36 +479,43 @@ def _read_and_sort_pairs(args: argparse.Namespace) -> tuple[dict, dict, list, in
                 if len(shown) < GRID_PAIRS:
                     shown.append((src, edited, _world_label(score.to_dict())))
         if not use_world:
-            mask = _mask_for(args, key) if mask is None else mask
+            mask = _mask_for(args, key, skipped) if mask is None else mask
             obj = None if mask is None else np.asarray(mask) >= 128
             paper_pairs[(source, target)].append((key, src, edited, obj))
-    _check_some_pairs_read(args, n, damaged)
+    _check_some_pairs_read(args, n, damaged, skipped)
     return world_scores, paper_pairs, shown, n
 
 
-def _mask_for(args: argparse.Namespace, key: str) -> Any:
-    """The object mask of pair ``key`` from ``--masks`` (``KEY.png``), or None."""
+def _mask_for(args: argparse.Namespace, key: str, skipped: Skipped) -> Any:
+    """The object mask of pair ``key`` from ``--masks`` (``KEY.png``), or None (a damaged one: None, and
+    the mask goes to ``skipped``; the pair is scored without BG LPIPS)."""
+    from p2pz.data.pairs.inputs import InputSkipped, read_image_file
+
     path = Path(args.masks) / f"{key}.png" if args.masks else None
     if path is None or not path.is_file():
         return None
-    from p2pz.teacher.images import load_image
+    try:
+        return read_image_file(path, min_size=1, convert_modes=True).convert("L")
+    except InputSkipped as why:
+        skipped.add(path, f"{why}; its pair is scored without BG LPIPS")
+        return None
 
-    return load_image(path).convert("L")  # a damaged mask: one line naming it
 
-
-def _check_some_pairs_read(args: argparse.Namespace, n: int, damaged: list) -> None:
+def _check_some_pairs_read(args: argparse.Namespace, n: int, damaged: list, skipped: Skipped) -> None:
+    """Stop when no pair could be read (one line); else name what was left out and go on."""
+    for err in damaged:  # the pairs before the damage were read: the rest of the shard is left out
+        skipped.add(err.path, f"damaged shard, the pairs after the damage not read ({err.reason})")
     if n == 0 and damaged:
         more = f" (and {len(damaged) - 1} more damaged shards)" if len(damaged) > 1 else ""
         raise UserError(
             f"no readable pairs: shard {damaged[0].path} is damaged ({damaged[0].reason}){more}; "
             "check the shards with 'p2pz shards inspect' and write them again with 'p2pz generate'"
         )
+    skipped.check_some_usable(n)
     if n == 0:
         raise UserError(
             f"no (src.png, edit.png) pairs found in {args.pairs}; give the shards 'p2pz generate' wrote"
         )
-    for err in damaged:
-        log.warning("scored the pairs before the damage of an unreadable shard: %s", err)
 
 
 def _score_paper_pairs(args: argparse.Namespace, paper_pairs: dict, shown: list) -> dict[str, Any]:

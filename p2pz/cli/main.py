@@ -13,6 +13,7 @@ import sys
 from p2pz import __version__
 from p2pz.cli import calibrate, demo, edit, evaluate, pairs, student, teacher, train
 from p2pz.cli.options import OneLineParser, progress_bars
+from p2pz.cli.quiet import library_noise_filtered
 from p2pz.utils.errors import UserError
 
 # Stages that add subcommands, in the order they appear in ``p2pz --help``.
@@ -42,7 +43,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(message)s")
     try:
-        with progress_bars(getattr(args, "progress", True)):
+        with progress_bars(getattr(args, "progress", True)), library_noise_filtered():
             return int(args.func(args) or 0)
     except UserError as err:
         print(f"error: {err}", file=sys.stderr)

@@ -5,8 +5,10 @@ from __future__ import annotations
 import argparse
 import json
 from pathlib import Path
+from typing import Any
 
 from p2pz.cli.options import add_device, add_dtype, add_list, add_progress
+from p2pz.cli.skipped import Skipped
 from p2pz.utils.errors import UserError
 from p2pz.utils.values import non_negative_int, positive_int
 
@@ -169,11 +171,26 @@ def _image_files(paths: list[str]) -> list[Path]:
     return files
 
 
+def read_images(files: list[Path], skipped: Skipped) -> tuple[list[Path], list[Any]]:
+    """The files that are usable images and the images, read as ``p2pz generate`` reads a folder
+    (:func:`p2pz.data.pairs.inputs.read_image_file`, every mode converted); the others go to ``skipped``."""
+    from p2pz.data.pairs.inputs import InputSkipped, read_image_file
+
+    usable, images = [], []
+    for path in files:
+        try:
+            images.append(read_image_file(path, min_size=1, convert_modes=True))
+        except InputSkipped as why:
+            skipped.add(path, str(why))
+            continue
+        usable.append(path)
+    return usable, images
+
+
 def cmd_apply(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
     from p2pz.student.export import apply_to_images, load_exported, read_config, save_image_atomic
-    from p2pz.teacher.images import load_image
     from p2pz.utils.devices import resolve_device, torch_dtype
 
     device = "cpu" if args.backend == "onnx" else resolve_device(args.device)
@@ -181,11 +198,11 @@ def cmd_apply(args: argparse.Namespace) -> int:
     out = Path(args.out)
     if out.exists() and not out.is_dir():
         raise UserError(f"--out {out} is a file; give a folder for the edited images")
-    files = _image_files(args.images)
-    # read everything first (as the teacher reads images): a bad file stops the job before anything
-    # is written, with one line naming it
-    images = [load_image(path) for path in files]
+    skipped = Skipped("images")
+    # read everything first: nothing readable stops the job before anything is written, with one line
+    files, images = read_images(_image_files(args.images), skipped)
     config = read_config(args.model)
+    skipped.check_some_usable(len(files))  # after the package's check: a bad package is its own line
     model = load_exported(args.model, args.backend, device, trust_pt2=args.trust_pt2, dtype=dtype)
     out.mkdir(parents=True, exist_ok=True)
     names: set[str] = set()
@@ -201,7 +218,8 @@ def cmd_apply(args: argparse.Namespace) -> int:
                 name += "_"
             names.add(name)
             save_image_atomic(image, out / f"{name}.png")
-    print(f"wrote {len(files)} edited images to {out}")
+    print(f"wrote {len(files)} edited images to {out}{skipped.summary()}")
+    skipped.raise_if_any(f"the other {len(files)} are in {out}")
     return 0
 
 

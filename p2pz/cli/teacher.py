@@ -54,6 +54,11 @@ def _direction(args: argparse.Namespace) -> int:
         raise UserError(f"--out {out} is a file; give a folder for the direction file")
     banks = args.sentences * (2 // len(args.sentences))
     words = (source, target)
+    if any(bank in ("template", "llm") for bank in banks):  # the words make the sentences
+        from p2pz.data.shapes.edits import check_edit_vocabulary
+        from p2pz.teacher.edits import Edit
+
+        check_edit_vocabulary(Edit(source, target), args.model)
     from_files: dict[int, list[str]] = {}
     for i, bank in enumerate(banks):  # read sentence files before loading any model
         if bank in ("template", "llm"):

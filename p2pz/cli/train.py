@@ -189,9 +189,13 @@ def main(args: list[str] | None = None, run: bool = True, prog: str | None = Non
 
 
 def script_main(args: list[str] | None = None, prog: str | None = None) -> int:
-    """``python train.py`` / ``python -m p2pz.cli.train``: a UserError is one ``error:`` line, exit 2."""
+    """``python train.py`` / ``python -m p2pz.cli.train``: a UserError is one ``error:`` line, exit 2;
+    the library noise is filtered as in every ``p2pz`` command."""
+    from p2pz.cli.quiet import library_noise_filtered
+
     try:
-        main(args, prog=prog)
+        with library_noise_filtered():
+            main(args, prog=prog)
     except UserError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
