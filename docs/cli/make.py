@@ -63,11 +63,17 @@ def render(command: list[str]) -> str:
     return "\n".join(line.rstrip() for line in text.splitlines()) + "\n"
 
 
-def stale(folder: Path = HERE) -> list[str]:
-    """The docs/cli files that differ from the commands' help now, missing ones included."""
-    wrong = [file_name(c) for c in COMMANDS if _read(folder / file_name(c)) != render(c)]
-    known = {file_name(c) for c in COMMANDS}
-    return wrong + sorted(p.name for p in folder.glob("p2pz*.txt") if p.name not in known)
+def render_all() -> dict[str, str]:
+    """Every file's text, by file name."""
+    return {file_name(c): render(c) for c in COMMANDS}
+
+
+def stale(folder: Path = HERE, rendered: dict[str, str] | None = None) -> list[str]:
+    """The files of ``folder`` that differ from the commands' help now (``rendered``: render_all()'s
+    result, if already made), missing ones included, and any left from a command that is gone."""
+    rendered = render_all() if rendered is None else rendered
+    wrong = [name for name, text in rendered.items() if _read(folder / name) != text]
+    return wrong + sorted(p.name for p in folder.glob("p2pz*.txt") if p.name not in rendered)
 
 
 def _read(path: Path) -> str | None:
@@ -82,9 +88,9 @@ def main(argv: list[str]) -> int:
         return 1 if wrong else 0
     for old in HERE.glob("p2pz*.txt"):
         old.unlink()
-    for command in COMMANDS:
-        (HERE / file_name(command)).write_text(render(command))
-        print(f"docs/cli/{file_name(command)}")
+    for name, text in render_all().items():
+        (HERE / name).write_text(text)
+        print(f"docs/cli/{name}")
     return 0
 
 
