@@ -202,3 +202,14 @@ def test_cli_help_files_are_up_to_date(tmp_path):
     (tmp_path / "p2pz-gone.txt").write_text("")
     expected = {maker.file_name(["apply"]), maker.file_name(["export"]), "p2pz-gone.txt"}
     assert set(maker.stale(tmp_path, rendered)) == expected
+
+
+def test_the_preset_table_lists_every_preset():
+    """docs/teacher.md's preset table names exactly the presets the code has (a list that went stale
+    once: the README's omitted box_edges)."""
+    from p2pz.teacher.presets import PRESETS
+
+    text = (REPO / "docs" / "teacher.md").read_text()
+    table = text.split("## Presets", 1)[1].split("\n## ", 1)[0]
+    listed = re.findall(r"^\| `(\w+)` \|", table, re.M)
+    assert sorted(listed) == sorted(PRESETS), f"docs/teacher.md lists {listed}; the code: {sorted(PRESETS)}"
