@@ -17,13 +17,13 @@ success >= 80%, IoU >= 0.8, median shift <= 1.5 px, and IoU above both unguided 
     python benchmarks/toy_ablation.py --edits circle:square red:blue --scenes 24 --steps 20
     python benchmarks/toy_ablation.py --log runs/ablation.jsonl   # resumable
 
-Scenes: 100 for the README's two edits (circle:square, red:blue), 20 for each other edit;
+Scenes: 100 for the two headline edits (circle:square, red:blue), 20 for each other edit;
 ``--scenes N`` gives every edit N. The default run edits 400 scenes three ways (about 1,200
 edits, a guided one costing about three plain ones) plus 288 guided calibration edits (12 edits x
 4 steps x 6 scenes). On this project's 2-core machine it takes about 150 minutes of one core
-(3-5 s per plain and 7-9 s per guided edit with ``box_edges``). Its edits split
-over processes that share nothing but the log's format: the README's figures come from the shape
-edits and the colour edits run side by side (``--edits ... --threads 1 --log A.jsonl``, 75 min),
+(3-5 s per plain and 7-9 s per guided edit with ``box_edges``). Its edits split over processes
+that share nothing but the log's format: the figures in docs/results/toy-ablation.md come from the
+shape edits and the colour edits run side by side (``--edits ... --threads 1 --log A.jsonl``, 75 min),
 their logs concatenated, and this default command resuming from them (seconds; it reruns a guided
 row only where the calibration rule now picks another step than the logged scenes ran at).
 ``--scenes``/``--edits``/``--steps`` shrink it. ``--log FILE`` records every scored scene and
@@ -50,7 +50,7 @@ from typing import TYPE_CHECKING, Any
 from p2pz.data.models import TOY_MODEL
 from p2pz.data.shapes.teacher_settings import AUTO, TOY_XA_GUIDANCE, add_toy_teacher_arguments
 
-README_EDITS = ("circle:square", "red:blue")  # the README's table: more scenes
+README_EDITS = ("circle:square", "red:blue")  # the headline edits (docs/results/toy-ablation.md): more scenes
 README_SCENES, OTHER_SCENES = 100, 20
 
 if TYPE_CHECKING:

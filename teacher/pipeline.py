@@ -2,8 +2,8 @@
 
 Stages (each in its own module): captioning (``captioning``), edit directions (``directions``),
 regularised DDIM inversion (``inversion``), reference + cross-attention-guided edit passes
-(``editing``, ``attention``). Numbers come from a preset (``presets``: ``official``, ``diffusers``,
-``paper`` or ``joint``).
+(``editing``, ``attention``). Numbers come from a preset (``presets.PRESETS``; listed with their
+sources in docs/teacher.md).
 
 Real images::
 

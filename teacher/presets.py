@@ -24,6 +24,8 @@
               (finer than the latent's grid; a VAE decode and its backward pass per step).
 ``box_late``  ``box_pixels`` with both box terms 12x stronger in the last 40% of the timesteps, where
               the object's edges form (experimental: see ``BOX_LATE``).
+
+The table with each preset's sources, and where they depart from the references: docs/teacher.md.
 ``box_edges`` ``box_pixels`` with the pixel term alone 24x stronger in those steps, and half the
               caption in the negative prompt (see ``BOX_EDGES``).
 """
@@ -142,51 +144,37 @@ PAPER = dataclasses.replace(OFFICIAL, name="paper", guided_branch="edit")
 
 # The official loss (both branches' maps) with its gradient taken with respect to the shared latent:
 # the negative branch's half keeps the structure, the edit branch's half lets an attribute change.
-# It draws the VAE posterior's noise once for all images: on the toy model (the world's teacher), two
-# seeds' edits of the same scene otherwise differ by 24.5 dB PSNR (red -> blue; 55 dB with that
-# noise shared), noise no student can learn from the image. Its posterior mean instead is not
-# what the model was trained on: circle -> square success 0.80 -> 0.70, IoU 0.80 -> 0.61 (20 scenes).
+# It draws the VAE posterior's noise once for all images: on the toy model (the world's teacher) a
+# noise per seed makes two edits of the same scene disagree, noise no student can learn from the
+# image; the posterior's mean instead is not what the model was trained on
+# (docs/results/toy-teacher-settings.md).
 JOINT = dataclasses.replace(OFFICIAL, name="joint", guided_branch="joint", vae_posterior="shared")
 
-# ``joint`` with box guidance. On the toy model (step 5, CFG 3, 20 scenes of each of the world's 12
-# edits) it raised the mean IoU with the ideal edit from 0.73 to 0.78 and the triangle edits' from
-# 0.45-0.63 to 0.63-0.75; weight 0.3 scored the same, 1 cost shape edits their success and 3
-# repainted the background (README, "Box guidance").
-#
-# Its negative prompt is empty, not the caption: classifier-free guidance against the *source*
-# caption extrapolates the edit away from the source, which on the toy model draws triangles with
-# concave sides (away from "circle") and turns blue -> yellow orange. With the empty prompt, as in
-# text-to-image sampling, blue -> yellow succeeds in 5 of 6 calibration scenes at IoU 0.85 (2 of 6
-# before) and triangles come out convex. In the toy ablation's default run (12 edits, calibrated
-# steps) mean success went from 0.89 to 0.99, IoU from 0.77 to 0.78, shift from 1.5 to 1.3 px.
+# ``joint`` with box guidance (teacher/box_guidance.py), weight 0.2 of the map loss: stronger weights
+# cost shape edits their success or repaint the background. Its negative prompt is empty, not the
+# caption: classifier-free guidance against the *source* caption extrapolates the edit away from the
+# source, which on the toy model draws triangles with concave sides (away from "circle") and turns
+# blue -> yellow orange. Figures: docs/results/box-guidance.md.
 BOX = dataclasses.replace(JOINT, name="box", box_weight=0.2, negative_prompt_real="empty")
 
-# ``box`` with its box term also in pixel space (weight 0.05), below the latent's resolution. Six
-# calibration scenes per edit, step 5, CFG 3 (``box`` in brackets): circle -> triangle IoU 0.75
-# (0.72), triangle -> circle 0.82 (0.75-0.79), triangle -> square 0.77 (0.68), square -> triangle
-# 0.71 (0.68); weight 0.1 or 0.2 cost circle -> triangle its success (4 of 6). The ablation's
-# default run: mean IoU 0.83 against box's 0.78, every edit higher, eight of twelve edits meeting
-# every target against six (README). The toy model's teacher (``TOY_PRESET``).
+# ``box`` with its box term also in pixel space, below the latent's resolution, at weight 0.05 (0.1
+# and 0.2 cost circle -> triangle its success). The toy model's teacher before ``box_edges``.
+# Figures: docs/results/box-guidance.md, docs/results/toy-ablation.md.
 BOX_PIXELS = dataclasses.replace(BOX, name="box_pixels", box_pixel_weight=0.05)
 
 # ``box_pixels`` with its box terms 12x stronger over the last 40% of the timesteps (t < 400), where
-# an object's edges form. The ablation's 20-scene rows at step 2: triangle -> square 0.777, square ->
-# triangle 0.790, circle -> triangle 0.777 (box_pixels: 0.716, 0.759, 0.774); but blue -> yellow is
-# made on 12 of 20 scenes (20 of 20), so the factor would have to be calibrated per edit like the
-# step: not the toy model's preset. The other schedules tried: README, "A stronger box term late".
+# an object's edges form. It lifts the triangle edits but costs blue -> yellow its success, so the
+# factor would have to be calibrated per edit like the step: experimental, not the toy model's preset
+# (docs/results/box-guidance.md, with the other schedules tried).
 BOX_LATE = dataclasses.replace(BOX_PIXELS, name="box_late", box_late_factor=12.0)
 
 # ``box_pixels`` with its pixel term alone 24x stronger in the late steps, and a negative prompt
 # halfway between the empty prompt and the caption. The shape edits' misses were areas, not places:
-# triangles drawn from circles and squares came out 1.17-1.21x the ideal area with bulging sides,
-# squares from triangles 0.75x (medians, 20 scenes): the inverted latent keeps some of the source's
-# mass. With the empty negative prompt those sides bulge; with the caption (official) they come out
-# concave and blue -> yellow turns orange (``BOX``); halfway, the sides come out straighter (circle
-# -> triangle 0.759 -> 0.789 with nothing else changed). The latent box term's late pull turned
-# yellow objects on white orange (6 of 8 made), the pixel term's alone does not (8 of 8). On the
-# ablation's first 8 scenes (step 2; box_pixels -> box_edges): circle -> triangle IoU 0.759 -> 0.829,
-# square -> triangle 0.784 -> 0.871, triangle -> square 0.691 -> 0.804, blue -> yellow 0.799 ->
-# 0.947, success 1.00 throughout; the ablation's 20-scene rows are in the README ("box_edges").
+# the inverted latent keeps some of the source's mass. With the empty negative prompt the triangles'
+# sides bulge; with the caption they come out concave and blue -> yellow turns orange; halfway they
+# come out straighter. The latent term's late pull turned yellow objects on white orange, the pixel
+# term's alone does not. The toy model's teacher (``TOY_PRESET``): docs/results/box-guidance.md,
+# docs/results/toy-ablation.md.
 BOX_EDGES = dataclasses.replace(
     BOX_PIXELS, name="box_edges", box_late_factor=24.0, box_late_terms="pixel", negative_caption_weight=0.5
 )

@@ -280,3 +280,10 @@ def test_structure_dist_resizes_like_the_reference_torchvision_resize(tiny_dino_
     tokens = (32 // 8) * (42 // 8) + 1
     assert sd.self_similarity([photo]).shape == (1, tokens, tokens)
     assert sd([photo, _pattern(7)], [photo.copy(), _pattern(7)]) == pytest.approx([0.0, 0.0], abs=1e-10)
+
+
+def test_lpips_missing_is_one_line_naming_the_extra(monkeypatch):
+    """lpips is the [paper] extra (the demo does not need it): without it, one line says how to get it."""
+    monkeypatch.setitem(__import__("sys").modules, "lpips", None)  # `import lpips` raises ImportError
+    with pytest.raises(UserError, match=r"p2pz-distill\[paper\]"):
+        pm.load_lpips("alex", None, flag="--lpips-backbone")

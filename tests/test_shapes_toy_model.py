@@ -115,7 +115,7 @@ def test_toy_model_draws_what_captions_say(pipe):
 def test_the_toy_teacher_keeps_a_colour_edit_in_place():
     """red -> blue with the toy model's teacher settings (``TOY_PRESET``, step 5): the colour
     changes and the object stays where it was, on the first 8 scenes of the ablation (which measures
-    100 at its calibrated step: README)."""
+    100 at its calibrated step: docs/results/toy-ablation.md)."""
     from p2pz.data.eval.ablation import edit_world_scenes
     from p2pz.data.eval.world_metrics import aggregate
     from p2pz.data.shapes.edits import parse_world_edit

@@ -48,7 +48,7 @@ LADDER_TEXT = ", ".join(f"{f:g}" for f in LADDER)  # for --help
 SUCCESS_MARGIN = 0.1  # a step may give up this much success rate for better structure
 # Structure scores within this share of the best count as a tie, which the smaller step wins: a few
 # inputs cannot tell them apart, and a stronger step risks holding the source (toy model, red -> blue:
-# IoU 0.926 at step 10, 0.930 at 15 on 6 scenes; on 100 scenes step 15 kept 30% of objects red)
+# docs/shapes-world.md, "Calibrating the guidance step")
 STRUCTURE_TIE = 0.01
 # Below this success rate at the chosen step, calibration warns that many pairs will be failures
 # (the ablation's target for a usable teacher; circle -> triangle on the toy model stays under it)

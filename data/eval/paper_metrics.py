@@ -149,7 +149,10 @@ def load_lpips(net: str, backbone: str | os.PathLike | None, *, flag: str) -> lp
     """
     import warnings
 
-    import lpips
+    try:
+        import lpips
+    except ImportError:  # an extra: the demo does not need it
+        raise UserError(f"{flag}: LPIPS needs the lpips package: pip install 'p2pz-distill[paper]'") from None
 
     file_name = lpips_backbone_file(net)
     path = None if backbone is None else Path(backbone)

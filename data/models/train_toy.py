@@ -17,7 +17,7 @@ the output folder, e.g. after a crash):
      (for classifier-free guidance), EMA 0.999, cosine learning rate; bf16 autocast where the CPU
      computes bf16 natively (``--precision auto``: oneDNN's check, AVX-512 CPUs), float32 elsewhere:
      on an AVX2 CPU autocast emulates bf16 and a UNet step takes about 13x longer than in float32
-     (45 s against 3.4 s, batch 64, 2 cores).
+     (docs/shapes-world.md, "Retraining the toy model on another CPU").
 
 Budget: each stage plans its number of steps from the measured speed so that it ends on time
 with its cosine schedule complete; if the machine slows down, the plan shrinks (the schedule is a

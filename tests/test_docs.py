@@ -1,0 +1,215 @@
+"""The documentation stays true: links resolve, command lines parse, docs/cli/ matches the commands.
+
+Every ``p2pz ...`` line in a ```bash block of README.md or docs/**/*.md is parsed by the real parser
+(``build_parser().parse_args``) without running it; ``p2pz generate``'s arguments also by its own
+jsonargparse parser. ``p2pz train`` is a LightningCLI whose parsing instantiates the model and data:
+for it the subcommand and the ``--config`` files are checked. Other lines (``python X.py``, ``sbatch``)
+are checked for the repository files they name.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import re
+import shlex
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+PAGES = [REPO / "README.md", REPO / "ARCHITECTURE.md", *sorted((REPO / "docs").rglob("*.md"))]
+FENCE = re.compile(r"^```(\w*)\n(.*?)^```", re.S | re.M)
+LINK = re.compile(r"!?\[[^\]]*\]\(([^)\s]+)(?:\s+\"[^\"]*\")?\)")
+TRAIN_SUBCOMMANDS = {"fit", "validate", "test", "predict"}
+REPO_FILE = re.compile(r"^[\w.\-/]+\.(?:py|yaml|yml|sbatch|sh|md|txt|png|json)$")
+
+
+def _rel(page: Path) -> str:
+    return str(page.relative_to(REPO))
+
+
+def _prose(text: str) -> str:
+    """The page without fenced blocks and inline code, where a bracket is not a link."""
+    text = FENCE.sub("", text)
+    return re.sub(r"`[^`\n]*`", "", text)
+
+
+def slug(heading: str) -> str:
+    """GitHub's anchor for a heading: lower case, punctuation but - and _ dropped, spaces to -."""
+    text = re.sub(r"[`*]", "", heading.strip().lower())
+    text = re.sub(r"[^\w\- ]", "", text)
+    return text.replace(" ", "-")
+
+
+def anchors(page: Path) -> set[str]:
+    headings = re.findall(r"^#{1,6}\s+(.+?)\s*#*$", FENCE.sub("", page.read_text()), re.M)
+    return {slug(h) for h in headings}
+
+
+def links() -> list[tuple[Path, str]]:
+    return [(page, target) for page in PAGES for target in LINK.findall(_prose(page.read_text()))]
+
+
+@pytest.mark.parametrize("page", PAGES, ids=_rel)
+def test_every_relative_link_resolves(page: Path):
+    broken = []
+    for target in LINK.findall(_prose(page.read_text())):
+        if re.match(r"^[a-z]+:", target):  # https:, mailto:
+            continue
+        path_part, _, anchor = target.partition("#")
+        path = (page.parent / path_part).resolve() if path_part else page
+        if not path.exists():
+            broken.append(f"{target} (no such file)")
+        elif anchor and path.suffix == ".md" and anchor not in anchors(path):
+            broken.append(f"{target} (no heading '{anchor}' in {path.name})")
+    assert not broken, f"{_rel(page)}: broken links: {broken}"
+
+
+def command_lines(text: str) -> list[str]:
+    """The commands of a page's ```bash blocks: continuations joined, comments and `$ ` dropped."""
+    lines = []
+    for lang, body in FENCE.findall(text):
+        if lang not in ("bash", "sh", "shell", "console"):
+            continue
+        body = re.sub(r"\\\n", " ", body)
+        for line in body.splitlines():
+            line = re.sub(r"^\s*\$\s+", "", line).strip()
+            if line and not line.startswith("#"):
+                lines.append(line)
+    return lines
+
+
+def commands(line: str) -> list[list[str]]:
+    """A shell line's simple commands (split at && || ; |), each without leading VAR=value words."""
+    words = shlex.split(line, comments=True)
+    out: list[list[str]] = [[]]
+    for word in words:
+        if word in ("&&", "||", ";", "|"):
+            out.append([])
+        else:
+            out[-1].append(word)
+    return [cmd for cmd in out if cmd]
+
+
+def env_and_argv(cmd: list[str]) -> tuple[dict[str, str], list[str]]:
+    env = {}
+    while cmd and re.match(r"^[A-Z_][A-Z0-9_]*=", cmd[0]):
+        key, _, value = cmd[0].partition("=")
+        env[key] = value
+        cmd = cmd[1:]
+    return env, cmd
+
+
+DOC_COMMANDS = [
+    (page, line, cmd) for page in PAGES for line in command_lines(page.read_text()) for cmd in commands(line)
+]
+
+
+def test_the_docs_have_command_lines_to_check():
+    p2pz_lines = [cmd for _, _, cmd in DOC_COMMANDS if env_and_argv(cmd)[1][:1] == ["p2pz"]]
+    assert len(p2pz_lines) >= 20  # a broken extractor would otherwise pass every check below
+
+
+def check_p2pz(argv: list[str]) -> None:
+    """Parse ``p2pz ARGV`` as the command would, running nothing; AssertionError on a bad line."""
+    from p2pz.cli import config_files, split_config_args
+    from p2pz.cli.main import build_parser
+
+    try:
+        args = build_parser().parse_args(argv)
+    except SystemExit as exit:
+        raise AssertionError(f"'p2pz {shlex.join(argv)}' does not parse (exit {exit.code})") from None
+    if args.command == "generate":
+        import argparse
+
+        from p2pz.cli.pairs import generate_parser
+
+        configs, rest = split_config_args(list(args.rest))
+        try:
+            generate_parser().parse_args(configs + rest)
+        except (argparse.ArgumentError, SystemExit) as err:
+            raise AssertionError(f"'p2pz {shlex.join(argv)}': {err}") from None
+    if args.command == "train":
+        rest = [arg for arg in args.rest if arg not in ("-c",)]
+        assert rest and rest[0] in TRAIN_SUBCOMMANDS, f"'p2pz {shlex.join(argv)}': no subcommand"
+        for path in config_files(rest):
+            assert (REPO / path).is_file(), f"'p2pz {shlex.join(argv)}': no config {path}"
+
+
+def check_files(argv: list[str], env: dict[str, str]) -> None:
+    """The repository files a ``python X.py`` / ``python -m MODULE`` / ``sbatch`` line names exist."""
+    words = [*env.values(), *argv[1:]]
+    if argv[0] == "python" and argv[1:2] == ["-m"]:
+        module = argv[2]
+        if module.startswith("p2pz"):
+            assert importlib.util.find_spec(module) is not None, f"no module {module}"
+        words = words[2:]
+    for word in words:
+        if REPO_FILE.match(word) and "/" in word and not word.startswith(("/", "out/", "runs/", "models/")):
+            if argv[0] == "sbatch" or word.startswith(("slurm/", "configs/", "benchmarks/", "docs/", ".ci/")):
+                assert (REPO / word).exists(), f"{shlex.join(argv)}: no file {word}"
+        elif word.endswith(".py") and "/" not in word:
+            assert (REPO / word).is_file(), f"{shlex.join(argv)}: no file {word}"
+
+
+@pytest.mark.parametrize(
+    "page,line,cmd",
+    DOC_COMMANDS,
+    ids=[f"{_rel(p)}:{' '.join(c[:3])}" for p, _, c in DOC_COMMANDS],
+)
+def test_every_command_line_parses(page: Path, line: str, cmd: list[str]):
+    env, argv = env_and_argv(cmd)
+    if not argv:
+        return
+    if argv[0] == "p2pz":
+        check_p2pz(argv[1:])
+    elif argv[0] in ("python", "sbatch", "bash"):
+        check_files(argv, env)
+
+
+def test_command_line_checks_can_fail():
+    """The checks above reject what they should: an unknown flag, a missing config, a dead link."""
+    with pytest.raises(AssertionError):
+        check_p2pz(["edit", "--no-such-flag"])
+    with pytest.raises(AssertionError):
+        check_p2pz(["generate", "--model", "m", "--no-such-setting", "1"])
+    with pytest.raises(AssertionError):
+        check_p2pz(["train", "fit", "--config", "configs/no-such.yaml"])
+    with pytest.raises(AssertionError):
+        check_files(["sbatch", "slurm/no-such.sbatch"], {})
+    assert commands('A=1 p2pz x "a b" && p2pz y # c') == [["A=1", "p2pz", "x", "a b"], ["p2pz", "y"]]
+    assert slug("`box_edges`: half the caption, and more") == "box_edges-half-the-caption-and-more"
+
+
+def _cli_maker():
+    spec = importlib.util.spec_from_file_location("docs_cli_make", REPO / "docs" / "cli" / "make.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_cli_help_files_are_up_to_date(tmp_path):
+    """docs/cli/*.txt are each command's --help now; a stale or missing one names the fix."""
+    maker = _cli_maker()
+    rendered = maker.render_all()
+    stale = maker.stale(rendered=rendered)
+    assert not stale, f"stale docs/cli files {stale}: run python docs/cli/make.py"
+    # ...and the comparison notices a changed, a missing and a left-over file
+    for name, text in rendered.items():
+        (tmp_path / name).write_text(text)
+    (tmp_path / maker.file_name(["export"])).write_text("old help\n")
+    (tmp_path / maker.file_name(["apply"])).unlink()
+    (tmp_path / "p2pz-gone.txt").write_text("")
+    expected = {maker.file_name(["apply"]), maker.file_name(["export"]), "p2pz-gone.txt"}
+    assert set(maker.stale(tmp_path, rendered)) == expected
+
+
+def test_the_preset_table_lists_every_preset():
+    """docs/teacher.md's preset table names exactly the presets the code has (a list that went stale
+    once: the README's omitted box_edges)."""
+    from p2pz.teacher.presets import PRESETS
+
+    text = (REPO / "docs" / "teacher.md").read_text()
+    table = text.split("## Presets", 1)[1].split("\n## ", 1)[0]
+    listed = re.findall(r"^\| `(\w+)` \|", table, re.M)
+    assert sorted(listed) == sorted(PRESETS), f"docs/teacher.md lists {listed}; the code: {sorted(PRESETS)}"
