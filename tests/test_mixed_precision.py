@@ -67,7 +67,8 @@ def test_bf16_mixed_training_steps_with_r1_give_finite_losses(tmp_path):
     record = _RecordTrainLosses()
     args = ["--trainer.precision", "bf16-mixed", "--trainer.max_steps", "2"]
     args += ["--trainer.limit_val_batches", "0"]
-    args += ["--model.r1_interval", "1", "--model.r1_gamma", "10", "--data.batch_size", "2"]
+    # batch 1, as the real-size run: R1's double backward then convolves with the batch as channels
+    args += ["--model.r1_interval", "1", "--model.r1_gamma", "10", "--data.batch_size", "1"]
     args += ["--model.grid_every_n_steps", "0"]
     cli = fit(shards, tmp_path / "run", *args, callbacks=[record])
 
@@ -78,3 +79,24 @@ def test_bf16_mixed_training_steps_with_r1_give_finite_losses(tmp_path):
             assert math.isfinite(losses[name]), (name, losses)
         assert losses["train/d_r1"] > 0  # R1 ran, and its gradient reached the real images
         assert not any(v for k, v in losses.items() if k.startswith("train/skipped_")), losses
+
+
+def test_r1_backward_runs_without_onednn_on_the_cpu_in_bf16_only():
+    """oneDNN's native-bf16 convolutions are kept out of R1's double backward (SIGFPE there), and only
+    there: float32, steps without R1 and the flag's value after the block are untouched."""
+    from p2pz.student.training import StudentModule
+
+    context = StudentModule._r1_backward_context
+    bf16 = torch.zeros(1, dtype=torch.bfloat16)
+    fp32 = torch.zeros(1)
+    assert torch.backends.mkldnn.enabled
+    with context(True, bf16):
+        assert not torch.backends.mkldnn.enabled
+    assert torch.backends.mkldnn.enabled
+    with torch.autocast("cpu", dtype=torch.bfloat16), context(True, fp32):  # bf16-mixed: fp32 images
+        assert not torch.backends.mkldnn.enabled
+    for do_r1, real in ((False, bf16), (True, fp32)):
+        with context(do_r1, real):
+            assert torch.backends.mkldnn.enabled
+    with torch.autocast("cpu", dtype=torch.float16), context(True, fp32):
+        assert torch.backends.mkldnn.enabled
