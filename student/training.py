@@ -31,11 +31,13 @@ frozen, not a registered submodule: it is neither checkpointed, nor averaged, no
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import math
 import os
 import random
 import warnings
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -55,6 +57,17 @@ warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode a
 
 class NonFiniteLossError(UserError):
     """A loss became NaN or infinite; training stops before the weights are touched."""
+
+
+@contextlib.contextmanager
+def _onednn_off() -> Iterator[None]:
+    """PyTorch's CPU kernels instead of oneDNN's in this block (only that flag: the others stay)."""
+    before = torch.backends.mkldnn.enabled
+    torch.backends.mkldnn.enabled = False
+    try:
+        yield
+    finally:
+        torch.backends.mkldnn.enabled = before
 
 
 def rank_seed(seed: int, rank: int, world_size: int, step: int = 0) -> int:
@@ -247,7 +260,8 @@ class StudentModule(pl.LightningModule):
                     d_total = d_total + d_terms["r1"] * (hp.r1_gamma / 2 * hp.r1_interval)
                 self._stop_if_not_finite("discriminator", {**d_terms, "total": d_total})
                 opt_d.zero_grad(set_to_none=True)
-                self.manual_backward(d_total)
+                with self._r1_backward_context(do_r1, real):
+                    self.manual_backward(d_total)
                 self._drop_non_finite_grads("discriminator", opt_d)
                 self._step_uncounted(opt_d)
                 d_terms["real_logit"] = real_logits.detach().mean()
@@ -264,6 +278,24 @@ class StudentModule(pl.LightningModule):
         self.log("l1", g_terms["l1"].detach(), prog_bar=True, logger=False, batch_size=x.shape[0])
         if "gan" in d_terms:
             self.log("d", d_terms["gan"].detach(), prog_bar=True, logger=False, batch_size=x.shape[0])
+
+    @staticmethod
+    def _r1_backward_context(do_r1: bool, real: torch.Tensor) -> contextlib.AbstractContextManager:
+        """oneDNN off for R1's backward on the CPU in bf16 (autocast or bf16 weights).
+
+        R1's double backward asks for convolutions no other pass does: for each strided convolution,
+        the weight gradient of the gradient is a convolution with stride and dilation swapped, whose
+        kernel is the whole output map and whose input channels are the batch (e.g. input [64, 1, 513,
+        513], weight [128, 1, 256, 256], dilation 2 at 512 px, batch 1). PyTorch hands bf16
+        convolutions to oneDNN only where the CPU has native bf16 (AVX-512), and there this backward
+        died with SIGFPE (an integer division by zero) in bf16-mixed. With oneDNN off, bf16
+        convolutions take ATen's own kernels, the path CPUs that emulate bf16 always run. Elsewhere
+        (CUDA, float32, steps without R1) nothing changes.
+        """
+        bf16 = real.dtype == torch.bfloat16 or (
+            torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") == torch.bfloat16
+        )
+        return _onednn_off() if do_r1 and real.device.type == "cpu" and bf16 else contextlib.nullcontext()
 
     def _drop_non_finite_grads(self, phase: str, optimizer: LightningOptimizer) -> bool:
         """Skip this optimiser step when a gradient is NaN/inf on any rank: the gradients are dropped

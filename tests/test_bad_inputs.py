@@ -302,7 +302,9 @@ def train_runs(good, tmp_path_factory):
     results = {}
     for key, (c, process, logs) in started.items():
         try:
-            process.wait(timeout=120)
+            # A bound against a hang, not a speed check: all of them start torch at once, and on a busy
+            # 2-core machine (the default run's other worker, other jobs) the first took over 120 s
+            process.wait(timeout=600)
         except subprocess.TimeoutExpired:
             process.kill()
             process.wait()

@@ -133,11 +133,11 @@ def test_a_layer_is_not_importable_under_its_folder_name(layer):
 def test_non_editable_install_into_a_fresh_venv(wheel, tmp_path):
     """``pip install`` of the wheel (not editable) serves every command from a user's folder."""
     venv = tmp_path / "venv"
-    # The venv borrows torch & co. from this interpreter's site-packages; p2pz comes from the wheel.
-    subprocess.run([sys.executable, "-m", "venv", "--system-site-packages", str(venv)], check=True)
+    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
     python = venv / "bin" / "python"
     install = _run([str(python), "-m", "pip", "install", "-q", "--no-deps", str(wheel)], cwd=tmp_path)
     assert install.returncode == 0, install.stderr[-2000:]
+    _borrow_site_packages(python)  # after pip, which then never sees (or touches) the borrowed packages
     project = _users_project(tmp_path / "project")
     env = {**os.environ, "PATH": f"{venv / 'bin'}{os.pathsep}{os.environ['PATH']}"}
     where = _run([str(python), "-c", "import p2pz.teacher as t; print(t.__file__)"], cwd=project, env=env)
@@ -145,6 +145,20 @@ def test_non_editable_install_into_a_fresh_venv(wheel, tmp_path):
     for command in (["--help"], ["train", "fit", "--help"], ["demo", "--help"], ["generate", "--help"]):
         result = _run(["p2pz", *command], cwd=project, env=env)
         assert result.returncode == 0, (command, result.stderr[-2000:])
+
+
+def _borrow_site_packages(python: Path) -> None:
+    """Let the venv of `python` import torch & co. from the site-packages of the interpreter running
+    the tests, be it a venv or the system's (``--system-site-packages`` would borrow the *base*
+    interpreter's, which lacks them when the tests run from a venv). They go in through a .pth file,
+    so they come after the venv's own site-packages, where the wheel's p2pz is, and the .pth files
+    inside them (an editable install's import hook among them) are not run."""
+    site_dirs = ("site-packages", "dist-packages")
+    borrowed = [p for p in sys.path if Path(p).name in site_dirs and Path(p).is_dir()]
+    query = "import sysconfig; print(sysconfig.get_paths()['purelib'])"
+    found = subprocess.run([str(python), "-c", query], capture_output=True, text=True, check=True)
+    own = Path(found.stdout.strip())
+    (own / "_borrowed_site_packages.pth").write_text("".join(f"{p}\n" for p in borrowed))
 
 
 def _layer(module: str) -> tuple[int, str] | None:
