@@ -288,9 +288,12 @@ class StudentModule(pl.LightningModule):
         kernel is the whole output map and whose input channels are the batch (e.g. input [64, 1, 513,
         513], weight [128, 1, 256, 256], dilation 2 at 512 px, batch 1). PyTorch hands bf16
         convolutions to oneDNN only where the CPU has native bf16 (AVX-512), and there this backward
-        died with SIGFPE (an integer division by zero) in bf16-mixed. With oneDNN off, bf16
-        convolutions take ATen's own kernels, the path CPUs that emulate bf16 always run. Elsewhere
-        (CUDA, float32, steps without R1) nothing changes.
+        died with SIGFPE in bf16-mixed (the real-size test, issue 33). oneDNN is the one kernel that
+        differs between native and emulated bf16, and it has had integer divisions by zero on AVX-512
+        for particular convolution shapes (tensorflow/tensorflow#57749); the crash was not reproduced
+        on an AVX2 CPU, so the kernel is inferred, not seen. With oneDNN off, bf16 convolutions take
+        ATen's own kernels, the path CPUs that emulate bf16 always run. Elsewhere (CUDA, float32,
+        steps without R1) nothing changes.
         """
         bf16 = real.dtype == torch.bfloat16 or (
             torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") == torch.bfloat16
