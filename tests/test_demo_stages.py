@@ -99,6 +99,13 @@ def test_the_headline_prints_the_speedup_as_people_read_it(ratio, shown):
     assert f"<b>{shown}</b> faster" in demo._headline(bench)
 
 
+def test_the_report_prints_no_figure_in_e_notation():
+    """The headline's teacher time of 1,250 ms reads as 1,250, not 1.25e+03."""
+    bench = {"teacher_over_student": 700.0, "teacher_ms": 1250.4, "device": "cpu", "student": {}}
+    headline = demo._headline(bench)
+    assert "(1,250 ms vs" in headline and "e+" not in headline
+
+
 def test_the_bench_chart_title_prints_the_speedup_as_people_read_it(tmp_path, monkeypatch):
     from matplotlib.axes import Axes
 

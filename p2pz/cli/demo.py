@@ -49,7 +49,7 @@ from p2pz.data.shapes.teacher_settings import (
     toy_xa_guidance,
 )
 from p2pz.utils.errors import UserError
-from p2pz.utils.formatting import format_duration, format_ratio
+from p2pz.utils.formatting import format_duration, format_number, format_ratio
 from p2pz.utils.values import positive_int
 
 if TYPE_CHECKING:
@@ -359,7 +359,7 @@ def _data_uri(png: bytes) -> str:
 
 def _fmt(value: Any) -> str:
     if isinstance(value, float):
-        return f"{value:.3g}"
+        return format_number(value)
     return html.escape(str(value))
 
 
