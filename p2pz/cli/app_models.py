@@ -151,7 +151,8 @@ class StudentRunner:
             return []
         batch, later = [first], []
         for request in self._held:
-            (batch if request.student is first.student and len(batch) < self.max_batch else later).append(request)
+            same = request.student is first.student and len(batch) < self.max_batch
+            (batch if same else later).append(request)
         while len(batch) < self.max_batch:
             try:
                 request = self._queue.get_nowait()

@@ -55,7 +55,9 @@ async def read_body(request: Request, max_bytes: int) -> bytes:
     """The request's body, refused as soon as it passes ``max_bytes`` (never read whole into memory)."""
     declared = request.headers.get("content-length")
     if declared is not None and declared.isdigit() and int(declared) > max_bytes:
-        raise UploadRefused(f"file too large ({int(declared) / 1e6:.1f} MB; the cap is {max_bytes / 1e6:g} MB)", 413)
+        raise UploadRefused(
+            f"file too large ({int(declared) / 1e6:.1f} MB; the cap is {max_bytes / 1e6:g} MB)", 413
+        )
     chunks, size = [], 0
     async for chunk in request.stream():
         size += len(chunk)

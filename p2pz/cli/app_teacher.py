@@ -1,4 +1,4 @@
-"""The teacher beside the student in ``p2pz app``: pix2pix-zero edits, slow, one at a time on their own thread.
+"""The teacher beside the student in ``p2pz app``: pix2pix-zero edits, slow, one at a time, own thread.
 
 Jobs wait in their own queue (concurrency 1), so a student request never waits behind one. Progress and
 cancellation come from a forward pre-hook on the teacher's UNet: each UNet call counts towards the

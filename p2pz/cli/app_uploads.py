@@ -48,7 +48,9 @@ def read_upload(data: bytes, *, max_megapixels: float = DEFAULT_MAX_MEGAPIXELS) 
         try:
             header = Image.open(io.BytesIO(data))  # reads the header only
         except UnidentifiedImageError:
-            raise UploadRefused("not an image Pillow can read; upload a PNG, JPEG or WebP file", 415) from None
+            raise UploadRefused(
+                "not an image Pillow can read; upload a PNG, JPEG or WebP file", 415
+            ) from None
         except (Image.DecompressionBombError, Image.DecompressionBombWarning) as err:
             raise UploadRefused(f"image too large to decode safely ({err})", 413) from None
         except Exception as err:  # decoders raise many types for malformed headers
@@ -69,8 +71,8 @@ def _check_header(header: Any, max_megapixels: float) -> None:
     megapixels = width * height / 1e6
     if megapixels > max_megapixels:
         raise UploadRefused(
-            f"image is {width}x{height} ({megapixels:.1f} MP), above this app's cap of {max_megapixels:g} MP; "
-            "upload a smaller image",
+            f"image is {width}x{height} ({megapixels:.1f} MP), above this app's cap of "
+            f"{max_megapixels:g} MP; upload a smaller image",
             413,
         )
     frames = getattr(header, "n_frames", 1)
