@@ -8,6 +8,7 @@ import io
 import json
 import struct
 import time
+import warnings
 import zlib
 
 import numpy as np
@@ -15,7 +16,9 @@ import pytest
 from PIL import Image
 
 pytest.importorskip("fastapi")
-from fastapi.testclient import TestClient  # noqa: E402
+with warnings.catch_warnings():  # starlette's note that it prefers httpx2 to httpx: not ours to fix
+    warnings.simplefilter("ignore")
+    from fastapi.testclient import TestClient  # noqa: E402
 
 from p2pz.cli.main import build_parser, main  # noqa: E402
 
