@@ -35,6 +35,7 @@ COMMANDS: list[list[str]] = [
     ["bench"],
     ["eval"],
     ["demo"],
+    ["app"],
 ]
 
 

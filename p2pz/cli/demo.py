@@ -593,6 +593,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     )
     print(f"\n{stage_split(timings)}")
     print(f"\nreport: {out / 'report.html'}\nmodel: {out / 'model'}\nbench: {bench_json}")
+    print(f"try it in the browser: p2pz app {out / 'model'} --teacher {args.model}  (needs the [app] extra)")
     return 0
 
 

@@ -11,13 +11,13 @@ import logging
 import sys
 
 from p2pz import __version__
-from p2pz.cli import calibrate, demo, edit, evaluate, pairs, student, teacher, train
+from p2pz.cli import app, calibrate, demo, edit, evaluate, pairs, student, teacher, train
 from p2pz.cli.options import OneLineParser, progress_bars
 from p2pz.cli.quiet import library_noise_filtered
 from p2pz.utils.errors import UserError
 
 # Stages that add subcommands, in the order they appear in ``p2pz --help``.
-COMMAND_MODULES = [teacher, edit, calibrate, pairs, train, student, evaluate, demo]
+COMMAND_MODULES = [teacher, edit, calibrate, pairs, train, student, evaluate, demo, app]
 
 
 def build_parser() -> argparse.ArgumentParser:
