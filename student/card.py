@@ -56,9 +56,13 @@ Scored by `p2pz eval --student` on {{ eval.n }} held-out pairs ({{ eval.pairs_so
 | | PSNR (dB) | SSIM | LPIPS |
 |---|---|---|---|
 {% for row in eval_rows %}| {{ row.name }} | {{ row.psnr }} | {{ row.ssim }} | {{ row.lpips }} |
-{% endfor %}{% if eval.oracle %}
-Shapes-world oracle (teacher / student): {{ eval.oracle }}
-{% endif %}{% else %}
+{% endfor %}{% if oracle_rows %}
+The shapes world's oracle on the same pairs:
+
+| | {% for k in oracle_keys %}{{ k }} | {% endfor %}
+|---|{% for k in oracle_keys %}---|{% endfor %}
+{% for name, cells in oracle_rows %}| {{ name }} | {% for c in cells %}{{ c }} | {% endfor %}
+{% endfor %}{% endif %}{% else %}
 Not measured: export with `p2pz export --eval` (or run `p2pz eval --student`).
 {% endif %}
 {% if grid %}![input | teacher | student](grid.png)
@@ -114,11 +118,20 @@ def _teacher_rows(config: dict[str, Any]) -> list[tuple[str, str]]:
 
 def _eval_rows(ev: dict[str, Any]) -> list[dict[str, str]]:
     rows = []
-    for name, key in (("student vs teacher", "to_teacher"), ("input vs teacher (copying)", "copy_to_teacher")):
+    for name, key in (
+        ("student vs teacher", "to_teacher"),
+        ("input vs teacher (copying)", "copy_to_teacher"),
+    ):
         scores = ev.get(key) or {}
         if scores:
             rows.append({"name": name, **{m: _fmt(scores.get(m)) for m in ("psnr", "ssim", "lpips")}})
     return rows
+
+
+def _oracle_rows(ev: dict[str, Any]) -> tuple[list[str], list[tuple[str, list[str]]]]:
+    oracle = ev.get("oracle") or {}
+    keys = [k for k, v in (oracle.get("student") or {}).items() if isinstance(v, (int, float))][:6]
+    return keys, [(who, [_fmt((oracle.get(who) or {}).get(k)) for k in keys]) for who in oracle]
 
 
 def _bench_rows(bench: dict[str, Any]) -> tuple[list[str], list[tuple[str, list[str]]]]:
@@ -136,14 +149,18 @@ def card_data(config: dict[str, Any]) -> Any:
     tags = list(TAGS)
     if edit.get("source") and edit.get("target"):
         tags.append(f"{edit['source']}-to-{edit['target']}")
-    base = hub_model_id(((config.get("data") or {}).get("teacher") or {}).get("model") or config.get("teacher_model"))
+    base = hub_model_id(
+        ((config.get("data") or {}).get("teacher") or {}).get("model") or config.get("teacher_model")
+    )
     data = ModelCardData(license="mit", library_name="p2pz", pipeline_tag="image-to-image", tags=tags)
     if base:
         data.base_model = base
     return data
 
 
-def render_card(config: dict[str, Any], folder: str | os.PathLike | None = None, repo_id: str | None = None) -> Any:
+def render_card(
+    config: dict[str, Any], folder: str | os.PathLike | None = None, repo_id: str | None = None
+) -> Any:
     """The ``huggingface_hub.ModelCard`` of a package's ``config``; ``folder`` is looked at for the grid."""
     from huggingface_hub import ModelCard
     from jinja2 import Environment
@@ -158,25 +175,31 @@ def render_card(config: dict[str, Any], folder: str | os.PathLike | None = None,
     bench = config.get("bench") or {}
     batches, bench_rows = _bench_rows(bench)
     files = config.get("files") or {}
-    body = Environment(trim_blocks=False, autoescape=False).from_string(TEMPLATE).render(
-        title=f"p2pz student: {source}-to-{target}" if source and target else "p2pz student",
-        edit_text=edit_text,
-        repo_hint=repo_id or "path/to/this/folder",
-        resolution=config.get("resolution"),
-        teacher_rows=_teacher_rows(config),
-        num_pairs=_fmt(data.get("num_pairs")),
-        num_shards=_fmt(data.get("num_shards")),
-        digest=data.get("manifest_digest") or "n/a",
-        held_out=", ".join(held_out) if held_out else "none recorded",
-        steps=_fmt((config.get("training") or {}).get("step")),
-        preset=(config.get("generator") or {}).get("preset"),
-        eval=ev,
-        eval_rows=_eval_rows(ev),
-        grid=folder is not None and (Path(folder) / GRID).is_file(),
-        bench=bench,
-        bench_batches=batches,
-        bench_rows=bench_rows,
-        extra_files=[files[k] for k in ("pt2", "onnx") if k in files],
+    body = (
+        Environment(trim_blocks=False, autoescape=False)
+        .from_string(TEMPLATE)
+        .render(
+            title=f"p2pz student: {source}-to-{target}" if source and target else "p2pz student",
+            edit_text=edit_text,
+            repo_hint=repo_id or "path/to/this/folder",
+            resolution=config.get("resolution"),
+            teacher_rows=_teacher_rows(config),
+            num_pairs=_fmt(data.get("num_pairs")),
+            num_shards=_fmt(data.get("num_shards")),
+            digest=data.get("manifest_digest") or "n/a",
+            held_out=", ".join(held_out) if held_out else "none recorded",
+            steps=_fmt((config.get("training") or {}).get("step")),
+            preset=(config.get("generator") or {}).get("preset"),
+            eval=ev,
+            eval_rows=_eval_rows(ev),
+            oracle_keys=_oracle_rows(ev)[0],
+            oracle_rows=_oracle_rows(ev)[1],
+            grid=folder is not None and (Path(folder) / GRID).is_file(),
+            bench=bench,
+            bench_batches=batches,
+            bench_rows=bench_rows,
+            extra_files=[files[k] for k in ("pt2", "onnx") if k in files],
+        )
     )
     return ModelCard(f"---\n{card_data(config).to_yaml()}\n---\n{body.lstrip()}")
 
@@ -188,3 +211,22 @@ def write_card(folder: str | os.PathLike, config: dict[str, Any], repo_id: str |
     path = Path(folder) / CARD
     render_card(config, folder, repo_id).save(path)
     return path
+
+
+def push_to_hub(
+    folder: str | os.PathLike, repo_id: str, *, private: bool = False, token: str | None = None
+) -> str:
+    """Upload a package folder to the Hub repo ``repo_id`` (created when missing); the card's usage lines
+    name the repo. Returns the commit's URL."""
+    from huggingface_hub import HfApi
+
+    from p2pz.student.package import read_config
+
+    folder = Path(folder)
+    write_card(folder, read_config(folder), repo_id=repo_id)
+    api = HfApi(token=token)
+    api.create_repo(repo_id, repo_type="model", private=private, exist_ok=True)
+    commit = api.upload_folder(
+        repo_id=repo_id, folder_path=folder, repo_type="model", commit_message="p2pz export --push-to-hub"
+    )
+    return str(getattr(commit, "commit_url", commit))

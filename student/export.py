@@ -31,10 +31,9 @@ from typing import Any
 import torch
 from torch import nn
 
+from p2pz.student.package import CARD, CONFIG, FORMAT_VERSION, WEIGHTS  # noqa: F401  (the package's names)
 from p2pz.utils.atomic import atomic_path
 from p2pz.utils.errors import UserError
-
-from p2pz.student.package import CARD, CONFIG, FORMAT_VERSION, WEIGHTS  # noqa: F401  (the package's names)
 
 PT2 = "generator.pt2"
 ONNX = "generator.onnx"
@@ -233,6 +232,48 @@ def export_package(
         if finish is not None:
             finish(tmp, config)
     return Path(out_dir)
+
+
+def add_to_package(folder: str | os.PathLike, **sections: Any) -> dict[str, Any]:
+    """Add ``sections`` (e.g. ``eval=...``, ``bench=...``) to a package's ``config.json`` and render its
+    card again; each file is replaced atomically. Returns the new config."""
+    from p2pz.student.card import render_card
+    from p2pz.student.package import read_config as read_package_config
+
+    folder = Path(folder)
+    config = {**read_package_config(folder), **sections}
+    with atomic_path(folder / CONFIG, suffix=".json") as tmp:
+        tmp.write_text(json.dumps(config, indent=2, default=str) + "\n")
+    with atomic_path(folder / CARD, suffix=".md") as tmp:
+        render_card(config, folder).save(tmp)
+    return config
+
+
+def evaluate_into_package(
+    folder: str | os.PathLike, pairs: str | None = None, **options: Any
+) -> dict[str, Any]:
+    """``p2pz export --eval``: score the package on ``pairs`` (None: its held-out shards), write
+    ``grid.png`` (input | teacher | student) and the figures into ``config.json`` and the card."""
+    from p2pz.student.card import GRID
+    from p2pz.student.evaluation import card_summary, evaluate_package, grid_image
+
+    report = evaluate_package(folder, pairs, **options)
+    grid_image(report["grid"]).save(Path(folder) / GRID)
+    add_to_package(folder, eval=card_summary(report))
+    return report
+
+
+def bench_summary(report: dict[str, Any]) -> dict[str, Any]:
+    """What the card shows of a ``p2pz bench`` report: device, p50 per backend and batch, the teacher."""
+    return {
+        "device": report.get("device"),
+        "student": {
+            name: {b: {"p50_ms": r.get("p50_ms")} for b, r in rows.items()}
+            for name, rows in (report.get("student") or {}).items()
+        },
+        "teacher_ms": report.get("teacher_ms"),
+        "dtype_error": report.get("dtype_error"),
+    }
 
 
 # ------------------------------------------------------------------------------------------------

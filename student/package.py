@@ -195,12 +195,18 @@ def load_state_strict(module: torch.nn.Module, state: dict[str, torch.Tensor], s
     shapes = [k for k in expected if k in state and tuple(state[k].shape) != tuple(expected[k].shape)]
     problems = []
     if missing:
-        problems.append(f"missing tensor {missing[0]}" + (f" (+{len(missing) - 1} more)" if len(missing) > 1 else ""))
+        problems.append(
+            f"missing tensor {missing[0]}" + (f" (+{len(missing) - 1} more)" if len(missing) > 1 else "")
+        )
     if extra:
-        problems.append(f"unexpected tensor {extra[0]}" + (f" (+{len(extra) - 1} more)" if len(extra) > 1 else ""))
+        problems.append(
+            f"unexpected tensor {extra[0]}" + (f" (+{len(extra) - 1} more)" if len(extra) > 1 else "")
+        )
     if shapes:
         k = shapes[0]
-        problems.append(f"tensor {k} has shape {list(state[k].shape)}, the architecture needs {list(expected[k].shape)}")
+        problems.append(
+            f"tensor {k} has shape {list(state[k].shape)}, the architecture needs {list(expected[k].shape)}"
+        )
     if problems:
         raise UserError(f"{source} does not match its config.json: {'; '.join(problems)}; {REEXPORT}")
     module.load_state_dict(state, strict=True)
@@ -222,7 +228,10 @@ def load_student(
     try:
         student = Student(**config["generator"])
     except (UserError, TypeError, ValueError, KeyError) as err:
-        raise UserError(f"{folder / CONFIG}: its generator architecture is not one this version builds ({err}); {REEXPORT}") from None
+        raise UserError(
+            f"{folder / CONFIG}: its generator architecture is not one this version builds ({err}); "
+            f"{REEXPORT}"
+        ) from None
     load_state_strict(student, read_weights(weights), weights)
     student = student.eval().requires_grad_(False).to(device)
     for param in student.parameters():
