@@ -274,3 +274,31 @@ def test_export_eval_puts_the_figures_and_the_grid_into_the_card(package, cat_do
     card = ModelCard.load(out / "README.md")
     assert "![input | teacher | student](grid.png)" in card.text and (out / "grid.png").is_file()
     assert f"| {config['eval']['to_teacher']['psnr']:.3g} |" in card.text
+
+
+# --------------------------------------------------------------------------------------------------
+# p2pz bench: precision and the ONNX backend on CUDA
+
+
+def test_bench_in_bfloat16_reports_its_error_against_float32(package, tmp_path):
+    out = tmp_path / "bench.json"
+    argv = ["bench", str(package), "--out", str(out), "--backends", "eager", "--batches", "1"]
+    assert main([*argv, "--iters", "20", "--warmup", "1", "--teacher", "none", "--dtype", "bf16"]) == 0
+    report = json.loads(out.read_text())
+    assert report["dtype"] == "bfloat16" and report["dtype_error"]["dtype"] == "bfloat16"
+    error = report["dtype_error"]
+    assert 0 <= error["mean_grey_levels"] <= error["max_grey_levels"] <= 255
+
+
+def test_onnx_on_cuda_without_its_provider_is_skipped_with_the_reason(package):
+    """onnxruntime's CPU wheel has no CUDAExecutionProvider: on a cuda device the backend is listed in
+    skipped_backends with the reason, not dropped silently (nothing touches the GPU on that path)."""
+    import onnxruntime
+
+    from p2pz.student.bench import _student_backends
+
+    if "CUDAExecutionProvider" in onnxruntime.get_available_providers():
+        pytest.skip("this onnxruntime has the CUDA provider")
+    skipped: dict[str, str] = {}
+    models = _student_backends(package, ["onnx"], torch.device("cuda"), skipped=skipped)
+    assert models == {} and "CUDAExecutionProvider" in skipped["onnx"]
