@@ -212,8 +212,8 @@ def export_package(
         },
         data=provenance,
         teacher_model=(provenance.get("teacher") or {}).get("model"),
-        **(extra or {}),
     )
+    config.update(extra or {})  # e.g. the demo's teacher_model
     student = Student(**generator.config)
     student.load_state_dict(generator.state_dict())
     student.eval().requires_grad_(False)
