@@ -42,7 +42,7 @@ or `p2pz apply {{ repo_hint }} photos/ --out edited/`.
 
 | | |
 |---|---|
-| pairs | {{ num_pairs }} in {{ num_shards }} shard(s) |
+| pairs (held-out shards included) | {{ num_pairs }} in {{ num_shards }} shard(s) |
 | manifest digest (sha256) | `{{ digest }}` |
 | held-out shards (never trained on) | {{ held_out }} |
 | training steps | {{ steps }} |
@@ -110,8 +110,11 @@ def _teacher_rows(config: dict[str, Any]) -> list[tuple[str, str]]:
     teacher = (config.get("data") or {}).get("teacher") or {}
     rows = [("model", teacher.get("model") or config.get("teacher_model") or "not recorded")]
     rows.append(("preset", teacher.get("preset") or "n/a"))
-    for key, value in sorted(((teacher.get("overrides") or {}) | (teacher.get("settings") or {})).items()):
-        if isinstance(value, (int, float, str, bool)):
+    settings = (teacher.get("settings") or {}) | (teacher.get("overrides") or {})
+    for key, value in sorted(settings.items()):
+        if key not in ("model", "device", "dtype", "captioner") and isinstance(
+            value, (int, float, str, bool)
+        ):
             rows.append((key, _fmt(value)))
     return rows
 

@@ -20,6 +20,7 @@ Training checkpoints are read by :func:`p2pz.student.checkpoints.read_checkpoint
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import json
@@ -81,13 +82,17 @@ def _pairs_in_manifests(folders: list[str], shard_names: set[str]) -> int | None
     """The pairs the generator wrote into the shards named, by its manifests (None without them)."""
     from p2pz.data.pairs.shards import latest_shard_records, read_manifests
 
-    records = [
-        r
-        for folder in folders
-        for r in latest_shard_records(read_manifests(folder)).values()
-        if r.get("shard") in shard_names
-    ]
-    return sum(int(r.get("samples") or 0) for r in records) if records else None
+    counts: dict[str, int] = {}
+    for folder in folders:
+        for record in latest_shard_records(read_manifests(folder)).values():
+            counts[str(record.get("shard"))] = int(record.get("samples") or 0)
+        filtered = Path(folder) / "filter.json"  # `p2pz shards filter`: what it kept per shard
+        if filtered.is_file():
+            with contextlib.suppress(ValueError, TypeError, AttributeError):
+                for shard in json.loads(filtered.read_text()).get("shards") or []:
+                    counts[str(shard["shard"])] = int(shard["pairs_kept"])
+    kept = [counts[name] for name in shard_names if name in counts]
+    return sum(kept) if kept else None
 
 
 # ------------------------------------------------------------------------------------------------
