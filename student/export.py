@@ -36,6 +36,7 @@ from p2pz.student.package import CARD, CONFIG, FORMAT_VERSION, WEIGHTS  # noqa: 
 from p2pz.utils.atomic import atomic_path
 from p2pz.utils.errors import UserError
 
+LOW_PRECISION = (torch.float16, torch.bfloat16)
 PT2 = "generator.pt2"
 ONNX = "generator.onnx"
 MAX_BATCH = 64
@@ -409,7 +410,8 @@ def apply_to_images(
     (:func:`p2pz.teacher.images.prepare_image`: RGB with transparency on white, the shorter side
     resized to ``resolution``, the centred square cropped), so a non-square photo is cropped, not
     squashed, and the result is the edit of that centred square. The inputs go to ``device`` in
-    ``dtype`` (the model's own, see :func:`load_exported`); the results are 8-bit images whatever it is.
+    float32 when ``dtype`` (the model's own, see :func:`load_exported`) is float16 / bfloat16: the
+    student casts them for its layers and adds its input back in float32. The results are 8-bit images.
     """
     from p2pz.teacher.images import numpy_to_pil, pil_to_tensor, prepare_image, tensor_to_numpy
 
@@ -418,8 +420,8 @@ def apply_to_images(
     outputs = []
     for start in range(0, len(images), batch_size):
         x = pil_to_tensor([prepare_image(im, resolution) for im in images[start : start + batch_size]])
-        with torch.no_grad():
-            y = model(x.to(device=device, dtype=dtype))
+        with torch.no_grad():  # float32 in: a float16 / bfloat16 student casts it itself
+            y = model(x.to(device=device, dtype=torch.float32 if dtype in LOW_PRECISION else dtype))
         outputs.extend(numpy_to_pil(tensor_to_numpy(y)))
     return outputs
 
