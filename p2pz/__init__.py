@@ -13,3 +13,14 @@ See ARCHITECTURE.md for the data's path from teacher to shards to student to pac
 """
 
 __version__ = "0.1.0"
+__all__ = ["Student"]
+
+
+def __getattr__(name: str):
+    """``from p2pz import Student`` (the Hugging Face model class), imported on first use: ``import p2pz``
+    and ``p2pz --help`` stay free of torch."""
+    if name == "Student":
+        from p2pz.student.package import Student
+
+        return Student
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

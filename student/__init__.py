@@ -7,5 +7,6 @@ from p2pz.utils import require_namespace
 require_namespace(__name__, "p2pz.student")
 
 from p2pz.student.networks import Discriminator, Generator  # noqa: E402
+from p2pz.student.package import Student, load_package  # noqa: E402
 
-__all__ = ["Discriminator", "Generator"]
+__all__ = ["Discriminator", "Generator", "Student", "load_package"]

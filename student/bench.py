@@ -151,25 +151,56 @@ def select_backends(
 
 
 def _student_backends(
-    model_dir: Path, backends: Sequence[str], device: torch.device, trust_pt2: bool = False
+    model_dir: Path,
+    backends: Sequence[str],
+    device: torch.device,
+    trust_pt2: bool = False,
+    dtype: torch.dtype = torch.float32,
+    skipped: dict[str, str] | None = None,
 ) -> dict[str, nn.Module]:
-    from p2pz.student.export import load_exported
+    """The loaded backends; one that cannot run here (ONNX on cuda without onnxruntime's CUDA
+    provider) goes to ``skipped`` with the reason instead."""
+    from p2pz.student.export import load_exported, onnx_cuda_missing
 
     models: dict[str, nn.Module] = {}
     for name in backends:
         if name == "eager":
-            models[name] = load_exported(model_dir, "eager", device)
+            models[name] = load_exported(model_dir, "eager", device, dtype=dtype)
         elif name == "compile":
-            models[name] = torch.compile(load_exported(model_dir, "eager", device))
+            models[name] = torch.compile(load_exported(model_dir, "eager", device, dtype=dtype))
         elif name == "pt2":
             models[name] = load_exported(model_dir, "pt2", device, trust_pt2=trust_pt2)
         elif name == "onnx":
-            if device.type != "cpu":
-                continue  # the package's ONNX runs through onnxruntime's CPU provider
-            models[name] = load_exported(model_dir, "onnx")
+            why = onnx_cuda_missing() if device.type == "cuda" else None
+            if why:
+                if skipped is not None:
+                    skipped[name] = why
+                continue
+            models[name] = load_exported(model_dir, "onnx", device)
         else:
             raise UserError(f"unknown backend {name!r}; choose from {', '.join(BACKENDS)}")
     return models
+
+
+def dtype_error(model_dir: Path, device: torch.device, dtype: torch.dtype, res: int) -> dict[str, Any]:
+    """How far the eager student in ``dtype`` is from float32 on the same random inputs: max and mean
+    absolute difference in grey levels (0-255) of the 8-bit outputs."""
+    from p2pz.student.export import load_exported
+
+    x = torch.rand(4, 3, res, res, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    outputs = {}
+    for d in (torch.float32, dtype):
+        model = load_exported(model_dir, "eager", device, dtype=d)
+        with torch.no_grad():
+            y = model(x.to(device)).float().cpu()  # float32 in, as p2pz apply feeds it
+        outputs[d] = ((y.clamp(-1, 1) + 1) * 127.5).round()
+    diff = (outputs[dtype] - outputs[torch.float32]).abs()
+    return {
+        "dtype": str(dtype).removeprefix("torch."),
+        "max_grey_levels": float(diff.max()),
+        "mean_grey_levels": float(diff.mean()),
+        "images": x.shape[0],
+    }
 
 
 TEACHER_TIMING_SENTENCES = 2  # the timed edit's direction: its values do not change the edit's cost
@@ -242,6 +273,7 @@ def run_benchmark(
     backends: Sequence[str] | None = None,
     trust_pt2: bool = False,
     device: str | None = None,
+    dtype: str | torch.dtype = "float32",
     warmup: int = 3,
     iters: int = 20,
     min_run_time: float = 0.2,
@@ -257,23 +289,26 @@ def run_benchmark(
     ``skipped_backends`` says why a backend was left out.
     """
     from p2pz.student.export import read_config
-    from p2pz.utils.devices import resolve_device
+    from p2pz.student.package import resolve_package
+    from p2pz.utils.devices import resolve_device, torch_dtype
 
     if not batches or min(batches) < 1:
         raise ValueError(f"batch sizes must be at least 1, got {list(batches)}")
-    model_dir = Path(model_dir)
+    model_dir = resolve_package(model_dir)
     config = read_config(model_dir)
-    dev = torch.device(resolve_device(device))  # None / "auto": cuda when present
+    dev = torch.device(resolve_device(device))
+    dtype = torch_dtype(dtype)  # None / "auto": cuda when present
     res = config["resolution"]
     say = progress or (lambda _msg: None)
 
     backends, skipped = select_backends(backends, trust_pt2, packaged=config.get("files") or {})
     say("loading backends")
-    models = _student_backends(model_dir, backends, dev, trust_pt2=trust_pt2)
+    models = _student_backends(model_dir, backends, dev, trust_pt2=trust_pt2, dtype=dtype, skipped=skipped)
     report: dict[str, Any] = {
         "device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else f"cpu ({os.cpu_count()} cores)",
         "torch": torch.__version__,
         "resolution": res,
+        "dtype": str(dtype).removeprefix("torch."),
         "student": {},
         "skipped_backends": skipped,
     }
@@ -282,13 +317,16 @@ def run_benchmark(
         report["student"][name] = {}
         for batch in batches:
             say(f"student {name} batch {batch}")
-            x = torch.rand(batch, 3, res, res, device=dev) * 2 - 1
+            x = torch.rand(batch, 3, res, res, device=dev) * 2 - 1  # float32: as p2pz apply feeds it
             with torch.no_grad():  # Timer calls fn in this thread: grad mode applies
                 measurement = time_single_calls(lambda m=model, x=x: m(x), **timing)
             report["student"][name][str(batch)] = percentiles(measurement, batch)
 
+    if dtype != torch.float32:
+        say(f"{report['dtype']} vs float32")
+        report["dtype_error"] = dtype_error(model_dir, dev, dtype, res)
     say("roofline")
-    eager = models.get("eager") or _student_backends(model_dir, ["eager"], dev)["eager"]
+    eager = _student_backends(model_dir, ["eager"], dev)["eager"]  # FLOPs counted in float32
     report.update(_roofline(eager, report["student"], str(max(batches)), res, dev))
     report.update(_teacher_comparison(config, report["student"], teacher_model, teacher_steps, res, dev, say))
     return report

@@ -13,12 +13,27 @@ The validation shards are either given (``val_shards``) or held out from ``shard
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import lightning.pytorch as pl
 from lightning.pytorch.utilities import rank_zero_warn
 
 from p2pz.data.pairs.reader import PairLoader, ReaderStats, augment_mode, list_shards, pair_loader
 from p2pz.utils.errors import UserError
+
+
+def split_shards(
+    shards: str, val_shards: str | None = None, val_fraction: float = 0.05
+) -> tuple[list[str], list[str]]:
+    """(training shards, held-out validation shards): ``val_shards`` when given, else the last
+    ``val_fraction`` of ``shards`` in sorted order (at least one, only when there are two or more)."""
+    urls = list_shards(shards)
+    if val_shards:
+        return urls, list_shards(val_shards)
+    if val_fraction > 0 and len(urls) >= 2:
+        held_out = min(len(urls) - 1, max(1, round(len(urls) * val_fraction)))
+        return urls[:-held_out], urls[-held_out:]
+    return urls, []
 
 
 class PairDataModule(pl.LightningDataModule):
@@ -68,22 +83,24 @@ class PairDataModule(pl.LightningDataModule):
     def setup(self, stage: str | None = None) -> None:
         if self.stats is None:
             self.stats = ReaderStats()
-        urls = list_shards(self.hparams.shards)
-        if self.hparams.val_shards:
-            self.train_urls, self.val_urls = urls, list_shards(self.hparams.val_shards)
-        elif self.hparams.val_fraction > 0 and len(urls) >= 2:
-            held_out = min(len(urls) - 1, max(1, round(len(urls) * self.hparams.val_fraction)))
-            self.train_urls, self.val_urls = urls[:-held_out], urls[-held_out:]
-        else:
-            self.train_urls, self.val_urls = urls, []
-            if self.hparams.val_fraction > 0:
-                rank_zero_warn("only one shard and no --data.val_shards: training runs without validation")
+        self.train_urls, self.val_urls = split_shards(
+            self.hparams.shards, self.hparams.val_shards, self.hparams.val_fraction
+        )
+        if not self.val_urls and self.hparams.val_fraction > 0:
+            rank_zero_warn("only one shard and no --data.val_shards: training runs without validation")
         world_size = self.trainer.world_size if self.trainer is not None else 1
         if len(self.train_urls) < world_size:
             rank_zero_warn(
                 f"{len(self.train_urls)} training shards for {world_size} ranks: every rank draws from all "
                 "of them, so ranks may see the same pairs; write at least one shard per rank"
             )
+
+    def state_dict(self) -> dict[str, Any]:
+        """The split, recorded in every checkpoint (``p2pz export`` carries it into the package)."""
+        return {"train_shards": list(self.train_urls), "val_shards": list(self.val_urls)}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """A resumed run splits its shards again in ``setup``: nothing to restore."""
 
     def train_dataloader(self) -> PairLoader:
         trainer = self.trainer

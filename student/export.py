@@ -2,8 +2,9 @@
 
 ``export_package(ckpt, out)`` writes a folder that runs without Lightning or the training code::
 
-    generator.safetensors   the EMA generator's weights (no pickle)
+    model.safetensors       the EMA generator's weights (no pickle; format 1: generator.safetensors)
     config.json             architecture, resolution, the edit, the teacher's settings, data provenance
+    README.md               the model card (p2pz.student.card)
     generator.pt2           a torch.export program, dynamic batch dimension
     generator.onnx          ONNX (opset 18), the custom ops lowered through their reference decomposition
 
@@ -19,6 +20,7 @@ Training checkpoints are read by :func:`p2pz.student.checkpoints.read_checkpoint
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import json
@@ -30,12 +32,11 @@ from typing import Any
 import torch
 from torch import nn
 
+from p2pz.student.package import CARD, CONFIG, FORMAT_VERSION, WEIGHTS  # noqa: F401  (the package's names)
 from p2pz.utils.atomic import atomic_path
 from p2pz.utils.errors import UserError
 
-FORMAT_VERSION = 1
-WEIGHTS = "generator.safetensors"
-CONFIG = "config.json"
+LOW_PRECISION = (torch.float16, torch.bfloat16)
 PT2 = "generator.pt2"
 ONNX = "generator.onnx"
 MAX_BATCH = 64
@@ -70,11 +71,29 @@ def data_provenance(shards: str | None) -> dict[str, Any]:
     return {
         "shards": shards,
         "num_shards": len(urls),
+        "num_pairs": _pairs_in_manifests(folders, {Path(u).name for u in urls}),
         "manifest_digest": digest.hexdigest(),
         "manifest_files": [p.name for p in manifests],
         "edit": meta.get("edit"),
         "teacher": meta.get("teacher"),
     }
+
+
+def _pairs_in_manifests(folders: list[str], shard_names: set[str]) -> int | None:
+    """The pairs the generator wrote into the shards named, by its manifests (None without them)."""
+    from p2pz.data.pairs.shards import latest_shard_records, read_manifests
+
+    counts: dict[str, int] = {}
+    for folder in folders:
+        for record in latest_shard_records(read_manifests(folder)).values():
+            counts[str(record.get("shard"))] = int(record.get("samples") or 0)
+        filtered = Path(folder) / "filter.json"  # `p2pz shards filter`: what it kept per shard
+        if filtered.is_file():
+            with contextlib.suppress(ValueError, TypeError, AttributeError):
+                for shard in json.loads(filtered.read_text()).get("shards") or []:
+                    counts[str(shard["shard"])] = int(shard["pairs_kept"])
+    kept = [counts[name] for name in shard_names if name in counts]
+    return sum(kept) if kept else None
 
 
 # ------------------------------------------------------------------------------------------------
@@ -138,20 +157,42 @@ def export_onnx(generator: nn.Module, example: torch.Tensor, path: Path) -> None
         )
 
 
+def held_out_split(ckpt: dict[str, Any]) -> dict[str, Any]:
+    """The shards the student trained on and those held out from it, as the run recorded them (its
+    datamodule's state; older checkpoints: the split recomputed from the datamodule's settings)."""
+    from p2pz.student.datamodule import split_shards
+
+    state = ckpt.get("PairDataModule") or {}
+    train, val = state.get("train_shards"), state.get("val_shards")
+    if train is None:
+        hp = dict(ckpt.get("datamodule_hyper_parameters") or {})
+        if not hp.get("shards"):
+            return {}
+        try:
+            train, val = split_shards(hp["shards"], hp.get("val_shards"), hp.get("val_fraction", 0.05))
+        except UserError:
+            return {"note": "shards not found at export time"}
+    return {"train_shards": [str(u) for u in train], "val_shards": [str(u) for u in val or []]}
+
+
 def export_package(
     checkpoint: str | os.PathLike,
     out_dir: str | os.PathLike,
     *,
     formats: tuple[str, ...] = ("pt2", "onnx"),
     extra: dict[str, Any] | None = None,
+    finish: Any = None,
 ) -> Path:
     """Write the per-edit package of a training checkpoint's EMA generator to ``out_dir``.
 
-    The folder appears complete or not at all (written beside it, then renamed into place).
+    The folder is a Hugging Face model folder (``Student.save_pretrained``) with a model card; it
+    appears complete or not at all (written beside it, then renamed into place). ``finish(tmp, config)``,
+    when given, runs on the written folder before it is renamed (``p2pz export --eval`` scores it there
+    and adds the figures to the config and the card).
     """
-    from safetensors.torch import save_file
-
+    from p2pz.student.card import write_card
     from p2pz.student.checkpoints import generator_from_checkpoint, read_checkpoint
+    from p2pz.student.package import Student, package_config
 
     checkpoint = Path(checkpoint)
     unknown = set(formats) - {"pt2", "onnx"}
@@ -161,12 +202,12 @@ def export_package(
     generator = generator_from_checkpoint(ckpt, checkpoint)
     data_hp = dict(ckpt.get("datamodule_hyper_parameters") or {})
     provenance = data_provenance(data_hp.get("shards"))
-    config = {
-        "format_version": FORMAT_VERSION,
-        "kind": "p2pz-student",
-        "generator": dict(generator.config),
-        "resolution": generator.config["resolution"],
-        "training": {
+    split = held_out_split(ckpt)
+    if split:
+        provenance["split"] = split
+    config = package_config(
+        generator.config,
+        training={
             "step": int(ckpt.get("global_step", 0)),
             "checkpoint": checkpoint.name,
             "hyper_parameters": {
@@ -175,24 +216,70 @@ def export_package(
                 if isinstance(v, (int, float, str, bool, type(None), list, tuple))
             },
         },
-        "data": provenance,
-        "teacher_model": (provenance.get("teacher") or {}).get("model"),
-        "files": {"weights": WEIGHTS},
-        **(extra or {}),
-    }
+        data=provenance,
+        teacher_model=(provenance.get("teacher") or {}).get("model"),
+    )
+    config.update(extra or {})  # e.g. the demo's teacher_model
+    student = Student(**generator.config)
+    student.load_state_dict(generator.state_dict())
+    student.eval().requires_grad_(False)
     example = _example_input(config["generator"])
     with atomic_path(out_dir) as tmp:
         tmp.mkdir()
-        state = {k: v.detach().contiguous() for k, v in generator.state_dict().items()}
-        save_file(state, tmp / WEIGHTS, metadata={"format": "pt", "kind": "p2pz-student"})
         if "pt2" in formats:
             torch.export.save(export_program(generator, example), tmp / PT2)
             config["files"]["pt2"] = PT2
         if "onnx" in formats:
             export_onnx(generator, example, tmp / ONNX)
             config["files"]["onnx"] = ONNX
-        (tmp / CONFIG).write_text(json.dumps(config, indent=2, default=str) + "\n")
+        write_card(tmp, config)  # before save_pretrained, which writes a bare card only where none is
+        student.package_config = config
+        student.save_pretrained(tmp)
+        if finish is not None:
+            finish(tmp, config)
     return Path(out_dir)
+
+
+def add_to_package(folder: str | os.PathLike, **sections: Any) -> dict[str, Any]:
+    """Add ``sections`` (e.g. ``eval=...``, ``bench=...``) to a package's ``config.json`` and render its
+    card again; each file is replaced atomically. Returns the new config."""
+    from p2pz.student.card import render_card
+    from p2pz.student.package import read_config as read_package_config
+
+    folder = Path(folder)
+    config = {**read_package_config(folder), **sections}
+    with atomic_path(folder / CONFIG, suffix=".json") as tmp:
+        tmp.write_text(json.dumps(config, indent=2, default=str) + "\n")
+    with atomic_path(folder / CARD, suffix=".md") as tmp:
+        render_card(config, folder).save(tmp)
+    return config
+
+
+def evaluate_into_package(
+    folder: str | os.PathLike, pairs: str | None = None, **options: Any
+) -> dict[str, Any]:
+    """``p2pz export --eval``: score the package on ``pairs`` (None: its held-out shards), write
+    ``grid.png`` (input | teacher | student) and the figures into ``config.json`` and the card."""
+    from p2pz.student.card import GRID
+    from p2pz.student.evaluation import card_summary, evaluate_package, grid_image
+
+    report = evaluate_package(folder, pairs, **options)
+    grid_image(report["grid"]).save(Path(folder) / GRID)
+    add_to_package(folder, eval=card_summary(report))
+    return report
+
+
+def bench_summary(report: dict[str, Any]) -> dict[str, Any]:
+    """What the card shows of a ``p2pz bench`` report: device, p50 per backend and batch, the teacher."""
+    return {
+        "device": report.get("device"),
+        "student": {
+            name: {b: {"p50_ms": r.get("p50_ms")} for b, r in rows.items()}
+            for name, rows in (report.get("student") or {}).items()
+        },
+        "teacher_ms": report.get("teacher_ms"),
+        "dtype_error": report.get("dtype_error"),
+    }
 
 
 # ------------------------------------------------------------------------------------------------
@@ -200,19 +287,11 @@ def export_package(
 
 
 def read_config(model_dir: str | os.PathLike) -> dict[str, Any]:
-    """A package's ``config.json``, parsed with ``json`` only."""
-    path = Path(model_dir) / CONFIG
-    if not path.is_file():
-        raise UserError(f"{model_dir} is not an exported student (no {CONFIG}); make one with 'p2pz export'")
-    try:
-        config = json.loads(path.read_text())
-    except (UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise UserError(
-            f"{path} is not valid JSON ({err}); re-export the package with 'p2pz export'"
-        ) from err
-    if not isinstance(config, dict):
-        raise UserError(f"{path} does not hold a JSON object; re-export the package with 'p2pz export'")
-    return config
+    """A package's ``config.json`` (a folder, or a Hub repo id resolved through the cache), ``json`` only."""
+    from p2pz.student.package import read_config as read_package_config
+    from p2pz.student.package import resolve_package
+
+    return read_package_config(resolve_package(model_dir))
 
 
 PT2_UNTRUSTED = (
@@ -221,35 +300,42 @@ PT2_UNTRUSTED = (
 )
 
 
-class _OnnxModule(nn.Module):
-    """onnxruntime behind a module's call signature (float32 tensors in and out, on the CPU)."""
+ONNX_CUDA = "CUDAExecutionProvider"
 
-    def __init__(self, path: Path, threads: int | None = None):
+
+def onnx_cuda_missing() -> str | None:
+    """Why the ONNX file cannot run on CUDA here (None when onnxruntime's CUDA provider is installed)."""
+    import onnxruntime as ort
+
+    if ONNX_CUDA in ort.get_available_providers():
+        return None
+    return (
+        "onnx not run on cuda: this onnxruntime has no CUDAExecutionProvider "
+        "(pip install onnxruntime-gpu, or --device cpu)"
+    )
+
+
+class _OnnxModule(nn.Module):
+    """onnxruntime behind a module's call signature: float32 tensors in and out, on ``device``
+    (the CPU provider, or the CUDA provider for a cuda device)."""
+
+    def __init__(self, path: Path, threads: int | None = None, device: str | torch.device = "cpu"):
         super().__init__()
         import onnxruntime as ort
 
+        self.device = torch.device(device)
         options = ort.SessionOptions()
         if threads:
             options.intra_op_num_threads = threads
-        self.session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+        if self.device.type == "cuda":
+            providers: list[Any] = [(ONNX_CUDA, {"device_id": self.device.index or 0})]
+        else:
+            providers = ["CPUExecutionProvider"]
+        self.session = ort.InferenceSession(str(path), options, providers=providers)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         (y,) = self.session.run(None, {"x": x.detach().cpu().float().contiguous().numpy()})
-        return torch.from_numpy(y)
-
-
-def _read_weights(path: Path) -> dict[str, torch.Tensor]:
-    """A package's safetensors weights; a missing or damaged file is one line that names it."""
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
-
-    try:
-        return load_file(path)
-    except (OSError, SafetensorError) as err:
-        raise UserError(
-            f"cannot read the student's weights {path} ({type(err).__name__}: {err}); "
-            "copy the package again or export it again with 'p2pz export'"
-        ) from None
+        return torch.from_numpy(y).to(x.device)
 
 
 def load_exported(
@@ -262,23 +348,20 @@ def load_exported(
 ) -> nn.Module:
     """An exported student as a module ``y = model(x)``; ``x`` in [-1, 1], ``[N, 3, H, W]``.
 
-    backend: ``eager`` (the project's Generator with the safetensors weights, fastest ops for the
-    device), ``pt2`` (the torch.export program) or ``onnx`` (onnxruntime, CPU). ``pt2`` unpickles the
+    ``model_dir``: a package folder or a Hub repo id (:func:`p2pz.student.package.resolve_package`).
+    backend: ``eager`` (the :class:`~p2pz.student.package.Student`, strictly loaded from safetensors,
+    fastest ops for the device), ``pt2`` (the torch.export program) or ``onnx`` (onnxruntime: the CPU
+    provider, or CUDA's on a cuda device when installed). ``pt2`` unpickles the
     program, which can run code: it needs ``trust_pt2=True`` (a package you made or trust). ``dtype``:
     the eager generator's precision (the pt2 program and the ONNX file are float32 only).
     """
-    model_dir = Path(model_dir)
+    from p2pz.student.package import load_student, resolve_package
+
+    model_dir = resolve_package(model_dir)
     config = read_config(model_dir)
     files = config.get("files", {})
     if backend == "eager":
-        from p2pz.student.networks import Generator
-
-        generator = Generator(**config["generator"])
-        generator.load_state_dict(_read_weights(model_dir / files.get("weights", WEIGHTS)))
-        generator = generator.eval().requires_grad_(False).to(device)
-        for param in generator.parameters():  # the buffers (resampling filters) stay float32, as the
-            param.data = param.data.to(dtype)  # ops take them; they cast them to the input's dtype
-        return generator
+        return load_student(model_dir, device=device, dtype=dtype)
     if backend not in ("pt2", "onnx"):
         raise UserError(f"unknown backend {backend!r}; choose eager, pt2 or onnx")
     if dtype != torch.float32:
@@ -289,7 +372,11 @@ def load_exported(
         if not trust_pt2:
             raise UserError(PT2_UNTRUSTED.format(model_dir=model_dir, file=files["pt2"]))
         return program_on_device(torch.export.load(model_dir / files["pt2"]), device)
-    return _OnnxModule(model_dir / files["onnx"])
+    if torch.device(device).type == "cuda" and (why := onnx_cuda_missing()):
+        raise UserError(why)
+    if torch.device(device).type not in ("cpu", "cuda"):
+        raise UserError(f"the onnx backend runs on cpu or cuda, not {device}")
+    return _OnnxModule(model_dir / files["onnx"], device=device)
 
 
 def program_on_device(program: torch.export.ExportedProgram, device: str | torch.device) -> nn.Module:
@@ -323,7 +410,8 @@ def apply_to_images(
     (:func:`p2pz.teacher.images.prepare_image`: RGB with transparency on white, the shorter side
     resized to ``resolution``, the centred square cropped), so a non-square photo is cropped, not
     squashed, and the result is the edit of that centred square. The inputs go to ``device`` in
-    ``dtype`` (the model's own, see :func:`load_exported`); the results are 8-bit images whatever it is.
+    float32 when ``dtype`` (the model's own, see :func:`load_exported`) is float16 / bfloat16: the
+    student casts them for its layers and adds its input back in float32. The results are 8-bit images.
     """
     from p2pz.teacher.images import numpy_to_pil, pil_to_tensor, prepare_image, tensor_to_numpy
 
@@ -332,8 +420,8 @@ def apply_to_images(
     outputs = []
     for start in range(0, len(images), batch_size):
         x = pil_to_tensor([prepare_image(im, resolution) for im in images[start : start + batch_size]])
-        with torch.no_grad():
-            y = model(x.to(device=device, dtype=dtype))
+        with torch.no_grad():  # float32 in: a float16 / bfloat16 student casts it itself
+            y = model(x.to(device=device, dtype=torch.float32 if dtype in LOW_PRECISION else dtype))
         outputs.extend(numpy_to_pil(tensor_to_numpy(y)))
     return outputs
 

@@ -561,15 +561,22 @@ class Generator(nn.Module):
             raise ValueError(f"noise_mode must be 'random', 'const' or 'none', got {noise_mode!r}")
         if fused_modconv is None:
             fused_modconv = not self.training
+        # A float16 / bfloat16 generator takes float32 images: the network runs in its own precision and
+        # the input is added back (input_residual) in the input's, so an unchanged pixel stays exact.
+        residual, x = x, x.to(self.encoder_dtype())
         global_code, features = self.encoder(x)
         w = self.style_vector(x.shape[0], z, truncation_psi, like=global_code)
         mod = global_code if w is None else torch.cat([w, global_code], dim=1)  # co-modulation
         img = self.synthesis(global_code, features, mod, noise_mode, fused_modconv)
         if self.input_residual:
-            img = img + x
+            img = img.to(residual.dtype) + residual
         if not self.training:
             img = img.clamp(-1, 1)
         return img
+
+    def encoder_dtype(self) -> torch.dtype:
+        """The precision of the weights (float32 under autocast too: autocast casts per op)."""
+        return next(self.encoder.parameters()).dtype
 
 
 # ---------------------------------------------------------------------------------------------------

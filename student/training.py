@@ -403,8 +403,9 @@ class StudentModule(pl.LightningModule):
             self.save_grid(batch["src"], batch["edit"], tag=f"step-{step:07d}")
 
     @torch.no_grad()
-    def save_grid(self, x: torch.Tensor, target: torch.Tensor, tag: str) -> Path:
-        """Rows of (input | teacher | student-EMA): ``<default_root_dir>/grids/<tag>.png`` and the logger."""
+    def save_grid(self, x: torch.Tensor, target: torch.Tensor, tag: str, key: str = "grid") -> Path:
+        """Rows of (input | teacher | student-EMA): ``<default_root_dir>/grids/<tag>.png`` and the loggers
+        (as ``key``)."""
         import torchvision.utils as vutils
 
         from p2pz.utils.atomic import atomic_path
@@ -420,23 +421,43 @@ class StudentModule(pl.LightningModule):
         for logger in self.loggers:
             experiment = getattr(logger, "experiment", None)
             if hasattr(logger, "log_image"):  # e.g. WandbLogger
-                logger.log_image(key="grid", images=[grid], step=self.global_step)
+                logger.log_image(key=key, images=[grid], step=self.global_step)
             elif hasattr(experiment, "add_image"):  # TensorBoard
-                experiment.add_image("grid", grid, self.global_step)
+                experiment.add_image(key, grid, self.global_step)
         return path
 
     def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
-        """Score ``g_ema`` against the teacher, next to the copy-the-input baseline."""
+        """Score ``g_ema`` against the teacher, next to the copy-the-input baseline; the first batch
+        (the same held-out pairs every time: validation reads them in order, unaugmented) is drawn as
+        the ``val/grid`` image."""
         x, target = batch["src"], batch["edit"]
         out = self.g_ema(x)
-        metrics = {"val/l1": (out - target).abs().mean(), "val/l1_copy": (x - target).abs().mean()}
+        metrics = {
+            "val/l1": (out - target).abs().mean(),
+            "val/l1_copy": (x - target).abs().mean(),
+            "val/psnr_to_teacher": psnr_db(out, target),
+            "val/psnr_copy": psnr_db(x, target),
+        }
         if self._perceptual is not None:
             metrics["val/lpips"] = self.perceptual(out, target)
             metrics["val/lpips_copy"] = self.perceptual(x, target)
         self.log_dict(metrics, on_step=False, on_epoch=True, batch_size=x.shape[0], sync_dist=True)
+        grids_on = self.hparams.grid_every_n_steps > 0 and not self.trainer.sanity_checking
+        if batch_idx == 0 and grids_on and self.trainer.is_global_zero:
+            self.save_grid(x, target, tag=f"val-step-{self.global_step:07d}", key="val/grid")
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint["generator_config"] = dict(self.g_ema.config)
+
+
+def psnr_db(images: torch.Tensor, reference: torch.Tensor, cap: float = 100.0) -> torch.Tensor:
+    """Mean per-image PSNR (dB) of ``[N, C, H, W]`` batches in [-1, 1] (clamped), a perfect image
+    counting ``cap``: torchmetrics' PSNR on the [0, 1] range."""
+    from torchmetrics.functional.image import peak_signal_noise_ratio
+
+    a, b = ((t.detach().float().clamp(-1, 1) + 1) / 2 for t in (images, reference))
+    per_image = peak_signal_noise_ratio(a, b, data_range=1.0, reduction="none", dim=(1, 2, 3))
+    return torch.nan_to_num(per_image, posinf=cap).clamp(max=cap).mean()
 
 
 def load_generator(checkpoint_path: str | os.PathLike, ema: bool = True) -> nn.Module:

@@ -118,7 +118,7 @@ def bad_package(kind: str, good: dict, where: Path) -> Path:
         path.mkdir()
     elif kind == "truncated":
         shutil.copytree(good["package"], path)
-        weights = path / "generator.safetensors"
+        weights = path / "model.safetensors"
         weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
     elif kind == "wrong":
         shutil.copyfile(good["checkpoint"], path)  # `p2pz apply last.ckpt ...`

@@ -46,6 +46,19 @@ def test_demo_small(tmp_path):
     assert (out / "direction.safetensors").is_file()  # from the world's captions, shared by both uses
     assert (out / "model" / "config.json").is_file() and (out / "model" / "generator.onnx").is_file()
 
+    # the package is a Hugging Face model folder whose card holds the held-out metrics, the grid and
+    # the latency table
+    from huggingface_hub import ModelCard
+
+    card = ModelCard.load(out / "model" / "README.md")
+    assert card.data.library_name == "p2pz" and card.data.pipeline_tag == "image-to-image"
+    held_out = json.loads((out / "model" / "config.json").read_text())["eval"]
+    assert held_out["n"] > 0 and held_out["pairs"] == "held-out" and "oracle" in held_out
+    assert f"| {held_out['to_teacher']['psnr']:.3g} |" in card.text
+    assert "![input | teacher | student](grid.png)" in card.text
+    Image.open(out / "model" / "grid.png").verify()
+    assert "| eager |" in card.text and "| onnx |" in card.text  # the latency table
+
     bench = json.loads((out / "bench.json").read_text())
     assert bench["teacher_ms"] > 0 and bench["teacher_over_student"] > 1  # one pass beats ~100 UNet calls
     assert set(bench["student"]) == {"eager", "pt2", "onnx"}

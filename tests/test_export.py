@@ -74,7 +74,7 @@ def test_package_contents(package):
     assert config["generator"] == json.loads(json.dumps(dict(g_ema.config)))
     assert config["training"]["step"] == 7
     assert set(config["files"]) == {"weights", "pt2", "onnx"}
-    with safe_open(model_dir / "generator.safetensors", "pt") as f:
+    with safe_open(model_dir / "model.safetensors", "pt") as f:
         assert set(f.keys()) == set(g_ema.state_dict())
 
 
@@ -97,7 +97,7 @@ def test_package_files_follow_the_umask(tmp_path, umask, file_mode, dir_mode):
         os.umask(old)
     assert stat.S_IMODE(out.stat().st_mode) == dir_mode
     files = sorted(p.name for p in out.iterdir())
-    assert files == ["config.json", "generator.safetensors"]
+    assert files == ["README.md", "config.json", "model.safetensors"]
     for name in files:
         assert stat.S_IMODE((out / name).stat().st_mode) == file_mode, name
 

@@ -260,7 +260,7 @@ def test_comod_512_bf16_trains_resumes_exports_and_benches(shard_512, tmp_path):
     export = ["-m", "p2pz", "export", str(ckpt), "--out", str(model_dir), "--formats", "pt2,onnx"]
     _, seconds = _run(export, cwd=tmp_path)
     print(f"export (safetensors, pt2, onnx at 512 px): {seconds:.0f} s")
-    for name in ("generator.safetensors", "config.json"):
+    for name in ("model.safetensors", "config.json", "README.md"):
         assert (model_dir / name).is_file()
     assert list(model_dir.glob("*.pt2")) and list(model_dir.glob("*.onnx"))
     assert '"resolution": 512' in (model_dir / "config.json").read_text()

@@ -117,6 +117,38 @@ def load_ckpt(path: Path) -> dict:
 
 
 # --------------------------------------------------------------------------------------------------
+# What a run shows in TensorBoard
+
+
+def test_a_20_step_run_leaves_tensorboard_scalars_and_the_same_held_out_grid(shards, tmp_path, capsys):
+    """configs/tiny.yaml (20 iterations, validation every 10): the event file holds val/psnr_to_teacher
+    and the L1s at both validations, and val/grid drawn from the same held-out pairs both times."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    run = tmp_path / "run"
+    fit(shards, run)
+    assert f"tensorboard --logdir {run / 'lightning_logs'}" in capsys.readouterr().out
+    [version] = run.glob("lightning_logs/version_*")
+    assert list(version.glob("events.out.tfevents.*")) and (version / "metrics.csv").is_file()
+    events = EventAccumulator(str(version), size_guidance={"images": 0, "scalars": 0}).Reload()
+    scalars = events.Tags()["scalars"]
+    for tag in ("val/psnr_to_teacher", "val/psnr_copy", "val/l1", "val/l1_copy", "train/g_l1"):
+        assert tag in scalars, tag
+    psnr = events.Scalars("val/psnr_to_teacher")
+    assert len(psnr) == 2 and all(0 < e.value < 100 for e in psnr)  # one per validation
+    grids = events.Images("val/grid")
+    assert [g.step for g in grids] == [10, 20]
+    assert grids[0].width == grids[1].width > 0 and grids[0].height == grids[1].height > 0
+
+    # the same pairs in both grids: the input and teacher columns are identical, the student's may change
+    from PIL import Image
+
+    first, last = (np.asarray(Image.open(run / "grids" / f"val-step-{s:07d}.png")) for s in (10, 20))
+    column = first.shape[1] // 3
+    np.testing.assert_array_equal(first[:, : 2 * column], last[:, : 2 * column])
+
+
+# --------------------------------------------------------------------------------------------------
 # Losses
 
 
@@ -187,9 +219,13 @@ def test_tiny_fit_counts_iterations_saves_and_logs(shards, tmp_path):
     assert any(k.startswith("g_ema.") for k in ckpt["state_dict"])
     assert not any(k.startswith("_perceptual") or "lpips" in k for k in ckpt["state_dict"])
     assert "resolution" in ckpt["generator_config"]
-    assert sorted(p.name for p in (run / "grids").glob("*.png")) == ["step-0000001.png"]
+    assert sorted(p.name for p in (run / "grids").glob("*.png")) == [
+        "step-0000001.png",
+        "val-step-0000003.png",
+    ]
     metrics = next(run.glob("lightning_logs/version_*/metrics.csv")).read_text()
     assert "val/l1" in metrics and "val/l1_copy" in metrics and "train/g_l1" in metrics
+    assert "val/psnr_to_teacher" in metrics
 
     from p2pz.student.training import load_generator
 

@@ -157,7 +157,7 @@ def test_a_file_that_is_not_a_student_checkpoint_is_one_line(kind, good_checkpoi
 
 def test_a_good_checkpoint_still_exports(good_checkpoint, tmp_path):
     assert main(["export", str(good_checkpoint), "--out", str(tmp_path / "model"), "--formats", ""]) == 0
-    assert (tmp_path / "model" / "generator.safetensors").is_file()
+    assert (tmp_path / "model" / "model.safetensors").is_file()
 
 
 # --------------------------------------------------------------------------------------------------

@@ -1,6 +1,7 @@
 """The students ``p2pz app`` serves: found once, loaded once, run in micro-batches on one thread.
 
-:func:`load_package` is the one place a package is read (the lead can switch it to another loader);
+:func:`load_package` is the one place a package is read (through :mod:`p2pz.student.package`, as
+``p2pz apply`` reads it);
 :class:`StudentRunner` owns the model calls: requests queue up while a batch runs and the next batch
 takes every waiting request of one model (at most ``max_batch``), so concurrent users share the
 forward passes instead of taking turns, and a single user waits for no window.
@@ -23,16 +24,20 @@ CARD = "README.md"
 
 
 def load_package(path: str | os.PathLike, device: str, dtype: Any) -> tuple[Any, dict[str, Any]]:
-    """An exported student package -> (model, config); the eager backend, which runs no code from it."""
-    from p2pz.student.export import load_exported, read_config
+    """An exported student package -> (model, config): the eager student, strictly loaded from
+    safetensors, so that reading it runs no code from it."""
+    from p2pz.student.package import load_package as load
 
-    config = read_config(path)
-    return load_exported(path, "eager", device, dtype=dtype), config
+    package = load(path, device=device, dtype=dtype)
+    return package.student, package.config
 
 
 def find_packages(paths: list[str], models_dir: str | None) -> list[Path]:
-    """The packages given, then every package folder (one holding config.json) inside ``models_dir``."""
-    found = [Path(p) for p in paths]
+    """The packages given (folders or Hub repo ids, resolved to their local folder), then every package
+    folder (one holding config.json) inside ``models_dir``."""
+    from p2pz.student.package import resolve_package
+
+    found = [resolve_package(p) for p in paths]
     if models_dir is not None:
         root = Path(models_dir)
         if not root.is_dir():

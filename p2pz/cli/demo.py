@@ -234,7 +234,7 @@ def generate_pairs(args: argparse.Namespace, out: Path, inputs: Path, direction:
         guidance_scale=args.guidance_scale,
         xa_guidance=args.xa_guidance,
         inputs=str(inputs),
-        samples_per_shard=max(16, args.num_pairs // 8),
+        samples_per_shard=max(4, args.num_pairs // 8),  # 8 shards or more: one is held out
         batch_size=args.batch_size,
         seed=args.seed,
         steps=args.steps,
@@ -544,7 +544,7 @@ def _run_table(facts: dict[str, Any], timings: dict[str, float]) -> str:
 def cmd_demo(args: argparse.Namespace) -> int:
     """``p2pz demo``: the six stages into ``--out``, each timed, then where the results are."""
     from p2pz.data.pairs.generate import load_teacher
-    from p2pz.student.export import export_package
+    from p2pz.student.export import add_to_package, bench_summary, export_package
     from p2pz.utils.devices import resolve_device
 
     args.device = resolve_device(args.device)
@@ -572,10 +572,16 @@ def cmd_demo(args: argparse.Namespace) -> int:
         checkpoint = train_student(args, Path(kept["shards"]), out / "run")
 
     with _stage(timings, "export", "4/6 export"):
-        export_package(checkpoint, out / "model", extra={"teacher_model": str(args.model)})
+        export_package(
+            checkpoint,
+            out / "model",
+            extra={"teacher_model": str(args.model)},
+            finish=lambda folder, config: _evaluate_into_card(args, folder, config),
+        )
 
     with _stage(timings, "bench", "5/6 bench"):
         bench, bench_json, chart = _bench_student(args, out)
+        add_to_package(out / "model", bench=bench_summary(bench))  # the card's latency table
 
     with _stage(timings, "report", f"6/6 report: {args.test_scenes} held-out scenes"):
         images, scores, per_scene = _score_held_out(args, out, source, teacher, direction)
@@ -658,6 +664,19 @@ def _stage(timings: dict[str, float], key: str, title: str) -> Iterator[None]:
     yield
     timings[key] = time.perf_counter() - start
     print(f"   done in {format_duration(timings[key])}", flush=True)
+
+
+def _evaluate_into_card(args: argparse.Namespace, folder: Path, config: dict[str, Any]) -> None:
+    """``p2pz export --eval``: the student against its teacher on the pairs its training held out,
+    into the package's card (PSNR, SSIM, the oracle; a grid)."""
+    from p2pz.student.export import evaluate_into_package
+
+    if not ((config.get("data") or {}).get("split") or {}).get("val_shards"):
+        print("   note: no held-out shard (too few pairs): the card has no held-out metrics", flush=True)
+        return
+    report = evaluate_into_package(folder, None, device=args.device)
+    teacher = report["to_teacher"]
+    print(f"   held-out pairs: {report['n']}, PSNR to the teacher {teacher['psnr']:.1f} dB", flush=True)
 
 
 def _bench_student(args: argparse.Namespace, out: Path) -> tuple[dict[str, Any], Path, Path]:

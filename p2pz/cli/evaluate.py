@@ -49,19 +49,22 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         description=plain(__doc__),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    what = p.add_mutually_exclusive_group(required=True)
+    what = p.add_argument_group("what to score (one of --world, --pairs, --student; --student with --pairs)")
     what.add_argument(
         "--world", action="store_true", help="edit seeded shapes-world scenes with the teacher and score them"
     )
     what.add_argument(
         "--pairs",
         metavar="SHARDS_OR_DIR",
-        help="score the pairs in these WebDataset shards (folder, glob or brace pattern)",
+        help="score the pairs in these WebDataset shards (folder, glob or brace pattern); with --student: "
+        "the pairs to score the student on ('held-out': the shards its training held out)",
     )
     what.add_argument(
         "--student",
-        metavar="MODEL_DIR",
-        help="score an exported student package (p2pz export) on held-out world scenes, against its teacher",
+        metavar="PACKAGE",
+        help="score an exported student package (a folder or a Hub repo id) against its teacher: with "
+        "--pairs on those pairs (PSNR, SSIM, LPIPS to the teacher and the input), else on held-out "
+        "world scenes",
     )
     p.add_argument("--out", required=True, metavar="DIR", help="output folder for metrics.json and grid.png")
     # one titled group per mode, so --help shows which options belong to which
@@ -171,8 +174,21 @@ def run(args: argparse.Namespace) -> int:
     out = Path(args.out)
     if out.exists() and not out.is_dir():
         raise UserError(f"--out {out} is a file; give a folder")
+    modes = [
+        flag
+        for flag, on in (("--world", args.world), ("--pairs", args.pairs), ("--student", args.student))
+        if on
+    ]
+    if not modes:
+        raise UserError(
+            "say what to score: --world, --pairs SHARDS, --student PACKAGE (with or without --pairs)"
+        )
+    if len(modes) > 1 and modes != ["--pairs", "--student"]:
+        raise UserError(f"{' and '.join(modes)} do not go together: give one (--pairs may go with --student)")
     skipped = Skipped("inputs")  # --pairs: the pairs, shards and masks that could not be read
-    if args.student:
+    if args.student and args.pairs:
+        report = eval_student_pairs(args)
+    elif args.student:
         report = eval_student(args)
     else:
         report = eval_world(args) if args.world else eval_pairs(args, skipped)
@@ -337,6 +353,39 @@ def eval_student(args: argparse.Namespace) -> dict:
         "teacher": settings,
     }
     return {"kind": "student", "settings": run_settings, "metrics": metrics, "grid": shown}
+
+
+def eval_student_pairs(args: argparse.Namespace) -> dict:
+    """A student package on teacher pairs of any edit (``--pairs SHARDS`` or ``held-out``): PSNR, SSIM
+    (and LPIPS with a backbone) to the teacher and to the input; the oracle too on shapes-world pairs."""
+    from p2pz.student.evaluation import evaluate_package
+
+    report = evaluate_package(
+        args.student,
+        args.pairs,
+        limit=args.limit,
+        device=args.device,
+        batch_size=args.batch_size,
+        lpips_backbone=args.lpips_backbone,
+    )
+    if report.get("lpips_note"):
+        print(f"note: {report['lpips_note']}")
+    rows = report.pop("grid")[:GRID_PAIRS]
+    shown = [(x, t, s, f"{p['psnr_to_teacher']:.1f} dB") for (x, t, s), p in zip(rows, report["per_image"])]
+    metrics = {
+        f"{name} ({len(report['per_image'])} pairs)": report[name]
+        for name in ("to_teacher", "to_input", "copy_to_teacher")
+    }
+    if "oracle" in report:
+        metrics.update({f"oracle ({who})": v for who, v in report["oracle"].items()})
+    settings = {k: v for k, v in report.items() if k not in ("per_image",) and k not in metrics}
+    return {
+        "kind": "student-pairs",
+        "settings": settings,
+        "metrics": metrics,
+        "per_image": report["per_image"],
+        "grid": shown,
+    }
 
 
 def _teacher_edits(args: argparse.Namespace, settings: dict, edit: Any, inputs: list) -> list:
@@ -603,6 +652,9 @@ def summary_table(metrics: dict) -> str:
                 "psnr_to_teacher_object_db",
                 "copy_psnr_to_teacher_db",
                 "copy_psnr_to_teacher_object_db",
+                "psnr",
+                "ssim",
+                "lpips",
             )
         ]
         lines.append(f"{name}: " + ", ".join(fields))

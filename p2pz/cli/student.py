@@ -46,6 +46,32 @@ def _register_export(sub: argparse._SubParsersAction) -> None:
         help="extra formats besides the safetensors weights, e.g. --formats pt2 onnx (default: pt2 onnx; "
         "none after the flag for none)",
     )
+    p.add_argument(
+        "--eval",
+        nargs="?",
+        const="held-out",
+        default=None,
+        metavar="SHARDS",
+        help="score the package against its teacher (PSNR, SSIM, LPIPS; the oracle on shapes-world pairs) "
+        "on the pairs its training held out (no value) or on SHARDS, and put the figures and a grid "
+        "(input | teacher | student) into its card",
+    )
+    p.add_argument("--eval-limit", type=positive_int, default=64, help="pairs scored by --eval (default: 64)")
+    p.add_argument(
+        "--lpips-backbone",
+        default=None,
+        metavar="FILE",
+        help="torchvision AlexNet state dict for --eval's LPIPS (default: torchvision's cached copy; "
+        "without either, no LPIPS)",
+    )
+    p.add_argument(
+        "--push-to-hub",
+        default=None,
+        metavar="REPO",
+        help="upload the package to this Hugging Face Hub repo (user/name; created if missing; needs "
+        "'hf auth login' or HF_TOKEN)",
+    )
+    add_device(p, "--eval's student")
     p.set_defaults(func=cmd_export)
 
 
@@ -60,7 +86,11 @@ def _register_apply(sub: argparse._SubParsersAction) -> None:
         "  p2pz apply models/cat-dog photos/*.jpg --out edited/",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("model", help="an exported model folder (p2pz export)")
+    p.add_argument(
+        "model",
+        help="an exported package: a folder (p2pz export) or a Hugging Face Hub repo id (user/name; "
+        "from the local cache with HF_HUB_OFFLINE=1)",
+    )
     p.add_argument("images", nargs="+", help="image files or folders of images")
     p.add_argument(
         "--out", required=True, help="output folder; each result is <name>.png at the model's resolution"
@@ -78,7 +108,7 @@ def _register_apply(sub: argparse._SubParsersAction) -> None:
         "package, so pass this only for a package you made or trust (eager and onnx run no code from it)",
     )
     p.add_argument("--batch-size", type=positive_int, default=8, help="images per model call (default: 8)")
-    add_device(p, "the model (onnx runs on the cpu)")
+    add_device(p, "the model (onnx on cuda needs onnxruntime-gpu)")
     add_dtype(p, what="the model (eager only; pt2 and onnx are float32)")
     add_progress(p)
     p.set_defaults(func=cmd_apply)
@@ -98,7 +128,11 @@ def _register_bench(sub: argparse._SubParsersAction) -> None:
         ),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("model", help="an exported model folder (p2pz export)")
+    p.add_argument(
+        "model",
+        help="an exported package: a folder (p2pz export) or a Hugging Face Hub repo id (user/name; "
+        "from the local cache with HF_HUB_OFFLINE=1)",
+    )
     p.add_argument(
         "--out", default="bench.json", help="JSON report path; the chart is written beside it (.png)"
     )
@@ -124,7 +158,12 @@ def _register_bench(sub: argparse._SubParsersAction) -> None:
         help="also run the .pt2 program: loading it unpickles it, which can run code from the package, "
         "so pass this only for a package you made or trust",
     )
-    add_device(p)
+    add_device(p, "the student and the teacher (onnx on cuda needs onnxruntime-gpu)")
+    add_dtype(
+        p,
+        what="the eager and compile backends (float16 / bfloat16: their error against float32 is in the "
+        "report; pt2 and onnx stay float32)",
+    )
     p.add_argument(
         "--iters",
         type=positive_int,
@@ -146,10 +185,25 @@ def _register_bench(sub: argparse._SubParsersAction) -> None:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    from p2pz.student.export import export_package
+    from p2pz.student.export import evaluate_into_package, export_package
+    from p2pz.utils.devices import resolve_device
 
-    out = export_package(args.checkpoint, args.out, formats=tuple(args.formats))
+    finish = None
+    if args.eval is not None:
+        options = {"limit": args.eval_limit, "device": resolve_device(args.device)}
+        options["lpips_backbone"] = args.lpips_backbone
+
+        def finish(folder: Path, config: dict) -> None:  # scored before the folder is renamed into place
+            report = evaluate_into_package(folder, args.eval, **options)
+            if report.get("lpips_note"):
+                print(f"note: {report['lpips_note']}")
+
+    out = export_package(args.checkpoint, args.out, formats=tuple(args.formats), finish=finish)
     print(f"exported {args.checkpoint} -> {out}")
+    if args.push_to_hub:
+        from p2pz.student.card import push_to_hub
+
+        print(f"uploaded {out} -> {push_to_hub(out, args.push_to_hub)}")
     return 0
 
 
@@ -193,7 +247,7 @@ def cmd_apply(args: argparse.Namespace) -> int:
     from p2pz.student.export import apply_to_images, load_exported, read_config, save_image_atomic
     from p2pz.utils.devices import resolve_device, torch_dtype
 
-    device = "cpu" if args.backend == "onnx" else resolve_device(args.device)
+    device = resolve_device(args.device)
     dtype = torch_dtype(args.dtype)
     out = Path(args.out)
     if out.exists() and not out.is_dir():
@@ -254,6 +308,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
             backends=backends,
             trust_pt2=args.trust_pt2,
             device=resolve_device(args.device),
+            dtype=args.dtype,
             warmup=args.warmup,
             iters=args.iters,
             teacher_model=args.teacher,

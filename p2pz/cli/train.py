@@ -16,7 +16,10 @@ updates (``global_step`` counts iterations, see ``p2pz.student.training``).
 
 The run folder (``--trainer.default_root_dir``) receives ``checkpoints/last.ckpt`` (every
 ``--checkpoint.every_n_train_steps`` iterations, at the end and on SLURM's requeue signal),
-``grids/step-*.png`` (input | teacher | student) and ``lightning_logs/version_N/{metrics.csv,config.yaml}``.
+``grids/step-*.png`` (input | teacher | student; ``grids/val-step-*.png``: the same held-out pairs at every
+validation) and ``lightning_logs/version_N/``: TensorBoard's event file (the scalars, ``val/psnr_to_teacher``
+among them, and the grids; ``tensorboard --logdir RUN/lightning_logs``, printed at the start),
+``metrics.csv`` and ``config.yaml``.
 Keep it the same across restarts. Every checkpoint is written atomically in its own folder
 (``AtomicCheckpointIO``, installed here as a trainer plugin). On ``SIGUSR1`` (``--signal=SIGUSR1@90``)
 the run saves ``last.ckpt`` at the end of the current iteration, requeues its SLURM job and stops
@@ -83,6 +86,9 @@ def student_cli_class() -> type[LightningCLI]:
                 [] if callbacks is None else list(callbacks) if isinstance(callbacks, list) else [callbacks]
             )
             kwargs["callbacks"] = [*callbacks, RequeueOnSignal(), *progress_bar(callbacks, trainer_config)]
+            logger = kwargs.get("logger", trainer_config.get("logger"))
+            if logger is None or logger is True:  # not configured: TensorBoard and metrics.csv
+                kwargs["logger"] = default_loggers(trainer_config.get("default_root_dir"))
             return super().instantiate_trainer(**kwargs)
 
     StudentCLI.__module__, StudentCLI.__qualname__ = __name__, "StudentCLI"
@@ -108,6 +114,35 @@ def plain_help_formatter() -> type:
             super().start_section(plain(heading) if heading else heading)
 
     return PlainHelpFormatter
+
+
+def default_loggers(root: str | None) -> list[Any]:
+    """TensorBoard (scalars and the grids) and CSV (``metrics.csv``) in the same
+    ``<root>/lightning_logs/version_N`` folder; CSV alone, with a note, where tensorboard is missing.
+    Prints the line that opens TensorBoard on the run."""
+    import os
+
+    from lightning.fabric.loggers.tensorboard import _TENSORBOARD_AVAILABLE
+    from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
+    from lightning.pytorch.utilities import rank_zero_info
+
+    root = root or os.getcwd()
+    # the CSV logger warns that the folder TensorBoard just made "exists and is not empty": they share it
+    warnings.filterwarnings("ignore", message="Experiment logs directory .* exists and is not empty")
+    if not _TENSORBOARD_AVAILABLE:
+        rank_zero_info("note: tensorboard is not installed: metrics go to metrics.csv only")
+        return [CSVLogger(root)]
+    tensorboard = TensorBoardLogger(root, default_hp_metric=False)
+    csv = CSVLogger(root, version=tensorboard.version)  # the same version_N folder
+    show_tensorboard_line(os.path.join(root, tensorboard.name))
+    return [tensorboard, csv]
+
+
+def show_tensorboard_line(logdir: str) -> None:
+    from lightning.pytorch.utilities import rank_zero_only
+
+    if rank_zero_only.rank == 0:
+        print(f"watch training: tensorboard --logdir {logdir}", flush=True)
 
 
 def progress_bar(callbacks: list[Any], trainer_config: Any) -> list[Any]:
