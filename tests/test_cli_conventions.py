@@ -26,7 +26,8 @@ from p2pz.utils.errors import UserError
 MARKUP = re.compile(r"``|:\w+:`|`")
 
 # Which commands carry which shared flag (generate and train are checked on their own parsers below).
-DEVICE = {"direction", "edit", "calibrate", "eval", "apply", "bench", "demo", "export", "app"}  # export: --eval
+# export: its --eval
+DEVICE = {"direction", "edit", "calibrate", "eval", "apply", "bench", "demo", "export", "app"}
 DTYPE = {"direction", "edit", "calibrate", "eval", "apply", "bench", "demo", "app"}
 SEED = {"make-tiny", "direction", "edit", "calibrate", "eval", "demo"}  # apply/bench/export: no draws
 PROGRESS = {"direction", "edit", "calibrate", "eval", "apply", "bench", "demo"}
