@@ -76,9 +76,17 @@ def create_app(state: AppState) -> FastAPI:
         student = state.students.get(model if model is not None else next(iter(state.students)))
         return student if student is not None else refused(f"no student {model!r}; see /api/models", 404)
 
-    async def upload_of(request: Request) -> Any:
-        data = await read_body(request, int(state.max_upload_mb * 1e6))
-        return await run_in_threadpool(read_upload, data, max_megapixels=state.max_megapixels)
+    async def student_and_upload(request: Request, model: str | None) -> Any:
+        """(student, upload) for an edit request, or the JSON response that refuses it."""
+        student = student_or_error(model)
+        if isinstance(student, JSONResponse):
+            return student
+        try:
+            data = await read_body(request, int(state.max_upload_mb * 1e6))
+            upload = await run_in_threadpool(read_upload, data, max_megapixels=state.max_megapixels)
+        except UploadRefused as why:
+            return refused(str(why), why.status)
+        return student, upload
 
     @app.get("/", response_class=HTMLResponse)
     async def index() -> str:
@@ -103,13 +111,10 @@ def create_app(state: AppState) -> FastAPI:
     @app.post("/api/edit")
     async def edit(request: Request, model: str | None = None) -> Any:
         started = time.perf_counter()
-        student = student_or_error(model)
-        if isinstance(student, JSONResponse):
-            return student
-        try:
-            upload = await upload_of(request)
-        except UploadRefused as why:
-            return refused(str(why), why.status)
+        asked = await student_and_upload(request, model)
+        if isinstance(asked, JSONResponse):
+            return asked
+        student, upload = asked
         edited, model_ms, batch = await asyncio.wrap_future(state.runner.submit(student, upload.image))
         encoded = await run_in_threadpool(png_base64, edited)
         return {
@@ -123,22 +128,19 @@ def create_app(state: AppState) -> FastAPI:
             "latency_ms": round((time.perf_counter() - started) * 1000, 2),
         }
 
-    add_teacher_routes(app, state, student_or_error, upload_of)
+    add_teacher_routes(app, state, student_and_upload)
     return app
 
 
-def add_teacher_routes(app: FastAPI, state: AppState, student_or_error: Any, upload_of: Any) -> None:
+def add_teacher_routes(app: FastAPI, state: AppState, student_and_upload: Any) -> None:
     @app.post("/api/teacher")
     async def teacher_submit(request: Request, model: str | None = None) -> Any:
         if state.teacher is None:
             return refused("no teacher in this app; start it with --teacher MODEL", 404)
-        student = student_or_error(model)
-        if isinstance(student, JSONResponse):
-            return student
-        try:
-            upload = await upload_of(request)
-        except UploadRefused as why:
-            return refused(str(why), why.status)
+        asked = await student_and_upload(request, model)
+        if isinstance(asked, JSONResponse):
+            return asked
+        student, upload = asked
         job = state.teacher.submit(student, upload.image)
         return {"id": job.id}
 
