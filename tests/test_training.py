@@ -429,6 +429,44 @@ def test_discriminator_steps_through_the_precision_plugin_without_advancing_glob
     assert hooks == [0, 1, 1, 2]
 
 
+def test_the_run_logs_and_records_which_ops_implementation_runs(shards, tmp_path, monkeypatch):
+    """One ``student ops:`` line on rank 0 and ``ops_impl`` in the run's hparams.yaml, following what runs
+    ($P2PZ_OPS_IMPL here); an explicit request whose kernels cannot be built stops before the first step."""
+    import logging
+
+    import yaml
+
+    from p2pz.student.ops import _runtime
+
+    lines: list[str] = []
+    handler = logging.Handler(logging.INFO)
+    handler.emit = lambda record: lines.append(record.getMessage())
+    logger = logging.getLogger("lightning.pytorch.utilities.rank_zero")
+    logger.addHandler(handler)
+    monkeypatch.setattr(logger, "level", logging.INFO)
+    try:
+        for impl, meaning in (("ref", "the pure-PyTorch reference"), ("cpu", "the compiled C++ kernels")):
+            monkeypatch.setenv(_runtime.ENV_VAR, impl)
+            run = tmp_path / impl
+            lines.clear()
+            fit(shards, run, "--trainer.max_steps", "1")
+            [version] = run.glob("lightning_logs/version_*")
+            assert yaml.safe_load((version / "hparams.yaml").read_text())["ops_impl"] == impl
+            assert [line for line in lines if line.startswith("student ops:")] == [
+                f"student ops: {impl} ({meaning})"
+            ]
+    finally:
+        logger.removeHandler(handler)
+
+    for name, value in (("_state", {}), ("_errors", {}), ("_warned", set())):  # as in a new process
+        monkeypatch.setattr(_runtime, name, value)
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path / "ext"))
+    monkeypatch.setenv("CXX", "/bin/false")
+    with pytest.raises(_runtime.OpsUnavailableError, match="P2PZ_OPS_IMPL=cpu asks for the CPU kernels"):
+        fit(shards, tmp_path / "broken", "--trainer.max_steps", "1")
+    assert not (tmp_path / "broken" / "checkpoints").exists()
+
+
 def test_p2pz_train_is_the_same_cli_as_train_py(shards, tmp_path, capsys):
     from p2pz.cli.main import main
 

@@ -55,7 +55,7 @@ def student_cli_class() -> type[LightningCLI]:
     """The LightningCLI of student training: the module, the data module and a ``checkpoint`` group."""
     from lightning.pytorch.cli import LightningCLI
 
-    from p2pz.student.callbacks import StepCheckpoint, refuse_damaged_checkpoint
+    from p2pz.student.callbacks import RecordOpsImpl, StepCheckpoint, refuse_damaged_checkpoint
     from p2pz.student.requeue import RequeueOnSignal
 
     class StudentCLI(LightningCLI):
@@ -77,7 +77,8 @@ def student_cli_class() -> type[LightningCLI]:
                 refuse_unreadable_shards(self.config[subcommand].get("data") or {})
 
         def instantiate_trainer(self, **kwargs: Any) -> Trainer:
-            """The configured trainer, plus the atomic checkpoint writer and the safe-point requeue."""
+            """The configured trainer, plus the atomic checkpoint writer, the safe-point requeue and the
+            record of the ops' implementation."""
             config = self.config_init[self.subcommand] if self.subcommand else self.config_init
             trainer_config = config.get("trainer") or {}
             kwargs["plugins"] = checkpoint_plugins(kwargs.get("plugins", trainer_config.get("plugins")))
@@ -85,7 +86,12 @@ def student_cli_class() -> type[LightningCLI]:
             callbacks = (
                 [] if callbacks is None else list(callbacks) if isinstance(callbacks, list) else [callbacks]
             )
-            kwargs["callbacks"] = [*callbacks, RequeueOnSignal(), *progress_bar(callbacks, trainer_config)]
+            kwargs["callbacks"] = [
+                *callbacks,
+                RequeueOnSignal(),
+                RecordOpsImpl(),
+                *progress_bar(callbacks, trainer_config),
+            ]
             logger = kwargs.get("logger", trainer_config.get("logger"))
             if logger is None or logger is True:  # not configured: TensorBoard and metrics.csv
                 kwargs["logger"] = default_loggers(trainer_config.get("default_root_dir"))
