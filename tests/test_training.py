@@ -596,6 +596,39 @@ def test_ddp_two_cpu_ranks_see_disjoint_data_and_keep_identical_weights(shards, 
     assert load_ckpt(tmp_path / "run" / "checkpoints" / "last.ckpt")["global_step"] == 2
 
 
+def test_dataloader_workers_are_capped_by_the_cpus_the_task_has(shards, monkeypatch):
+    """configs/sd14-512.yaml's 6 workers on a SLURM task of 1 CPU: one worker and a warning naming
+    --cpus-per-task; the affinity mask counts as well; within the CPUs, what was asked for."""
+    import os
+    import warnings
+
+    from p2pz.student.datamodule import PairDataModule
+    from p2pz.utils.cpu import usable_cpus
+
+    def workers(loader) -> int:  # PairLoader -> webdataset's WebLoader -> its torch DataLoader
+        return loader._loader.pipeline[0].num_workers
+
+    data = PairDataModule(shards=str(shards), resolution=64, batch_size=2, epoch_length=2, num_workers=6)
+    data.setup("fit")
+    monkeypatch.setenv("SLURM_CPUS_PER_TASK", "1")
+    with pytest.warns(UserWarning, match=r"num_workers is 6 but this process has 1 CPU.*--cpus-per-task=7"):
+        assert workers(data.train_dataloader()) == 1
+
+    monkeypatch.delenv("SLURM_CPUS_PER_TASK")
+    mask = os.sched_getaffinity(0)
+    os.sched_setaffinity(0, {min(mask)})  # a task bound to one CPU
+    try:
+        assert usable_cpus() == 1
+    finally:
+        os.sched_setaffinity(0, mask)
+    monkeypatch.setenv("SLURM_CPUS_PER_TASK", "64")
+    assert usable_cpus() == min(len(mask), 64)
+    data.hparams.num_workers = usable_cpus()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no cap, no warning
+        assert workers(data.train_dataloader()) == usable_cpus()
+
+
 def test_datamodule_holds_out_validation_shards(shards):
     from p2pz.student.datamodule import PairDataModule
 
