@@ -467,6 +467,22 @@ def test_the_run_logs_and_records_which_ops_implementation_runs(shards, tmp_path
     assert not (tmp_path / "broken" / "checkpoints").exists()
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="tells what happens without a GPU")
+def test_a_gpu_config_in_a_job_without_gpus_stops_in_one_line(shards, tmp_path, monkeypatch, capsys):
+    """A GPU config submitted without --gpus-per-node: one error line per rank naming the option, before
+    the trainer (or the run folder) exists, instead of Lightning's traceback on every rank."""
+    from p2pz.cli.train import script_main
+
+    monkeypatch.setenv("SLURM_JOB_ID", "4242")
+    run = tmp_path / "run"
+    args = ["fit", "--config", TINY, "--data.shards", str(shards), "--trainer.accelerator", "gpu"]
+    assert script_main([*args, "--trainer.default_root_dir", str(run)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: trainer.accelerator is gpu"), err
+    assert "SLURM job 4242" in err[0] and "--gpus-per-node" in err[0]
+    assert not run.exists()
+
+
 def test_p2pz_train_is_the_same_cli_as_train_py(shards, tmp_path, capsys):
     from p2pz.cli.main import main
 
