@@ -19,6 +19,9 @@ a SLURM job is requeued (:mod:`p2pz.student.requeue`).
 ``default_root_dir`` (written by Lightning's own SLURM requeue, before this project replaced it) that is
 a complete file: a truncated one is skipped with a warning, and if every candidate is damaged the run
 stops with a one-line error instead of silently starting from scratch.
+
+:class:`RecordOpsImpl` logs and records which implementation the student's ops run (``ops_impl``), and
+:class:`IterationProgressBar` shows iterations against ``max_steps``.
 """
 
 from __future__ import annotations
@@ -347,3 +350,28 @@ class IterationProgressBar(pl.callbacks.ProgressBar):
         if self._bar is not None:
             self._bar.close()
             self._bar = None
+
+
+class RecordOpsImpl(pl.Callback):
+    """Which implementation the student's ops run on this trainer's device (``p2pz.student.ops``): the
+    compiled kernels or the pure-PyTorch reference. Logged once on rank 0 and recorded with the run as
+    ``ops_impl`` in the loggers' hyper-parameters (``lightning_logs/version_N/hparams.yaml``).
+
+    Resolved in ``setup``, before any step: an explicit ``$P2PZ_OPS_IMPL`` whose kernels cannot be built
+    stops the run there, on every rank, with one line.
+    """
+
+    KEY = "ops_impl"
+    MEANING = {
+        "ref": "the pure-PyTorch reference",
+        "cpu": "the compiled C++ kernels",
+        "cuda": "the compiled CUDA kernels",
+    }
+
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        from p2pz.student.ops import _runtime
+
+        impl = _runtime.active_impl(trainer.strategy.root_device)
+        rank_zero_info(f"student ops: {impl} ({self.MEANING[impl]})")
+        for logger in trainer.loggers:
+            logger.log_hyperparams({self.KEY: impl})

@@ -19,6 +19,7 @@ import lightning.pytorch as pl
 from lightning.pytorch.utilities import rank_zero_warn
 
 from p2pz.data.pairs.reader import PairLoader, ReaderStats, augment_mode, list_shards, pair_loader
+from p2pz.utils.cpu import usable_cpus
 from p2pz.utils.errors import UserError
 
 
@@ -36,6 +37,20 @@ def split_shards(
     return urls, []
 
 
+def capped_workers(requested: int, cpus: int | None = None) -> int:
+    """``requested`` DataLoader workers, at most one per CPU this process has (``usable_cpus``), with a
+    warning when that caps them: 6 workers on a SLURM task of 1 CPU would only take turns on it."""
+    cpus = usable_cpus() if cpus is None else cpus
+    if requested <= cpus:
+        return requested
+    rank_zero_warn(
+        f"data.num_workers is {requested} but this process has {cpus} CPU(s): using {cpus} DataLoader "
+        f"workers; give each task more (sbatch --cpus-per-task={requested + 1}: the workers and the "
+        "training process)"
+    )
+    return cpus
+
+
 class PairDataModule(pl.LightningDataModule):
     """Shards of ``pairs-%06d.tar`` written by the teacher (sample format: ``p2pz.data.pairs.sample``).
 
@@ -50,7 +65,8 @@ class PairDataModule(pl.LightningDataModule):
         augment: joint augmentation of input and edit: ``crop`` (or ``true``: random crop x1.125 and
             horizontal flip), ``dihedral`` (one of the 8 flips/rotations of the square, no
             resampling: for worlds without an up, like the shapes world) or ``none`` (``false``).
-        num_workers: DataLoader worker processes per rank for training.
+        num_workers: DataLoader worker processes per rank for training (at most one per CPU the rank
+            has: see :func:`capped_workers`).
         seed: seed of the shard draw, shuffle and augmentation (combined with rank and resume step).
     """
 
@@ -114,7 +130,7 @@ class PairDataModule(pl.LightningDataModule):
             augment=self.hparams.augment,
             resampled=True,
             epoch_length=self.hparams.epoch_length,
-            num_workers=self.hparams.num_workers,
+            num_workers=capped_workers(self.hparams.num_workers),
             seed=self.hparams.seed + 1_000_003 * start_step,
             rank=rank,
             world_size=world_size,

@@ -17,9 +17,11 @@ All sentences are cleaned the way the official app does: digits, '.', '-' and ')
 
 from __future__ import annotations
 
+import contextlib
 import os
 import random
 import re
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -294,30 +296,49 @@ def llm_sentences(
     tokenizer = from_pretrained_or_explain(AutoTokenizer, source)
     lm = from_pretrained_or_explain(AutoModelForSeq2SeqLM, source, dtype=dtype).to(device).eval()
     inputs = tokenizer(LLM_PROMPT.format(word=word), return_tensors="pt").to(device)
-    generator_state = torch.random.get_rng_state()
-    torch.manual_seed(seed)
     out: list[str] = []
     sampling = {**LLM_SAMPLING, **generate_overrides}
     max_rounds = max_rounds or 4 * (n // sampling["num_return_sequences"] + 1)
-    try:
-        with (
-            torch.no_grad(),
-            tqdm(total=n, desc=f"sentences for '{word}'", leave=False, disable=not progress) as bar,
-        ):
-            for _ in range(max_rounds):
-                ids = lm.generate(**inputs, **sampling)
-                texts = tokenizer.batch_decode(ids, skip_special_tokens=True)
-                texts = [t if word in t else f"{t.strip()}, {word}" for t in texts]
-                new = clean_sentences(texts, word)[: n - len(out)]
-                out += new
-                bar.update(len(new))
-                if len(out) >= n:
-                    break
-    finally:
-        torch.random.set_rng_state(generator_state)
+    with (
+        seeded_on(device, seed),
+        torch.no_grad(),
+        tqdm(total=n, desc=f"sentences for '{word}'", leave=False, disable=not progress) as bar,
+    ):
+        for _ in range(max_rounds):
+            ids = lm.generate(**inputs, **sampling)
+            texts = tokenizer.batch_decode(ids, skip_special_tokens=True)
+            texts = [t if word in t else f"{t.strip()}, {word}" for t in texts]
+            new = clean_sentences(texts, word)[: n - len(out)]
+            out += new
+            bar.update(len(new))
+            if len(out) >= n:
+                break
     if len(out) < n:
         raise UserError(f"the language model '{model}' gave only {len(out)} usable sentences for '{word}'")
     return out
+
+
+@contextlib.contextmanager
+def seeded_on(device: Any, seed: int) -> Iterator[None]:
+    """Seed the CPU's generator and ``device``'s own one for this block, and restore both after.
+
+    ``torch.manual_seed`` would reseed every CUDA device (or queue that for when CUDA starts) and leave
+    them so; ``fork_rng`` over the one device in use leaves the caller's random streams as they were.
+    """
+    import torch
+
+    device = torch.device(device)
+    if device.type in ("cpu", "meta"):
+        with torch.random.fork_rng(devices=[]):
+            torch.random.default_generator.manual_seed(seed)
+            yield
+        return
+    module = torch.get_device_module(device.type)
+    index = module.current_device() if device.index is None else device.index
+    with torch.random.fork_rng(devices=[index], device_type=device.type), module.device(index):
+        torch.random.default_generator.manual_seed(seed)
+        module.manual_seed(seed)  # the current device's generator only, not manual_seed_all
+        yield
 
 
 def make_sentences(

@@ -298,3 +298,25 @@ def test_llm_sentences_with_local_model(tiny_llm):
     assert not any(ch.isdigit() or ch in ".-)" for s in bank for ch in s)
     assert bank == llm_sentences("cat", n=6, seed=0, model=str(tiny_llm), max_length=16)
     assert bank != llm_sentences("cat", n=6, seed=1, model=str(tiny_llm), max_length=16)
+
+
+def _cuda_generators() -> list:
+    """What the CUDA generators will be: their states on a GPU; without one, the seeds torch.cuda
+    queues (``torch.manual_seed`` reseeds every CUDA device once CUDA starts)."""
+    if torch.cuda.is_initialized() or torch.cuda.is_available():
+        return [state.tolist() for state in torch.cuda.get_rng_state_all()]
+    return [call and call[0] for call in torch.cuda._lazy_seed_tracker.get_calls()]
+
+
+def test_llm_sentences_leave_the_callers_random_streams_alone(tiny_llm):
+    """The CPU's generator and CUDA's come out as they went in. On a machine without a GPU the CUDA
+    side is the seed torch.cuda queues for its start; the device's own fork/restore runs only on a GPU."""
+    from p2pz.teacher.sentences import llm_sentences
+
+    torch.manual_seed(1234)
+    torch.rand(3)
+    cpu_before, cuda_before = torch.random.get_rng_state(), _cuda_generators()
+    bank = llm_sentences("cat", n=4, seed=0, model=str(tiny_llm), max_length=16, progress=False)
+    assert torch.equal(torch.random.get_rng_state(), cpu_before)
+    assert _cuda_generators() == cuda_before
+    assert bank == llm_sentences("cat", n=4, seed=0, model=str(tiny_llm), max_length=16, progress=False)

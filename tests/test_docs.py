@@ -213,3 +213,115 @@ def test_the_preset_table_lists_every_preset():
     table = text.split("## Presets", 1)[1].split("\n## ", 1)[0]
     listed = re.findall(r"^\| `(\w+)` \|", table, re.M)
     assert sorted(listed) == sorted(PRESETS), f"docs/teacher.md lists {listed}; the code: {sorted(PRESETS)}"
+
+
+# ------------------------------------------------------------------------------------------------
+# slurm/train.sbatch submissions request what their config needs
+
+TRAIN_SBATCH = REPO / "slurm" / "train.sbatch"
+
+
+def sbatch_usage_lines(script: str) -> list[str]:
+    """The ``sbatch ...`` lines of the script's usage comment (``#   CMD``, continuations joined)."""
+    body = "\n".join(line[1:].strip() for line in script.splitlines() if line.startswith("#   "))
+    body = re.sub(r"\\\n", " ", body)
+    return [line for line in body.splitlines() if re.match(r"^([A-Z_]+=\S+\s+)*sbatch\s", line)]
+
+
+def train_submissions() -> list[tuple[str, dict[str, str], list[str]]]:
+    """(where, environment, argv) of every ``sbatch ... slurm/train.sbatch`` in the docs' bash blocks
+    and in the script's own usage comment."""
+    lines = [(_rel(page), line) for page in PAGES for line in command_lines(page.read_text())]
+    lines += [(_rel(TRAIN_SBATCH), line) for line in sbatch_usage_lines(TRAIN_SBATCH.read_text())]
+    found = []
+    for where, line in lines:
+        for cmd in commands(line):
+            env, argv = env_and_argv(cmd)
+            if argv[:1] == ["sbatch"] and "slurm/train.sbatch" in argv:
+                found.append((where, env, argv))
+    return found
+
+
+def sbatch_options(words: list[str]) -> dict[str, str]:
+    """``--name=value`` / ``--name value`` options (sbatch's, before the script) as a dict."""
+    options, i = {}, 0
+    while i < len(words):
+        name, eq, value = words[i].partition("=")
+        if not eq and i + 1 < len(words) and not words[i + 1].startswith("-"):
+            value, i = words[i + 1], i + 1
+        options[name] = value
+        i += 1
+    return options
+
+
+def script_directives(script: str, prefix: str = "#SBATCH") -> dict[str, str]:
+    """The script's ``#SBATCH --name=value`` lines (``##SBATCH``: the commented-out GPU ones)."""
+    return dict(re.findall(rf"^{prefix}\s+(--[\w-]+)=(\S+)", script, re.M))
+
+
+def resource_problems(config_path: str, options: dict[str, str]) -> list[str]:
+    """What a job with these sbatch options lacks for the config: one GPU per task on a GPU config, and
+    a CPU per DataLoader worker plus one for the training process."""
+    import yaml
+
+    config = yaml.safe_load((REPO / config_path).read_text())
+    if str(config.get("trainer", {}).get("accelerator")) not in ("gpu", "cuda"):
+        return []
+    tasks = int(options.get("--ntasks-per-node", "1"))
+    gpus = int(options.get("--gpus-per-node", "0").split(":")[-1])  # gpus-per-node=a100:8 too
+    if "--gpus-per-task" in options:
+        gpus = tasks * int(options["--gpus-per-task"].split(":")[-1])
+    if options.get("--gres", "").startswith("gpu"):
+        gpus = int(options["--gres"].split(":")[-1])
+    workers = int(config.get("data", {}).get("num_workers", 2))  # PairDataModule's default
+    cpus = int(options.get("--cpus-per-task", "1"))
+    problems = []
+    if gpus != tasks:
+        problems.append(f"{gpus} GPU(s) per node for {tasks} task(s) per node")
+    if cpus < workers + 1:
+        problems.append(f"{cpus} CPU(s) per task for {workers} DataLoader workers + the training process")
+    return problems
+
+
+def test_train_sbatch_submissions_request_the_gpus_and_cpus_their_config_needs():
+    """Every documented ``sbatch ... slurm/train.sbatch`` with a GPU config (CONFIG, or the script's
+    default) asks for a GPU per task and CPUs for the config's DataLoader workers, on top of the
+    script's own #SBATCH lines; the README, docs/cluster.md and the script each show such a command."""
+    script = TRAIN_SBATCH.read_text()
+    default_config = re.search(r"^CONFIG=\$\{CONFIG:-([^}]+)\}", script, re.M).group(1)
+    defaults = script_directives(script)
+    with_gpus, problems = set(), []
+    for where, env, argv in train_submissions():
+        options = {**defaults, **sbatch_options(argv[1 : argv.index("slurm/train.sbatch")])}
+        config = env.get("CONFIG", default_config)
+        found = resource_problems(config, options) if (REPO / config).is_file() else [f"no config {config}"]
+        problems += [f"{where}: {shlex.join(argv)}: {p}" for p in found]
+        if not found and any(k in options for k in ("--gpus-per-node", "--gpus-per-task", "--gres")):
+            with_gpus.add(where)
+    assert not problems, problems
+    assert with_gpus >= {"README.md", "docs/cluster.md", "slurm/train.sbatch"}, with_gpus
+
+
+def test_train_sbatch_runs_on_cpus_by_default_and_its_gpu_lines_fit_sd14_512():
+    """The script's active #SBATCH lines request no GPU (the tiny config, CPU-only clusters, the SLURM
+    tests); its commented-out GPU lines, uncommented, fit configs/sd14-512.yaml."""
+    script = TRAIN_SBATCH.read_text()
+    defaults = script_directives(script)
+    assert not {"--gpus-per-node", "--gpus-per-task", "--gres", "--gpus"} & set(defaults)
+    assert resource_problems("configs/tiny.yaml", defaults) == []
+    gpu_lines = {**defaults, **script_directives(script, "##SBATCH")}
+    assert "--gpus-per-node" in gpu_lines
+    assert resource_problems("configs/sd14-512.yaml", gpu_lines) == []
+
+
+def test_resource_check_can_fail():
+    """Without --gpus-per-node, or with 1 CPU for 6 workers, a sd14-512 submission is refused."""
+    sd14 = "configs/sd14-512.yaml"
+    bare = sbatch_options(["--nodes=4", "--ntasks-per-node", "8"])
+    assert len(resource_problems(sd14, bare)) == 2
+    assert len(resource_problems(sd14, {**bare, "--gpus-per-node": "8"})) == 1  # the CPUs
+    assert resource_problems(sd14, {**bare, "--gpus-per-task": "1", "--cpus-per-task": "7"}) == []
+    assert resource_problems("configs/tiny.yaml", bare) == []
+    assert sbatch_usage_lines("#   A=1 \\\n#     sbatch --x=1 s.sbatch  # c\n#   other\n") == [
+        "A=1  sbatch --x=1 s.sbatch  # c"
+    ]

@@ -7,7 +7,11 @@ The C++ extension is built once (about a minute) into the shared cache and reuse
 from __future__ import annotations
 
 import math
+import os
 import random
+import shutil
+import subprocess
+import sys
 import warnings
 
 import pytest
@@ -15,6 +19,7 @@ import torch
 
 from p2pz.student.ops import _runtime, bias_act, conv2d_resample, force_impl, upfirdn2d
 from p2pz.student.ops.upfirdn2d import downsample2d, filter2d, setup_filter, upsample2d
+from p2pz.utils.errors import UserError
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -387,24 +392,113 @@ def test_environment_sets_the_default_and_an_explicit_impl_wins(monkeypatch):
     assert _runtime.choose_impl(None, y) == "ref"
 
 
+def fresh_runtime(monkeypatch, root) -> None:
+    """The ops' runtime as a new process has it (nothing loaded, tried or announced), building in `root`."""
+    monkeypatch.setattr(_runtime, "_state", {})
+    monkeypatch.setattr(_runtime, "_errors", {})
+    monkeypatch.setattr(_runtime, "_warned", set())
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(root))
+    monkeypatch.delenv(_runtime.ENV_VAR, raising=False)
+
+
+def ops_warnings(caught: list) -> list[str]:
+    return [str(w.message) for w in caught if "p2pz ops" in str(w.message)]
+
+
 def test_failed_build_warns_once_with_the_compiler_error_and_falls_back(monkeypatch, tmp_path):
     src = tmp_path / "src"
     src.mkdir()
     for name in _runtime.sources("cpu") + _runtime.HEADERS:
         (src / name).write_text("#error p2pz-test-broken-source\n")
     monkeypatch.setattr(_runtime, "SOURCE_DIR", src)
-    monkeypatch.setattr(_runtime, "_state", {})
-    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path / "ext"))
+    fresh_runtime(monkeypatch, tmp_path / "ext")
     x = torch.randn(1, 1, 4, 4)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         assert _runtime.choose_impl(None, x) == "ref"
-        assert _runtime.choose_impl("cpu", x) == "ref"  # not retried
+        assert _runtime.choose_impl(None, x) == "ref"  # not retried, not announced again
         y = upfirdn2d.upfirdn2d(x, setup_filter([1, 1]), up=2)
+        with pytest.raises(_runtime.OpsUnavailableError, match="p2pz-test-broken-source"):
+            _runtime.choose_impl("cpu", x)
     assert y.shape == (1, 1, 7, 7)
-    messages = [str(w.message) for w in caught if "p2pz ops" in str(w.message)]
+    messages = ops_warnings(caught)
     assert len(messages) == 1, messages
     assert "p2pz-test-broken-source" in messages[0]
+
+
+def test_an_explicit_request_that_cannot_build_is_an_error_and_only_automatic_falls_back(
+    monkeypatch, tmp_path
+):
+    """A compiler that fails (CXX, which cpp_extension's build runs): impl='cpu' and $P2PZ_OPS_IMPL=cpu
+    stop with one line naming the request and the cause; the automatic choice runs the reference, warning
+    once; and no build directory is left to pass for a complete one."""
+    fresh_runtime(monkeypatch, tmp_path / "ext")
+    monkeypatch.setenv("CXX", "/bin/false")
+    x = torch.randn(1, 1, 4, 4)
+    f = setup_filter([1, 1])
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        with pytest.raises(_runtime.OpsUnavailableError) as raised:
+            upfirdn2d.upfirdn2d(x, f, up=2, impl="cpu")
+        monkeypatch.setenv(_runtime.ENV_VAR, "cpu")
+        with pytest.raises(_runtime.OpsUnavailableError, match=f"{_runtime.ENV_VAR}=cpu asks for the CPU"):
+            bias_act.bias_act(x)
+        assert not ops_warnings(caught)  # an error, not a warning as well
+        monkeypatch.delenv(_runtime.ENV_VAR)
+        assert _runtime.active_impl("cpu") == "ref"
+        y = upfirdn2d.upfirdn2d(x, f, up=2)
+    message = str(raised.value)
+    assert "\n" not in message and "impl='cpu' asks for the CPU kernels" in message
+    assert message.split("(", 1)[1].strip(")")  # the cause, from the failed build
+    assert isinstance(raised.value, UserError)  # the CLI prints it as one error: line
+    torch.testing.assert_close(y, upfirdn2d.upfirdn2d(x, f, up=2, impl="ref"))
+    assert len(ops_warnings(caught)) == 1, ops_warnings(caught)
+    assert [p.name for p in (tmp_path / "ext").iterdir() if not p.name.endswith(".lock")] == []
+
+
+def test_a_prebuilt_read_only_build_loads_without_writing_anything(tmp_path):
+    """A build directory that is there (prebuilt into a read-only image, say) is loaded as it is: no
+    lock, no rebuild. Checked by listing every file before and after, since root writes through chmod;
+    the broken compiler would make any rebuild fail."""
+    built = _runtime.build_dir("cpu")  # the module's fixture built it
+    root = tmp_path / "ext"
+    shutil.copytree(built, root / built.name)
+
+    def listing() -> dict[str, tuple[int, int]]:
+        return {str(p.relative_to(root)): (p.stat().st_size, p.stat().st_mtime_ns) for p in root.rglob("*")}
+
+    paths = [root, *root.rglob("*")]
+    for path in paths:
+        path.chmod(path.stat().st_mode & ~0o222)
+    before = listing()
+    try:
+        env = {**os.environ, "TORCH_EXTENSIONS_DIR": str(root), "CXX": "/bin/false"}
+        env.pop(_runtime.ENV_VAR, None)
+        code = "from p2pz.student.ops import _runtime; print(_runtime.active_impl('cpu'))"
+        command = [sys.executable, "-c", code]
+        run = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+        assert listing() == before
+    finally:
+        for path in paths:
+            path.chmod(path.stat().st_mode | 0o200)
+    assert run.returncode == 0 and run.stdout.split()[-1:] == ["cpu"], run.stdout + run.stderr
+    assert "p2pz ops" not in run.stderr
+
+
+def test_cuda_digest_follows_the_gpu_target_and_nvcc_not_the_cpu(monkeypatch):
+    """The CUDA build is named by what nvcc compiles for (TORCH_CUDA_ARCH_LIST; unset: the visible GPUs,
+    none here) and the nvcc version; GPU nodes with different CPUs share one build."""
+    monkeypatch.delenv("TORCH_CUDA_ARCH_LIST", raising=False)
+    digests = {_runtime.source_digest("cuda")}
+    for arch_list in ("8.0;9.0", "9.0", "9.0+PTX"):
+        monkeypatch.setenv("TORCH_CUDA_ARCH_LIST", arch_list)
+        digests.add(_runtime.source_digest("cuda"))
+    assert len(digests) == 4
+    cuda, cpu = _runtime.source_digest("cuda"), _runtime.source_digest("cpu")
+    monkeypatch.setattr(_runtime, "_cpu_identity", lambda: "another CPU")
+    assert _runtime.source_digest("cuda") == cuda and _runtime.source_digest("cpu") != cpu
+    monkeypatch.setattr(_runtime, "_nvcc_version", lambda: "Cuda compilation tools, release 99.9")
+    assert _runtime.source_digest("cuda") != cuda
 
 
 def test_source_digest_follows_the_sources(monkeypatch, tmp_path):

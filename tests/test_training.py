@@ -429,6 +429,60 @@ def test_discriminator_steps_through_the_precision_plugin_without_advancing_glob
     assert hooks == [0, 1, 1, 2]
 
 
+def test_the_run_logs_and_records_which_ops_implementation_runs(shards, tmp_path, monkeypatch):
+    """One ``student ops:`` line on rank 0 and ``ops_impl`` in the run's hparams.yaml, following what runs
+    ($P2PZ_OPS_IMPL here); an explicit request whose kernels cannot be built stops before the first step."""
+    import logging
+
+    import yaml
+
+    from p2pz.student.ops import _runtime
+
+    lines: list[str] = []
+    handler = logging.Handler(logging.INFO)
+    handler.emit = lambda record: lines.append(record.getMessage())
+    logger = logging.getLogger("lightning.pytorch.utilities.rank_zero")
+    logger.addHandler(handler)
+    monkeypatch.setattr(logger, "level", logging.INFO)
+    try:
+        for impl, meaning in (("ref", "the pure-PyTorch reference"), ("cpu", "the compiled C++ kernels")):
+            monkeypatch.setenv(_runtime.ENV_VAR, impl)
+            run = tmp_path / impl
+            lines.clear()
+            fit(shards, run, "--trainer.max_steps", "1")
+            [version] = run.glob("lightning_logs/version_*")
+            assert yaml.safe_load((version / "hparams.yaml").read_text())["ops_impl"] == impl
+            assert [line for line in lines if line.startswith("student ops:")] == [
+                f"student ops: {impl} ({meaning})"
+            ]
+    finally:
+        logger.removeHandler(handler)
+
+    for name, value in (("_state", {}), ("_errors", {}), ("_warned", set())):  # as in a new process
+        monkeypatch.setattr(_runtime, name, value)
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path / "ext"))
+    monkeypatch.setenv("CXX", "/bin/false")
+    with pytest.raises(_runtime.OpsUnavailableError, match="P2PZ_OPS_IMPL=cpu asks for the CPU kernels"):
+        fit(shards, tmp_path / "broken", "--trainer.max_steps", "1")
+    assert not (tmp_path / "broken" / "checkpoints").exists()
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="tells what happens without a GPU")
+def test_a_gpu_config_in_a_job_without_gpus_stops_in_one_line(shards, tmp_path, monkeypatch, capsys):
+    """A GPU config submitted without --gpus-per-node: one error line per rank naming the option, before
+    the trainer (or the run folder) exists, instead of Lightning's traceback on every rank."""
+    from p2pz.cli.train import script_main
+
+    monkeypatch.setenv("SLURM_JOB_ID", "4242")
+    run = tmp_path / "run"
+    args = ["fit", "--config", TINY, "--data.shards", str(shards), "--trainer.accelerator", "gpu"]
+    assert script_main([*args, "--trainer.default_root_dir", str(run)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: trainer.accelerator is gpu"), err
+    assert "SLURM job 4242" in err[0] and "--gpus-per-node" in err[0]
+    assert not run.exists()
+
+
 def test_p2pz_train_is_the_same_cli_as_train_py(shards, tmp_path, capsys):
     from p2pz.cli.main import main
 
@@ -556,6 +610,39 @@ def test_ddp_two_cpu_ranks_see_disjoint_data_and_keep_identical_weights(shards, 
     draws = [torch.load(tmp_path / f"draws-{rank}.pt") for rank in (0, 1)]
     assert not torch.equal(draws[0], draws[1])
     assert load_ckpt(tmp_path / "run" / "checkpoints" / "last.ckpt")["global_step"] == 2
+
+
+def test_dataloader_workers_are_capped_by_the_cpus_the_task_has(shards, monkeypatch):
+    """configs/sd14-512.yaml's 6 workers on a SLURM task of 1 CPU: one worker and a warning naming
+    --cpus-per-task; the affinity mask counts as well; within the CPUs, what was asked for."""
+    import os
+    import warnings
+
+    from p2pz.student.datamodule import PairDataModule
+    from p2pz.utils.cpu import usable_cpus
+
+    def workers(loader) -> int:  # PairLoader -> webdataset's WebLoader -> its torch DataLoader
+        return loader._loader.pipeline[0].num_workers
+
+    data = PairDataModule(shards=str(shards), resolution=64, batch_size=2, epoch_length=2, num_workers=6)
+    data.setup("fit")
+    monkeypatch.setenv("SLURM_CPUS_PER_TASK", "1")
+    with pytest.warns(UserWarning, match=r"num_workers is 6 but this process has 1 CPU.*--cpus-per-task=7"):
+        assert workers(data.train_dataloader()) == 1
+
+    monkeypatch.delenv("SLURM_CPUS_PER_TASK")
+    mask = os.sched_getaffinity(0)
+    os.sched_setaffinity(0, {min(mask)})  # a task bound to one CPU
+    try:
+        assert usable_cpus() == 1
+    finally:
+        os.sched_setaffinity(0, mask)
+    monkeypatch.setenv("SLURM_CPUS_PER_TASK", "64")
+    assert usable_cpus() == min(len(mask), 64)
+    data.hparams.num_workers = usable_cpus()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no cap, no warning
+        assert workers(data.train_dataloader()) == usable_cpus()
 
 
 def test_datamodule_holds_out_validation_shards(shards):

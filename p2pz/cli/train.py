@@ -55,7 +55,7 @@ def student_cli_class() -> type[LightningCLI]:
     """The LightningCLI of student training: the module, the data module and a ``checkpoint`` group."""
     from lightning.pytorch.cli import LightningCLI
 
-    from p2pz.student.callbacks import StepCheckpoint, refuse_damaged_checkpoint
+    from p2pz.student.callbacks import RecordOpsImpl, StepCheckpoint, refuse_damaged_checkpoint
     from p2pz.student.requeue import RequeueOnSignal
 
     class StudentCLI(LightningCLI):
@@ -75,9 +75,11 @@ def student_cli_class() -> type[LightningCLI]:
             if subcommand:
                 refuse_damaged_checkpoint(self.config[subcommand].get("ckpt_path"))
                 refuse_unreadable_shards(self.config[subcommand].get("data") or {})
+            refuse_missing_gpus((self.config[subcommand] if subcommand else self.config).get("trainer") or {})
 
         def instantiate_trainer(self, **kwargs: Any) -> Trainer:
-            """The configured trainer, plus the atomic checkpoint writer and the safe-point requeue."""
+            """The configured trainer, plus the atomic checkpoint writer, the safe-point requeue and the
+            record of the ops' implementation."""
             config = self.config_init[self.subcommand] if self.subcommand else self.config_init
             trainer_config = config.get("trainer") or {}
             kwargs["plugins"] = checkpoint_plugins(kwargs.get("plugins", trainer_config.get("plugins")))
@@ -85,7 +87,12 @@ def student_cli_class() -> type[LightningCLI]:
             callbacks = (
                 [] if callbacks is None else list(callbacks) if isinstance(callbacks, list) else [callbacks]
             )
-            kwargs["callbacks"] = [*callbacks, RequeueOnSignal(), *progress_bar(callbacks, trainer_config)]
+            kwargs["callbacks"] = [
+                *callbacks,
+                RequeueOnSignal(),
+                RecordOpsImpl(),
+                *progress_bar(callbacks, trainer_config),
+            ]
             logger = kwargs.get("logger", trainer_config.get("logger"))
             if logger is None or logger is True:  # not configured: TensorBoard and metrics.csv
                 kwargs["logger"] = default_loggers(trainer_config.get("default_root_dir"))
@@ -166,6 +173,30 @@ def refuse_unreadable_shards(data: Any) -> None:
         spec = data.get(key) if hasattr(data, "get") else None
         if spec:
             readable_shards(spec)
+
+
+def refuse_missing_gpus(trainer: Any) -> None:
+    """One line, on every rank before any starts training, when the config trains on GPUs and none is
+    visible: a SLURM job submitted without ``--gpus-per-node`` (Lightning would stop each rank with a
+    traceback)."""
+    import os
+
+    accelerator = str(trainer.get("accelerator") if hasattr(trainer, "get") else "")
+    if accelerator not in ("gpu", "cuda"):
+        return
+    from lightning.fabric.accelerators.cuda import num_cuda_devices
+
+    if num_cuda_devices() > 0:
+        return
+    where = (
+        f"SLURM job {os.environ['SLURM_JOB_ID']} has none: submit it with --gpus-per-node equal to "
+        "--ntasks-per-node (docs/cluster.md)"
+        if os.environ.get("SLURM_JOB_ID")
+        else "no CUDA GPU is visible"
+    )
+    raise UserError(
+        f"trainer.accelerator is {accelerator} but {where}; --trainer.accelerator cpu trains on CPUs"
+    )
 
 
 def checkpoint_plugins(plugins: Any) -> list[Any]:

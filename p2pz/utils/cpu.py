@@ -1,4 +1,17 @@
-"""What the CPU computes natively: emulated bf16 (AVX2 CPUs) is over 10x slower than float32."""
+"""What the CPU offers: the CPUs this process may use (a SLURM task has its own share), and whether it
+computes bf16 natively (emulated bf16 on AVX2 CPUs is over 10x slower than float32)."""
+
+import os
+
+
+def usable_cpus() -> int:
+    """CPUs this process may run on: its affinity mask (what SLURM's task binding or a container gives it),
+    and no more than ``$SLURM_CPUS_PER_TASK`` where that is set (a cluster that does not bind tasks)."""
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    per_task = os.environ.get("SLURM_CPUS_PER_TASK", "")
+    if per_task.isdigit() and int(per_task) > 0:
+        cpus = min(cpus, int(per_task))
+    return max(cpus, 1)
 
 
 def bf16_is_native() -> bool:

@@ -9,18 +9,26 @@ operator's schema, fake kernel and autograd formula, defined through :func:`defi
 The CPU sources of all ops make one extension and the CUDA sources another, so a machine without a GPU
 only ever compiles the CPU one. Each is built into a directory named by a hash of its sources (and of
 everything else that changes the binary), under ``$TORCH_EXTENSIONS_DIR`` or
-``~/.cache/torch_extensions``; concurrent processes serialise on a file lock, and a build that fails is
-tried once per process, warns once with the compiler's own error line, and leaves ``ref`` in charge.
+``~/.cache/torch_extensions``. A build happens in a temporary directory renamed into place when complete,
+with concurrent processes serialised on a file lock beside it; a directory that is there is loaded as it
+is, without a lock, so a prebuilt read-only one works. A build that fails is tried once per process. An
+explicit request for the kernels (``impl=``, ``$P2PZ_OPS_IMPL`` or :func:`force_impl`) that cannot be
+had is an error; only the automatic choice falls back to ``ref``, with one warning giving the
+compiler's own error line. :func:`active_impl` says which implementation the ops run on a device.
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import importlib
 import os
 import platform
 import re
+import secrets
+import shutil
+import subprocess
 import sys
 import threading
 import warnings
@@ -28,6 +36,8 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import torch
+
+from p2pz.utils.errors import UserError
 
 IMPLS = ("ref", "cpu", "cuda")
 ENV_VAR = "P2PZ_OPS_IMPL"
@@ -37,13 +47,18 @@ SOURCE_DIR = Path(__file__).resolve().parent
 _SUFFIXES = {"cpu": ".cpp", "cuda": ".cu"}  # the extensions, by device kind
 # The headers are hashed too, since ninja does not track them for nvcc.
 HEADERS = ["common.h"] + [f"{op}.h" for op in OPS]
-# -march=native: the build runs on the machine that uses it (the digest includes the CPU's identity);
+# -march=native: the build runs on the machine that uses it (the CPU digest includes the CPU's identity);
 # without it the baseline x86-64 target turns lrelu's select into a branch and nothing vectorises.
+# The CUDA extension has no C++ source and nvcc never sees these: its digest has the GPU target instead.
 CPU_CFLAGS = ["-O3", "-fno-math-errno", "-march=native"]
 CUDA_CFLAGS = ["-O3", "--use_fast_math"]
+# In the digest: since layout 2 a build directory only ever appears complete (renamed into place).
+LAYOUT = 2
 
 _forced: list[str] = []  # stack of force_impl() contexts
 _state: dict[str, str] = {}  # kind -> "loaded" | "failed"
+_errors: dict[str, str] = {}  # kind -> why it failed, one line
+_warned: set[str] = set()  # kinds whose fall-back to 'ref' has been announced
 _lock = threading.Lock()
 _libraries: list[torch.library.Library] = []  # the operators stay registered while these live
 
@@ -96,14 +111,17 @@ def choose_impl(impl: str | None, x: torch.Tensor) -> str:
     for x's device when they build, else 'ref'). The environment variable only sets the process' default:
     an explicit `impl` always wins, and a default of 'cpu' or 'cuda' applies to tensors on that device
     only (a process holds tensors on both; elsewhere the choice is automatic). An explicit 'cpu'/'cuda'
-    that does not match x's device is an error; an explicit one whose build failed falls back to 'ref'
-    (the build already warned).
+    that does not match x's device is an error, and so is an explicit one whose kernels cannot be built
+    (:class:`OpsUnavailableError`); only the automatic choice falls back to 'ref' (warning once).
     """
     kind = x.device.type
-    requested = (_forced[-1] if _forced else None) or _check(impl, "impl")
-    if requested is None:
+    if _forced:
+        requested, requested_by = _forced[-1], f"force_impl({_forced[-1]!r})"
+    elif impl is not None:
+        requested, requested_by = _check(impl, "impl"), f"impl={impl!r}"
+    else:
         default = _check(os.environ.get(ENV_VAR) or None, f"${ENV_VAR}")
-        requested = default if default in ("ref", kind) else None
+        requested, requested_by = (default if default in ("ref", kind) else None), f"{ENV_VAR}={default}"
     if requested == "ref":
         return "ref"
     if torch.onnx.is_in_onnx_export() or torch.jit.is_scripting() or torch.jit.is_tracing():
@@ -115,7 +133,17 @@ def choose_impl(impl: str | None, x: torch.Tensor) -> str:
         )
     if kind not in _SUFFIXES:
         return "ref"
+    if requested is not None:
+        require_extension(kind, requested_by)
+        return kind
     return kind if load_extension(kind) else "ref"
+
+
+def active_impl(device: torch.device | str) -> str:
+    """The implementation the ops run for tensors on `device` when the call site leaves the choice to
+    them (``impl=None``, as the networks do): 'ref', 'cpu' or 'cuda'. Builds the kernels if needed, and
+    raises like the ops do when an explicit request cannot be had."""
+    return choose_impl(None, torch.empty(0, device=device))
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -142,20 +170,52 @@ def _cpu_identity() -> str:
     return "|".join(sorted({ln for ln in info.splitlines() if ln.split(":")[0].strip() in keys}))
 
 
+def _cuda_identity() -> str:
+    """What nvcc compiles for and with: $TORCH_CUDA_ARCH_LIST or, where it is unset, the visible GPUs'
+    architectures (cpp_extension's default target), and the nvcc version."""
+    arch_list = os.environ.get("TORCH_CUDA_ARCH_LIST", "")
+    gpus: list[tuple[int, int]] = []
+    if not arch_list and torch.cuda.is_available():
+        gpus = sorted({torch.cuda.get_device_capability(i) for i in range(torch.cuda.device_count())})
+    return repr((arch_list, gpus, _nvcc_version()))
+
+
+@functools.cache
+def _nvcc_version() -> str:
+    """``nvcc --version`` of the toolkit cpp_extension builds with (``CUDA_HOME``); 'none' without one."""
+    from torch.utils.cpp_extension import CUDA_HOME
+
+    nvcc = Path(CUDA_HOME, "bin", "nvcc") if CUDA_HOME else shutil.which("nvcc")
+    if not nvcc:
+        return "none"
+    try:
+        result = subprocess.run([str(nvcc), "--version"], capture_output=True, text=True, timeout=60)
+    except (OSError, subprocess.SubprocessError):
+        return "none"
+    return result.stdout.strip() or "none"
+
+
 def source_digest(kind: str) -> str:
-    """Hash of everything that changes the binary: sources, headers, flags, torch and Python versions."""
+    """Hash of everything that changes the binary: sources, headers, flags, torch and Python versions,
+    and the target: the CPU's identity for 'cpu', the GPU architectures and nvcc for 'cuda'."""
     h = hashlib.sha256()
     for name in sorted(sources(kind) + HEADERS):
         h.update(name.encode())
         h.update((SOURCE_DIR / name).read_bytes())
-    flags = CPU_CFLAGS + (CUDA_CFLAGS if kind == "cuda" else [])
-    versions = (torch.__version__, torch.version.cuda, sys.version_info[:2], platform.machine())
-    h.update(repr((flags, versions, _cpu_identity())).encode())
+    flags = CPU_CFLAGS if kind == "cpu" else CUDA_CFLAGS
+    versions = (torch.__version__, torch.version.cuda, sys.version_info[:2], platform.machine(), LAYOUT)
+    target = _cpu_identity() if kind == "cpu" else _cuda_identity()
+    h.update(repr((flags, versions, target)).encode())
     return h.hexdigest()[:16]
 
 
 def build_dir(kind: str) -> Path:
     return build_root() / f"p2pz_ops_{kind}_{source_digest(kind)}"
+
+
+def library_path(kind: str, directory: Path) -> Path:
+    """The shared library cpp_extension links in `directory`."""
+    return directory / f"p2pz_ops_{kind}.so"
 
 
 def _compiler_error_line(message: str) -> str:
@@ -168,36 +228,54 @@ def _compiler_error_line(message: str) -> str:
     return (lines[-1] if lines else message)[:400]
 
 
+def _import_ops() -> None:
+    """Each op's module defines its schema on import; the kernels register against them."""
+    for op in OPS:
+        importlib.import_module(f"{__package__}.{op}")
+
+
 def compile_extension(kind: str, directory: Path, verbose: bool = False) -> None:
-    """Compile and load extension `kind` ('cpu' or 'cuda') from the sources beside this file into
-    `directory`. Loading the shared library registers its kernels for the ``p2pz`` ops.
+    """Compile and load extension `kind` ('cpu' or 'cuda') from the sources beside this file; the build
+    becomes `directory` when it is complete. Loading the shared library registers its kernels for the
+    ``p2pz`` ops.
+
+    Concurrent processes take turns on a file lock beside `directory`: the first builds, the others then
+    find it. Each build has a fresh temporary directory (cpp_extension's own lock inside it is never
+    shared), renamed into place at the end; one that a killed build left behind is removed.
     """
     from filelock import FileLock
     from torch.utils import cpp_extension
 
-    for op in OPS:  # each op's module defines its schema on import; the kernels register against them
-        importlib.import_module(f"{__package__}.{op}")
-    directory.mkdir(parents=True, exist_ok=True)
+    _import_ops()
+    directory.parent.mkdir(parents=True, exist_ok=True)
     with FileLock(str(directory) + ".lock"):
-        # We hold the only lock that matters; a baton left by a build killed mid-way (Ctrl-C) would
-        # otherwise make cpp_extension wait for ever.
-        with contextlib.suppress(FileNotFoundError):
-            (directory / "lock").unlink()
-        cpp_extension.load(
-            name=f"p2pz_ops_{kind}",
-            sources=[str(SOURCE_DIR / s) for s in sources(kind)],
-            extra_include_paths=[str(SOURCE_DIR)],
-            extra_cflags=CPU_CFLAGS,
-            extra_cuda_cflags=CUDA_CFLAGS if kind == "cuda" else None,
-            build_directory=str(directory),
-            with_cuda=kind == "cuda",
-            is_python_module=False,
-            verbose=verbose,
-        )
+        if directory.is_dir():  # another process built it meanwhile
+            torch.ops.load_library(str(library_path(kind, directory)))
+            return
+        for stale in directory.parent.glob(directory.name + ".tmp-*"):  # only a killed build leaves one
+            shutil.rmtree(stale, ignore_errors=True)
+        scratch = directory.parent / f"{directory.name}.tmp-{os.getpid()}-{secrets.token_hex(4)}"
+        scratch.mkdir()  # with the umask's mode (mkdtemp's 0700 would hide a shared cache's builds)
+        try:
+            cpp_extension.load(
+                name=f"p2pz_ops_{kind}",
+                sources=[str(SOURCE_DIR / s) for s in sources(kind)],
+                extra_include_paths=[str(SOURCE_DIR)],
+                extra_cflags=CPU_CFLAGS if kind == "cpu" else None,
+                extra_cuda_cflags=CUDA_CFLAGS if kind == "cuda" else None,
+                build_directory=str(scratch),
+                with_cuda=kind == "cuda",
+                is_python_module=False,
+                verbose=verbose,
+            )
+            os.replace(scratch, directory)
+        finally:
+            shutil.rmtree(scratch, ignore_errors=True)
 
 
-def load_extension(kind: str) -> bool:
-    """Build (once, cached on disk) and load extension `kind`; False if it cannot be had in this process."""
+def _load(kind: str) -> bool:
+    """Load extension `kind`, building it first unless it is on disk; False (and the cause kept for
+    :func:`build_error`) if it cannot be had in this process. Tried once per process."""
     state = _state.get(kind)
     if state is not None:
         return state == "loaded"
@@ -207,17 +285,49 @@ def load_extension(kind: str) -> bool:
         try:
             if kind == "cuda" and not torch.cuda.is_available():
                 raise RuntimeError("no CUDA device is available")
-            compile_extension(kind, build_dir(kind))
+            directory = build_dir(kind)
+            if directory.is_dir():  # complete (it appears by rename): load it as it is, no lock, no writes
+                _import_ops()
+                torch.ops.load_library(str(library_path(kind, directory)))
+            else:
+                compile_extension(kind, directory)
             _state[kind] = "loaded"
-        except Exception as e:  # noqa: BLE001 -- any build failure means: fall back, once
+        except Exception as e:  # noqa: BLE001 -- any failure means: these kernels are not to be had
             _state[kind] = "failed"
-            if kind == "cuda" and not torch.cuda.is_available():
-                return False
-            warnings.warn(
-                f"p2pz ops: building the {kind.upper()} kernels failed ({_compiler_error_line(str(e))}); "
-                f"using the slow reference implementation instead. Set {ENV_VAR}=ref to silence this, "
-                f"or delete {build_dir(kind)} and retry.",
-                RuntimeWarning,
-                stacklevel=3,
-            )
+            _errors[kind] = _compiler_error_line(str(e)) if str(e) else type(e).__name__
     return _state[kind] == "loaded"
+
+
+def build_error(kind: str) -> str | None:
+    """Why extension `kind` could not be had in this process (one line), or None."""
+    return _errors.get(kind) if _state.get(kind) == "failed" else None
+
+
+class OpsUnavailableError(UserError):
+    """The compiled kernels were asked for explicitly and cannot be built or loaded here."""
+
+
+def require_extension(kind: str, requested_by: str) -> None:
+    """Load extension `kind` or raise :class:`OpsUnavailableError` naming the cause and the request."""
+    if not _load(kind):
+        raise OpsUnavailableError(
+            f"p2pz ops: {requested_by} asks for the {kind.upper()} kernels, which cannot be built here "
+            f"({build_error(kind)}); use {ENV_VAR}=ref (the reference ops) or leave the choice automatic"
+        )
+
+
+def load_extension(kind: str) -> bool:
+    """Build (once, cached on disk) and load extension `kind`; False if it cannot be had in this process,
+    with one warning per process that the reference ops run instead (none for CUDA without a GPU)."""
+    if _load(kind):
+        return True
+    if kind not in _warned and not (kind == "cuda" and not torch.cuda.is_available()):
+        _warned.add(kind)
+        warnings.warn(
+            f"p2pz ops: building the {kind.upper()} kernels failed ({build_error(kind)}); "
+            f"using the slow reference implementation instead. Set {ENV_VAR}=ref to silence this, "
+            f"or {ENV_VAR}={kind} to make it an error.",
+            RuntimeWarning,
+            stacklevel=3,
+        )
+    return False
