@@ -1,13 +1,15 @@
 #!/usr/bin/env bash
-# Install Debian's SLURM (slurmctld, slurmd, client) and munge for the one-node cluster test
-# (tests/slurm_cluster.py). Idempotent: does nothing when the binaries are already there.
-# Never starts system daemons: the test starts its own, with every path in a temp folder.
+# Install Debian's SLURM (slurmctld, slurmd, client) and munge for the cluster tests
+# (tests/slurm_cluster.py: one node on localhost, and two nodes in network namespaces, which need
+# iproute2's `ip` and util-linux's nsenter/unshare). Idempotent: does nothing when the binaries are
+# already there. Never starts system daemons: the tests start their own, with every path in a temp folder.
 set -euo pipefail
 
-PACKAGES=(munge slurmctld slurmd slurm-client)
+PACKAGES=(munge slurmctld slurmd slurm-client iproute2 util-linux)
 
 if command -v munged >/dev/null && command -v slurmctld >/dev/null \
-  && command -v slurmd >/dev/null && command -v sbatch >/dev/null; then
+  && command -v slurmd >/dev/null && command -v sbatch >/dev/null && command -v ip >/dev/null \
+  && command -v nsenter >/dev/null && command -v unshare >/dev/null; then
   echo "slurm already installed: $(dpkg-query -W -f '${Version}' slurmctld 2>/dev/null || echo '(not from apt)')"
   exit 0
 fi

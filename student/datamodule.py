@@ -18,7 +18,15 @@ from typing import Any
 import lightning.pytorch as pl
 from lightning.pytorch.utilities import rank_zero_warn
 
-from p2pz.data.pairs.reader import PairLoader, ReaderStats, augment_mode, list_shards, pair_loader
+from p2pz.data.pairs.reader import (
+    PairLoader,
+    ReaderStats,
+    augment_mode,
+    list_shards,
+    pair_loader,
+    rank_share,
+    readable_shards,
+)
 from p2pz.utils.cpu import usable_cpus
 from p2pz.utils.errors import UserError
 
@@ -49,6 +57,37 @@ def capped_workers(requested: int, cpus: int | None = None) -> int:
         "training process)"
     )
     return cpus
+
+
+def refuse_unreadable_rank_shares(trainer: pl.Trainer, train_urls: list[str]) -> None:
+    """Stop every rank, one line each, when any rank's share of the training shards holds no readable pair.
+
+    The whole dataset was checked before the trainer existed, but each rank reads only its share
+    (:func:`rank_share`): a rank whose shards are all damaged would raise alone in its reader while the
+    others wait for it in the next collective (DDP's timeout: 30 minutes). Each rank checks its share
+    here, before training, and one all-reduce tells every rank which ones failed.
+    """
+    import torch
+
+    rank, world_size = trainer.global_rank, trainer.world_size
+    try:
+        readable_shards(rank_share(train_urls, rank, world_size))
+        error = None
+    except UserError as err:
+        error = err
+    failed = torch.zeros(world_size, device=trainer.strategy.root_device)
+    failed[rank] = error is not None
+    if world_size > 1:
+        failed = trainer.strategy.reduce(failed, reduce_op="sum")
+    if error is not None:
+        raise UserError(f"rank {rank} of {world_size}: {error}")
+    bad = [str(r) for r in range(world_size) if failed[r] > 0]
+    if bad:
+        ranks = f"rank {bad[0]}" if len(bad) == 1 else f"ranks {', '.join(bad)}"
+        raise UserError(
+            f"rank {rank} of {world_size} stops: no readable (src.png, edit.png) pair in the training shards "
+            f"of {ranks} (named in that rank's own error line)"
+        )
 
 
 class PairDataModule(pl.LightningDataModule):
@@ -110,6 +149,8 @@ class PairDataModule(pl.LightningDataModule):
                 f"{len(self.train_urls)} training shards for {world_size} ranks: every rank draws from all "
                 "of them, so ranks may see the same pairs; write at least one shard per rank"
             )
+        if stage in (None, "fit") and self.trainer is not None:
+            refuse_unreadable_rank_shares(self.trainer, self.train_urls)
 
     def state_dict(self) -> dict[str, Any]:
         """The split, recorded in every checkpoint (``p2pz export`` carries it into the package)."""

@@ -10,7 +10,7 @@ os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 import pytest  # noqa: E402
-from slurm_cluster import slurm_cluster  # noqa: E402, F401  (fixture for the slow SLURM tests)
+from slurm_cluster import slurm_cluster, two_node_cluster  # noqa: E402, F401  (fixtures: slow SLURM tests)
 
 
 @pytest.fixture(scope="session")

@@ -9,6 +9,9 @@ every job, then stops the daemons by the PIDs in their pid files (never by proce
 Every client command needs ``SLURM_CONF``: use ``cluster.env`` (or ``cluster.run``), which jobs then
 inherit.
 
+``TwoNodeCluster`` (fixture ``two_node_cluster``) is the same with two compute nodes, each slurmd in
+a network namespace of its own (``.ci/slurm_netns.sh``).
+
 Usage::
 
     from slurm_cluster import slurm_cluster  # noqa: F401  (the fixture)
@@ -70,7 +73,9 @@ class SlurmCluster:
         # With SlurmdParameters=config_overrides the node may claim more CPUs than the machine has,
         # so small array tasks run side by side even on a 2-core machine.
         self.cpus = cpus
-        self.node = socket.gethostname().split(".")[0]
+        self.ctl_host = socket.gethostname().split(".")[0]
+        self.ctl_addr = "127.0.0.1"
+        self.nodes = {self.ctl_host: "127.0.0.1"}  # node name -> NodeAddr
         self.conf = self.root / "etc" / "slurm.conf"
         self.munge_socket = self.root / "munge" / "munge.socket"
         self.env = dict(os.environ, SLURM_CONF=str(self.conf))
@@ -79,7 +84,6 @@ class SlurmCluster:
         self._pidfiles = {
             "munged": self.root / "munge" / "munged.pid",
             "slurmctld": self.root / "run" / "slurmctld.pid",
-            "slurmd": self.root / "run" / "slurmd.pid",
         }
 
     # --- configuration -------------------------------------------------------------------
@@ -91,7 +95,7 @@ class SlurmCluster:
         r = self.root
         lines = [
             "ClusterName=p2pztest",
-            f"SlurmctldHost={self.node}(127.0.0.1)",
+            f"SlurmctldHost={self.ctl_host}({self.ctl_addr})",
             f"SlurmctldPort={_free_port()}",
             f"SlurmdPort={_free_port()}",
             "SlurmUser=root",
@@ -115,13 +119,17 @@ class SlurmCluster:
             f"StateSaveLocation={r}/state",
             f"SlurmdSpoolDir={r}/spool",
             f"SlurmctldPidFile={r}/run/slurmctld.pid",
-            f"SlurmdPidFile={r}/run/slurmd.pid",
+            f"SlurmdPidFile={r}/run/slurmd-%n.pid",  # %n: the node's name (one slurmd per node)
             f"SlurmctldLogFile={r}/log/slurmctld.log",
-            f"SlurmdLogFile={r}/log/slurmd.log",
-            f"NodeName={self.node} NodeAddr=127.0.0.1 CPUs={self.cpus} Boards=1 SocketsPerBoard=1 "
-            f"CoresPerSocket={self.cpus} ThreadsPerCore=1 RealMemory={int(mem_mb * 0.9)} State=UNKNOWN",
-            f"PartitionName=debug Nodes={self.node} Default=YES MaxTime=INFINITE State=UP",
+            f"SlurmdLogFile={r}/log/slurmd-%n.log",
         ]
+        for node, addr in self.nodes.items():
+            lines.append(
+                f"NodeName={node} NodeAddr={addr} CPUs={self.cpus} Boards=1 SocketsPerBoard=1 "
+                f"CoresPerSocket={self.cpus} ThreadsPerCore=1 RealMemory={int(mem_mb * 0.9)} State=UNKNOWN"
+            )
+        nodes = ",".join(self.nodes)
+        lines.append(f"PartitionName=debug Nodes={nodes} Default=YES MaxTime=INFINITE State=UP")
         self.conf.write_text("\n".join(lines) + "\n")
         key = self.root / "munge" / "munge.key"
         if not key.exists():
@@ -142,27 +150,33 @@ class SlurmCluster:
                 f"--log-file={m}/munged.log",
                 f"--pid-file={m}/munged.pid",
                 f"--seed-file={m}/munged.seed",
-            ]
+            ],
+            host=None,  # the machine itself: every host reaches its Unix socket
         )
         self._wait_for(lambda: self.munge_socket.exists(), timeout, "munged to open its socket")
         started = time.time()
-        self._daemon([_sbin("slurmctld"), "-D", "-f", str(self.conf)])
+        self._daemon([_sbin("slurmctld"), "-D", "-f", str(self.conf)], self.ctl_host)
         self._wait_for(
             lambda: self.run(["scontrol", "ping"], check=False).returncode == 0,
             timeout,
             "slurmctld to answer",
         )
-        self._daemon([_sbin("slurmd"), "-D", "-f", str(self.conf), "-N", self.node])
-        self._wait_for(lambda: self._node_ready(started), timeout, "the node to be idle")
+        for node in self.nodes:
+            self._daemon([_sbin("slurmd"), "-D", "-f", str(self.conf), "-N", node], node)
+        self._wait_for(lambda: self._nodes_ready(started), timeout, "the nodes to be idle")
         return self
 
-    def _daemon(self, argv: list[str]) -> None:
+    def _on(self, host: str, argv: list[str]) -> list[str]:
+        """``argv`` as run on ``host`` (a node's name, or the controller's): here, all are this machine."""
+        return argv
+
+    def _daemon(self, argv: list[str], host: str | None) -> None:
         # In the foreground, as our children: we reap them when they stop (a container's init
         # may not), and they still write their pid files, by which stop() finds them.
-        log = open(self.root / "log" / f"{Path(argv[0]).name}.stderr", "ab")
+        log = open(self.root / "log" / f"{Path(argv[0]).name}-{host or 'local'}.stderr", "ab")
         self._procs.append(
             subprocess.Popen(
-                argv,
+                argv if host is None else self._on(host, argv),
                 env=self.env,
                 stdin=subprocess.DEVNULL,
                 stdout=log,
@@ -172,16 +186,21 @@ class SlurmCluster:
         )
         log.close()
 
-    def _node_ready(self, started: float) -> bool:
-        info = self.run(["scontrol", "show", "node", self.node, "-o"], check=False).stdout
-        state = self.run(["sinfo", "-h", "-o", "%T"], check=False).stdout.strip()
-        if state != "idle" or "SlurmdStartTime=" not in info:
-            return False
-        stamp = _fields(info).get("SlurmdStartTime", "")
-        try:
-            return time.mktime(time.strptime(stamp, "%Y-%m-%dT%H:%M:%S")) >= int(started) - 1
-        except ValueError:
-            return False
+    def _nodes_ready(self, started: float) -> bool:
+        """Every node idle, registered by a slurmd started by us (not a stale record)."""
+        out = self.run(["scontrol", "show", "node", "-o"], check=False).stdout
+        records = {r.get("NodeName"): r for r in map(_fields, out.splitlines())}
+        for node in self.nodes:
+            record = records.get(node, {})
+            if record.get("State") != "IDLE":
+                return False
+            try:
+                stamp = time.strptime(record.get("SlurmdStartTime", ""), "%Y-%m-%dT%H:%M:%S")
+            except ValueError:
+                return False
+            if time.mktime(stamp) < int(started) - 1:
+                return False
+        return True
 
     def _wait_for(self, ready, timeout: float, what: str) -> None:
         deadline = time.monotonic() + timeout
@@ -201,7 +220,7 @@ class SlurmCluster:
         # Job processes that outlived their job (a hung slurmstepd) carry this cluster's SLURM_CONF.
         for pid in self._job_processes():
             _signal(pid, signal.SIGKILL)
-        for name in ("slurmd", "slurmctld", "munged"):
+        for name in [*(f"slurmd-{node}" for node in self.nodes), "slurmctld", "munged"]:
             pid = self._pid(name)
             if pid is None:
                 continue
@@ -219,20 +238,25 @@ class SlurmCluster:
                 proc.wait()
 
     def _pid(self, name: str) -> int | None:
+        path = self._pidfiles.get(name, self.root / "run" / f"{name}.pid")
         try:
-            pid = int(self._pidfiles[name].read_text().split()[0])
+            pid = int(path.read_text().split()[0])
         except (OSError, ValueError, IndexError):
             return None
         return pid if _alive(pid) else None
 
     def _job_processes(self) -> list[int]:
         marker = f"SLURM_CONF={self.conf}".encode()
-        daemons = {self._pid(n) for n in DAEMONS}
+        daemons = {self._pid(n) for n in ("munged", "slurmctld", *(f"slurmd-{node}" for node in self.nodes))}
         found = []
         for entry in Path("/proc").iterdir():
             if not entry.name.isdigit() or int(entry.name) in daemons or int(entry.name) == os.getpid():
                 continue
             try:
+                # slurmctld's own helper (slurmscriptd) goes with it; killed first, it held up
+                # slurmctld's shutdown for the whole 30 s timeout
+                if int((entry / "stat").read_text().rpartition(") ")[2].split()[1]) in daemons:
+                    continue
                 if marker in (entry / "environ").read_bytes().split(b"\0"):
                     found.append(int(entry.name))
             except OSError:
@@ -249,7 +273,11 @@ class SlurmCluster:
     ) -> subprocess.CompletedProcess:
         """Run a SLURM client command against this cluster; text output captured."""
         result = subprocess.run(
-            list(argv), env={**self.env, **(env or {})}, capture_output=True, text=True, timeout=timeout
+            self._on(self.ctl_host, list(argv)),
+            env={**self.env, **(env or {})},
+            capture_output=True,
+            text=True,
+            timeout=timeout,
         )
         if check and result.returncode != 0:
             raise RuntimeError(
@@ -260,7 +288,7 @@ class SlurmCluster:
     def sbatch(self, args: Sequence[str], env: dict[str, str] | None = None, cwd: Path | None = None) -> str:
         """Submit without waiting; returns the job id (``sbatch --parsable``)."""
         result = subprocess.run(
-            ["sbatch", "--parsable", *args],
+            self._on(self.ctl_host, ["sbatch", "--parsable", *args]),
             env={**self.env, **(env or {})},
             capture_output=True,
             text=True,
@@ -307,6 +335,56 @@ class SlurmCluster:
         return "\n".join(parts)
 
 
+class TwoNodeCluster(SlurmCluster):
+    """slurmctld and two slurmd, each in a network namespace of its own, joined by a bridge.
+
+    ``.ci/slurm_netns.sh`` makes the namespaces (``<prefix>-ctl``, ``-node1``, ``-node2``; the addresses
+    10.200.0.x exist only inside them) and runs each daemon there with the host's name as its hostname
+    and the cluster's own ``/etc/hosts``, as on separate machines: jobs on ``node1`` reach ``node2`` only
+    over that bridge. munged is shared (a Unix socket, which namespaces of the network do not separate).
+    Client commands run in the controller's namespace. Needs root with CAP_NET_ADMIN and CAP_SYS_ADMIN.
+    """
+
+    SCRIPT = Path(__file__).resolve().parents[1] / ".ci" / "slurm_netns.sh"
+
+    def __init__(self, root: Path, cpus: int = 8) -> None:
+        super().__init__(root, cpus)
+        self.prefix = f"p2pz{os.getpid()}x{_free_port()}"  # unique among clusters running side by side
+        self.ctl_host, self.ctl_addr = "ctl", "10.200.0.1"
+        self.nodes = {"node1": "10.200.0.11", "node2": "10.200.0.12"}
+
+    def start(self, timeout: float = 60.0) -> TwoNodeCluster:
+        (self.root / "net").mkdir(parents=True, exist_ok=True)
+        result = subprocess.run(
+            ["bash", str(self.SCRIPT), "up", self.prefix, str(self.root / "net"), self.ctl_host, *self.nodes],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        if result.returncode != 0:
+            self._remove_namespaces()
+            why = (result.stderr or result.stdout).strip()
+            raise NamespacesRefused(f"{self.SCRIPT.name} up failed: {why}")
+        super().start(timeout)
+        return self
+
+    def _on(self, host: str, argv: list[str]) -> list[str]:
+        return ["bash", str(self.SCRIPT), "run", self.prefix, str(self.root / "net"), host, *argv]
+
+    def stop(self, timeout: float = 30.0) -> None:
+        try:
+            super().stop(timeout)
+        finally:
+            self._remove_namespaces()
+
+    def _remove_namespaces(self) -> None:
+        subprocess.run(["bash", str(self.SCRIPT), "down", self.prefix], capture_output=True, timeout=60)
+
+
+class NamespacesRefused(RuntimeError):
+    """The machine would not make the network namespaces (no CAP_NET_ADMIN, a locked-down container)."""
+
+
 def _fields(line: str) -> dict[str, str]:
     """Parse ``scontrol show -o`` output (``Key=Value`` pairs separated by spaces)."""
     out = {}
@@ -349,6 +427,27 @@ def slurm_cluster(tmp_path_factory) -> Iterator[SlurmCluster]:
     cluster = SlurmCluster(tmp_path_factory.mktemp("slurm"))
     try:
         cluster.start()
+        yield cluster
+    finally:
+        cluster.stop()
+
+
+@pytest.fixture(scope="module")
+def two_node_cluster(tmp_path_factory) -> Iterator[TwoNodeCluster]:
+    """A started two-node cluster (:class:`TwoNodeCluster`) shared by a test module; skipped, saying
+    what refused, where SLURM is not installed or the network namespaces cannot be made."""
+    tools = ("ip", "nsenter", "unshare", "mount")
+    missing = missing_binaries() + [name for name in tools if _sbin(name) == name]
+    if missing:
+        pytest.skip(f"missing {', '.join(missing)}; run .ci/install_slurm.sh as root")
+    if os.geteuid() != 0:
+        pytest.skip("the two-node SLURM cluster makes network namespaces and runs its daemons as root")
+    cluster = TwoNodeCluster(tmp_path_factory.mktemp("slurm2"))
+    try:
+        try:
+            cluster.start()
+        except NamespacesRefused as refused:
+            pytest.skip(str(refused))
         yield cluster
     finally:
         cluster.stop()

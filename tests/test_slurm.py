@@ -100,7 +100,11 @@ def _manifest(folder: Path, task: int, tasks: int) -> list[dict]:
 
 @pytest.fixture(scope="module")
 def generate_config(tmp_path_factory, tiny_model_dir) -> Path:
-    folder = tmp_path_factory.mktemp("generate")
+    return write_generate_config(tmp_path_factory.mktemp("generate"), tiny_model_dir)
+
+
+def write_generate_config(folder: Path, tiny_model_dir: Path) -> Path:
+    """The tiny `p2pz generate` config of the SLURM tests, written to ``folder/tiny.yaml``."""
     config = {
         "model": str(tiny_model_dir),
         "edit": EDITS,
@@ -233,14 +237,14 @@ def test_train_runs_to_last_checkpoint(
 class RequeueProbe(pl.Callback):
     """Loaded by the training job itself (``--trainer.callbacks``, ``PYTHONPATH=tests``).
 
-    Records the state every start of the job trains from (``start-<restart>.pt``) and the state at the
-    end of iteration ``pause_at`` (``end-of-iteration.pt``); in that iteration it holds the first run
-    between G's and D's step (``paused`` appears) until the requeue signal has arrived, so the signal
-    lands mid-iteration for sure.
+    Records, per rank, the state every start of the job trains from (``start-<restart>-rank<r>.pt``)
+    and the state at the end of iteration ``pause_at`` (``end-of-iteration-rank<r>.pt``); with ``hold``,
+    in that iteration it holds the first run between G's and D's step (``paused-rank<r>`` appears) until
+    the requeue signal has arrived, so the signal lands mid-iteration for sure.
     """
 
-    def __init__(self, out: str, pause_at: int) -> None:
-        self.out, self.pause_at = Path(out), pause_at
+    def __init__(self, out: str, pause_at: int, hold: bool = True) -> None:
+        self.out, self.pause_at, self.hold = Path(out), pause_at, hold
 
     @staticmethod
     def _state(trainer: pl.Trainer, pl_module: pl.LightningModule) -> dict:
@@ -251,25 +255,27 @@ class RequeueProbe(pl.Callback):
         }
 
     def on_train_start(self, trainer, pl_module):
-        restart = os.environ.get("SLURM_RESTART_COUNT", "0")
-        torch.save(self._state(trainer, pl_module), self.out / f"start-{restart}.pt")
+        start = f"start-{os.environ.get('SLURM_RESTART_COUNT', '0')}-rank{trainer.global_rank}.pt"
+        torch.save(self._state(trainer, pl_module), self.out / start)
 
     def on_before_optimizer_step(self, trainer, pl_module, optimizer):
         is_d = optimizer.param_groups[0]["params"][0] is next(pl_module.D.parameters())
-        if not is_d or trainer.global_step != self.pause_at:
+        if not self.hold or not is_d or trainer.global_step != self.pause_at:
             return
         from p2pz.student.requeue import RequeueOnSignal
 
         [requeue] = [c for c in trainer.callbacks if isinstance(c, RequeueOnSignal)]
-        (self.out / "paused").write_text(str(trainer.global_step))
+        rank = trainer.global_rank
+        (self.out / f"paused-rank{rank}").write_text(str(trainer.global_step))
         deadline = time.monotonic() + 120
         while not requeue.signal_received and time.monotonic() < deadline:
             time.sleep(0.05)
-        (self.out / "signal-received").write_text(str(requeue.signal_received))
+        (self.out / f"signal-received-rank{rank}").write_text(str(requeue.signal_received))
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         if trainer.global_step == self.pause_at:
-            torch.save(self._state(trainer, pl_module), self.out / "end-of-iteration.pt")
+            end = self.out / f"end-of-iteration-rank{trainer.global_rank}.pt"
+            torch.save(self._state(trainer, pl_module), end)
 
 
 def test_train_requeue_on_sigusr1_resumes(
@@ -307,7 +313,7 @@ def test_train_requeue_on_sigusr1_resumes(
     )
     # Signal while the first run is held between G's and D's step of iteration PAUSE_AT.
     deadline = time.monotonic() + 180
-    while not (probe / "paused").exists():
+    while not (probe / "paused-rank0").exists():
         state = slurm_cluster.job(job)[-1]["JobState"]
         assert state in {"PENDING", "RUNNING"} and time.monotonic() < deadline, (
             f"{state}\n{(tmp_path / 'train.out').read_text()}"
@@ -335,7 +341,7 @@ def test_train_requeue_on_sigusr1_resumes(
     assert record["JobState"] == "COMPLETED" and record["ExitCode"] == "0:0", (
         f"{record}\n{log}\n{slurm_cluster.logs()}"
     )
-    assert (probe / "signal-received").read_text() == "True", log  # it landed mid-iteration
+    assert (probe / "signal-received-rank0").read_text() == "True", log  # it landed mid-iteration
     # SLURM signals every process of the step, DataLoader workers included: one save, one requeue.
     assert log.count("SIGUSR1 received: saved") == 1 and log.count("requeued SLURM job") == 1, log
     assert f"SIGUSR1 received: saved {last} after iteration {PAUSE_AT}" in log, log
@@ -344,13 +350,13 @@ def test_train_requeue_on_sigusr1_resumes(
 
     # The requeue checkpoint is the state at the end of the interrupted iteration ...
     checkpoint = torch.load(saved, map_location="cpu", weights_only=False)
-    end = torch.load(probe / "end-of-iteration.pt", map_location="cpu", weights_only=False)
+    end = torch.load(probe / "end-of-iteration-rank0.pt", map_location="cpu", weights_only=False)
     assert checkpoint["global_step"] == end["global_step"] == PAUSE_AT
     assert_same(checkpoint["state_dict"], end["state_dict"], "state_dict")  # G, D and g_ema
     assert_same(checkpoint["optimizer_states"], end["optimizer_states"], "optimizer_states")
     # ... and the requeued job (the script's second start) trained on from exactly that state.
     assert "(restart 1)" in log and f"Restored all states from the checkpoint at {last}" in log, log
-    resumed = torch.load(probe / "start-1.pt", map_location="cpu", weights_only=False)
+    resumed = torch.load(probe / "start-1-rank0.pt", map_location="cpu", weights_only=False)
     assert resumed["global_step"] == PAUSE_AT
     assert_same(resumed["state_dict"], end["state_dict"], "resumed state_dict")
     assert_same(resumed["optimizer_states"], end["optimizer_states"], "resumed optimizer_states")

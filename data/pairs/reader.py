@@ -109,6 +109,13 @@ def readable_shards(spec: str | os.PathLike | Sequence[str]) -> list[str]:
     )
 
 
+def rank_share(urls: Sequence[str], rank: int, world_size: int) -> list[str]:
+    """The shards rank ``rank`` of ``world_size`` reads: ``urls[rank::world_size]``, or all of them when
+    there are fewer shards than ranks (resampled reading; the seeds differ per rank)."""
+    urls = list(urls)
+    return urls[rank::world_size] if len(urls) >= world_size else urls
+
+
 def _no_readable_pair(urls: Sequence[str], why: str) -> str:
     """The one line for shards of which none holds a readable pair."""
     where = urls[0] if len(urls) == 1 else f"{urls[0]} and {len(urls) - 1} more"
@@ -504,10 +511,8 @@ def pair_loader(
     rank, world_size = _rank_and_world(rank, world_size)
     if not 0 <= rank < world_size:
         raise UserError(f"rank {rank} is not in [0, {world_size})")
-    if len(urls) >= world_size:
-        rank_urls = urls[rank::world_size]
-    elif resampled:
-        rank_urls = urls  # too few shards to split: every rank draws from all (seeds differ per rank)
+    if len(urls) >= world_size or resampled:
+        rank_urls = rank_share(urls, rank, world_size)
     else:
         raise UserError(
             f"{len(urls)} shards cannot be split over {world_size} ranks; write more, smaller shards"

@@ -96,7 +96,9 @@ def student_cli_class() -> type[LightningCLI]:
             logger = kwargs.get("logger", trainer_config.get("logger"))
             if logger is None or logger is True:  # not configured: TensorBoard and metrics.csv
                 kwargs["logger"] = default_loggers(trainer_config.get("default_root_dir"))
-            return super().instantiate_trainer(**kwargs)
+            trainer = super().instantiate_trainer(**kwargs)
+            find_unused_parameters_in_ddp(trainer)
+            return trainer
 
     StudentCLI.__module__, StudentCLI.__qualname__ = __name__, "StudentCLI"
     return StudentCLI
@@ -163,6 +165,21 @@ def progress_bar(callbacks: list[Any], trainer_config: Any) -> list[Any]:
     if enabled is False or any(isinstance(c, ProgressBar) for c in callbacks):
         return []
     return [IterationProgressBar()]
+
+
+def find_unused_parameters_in_ddp(trainer: Trainer) -> None:
+    """Let DDP look for unused parameters unless the strategy says otherwise.
+
+    Each iteration runs two backward passes through the one DDP-wrapped module: G's leaves D's weights
+    without gradients and D's leaves G's, which plain DDP refuses. Lightning's automatic choice (``ddp``
+    wherever there are several processes: ``sbatch --nodes=2`` with ``configs/tiny.yaml``) and a bare
+    ``ddp`` get the flag; a strategy that sets it (``ddp_find_unused_parameters_false``) keeps its choice.
+    """
+    from lightning.pytorch.strategies import DDPStrategy
+
+    if isinstance(trainer.strategy, DDPStrategy):
+        # the kwargs DDPStrategy passes to DistributedDataParallel when it wraps the model (in fit)
+        trainer.strategy._ddp_kwargs.setdefault("find_unused_parameters", True)
 
 
 def refuse_unreadable_shards(data: Any) -> None:
