@@ -160,3 +160,17 @@ def test_bench_json_says_what_each_backend_runs(package, tmp_path):
     assert report["roofline_fraction"] == pytest.approx(
         report["student_flops_per_image"] * fastest / report["matmul_peak_flops"]
     )
+
+
+def test_a_pt2_program_is_labelled_by_the_operators_in_its_graph():
+    """A program exported with the compiled ops calls them (``cpu``); one exported from the reference,
+    as ``p2pz export`` makes it, does not (``ref``)."""
+    from p2pz.student.ops import force_impl
+
+    x = torch.randn(1, 2, 4, 4)
+    with torch.no_grad():
+        fused = torch.export.export(Resample("up"), (x,), strict=False).module()
+        with force_impl("ref"):
+            reference = torch.export.export(Resample("up"), (x,), strict=False).module()
+    assert bench._program_ops_impl(fused, torch.device("cpu")) == "cpu"
+    assert bench._program_ops_impl(reference, torch.device("cpu")) == "ref"
