@@ -109,8 +109,8 @@ def test_one_deadline_kills_the_running_check_and_skips_the_rest(tmp_path):
 
 @pytest.mark.slow
 def test_both_parts_pass_at_toy_sizes_on_the_cpu(tmp_path):
-    """Both parts as a user runs them, one work folder. Measured on the 2-core CI machine under load:
-    part 1 about 3.5 minutes, part 2 about 9.5 (its deadline on the CPU is 20 minutes a part)."""
+    """Both parts as a user runs them, one work folder. Measured on a shared 2-core machine: 9.7
+    minutes for both (part 2 alone took 9.4 under heavier load); the CPU deadline is 20 minutes a part."""
     work = tmp_path / "work"
     reports = {}
     for part in ("1", "2"):
