@@ -4,8 +4,10 @@
 
 For each op and shape, reference and C++ runs are interleaved (the machine is shared and noisy) and the
 median of each is kept. A ratio is total reference time over total C++ time across the generator's
-shapes, for the forward pass and for forward + backward. The last line is one JSON object:
-{"bias_act_speedup": {"forward": r, "forward_backward": r}, "upfirdn2d_speedup": {...}, ...}.
+shapes, for the forward pass and for forward + backward. The first line names the CPU and the ISA
+flags the kernels can use (avx2, avx512f, avx512_bf16, amx...); the last line is one JSON object:
+{"bias_act_speedup": {"forward": r, "forward_backward": r}, "upfirdn2d_speedup": {...}, "cpu": {"name":
+..., "isa": [...], "torch_cpu_capability": ...}, ...}.
 
 upfirdn2d is measured as 2x upsampling with StyleGAN2's 4-tap [1, 3, 3, 1] filter (upsample2d);
 bias_act as the generator's lrelu with bias and clamp (conv_clamp=256).
@@ -19,6 +21,7 @@ import statistics
 import time
 
 import torch
+from machine import cpu_info, describe_cpu
 
 from p2pz.student.ops import _runtime, bias_act, upfirdn2d
 
@@ -107,6 +110,8 @@ def main() -> None:
     if not _runtime.load_extension("cpu"):
         raise SystemExit("the C++ CPU kernels did not build; nothing to compare")
     torch.manual_seed(0)
+    cpu = cpu_info()
+    print(f"cpu: {describe_cpu(cpu)}")
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, batch {args.batch}")
     summary = {
         "bias_act_speedup": measure("bias_act", list(bias_act_cases(args.batch)), run_bias_act, args.repeats),
@@ -115,6 +120,7 @@ def main() -> None:
         ),
         "threads": torch.get_num_threads(),
         "batch": args.batch,
+        "cpu": cpu,
     }
     print(json.dumps(summary))
 

@@ -5,16 +5,24 @@ Everything is measured in one process on one device so that ratios hold on a noi
 * student latency per backend (eager, torch.compile, the ``.pt2`` program, onnxruntime) and batch
   size, after warm-up: p50 / p90 / p99 in ms and images/s, timed by ``torch.utils.benchmark.Timer``
   (``blocked_autorange``: blocks of calls, accelerator synchronisation, this process's threads);
-* the teacher's latency for one edit at the student's resolution, and teacher / student;
-* a roofline-style efficiency: the student's counted FLOPs per second as a fraction of a dense fp32
-  matmul's FLOP/s measured here, a figure that compares across machines.
+* the teacher's latency for one edit at the student's resolution, in the precision ``p2pz generate``
+  runs it in on that device (float16 on cuda), and teacher / student;
+* a roofline-style efficiency: the student's counted FLOPs per second as a fraction of a dense
+  matmul's FLOP/s measured here in the convolutions' math mode (TF32 on cuda when cuDNN may use it),
+  a figure that compares across machines. upfirdn2d counts the multiply-adds its compiled kernels do
+  (the filter taps that land on real samples), not the zero-stuffed reference's.
+
+``ops_impl`` says which implementation of the custom ops each backend runs: the compiled kernels
+(``cpu`` / ``cuda``) or the pure-PyTorch reference (``ref``: the ``.pt2`` and ONNX exports).
 """
 
 from __future__ import annotations
 
+import contextlib
+import copy
 import json
 import os
-from collections.abc import Callable, Collection, Sequence
+from collections.abc import Callable, Collection, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -93,24 +101,101 @@ def percentiles(measurement: Measurement, batch: int) -> dict[str, float]:
     }
 
 
-def matmul_peak_flops(device: torch.device, size: int = 1024, seconds: float = 1.0) -> float:
-    """Dense fp32 matmul FLOP/s on ``device``: the roof of the roofline figure."""
-    a = torch.randn(size, size, device=device)
-    b = torch.randn(size, size, device=device)
-    measurement = time_calls(lambda: a @ b, warmup=3, min_calls=10, min_run_time=seconds)
+def conv_allows_tf32() -> bool:
+    """Whether cuDNN may run float32 convolutions in TF32 (torch's default: yes)."""
+    try:
+        return bool(torch.backends.cudnn.allow_tf32)
+    except RuntimeError:  # torch >= 2.9 refuses the legacy flag once the new API set it
+        return torch.backends.cudnn.conv.fp32_precision == "tf32"
+
+
+@contextlib.contextmanager
+def matmul_tf32(enabled: bool) -> Iterator[None]:
+    """cuBLAS float32 matmuls in TF32 (``enabled``) or full float32 inside the block, restored after;
+    through whichever of torch's two APIs set the current mode (they refuse to be mixed)."""
+    matmul = torch.backends.cuda.matmul
+    try:
+        before, name, value = matmul.allow_tf32, "allow_tf32", enabled
+    except RuntimeError:  # the new API is in charge
+        before, name, value = matmul.fp32_precision, "fp32_precision", "tf32" if enabled else "ieee"
+    setattr(matmul, name, value)
+    try:
+        yield
+    finally:
+        setattr(matmul, name, before)
+
+
+def peak_math_mode(device: torch.device, dtype: torch.dtype = torch.float32) -> str:
+    """How the convolutions multiply on ``device`` in ``dtype``: ``tf32`` (cuda, float32, cuDNN allowed
+    to), else the dtype itself. The roofline's matmul peak is measured in this mode."""
+    if device.type == "cuda" and dtype == torch.float32 and conv_allows_tf32():
+        return "tf32"
+    return str(dtype).removeprefix("torch.")
+
+
+def matmul_peak_flops(
+    device: torch.device, dtype: torch.dtype = torch.float32, size: int = 1024, seconds: float = 1.0
+) -> float:
+    """Dense matmul FLOP/s on ``device`` in ``dtype``, in the convolutions' math mode
+    (:func:`peak_math_mode`): the roof of the roofline figure."""
+    a = torch.randn(size, size, device=device, dtype=dtype)
+    b = torch.randn(size, size, device=device, dtype=dtype)
+    tf32 = matmul_tf32(peak_math_mode(device, dtype) == "tf32") if device.type == "cuda" else None
+    with tf32 or contextlib.nullcontext():
+        measurement = time_calls(lambda: a @ b, warmup=3, min_calls=10, min_run_time=seconds)
     return 2 * size**3 / min(measurement.times)
 
 
-def count_flops(model: nn.Module, x: torch.Tensor) -> int:
-    """FLOPs of one forward pass (a multiply-add counts 2), by PyTorch's own counter."""
+def _axis_taps(in_size: int, out_size: int, up: int, down: int, pad0: int, taps: int) -> int:
+    """(output sample, filter tap) pairs along one axis whose tap lands on a real input sample: the
+    zero-stuffed and padding positions the compiled kernels skip are not counted."""
+    count = 0
+    for o in range(out_size):
+        for k in range(taps):
+            v = o * down + k - pad0  # the tap's position in the upsampled, padded signal
+            count += v >= 0 and v % up == 0 and v // up < in_size
+    return count
+
+
+def upfirdn2d_flops(
+    x_shape: Sequence[int],
+    f_shape: Sequence[int],
+    upx: int,
+    upy: int,
+    downx: int,
+    downy: int,
+    padx0: int,
+    padx1: int,
+    pady0: int,
+    pady1: int,
+    *_: Any,
+    out_shape: Sequence[int],
+) -> int:
+    """FLOPs of one ``p2pz::upfirdn2d`` call (a multiply-add counts 2), for PyTorch's FLOP counter
+    (which passes the operator's arguments with tensors as their shapes)."""
+    n, c, h, w = x_shape
+    fh, fw = f_shape
+    oh, ow = out_shape[2], out_shape[3]
+    return 2 * n * c * _axis_taps(h, oh, upy, downy, pady0, fh) * _axis_taps(w, ow, upx, downx, padx0, fw)
+
+
+def count_flops(model: nn.Module, x: torch.Tensor) -> tuple[int, str]:
+    """FLOPs of one forward pass (a multiply-add counts 2) by PyTorch's counter, with the compiled ops
+    (upfirdn2d: :func:`upfirdn2d_flops`; bias_act, elementwise, counts 0 as every elementwise op does),
+    and the implementation counted with: ``x``'s device's kernels, else the CPU's (the count is the
+    same), else ``ref`` (the zero-stuffed reference, which counts more) when none build."""
     from torch.utils.flop_counter import FlopCounterMode
 
-    from p2pz.student.ops import force_impl
+    from p2pz.student.ops import _runtime, force_impl
 
-    counter = FlopCounterMode(display=False)
-    with force_impl("ref"), counter, torch.no_grad():  # the reference ops are what the counter can see
+    impl = x.device.type
+    if not _runtime.load_extension(impl):
+        impl = "cpu" if _runtime.load_extension("cpu") else "ref"
+        model, x = copy.deepcopy(model).cpu(), x.cpu()
+    counter = FlopCounterMode(display=False, custom_mapping={torch.ops.p2pz.upfirdn2d: upfirdn2d_flops})
+    with force_impl(impl), counter, torch.no_grad():
         model(x)
-    return int(counter.get_total_flops())
+    return int(counter.get_total_flops()), impl
 
 
 PT2_SKIPPED = (
@@ -182,6 +267,33 @@ def _student_backends(
     return models
 
 
+OPS_IMPL_NOTE = (
+    "the custom ops (upfirdn2d, bias_act) each backend runs: cpu / cuda are the compiled kernels, ref the "
+    "pure-PyTorch reference (zero-stuffed upfirdn2d), which the .pt2 and ONNX exports are made of"
+)
+
+
+def _program_ops_impl(model: nn.Module, device: torch.device) -> str:
+    """What a loaded ``.pt2`` program runs: the compiled kernels if its graph calls ``p2pz`` operators."""
+    graph = getattr(model, "graph", None)
+    calls = [] if graph is None else [str(node.target) for node in graph.nodes if node.op == "call_function"]
+    return device.type if any(c.startswith("p2pz.") for c in calls) else "ref"
+
+
+def ops_impl(models: dict[str, nn.Module], device: torch.device) -> dict[str, str]:
+    """Per backend, which implementation of the custom ops it runs (see :data:`OPS_IMPL_NOTE`): eager
+    and torch.compile call the operators, whose kernels are the automatic choice for ``device`` (the
+    reference where they do not build); ONNX is exported from the reference; ``.pt2`` as its graph says."""
+    from p2pz.student.ops._runtime import choose_impl
+
+    native = choose_impl(None, torch.empty(0, device=device))
+    labels = {"eager": native, "compile": native, "onnx": "ref"}
+    return {
+        name: _program_ops_impl(model, device) if name == "pt2" else labels[name]
+        for name, model in models.items()
+    }
+
+
 def dtype_error(model_dir: Path, device: torch.device, dtype: torch.dtype, res: int) -> dict[str, Any]:
     """How far the eager student in ``dtype`` is from float32 on the same random inputs: max and mean
     absolute difference in grey levels (0-255) of the 8-bit outputs."""
@@ -206,6 +318,15 @@ def dtype_error(model_dir: Path, device: torch.device, dtype: torch.dtype, res: 
 TEACHER_TIMING_SENTENCES = 2  # the timed edit's direction: its values do not change the edit's cost
 
 
+def teacher_dtype(device: torch.device | str) -> torch.dtype:
+    """The precision ``p2pz generate`` runs the teacher in on ``device`` by default (its ``--dtype``
+    default through its own rule: float16 on cuda, float32 elsewhere)."""
+    from p2pz.data.pairs.settings import Settings
+    from p2pz.utils.devices import resolve_dtype, torch_dtype
+
+    return torch_dtype(resolve_dtype(Settings.dtype, str(device)))
+
+
 def teacher_latency_ms(
     teacher_model: str,
     resolution: int,
@@ -217,7 +338,8 @@ def teacher_latency_ms(
     guidance_scale: float | None = None,
     xa_guidance: float | None = None,
 ) -> dict[str, Any]:
-    """One real-image edit by the teacher (inversion + guided edit), timed after a warm-up edit.
+    """One real-image edit by the teacher (inversion + guided edit), timed after a warm-up edit, in the
+    precision ``p2pz generate`` uses on ``device`` (:func:`teacher_dtype`).
 
     ``preset``, ``steps``, ``guidance_scale`` and ``xa_guidance`` (None: the preset's) are the teacher's
     settings; pass those that made the student's pairs (:func:`pairs_teacher_settings`).
@@ -226,7 +348,8 @@ def teacher_latency_ms(
 
     from p2pz.teacher import Pix2PixZero
 
-    teacher = Pix2PixZero.from_pretrained(teacher_model, preset=preset, device=device)
+    dtype = teacher_dtype(device)
+    teacher = Pix2PixZero.from_pretrained(teacher_model, preset=preset, device=device, dtype=dtype)
     # a direction from a couple of sentences: the edit costs the same, the full sentence bank is minutes
     direction = teacher.direction(source, target, num_sentences=TEACHER_TIMING_SENTENCES)
     image = Image.new("RGB", (resolution, resolution), (200, 60, 60))
@@ -240,6 +363,7 @@ def teacher_latency_ms(
     measurement = time_calls(one_edit)
     return {
         "teacher_ms": measurement.median * 1e3,
+        "teacher_dtype": str(dtype).removeprefix("torch."),
         "teacher_model": teacher_model,
         "teacher_preset": preset,
         "teacher_steps": steps or teacher.preset.num_steps,
@@ -311,6 +435,8 @@ def run_benchmark(
         "dtype": str(dtype).removeprefix("torch."),
         "student": {},
         "skipped_backends": skipped,
+        "ops_impl": ops_impl(models, dev),
+        "ops_impl_note": OPS_IMPL_NOTE,
     }
     timing = {"warmup": warmup, "min_calls": max(iters, MIN_LATENCY_SAMPLES), "min_run_time": min_run_time}
     for name, model in models.items():
@@ -327,21 +453,35 @@ def run_benchmark(
         report["dtype_error"] = dtype_error(model_dir, dev, dtype, res)
     say("roofline")
     eager = _student_backends(model_dir, ["eager"], dev)["eager"]  # FLOPs counted in float32
-    report.update(_roofline(eager, report["student"], str(max(batches)), res, dev))
+    report.update(_roofline(eager, report["student"], str(max(batches)), res, dev, dtype))
     report.update(_teacher_comparison(config, report["student"], teacher_model, teacher_steps, res, dev, say))
     return report
 
 
 def _roofline(
-    eager: nn.Module, student: dict[str, Any], batch: str, res: int, dev: torch.device
-) -> dict[str, float]:
-    """FLOPs per image, the matmul peak, and the fraction of it the fastest backend reaches at ``batch``."""
-    flops = count_flops(eager, torch.zeros(1, 3, res, res, device=dev))
-    peak = matmul_peak_flops(dev)
-    best_ips = max(r[batch]["images_per_s"] for r in student.values())
+    eager: nn.Module,
+    student: dict[str, Any],
+    batch: str,
+    res: int,
+    dev: torch.device,
+    dtype: torch.dtype = torch.float32,
+) -> dict[str, Any]:
+    """FLOPs per image, the matmul peak, and the fraction of it the fastest backend reaches at ``batch``.
+
+    The peak is measured in the math mode of the fastest backend's convolutions: its dtype on cuda
+    (eager and compile run in ``dtype``, pt2 and onnx in float32), TF32 for float32 when cuDNN may use
+    it. On the CPU it stays float32: low-precision matmuls are emulated on many CPUs (minutes)."""
+    flops, counted_with = count_flops(eager, torch.zeros(1, 3, res, res, device=dev))
+    fastest = max(student, key=lambda name: student[name][batch]["images_per_s"])
+    best_ips = student[fastest][batch]["images_per_s"]
+    peak_dtype = dtype if dev.type == "cuda" and fastest in ("eager", "compile") else torch.float32
+    peak = matmul_peak_flops(dev, peak_dtype)
     return {
         "student_flops_per_image": flops,
+        "flops_counted_with": counted_with,
         "matmul_peak_flops": peak,
+        "matmul_peak_math_mode": peak_math_mode(dev, peak_dtype),
+        "roofline_backend": fastest,
         "achieved_flops": flops * best_ips,
         "roofline_fraction": flops * best_ips / peak,
     }
