@@ -532,6 +532,14 @@ class StudentModule(pl.LightningModule):
                 experiment.add_image(key, grid, self.global_step)
         return path
 
+    def on_validation_start(self) -> None:
+        """Each rank scores its share of the validation pairs (``validation_positions``) with rank 0's
+        ``g_ema``: its buffers (``w_avg``, which each rank's forward moves) are made rank 0's, as DDP
+        makes the training modules' buffers at every forward."""
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            for buffer in self.g_ema.buffers():
+                torch.distributed.broadcast(buffer, src=0)
+
     def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
         """Score ``g_ema`` against the teacher, next to the copy-the-input baseline; the first batch
         (the same held-out pairs every time: validation reads them in order, unaugmented) is drawn as

@@ -3,9 +3,11 @@ persistent workers that still see each new epoch)."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from types import SimpleNamespace
 
+import lightning.pytorch as pl
 import pytest
 import torch
 from test_training import write_pair_shards
@@ -83,3 +85,66 @@ def test_persistent_workers_still_draw_a_new_stream_each_epoch(shards):
     assert len(epochs[0]) == len(epochs[1]) == 6
     assert epochs[0] != epochs[1]
     assert torch_loader._iterator is not None  # the same workers served both epochs
+
+
+class RecordValidation(pl.Callback):
+    """Rank 0 writes the reduced ``val/l1`` and its EMA generator after the validation pass."""
+
+    def __init__(self, out_dir: str) -> None:
+        self.out_dir = out_dir
+        self.scored: list[str] = []
+
+    def on_validation_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0):
+        self.scored += batch["__key__"]
+
+    def on_validation_end(self, trainer, pl_module):
+        Path(self.out_dir, f"scored-{trainer.global_rank}.json").write_text(json.dumps(self.scored))
+        if trainer.is_global_zero and not trainer.sanity_checking:
+            value = float(trainer.callback_metrics["val/l1"])
+            torch.save({"l1": value, "g_ema": pl_module.g_ema.state_dict()}, Path(self.out_dir, "val.pt"))
+
+
+def test_two_ddp_ranks_average_the_validation_metric_over_all_pairs(shards, tmp_path):
+    """gloo, two CPU ranks, one iteration then validation: each rank scores four of the eight held-out
+    pairs, and the logged val/l1 is the mean over all eight, as one process scoring them all finds it."""
+    import yaml
+    from test_training import TINY
+
+    from p2pz.student.datamodule import PairDataModule
+    from p2pz.student.training import StudentModule
+
+    config = yaml.safe_load(Path(TINY).read_text())
+    model = StudentModule(**{**config["model"], "grid_every_n_steps": 0})
+    data = PairDataModule(shards=str(shards), val_fraction=0.25, resolution=64, batch_size=2, val_samples=8)
+    data.hparams.num_workers = 0
+    trainer = pl.Trainer(
+        accelerator="cpu",
+        devices=2,
+        strategy="ddp_spawn_find_unused_parameters_true",
+        max_steps=1,
+        val_check_interval=1,
+        check_val_every_n_epoch=None,
+        default_root_dir=str(tmp_path / "run"),
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        enable_checkpointing=False,
+        num_sanity_val_steps=0,
+        callbacks=[RecordValidation(str(tmp_path))],
+    )
+    trainer.fit(model, datamodule=data)
+
+    scored = [json.loads((tmp_path / f"scored-{rank}.json").read_text()) for rank in (0, 1)]
+    assert len(scored[0]) == len(scored[1]) == 4 and not set(scored[0]) & set(scored[1])
+    recorded = torch.load(tmp_path / "val.pt")
+    model.g_ema.load_state_dict(recorded["g_ema"])
+    alone = PairDataModule(shards=str(shards), val_fraction=0.25, resolution=64, batch_size=2, val_samples=8)
+    alone.setup("fit")
+    errors = []
+    with torch.no_grad():
+        for batch in alone.val_dataloader():
+            errors.append((model.g_ema(batch["src"]) - batch["edit"]).abs().flatten(1).mean(1))
+    errors = torch.cat(errors)
+    assert errors.numel() == 8
+    assert recorded["l1"] == pytest.approx(float(errors.mean()), rel=1e-5)
+    assert float(errors[0::2].mean()) != pytest.approx(float(errors.mean()), rel=1e-4)  # not rank 0's half
