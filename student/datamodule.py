@@ -3,8 +3,10 @@
 Training reads with replacement (``resampled``) from the training shards, each rank from its own
 disjoint share of them (``p2pz.data.pairs.reader`` splits by ``trainer.global_rank``), so an "epoch" is simply
 ``epoch_length`` batches per rank and no rank ever runs dry. Validation reads a fixed, unaugmented,
-deterministic set of samples: ``val_samples`` pairs from the validation shards, the same on every rank
-(the metrics are then identical across ranks and need no gathering).
+deterministic set of samples: the first ``val_samples`` pairs of the validation shards (rounded up to
+whole batches), dealt to the ranks in turn (:func:`validation_positions`); the module logs the metrics
+with ``sync_dist``, which reduces them to the mean over all of them. On CUDA the batches come in
+page-locked memory; DataLoader workers persist across epochs.
 
 The validation shards are either given (``val_shards``) or held out from ``shards``: the last
 ``val_fraction`` of them in sorted order (at least one, and only when there are two or more shards).
@@ -90,6 +92,20 @@ def refuse_unreadable_rank_shares(trainer: pl.Trainer, train_urls: list[str]) ->
         )
 
 
+def validation_positions(samples: int, rank: int, world_size: int) -> range:
+    """The positions, among the first ``samples`` validation pairs, that ``rank`` scores: every
+    ``world_size``-th from ``rank`` (disjoint, together all of them; rank 0's first batch, the held-out
+    grid, is the same pairs at every validation). With fewer pairs than ranks every rank scores all
+    of them: a rank without a batch would log no metric and leave the others waiting in the reduction."""
+    if samples < world_size:
+        return range(samples)
+    return range(rank, samples, world_size)
+
+
+def _on_cuda(trainer: pl.Trainer | None) -> bool:
+    return trainer is not None and trainer.strategy.root_device.type == "cuda"
+
+
 class PairDataModule(pl.LightningDataModule):
     """Shards of ``pairs-%06d.tar`` written by the teacher (sample format: ``p2pz.data.pairs.sample``).
 
@@ -100,7 +116,7 @@ class PairDataModule(pl.LightningDataModule):
         resolution: image size in pixels (linked to ``model.resolution`` by ``train.py``).
         batch_size: pairs per batch *per device*.
         epoch_length: training batches per rank that make one (Lightning) epoch.
-        val_samples: validation pairs scored each time validation runs.
+        val_samples: validation pairs scored each time validation runs, split over the ranks.
         augment: joint augmentation of input and edit: ``crop`` (or ``true``: random crop x1.125 and
             horizontal flip), ``dihedral`` (one of the 8 flips/rotations of the square, no
             resampling: for worlds without an up, like the shapes world) or ``none`` (``false``).
@@ -176,20 +192,27 @@ class PairDataModule(pl.LightningDataModule):
             rank=rank,
             world_size=world_size,
             stats=self.stats,
+            pin_memory=_on_cuda(trainer),
         )
 
     def val_dataloader(self) -> PairLoader | list[PairLoader]:
         if not self.val_urls:
             return []
+        trainer = self.trainer
+        rank, world_size = (trainer.global_rank, trainer.world_size) if trainer is not None else (0, 1)
         batch_size = min(self.hparams.batch_size, self.hparams.val_samples)
+        samples = math.ceil(self.hparams.val_samples / batch_size) * batch_size
+        positions = validation_positions(samples, rank, world_size)
         return pair_loader(
             self.val_urls,
             batch_size=batch_size,
             resolution=self.hparams.resolution,
             augment=False,
             resampled=False,
-            epoch_length=math.ceil(self.hparams.val_samples / batch_size),
+            epoch_length=math.ceil(len(positions) / batch_size),
             num_workers=0,
-            rank=0,  # every rank scores the same pairs
+            rank=0,  # one ordered stream of the validation shards; this rank's pairs are its positions
             world_size=1,
+            positions=positions,
+            pin_memory=_on_cuda(trainer),
         )

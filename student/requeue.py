@@ -8,9 +8,11 @@ barrier while another is in the step's all-reduce (Lightning issue #21406). :cla
 replaces it (``p2pz train`` turns Lightning's off with ``SLURMEnvironment(auto_requeue=False)``):
 
 1. the handler sets a flag and returns;
-2. at the end of every training iteration (``on_train_batch_end``) the ranks combine their flags with
-   one all-reduce (``strategy.reduce_boolean_decision``): if any rank got the signal, all of them act,
-   at the same iteration;
+2. at the end of every training iteration the ranks combine their flags with one all-reduce: if any
+   rank got the signal, all of them act, at the same iteration. ``StudentModule`` folds the flag into
+   its own end-of-iteration checks (one all-reduce and one host sync an iteration, not one more for
+   this) and hands the result over (:meth:`RequeueOnSignal.agree`); under another module
+   ``on_train_batch_end`` reduces it itself (``strategy.reduce_boolean_decision``);
 3. the state after that iteration is saved as ``last.ckpt`` through the checkpoint callback
    (:meth:`StepCheckpoint.save_now`, atomic: :class:`AtomicCheckpointIO`), which is what
    ``--ckpt_path last`` resumes from;
@@ -81,6 +83,7 @@ class RequeueOnSignal(pl.Callback):
         self.run = run
         self._received = False
         self._requeue_pending = False
+        self._agreed: bool | None = None  # this iteration's vote of all ranks, when the module took it
         self._previous: Any = None
         self._installed = False
 
@@ -93,6 +96,12 @@ class RequeueOnSignal(pl.Callback):
 
     def _on_signal(self, signum: int, frame: FrameType | None) -> None:
         self._received = True
+
+    def agree(self, any_rank: bool) -> None:
+        """Whether any rank had the signal at the end of this iteration, as the training module's own
+        all-reduce found (:meth:`p2pz.student.training.StudentModule._act_on_checks`); acted on in
+        ``on_train_batch_end``, which then reduces nothing itself."""
+        self._agreed = any_rank
 
     def _install(self) -> None:
         if self._installed or threading.current_thread() is not threading.main_thread():
@@ -108,7 +117,7 @@ class RequeueOnSignal(pl.Callback):
 
     def __getstate__(self) -> dict[str, Any]:  # ddp_spawn pickles callbacks; a handler is per process
         state = self.__dict__.copy()
-        state.update(_previous=None, _installed=False, _received=False, _requeue_pending=False)
+        state.update(_previous=None, _installed=False, _received=False, _requeue_pending=False, _agreed=None)
         return state
 
     # --- hooks -----------------------------------------------------------------------------------------
@@ -117,6 +126,7 @@ class RequeueOnSignal(pl.Callback):
         # before Lightning registers its handlers: one that finds ours in place leaves SIGUSR1 alone
         if stage == "fit":
             self._received = self._requeue_pending = False
+            self._agreed = None
             self._install()
 
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
@@ -132,7 +142,10 @@ class RequeueOnSignal(pl.Callback):
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
         # every rank, every iteration, the same collective: all see the signal if any got it
-        if not trainer.strategy.reduce_boolean_decision(self._received, all=False):
+        agreed, self._agreed = self._agreed, None
+        if agreed is None:  # the module took no vote: this callback's own all-reduce
+            agreed = trainer.strategy.reduce_boolean_decision(self._received, all=False)
+        if not agreed:
             return
         self._received = False
         name, step = self.signum.name, trainer.global_step

@@ -98,6 +98,73 @@ def _no_closure() -> None:
     """Manual optimisation's closure: the backward pass already ran (``manual_backward``)."""
 
 
+def fused_adam_runs_on(device: torch.device) -> bool:
+    """Whether ``torch.optim.Adam(fused=True)`` has kernels for ``device`` (CUDA, CPU, MPS, XPU...)."""
+    try:
+        torch.optim.Adam([torch.zeros(1, device=device, requires_grad=True)], fused=True)
+    except (RuntimeError, ValueError):
+        return False
+    return True
+
+
+class IterationChecks:
+    """An iteration's yes/no checks (a NaN loss term, non-finite gradients, a requeue signal), kept on
+    the device as they are made and read back together at its end: one all-reduce over the ranks and
+    one host sync an iteration, where reading each check as it is made would wait for the GPU five
+    times. Names: ``loss/<phase>/<term>``, ``gradients/<phase>``, ``signal``."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self.names: list[str] = []
+        self.flags: list[torch.Tensor] = []
+
+    @property
+    def loss_names(self) -> list[str]:
+        return [name for name in self.names if name.startswith("loss/")]
+
+    def add(self, name: str, flag: torch.Tensor | bool) -> torch.Tensor:
+        """Record ``flag`` (a 0-dim tensor, or a Python bool: filled on the device, not copied there)."""
+        if not isinstance(flag, torch.Tensor):
+            flag = torch.full((), bool(flag), device=self.device)
+        self.names.append(name)
+        self.flags.append(flag.detach().reshape(()).float())
+        return flag
+
+    def losses(self, phase: str, terms: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Record, per term, whether it is NaN or infinite; returns whether any is (on the device)."""
+        bad = ~torch.stack([term.detach().float().reshape(()) for term in terms.values()]).isfinite()
+        for name, flag in zip(terms, bad.unbind()):
+            self.add(f"loss/{phase}/{name}", flag)
+        return bad.any()
+
+    def any_loss(self) -> torch.Tensor:
+        """Whether any loss recorded so far is NaN or infinite (on the device)."""
+        flags = [flag for name, flag in zip(self.names, self.flags) if name.startswith("loss/")]
+        return torch.stack(flags).any() if flags else torch.zeros((), dtype=torch.bool, device=self.device)
+
+    def gradients(self, phase: str, optimizer: torch.optim.Optimizer) -> torch.Tensor:
+        """Record whether any gradient of ``optimizer``'s parameters is NaN or infinite; returns it."""
+        grads = [p.grad for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
+        if not grads:
+            return self.add(f"gradients/{phase}", False)
+        # each gradient's largest |g| (one foreach kernel per dtype): NaN or inf where one element is
+        largest = torch._foreach_norm(grads, math.inf)
+        return self.add(f"gradients/{phase}", ~torch.stack([n.float() for n in largest]).isfinite().all())
+
+    def read(self) -> tuple[dict[str, bool], dict[str, bool]]:
+        """``(this rank's, any rank's)`` flags by name: one all-reduce (a sum), one host sync.
+
+        ``torch.distributed`` directly: Lightning's ``strategy.reduce`` adds a blocking barrier first."""
+        local = torch.stack(self.flags)
+        total = local.clone()
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.all_reduce(total, op=torch.distributed.ReduceOp.SUM)
+        values = torch.cat([local, total]).tolist()
+        count = len(self.names)
+        here = {name: value > 0 for name, value in zip(self.names, values[:count])}
+        return here, {name: value > 0 for name, value in zip(self.names, values[count:])}
+
+
 class StudentModule(pl.LightningModule):
     """CoModGAN student trained on teacher pairs with a conditional GAN, R1, L1 and LPIPS.
 
@@ -187,8 +254,11 @@ class StudentModule(pl.LightningModule):
 
     def configure_optimizers(self) -> tuple[torch.optim.Adam, torch.optim.Adam]:
         hp = self.hparams
-        opt_g = torch.optim.Adam(self.G.parameters(), lr=hp.lr_g, betas=tuple(hp.betas), eps=1e-8)
-        opt_d = torch.optim.Adam(self.D.parameters(), lr=hp.lr_d, betas=tuple(hp.betas), eps=1e-8)
+        # fused: a step can then be skipped on the device (see _skip_step_if_non_finite)
+        fused = fused_adam_runs_on(next(self.G.parameters()).device)
+        adam = {"betas": tuple(hp.betas), "eps": 1e-8, "fused": fused}
+        opt_g = torch.optim.Adam(self.G.parameters(), lr=hp.lr_g, **adam)
+        opt_d = torch.optim.Adam(self.D.parameters(), lr=hp.lr_d, **adam)
         return opt_g, opt_d
 
     def on_train_start(self) -> None:
@@ -222,6 +292,7 @@ class StudentModule(pl.LightningModule):
         opt_g, opt_d = self.optimizers()
         iteration = self.global_step  # iterations completed before this one
         use_gan = hp.gan_weight > 0
+        checks = IterationChecks(x.device)  # device-side flags, read once at the end of the iteration
 
         self._set_learning_rates(opt_g, opt_d, iteration)
 
@@ -239,11 +310,11 @@ class StudentModule(pl.LightningModule):
                 + hp.lpips_weight * g_terms.get("lpips", 0.0)
                 + hp.gan_weight * g_terms.get("gan", 0.0)
             )
-            self._stop_if_not_finite("generator", {**g_terms, "total": g_total})
+            g_loss_bad = checks.losses("generator", {**g_terms, "total": g_total})
             opt_g.zero_grad(set_to_none=True)
             self.manual_backward(g_total)
-            self._drop_non_finite_grads("generator", opt_g)
-            opt_g.step()
+            with self._skip_step_if_non_finite("generator", opt_g, g_loss_bad, checks):
+                opt_g.step()
 
         # 2. discriminator step (with lazy R1)
         d_terms: dict[str, torch.Tensor] = {}
@@ -258,17 +329,20 @@ class StudentModule(pl.LightningModule):
                 if do_r1:
                     d_terms["r1"] = r1_penalty(real_logits, real)
                     d_total = d_total + d_terms["r1"] * (hp.r1_gamma / 2 * hp.r1_interval)
-                self._stop_if_not_finite("discriminator", {**d_terms, "total": d_total})
+                d_loss_bad = checks.losses("discriminator", {**d_terms, "total": d_total})
                 opt_d.zero_grad(set_to_none=True)
                 with self._r1_backward_context(do_r1, real):
                     self.manual_backward(d_total)
-                self._drop_non_finite_grads("discriminator", opt_d)
-                self._step_uncounted(opt_d)
+                with self._skip_step_if_non_finite("discriminator", opt_d, g_loss_bad | d_loss_bad, checks):
+                    self._step_uncounted(opt_d)
                 d_terms["real_logit"] = real_logits.detach().mean()
                 d_terms["fake_logit"] = fake_logits.detach().mean()
 
-        # 3. EMA
-        self._update_ema(batch_size=x.shape[0])
+        # 3. EMA (held where a loss is non-finite: the run stops below with every weight as it was)
+        self._update_ema(batch_size=x.shape[0], hold=checks.any_loss())
+
+        # the iteration's one read of the device: raise, count skipped steps, requeue
+        self._act_on_checks(checks, iteration)
 
         logs = {f"train/g_{k}": v.detach() for k, v in g_terms.items()}
         logs["train/g_total"] = g_total.detach()
@@ -300,10 +374,15 @@ class StudentModule(pl.LightningModule):
         )
         return _onednn_off() if do_r1 and real.device.type == "cpu" and bf16 else contextlib.nullcontext()
 
-    def _drop_non_finite_grads(self, phase: str, optimizer: LightningOptimizer) -> bool:
-        """Skip this optimiser step when a gradient is NaN/inf on any rank: the gradients are dropped
-        (set to None), so Adam leaves the weights and its moments as they are, and the iteration still
-        counts. Returns True when the step was skipped; counted in ``train/skipped_<phase>_steps``.
+    @contextlib.contextmanager
+    def _skip_step_if_non_finite(
+        self, phase: str, optimizer: LightningOptimizer, loss_bad: torch.Tensor, checks: IterationChecks
+    ) -> Iterator[None]:
+        """Skip the optimiser step in this block when a loss (``loss_bad``) or a gradient is NaN/inf,
+        decided on the device: fused Adam's ``found_inf`` (what GradScaler sets) leaves the weights, both
+        moments and the step count as they were, and nothing waits for the flag. The iteration still
+        counts; a skip is counted in ``train/skipped_<phase>_steps`` (:meth:`_act_on_checks`). Under DDP
+        the gradients were averaged over the ranks before this check, so every rank decides alike.
 
         Skipping, rather than NVlabs' ``nan_to_num`` on the gradients (inf -> +-1e5, then a step),
         keeps one bad batch from writing huge values into Adam's second moment, which would shrink
@@ -311,19 +390,21 @@ class StudentModule(pl.LightningModule):
         With a GradScaler ('16-mixed') the scaler owns this decision: the gradients are still scaled
         here, overflow is its cue to lower the scale, and it skips the step itself.
         """
+        inner = optimizer.optimizer
         if getattr(self.trainer.precision_plugin, "scaler", None) is not None:
-            return False
-        grads = [p.grad for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
-        bad = bool(grads) and not bool(torch.stack([g.isfinite().all() for g in grads]).all())
-        if not self.trainer.strategy.reduce_boolean_decision(bad, all=False):
-            return False  # every rank agrees to step (DDP averaged the gradients, so they do agree)
-        optimizer.zero_grad(set_to_none=True)
-        self._skipped_steps[phase] = self._skipped_steps.get(phase, 0) + 1
-        rank_zero_warn(
-            f"step {self.global_step}: non-finite {phase} gradients; that {phase} update was skipped "
-            f"({self._skipped_steps[phase]} so far in this run)"
-        )
-        return True
+            yield
+            return
+        skip = loss_bad | checks.gradients(phase, inner)
+        if not inner.param_groups[0].get("fused"):  # an unfused Adam (resumed from one): read the flag
+            if skip.item():
+                optimizer.zero_grad(set_to_none=True)  # Adam leaves parameters without gradients alone
+            yield
+            return
+        inner.found_inf = skip.float()
+        try:
+            yield
+        finally:
+            del inner.found_inf
 
     def _reconstruction_terms(
         self, fake: torch.Tensor, target: torch.Tensor, x: torch.Tensor
@@ -365,32 +446,57 @@ class StudentModule(pl.LightningModule):
             self.trainer.strategy.optimizer_step(optimizer.optimizer, closure=_no_closure)
 
     @torch.no_grad()
-    def _update_ema(self, batch_size: int) -> None:
+    def _update_ema(self, batch_size: int, hold: torch.Tensor | None = None) -> None:
+        """``g_ema`` a step towards ``G``; none where the device flag ``hold`` is set (read by no one)."""
         hp = self.hparams
         batch = batch_size * self.trainer.world_size
         half_life = hp.ema_half_life_kimg * 1000
         if hp.ema_rampup is not None:
             half_life = min(half_life, self.global_step * batch * hp.ema_rampup)
         beta = 0.5 ** (batch / max(half_life, 1e-8))
+        weight = 1.0 - beta if hold is None else torch.where(hold, 0.0, 1.0 - beta)
         for p_ema, p in zip(self.g_ema.parameters(), self.G.parameters()):
-            p_ema.lerp_(p.detach(), 1.0 - beta)
+            p_ema.lerp_(p.detach(), weight if hold is None else weight.to(p_ema.dtype))
         for b_ema, b in zip(self.g_ema.buffers(), self.G.buffers()):
             b_ema.copy_(b)
 
-    def _stop_if_not_finite(self, phase: str, losses: dict[str, torch.Tensor]) -> None:
-        """Raise before any weight changes if a loss is NaN/inf on any rank (all ranks stop together)."""
-        bad = [name for name, value in losses.items() if not torch.isfinite(torch.as_tensor(value)).all()]
-        if not self.trainer.strategy.reduce_boolean_decision(bool(bad), all=False):
-            return
+    def _act_on_checks(self, checks: IterationChecks, iteration: int) -> None:
+        """The end of an iteration: its checks and the requeue vote read in one all-reduce and one host
+        sync; a non-finite loss on any rank stops the run, skipped steps are counted, the requeue is
+        told whether any rank got its signal."""
+        from p2pz.student.requeue import RequeueOnSignal
+
+        requeues = [c for c in self.trainer.callbacks if isinstance(c, RequeueOnSignal)]
+        checks.add("signal", any(c.signal_received for c in requeues))
+        here, anywhere = checks.read()
+        if any(anywhere[name] for name in checks.loss_names):
+            self._stop_non_finite(iteration, [name for name in checks.loss_names if here[name]])
+        for phase in self._skipped_steps:
+            if anywhere.get(f"gradients/{phase}"):
+                self._skipped_steps[phase] += 1
+                rank_zero_warn(
+                    f"step {iteration}: non-finite {phase} gradients; that {phase} update was skipped "
+                    f"({self._skipped_steps[phase]} so far in this run)"
+                )
+        for callback in requeues:
+            callback.agree(anywhere["signal"])
+
+    def _stop_non_finite(self, iteration: int, bad: list[str]) -> None:
+        """Raise: a loss was NaN/inf (``bad``: ``loss/<phase>/<term>`` on this rank, none when it was on
+        another). Every rank raises at the same iteration, and no step of it touched the weights."""
         last = None
         for callback in self.trainer.checkpoint_callbacks:
             last = getattr(callback, "last_model_path", None) or last
         kept = f"the last good checkpoint is {last}" if last else "no checkpoint was saved yet"
-        where = f"the {phase} loss ({', '.join(bad)})" if bad else f"the {phase} loss on another rank"
+        terms: dict[str, list[str]] = {}
+        for name in bad:
+            _, phase, term = name.split("/")
+            terms.setdefault(phase, []).append(term)
+        where = " and ".join(f"the {phase} loss ({', '.join(names)})" for phase, names in terms.items())
         raise NonFiniteLossError(
-            f"training stopped at step {self.global_step}: {where} is NaN or infinite; the weights were not "
-            f"updated and {kept}. Lower the learning rates (--model.lr_g/--model.lr_d), raise "
-            "--model.r1_gamma or train in 32-true precision, then resume with --ckpt_path last"
+            f"training stopped at step {iteration}: {where or 'a loss on another rank'} is NaN or infinite; "
+            f"the weights were not updated and {kept}. Lower the learning rates (--model.lr_g/--model.lr_d), "
+            "raise --model.r1_gamma or train in 32-true precision, then resume with --ckpt_path last"
         )
 
     # ----------------------------------------------------------------------------------------------
@@ -425,6 +531,14 @@ class StudentModule(pl.LightningModule):
             elif hasattr(experiment, "add_image"):  # TensorBoard
                 experiment.add_image(key, grid, self.global_step)
         return path
+
+    def on_validation_start(self) -> None:
+        """Each rank scores its share of the validation pairs (``validation_positions``) with rank 0's
+        ``g_ema``: its buffers (``w_avg``, which each rank's forward moves) are made rank 0's, as DDP
+        makes the training modules' buffers at every forward."""
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            for buffer in self.g_ema.buffers():
+                torch.distributed.broadcast(buffer, src=0)
 
     def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
         """Score ``g_ema`` against the teacher, next to the copy-the-input baseline; the first batch

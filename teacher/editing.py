@@ -50,6 +50,7 @@ the guidance by 1 / batch size).
 from __future__ import annotations
 
 import contextlib
+import itertools
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -60,6 +61,7 @@ from tqdm.auto import tqdm
 from p2pz.teacher.attention import CrossAttentionMaps
 from p2pz.teacher.box_guidance import BoxGuidance, LateTerms, ObjectBox
 from p2pz.teacher.evals import timed_backward, unet_stage
+from p2pz.teacher.loss_scale import GuidanceLossScale
 
 if TYPE_CHECKING:
     from diffusers import DDIMScheduler
@@ -157,6 +159,7 @@ def edit_with_guidance(
     x_ref = x_T.float()
     x_edit = x_ref.repeat(copies, 1, 1, 1)
     losses = []
+    loss_scale = GuidanceLossScale() if dtype == torch.float16 else None  # carried across the steps
     maps.clear()
     for i, t in enumerate(tqdm(ref_sched.timesteps, desc="editing", disable=not progress, leave=False)):
         # Reference step i: records the maps that guide edit step i.
@@ -167,7 +170,9 @@ def edit_with_guidance(
             _widen_reference(maps, i, passes.ref_branches, 2 if cfg else 1, copies)
 
         # Edit step i: one gradient step on the latent against the reference maps ...
-        x_in, loss = _guidance_step(unet, maps, x_edit, t, i, passes, xa_guidance, guided_branch, cfg, box)
+        x_in, loss = _guidance_step(
+            unet, maps, x_edit, t, i, passes, xa_guidance, guided_branch, cfg, box, loss_scale
+        )
         if loss is not None:
             losses.append(loss)
         # ... then the noise prediction at the moved latent and a DDIM step.
@@ -278,6 +283,7 @@ def _guidance_step(
     guided_branch: str,
     cfg: bool,
     box: BoxGuidance | None = None,
+    loss_scale: GuidanceLossScale | None = None,
 ) -> tuple[torch.Tensor, float | None]:
     """The guided pass's input at step ``step`` (the CFG pair with CFG) and the loss before the step."""
     pair = (lambda x: torch.cat([x, x])) if cfg else (lambda x: x)
@@ -286,23 +292,22 @@ def _guidance_step(
         return pair(x_edit), None
     if guided_branch == "negative":  # official: each half of the CFG pair moves by its own gradient
         x_pair = pair(x_edit)
-        grad, loss = _xa_gradient(unet, maps, x_pair, t, passes.edit_embeds, step, samples, "all")
+        grad, loss = _xa_gradient(
+            unet, maps, x_pair, t, passes.edit_embeds, step, samples, "all", loss_scale=loss_scale
+        )
         return x_pair - xa_guidance * grad, loss
     if guided_branch == "edit":  # the paper: the edit branch's maps move the shared latent
         rows = "last_half" if cfg else "all"
-        grad, loss = _xa_gradient(unet, maps, x_edit, t, passes.edit_cond, step, samples, rows, box=box)
+        grad, loss = _xa_gradient(
+            unet, maps, x_edit, t, passes.edit_cond, step, samples, rows, box=box, loss_scale=loss_scale
+        )
         return pair(x_edit - xa_guidance * grad), loss
     # "joint": the official loss over both branches, differentiated w.r.t. the shared latent
     grad, loss = _xa_gradient(
-        unet, maps, x_edit, t, passes.edit_embeds, step, samples, "all", duplicate=cfg, box=box
-    )
+        unet, maps, x_edit, t, passes.edit_embeds, step, samples, "all", duplicate=cfg, box=box,
+        loss_scale=loss_scale,
+    )  # fmt: skip
     return pair(x_edit - xa_guidance * grad), loss
-
-
-# fp16 gradients of the guidance loss underflow (the loss's map differences are ~1e-3, spread over
-# thousands of entries): the loss is scaled before the backward pass and the gradient unscaled in
-# float32; a non-finite gradient retries with a smaller scale. bf16 has float32's range: no scaling.
-FP16_LOSS_SCALES = (2.0**12, 2.0**6, 1.0)
 
 
 def _xa_gradient(
@@ -316,17 +321,23 @@ def _xa_gradient(
     reference_rows: str,
     duplicate: bool = False,
     box: BoxGuidance | None = None,
+    loss_scale: GuidanceLossScale | None = None,
 ) -> tuple[torch.Tensor, float]:
     """dL/dx and L, the cross-attention loss of ``x`` under ``embeds`` against the maps recorded at
     ``step``. ``duplicate``: feed ``[x, x]`` (one copy per CFG branch), so the gradient is the sum
     of both branches' gradients. ``box``: box guidance (map loss outside the boxes, plus the box
     term on the predicted x0). ``x`` and the gradient are float32; the loss is summed in float32
-    (``CrossAttentionMaps``)."""
-    scales = FP16_LOSS_SCALES if unet.dtype == torch.float16 else (1.0,)
-    reference = {k: v for k, v in maps.reference.items() if k[0] == step} if len(scales) > 1 else {}
-    for attempt, scale in enumerate(scales):
+    (``CrossAttentionMaps``). A float16 UNet's loss is scaled (``loss_scale``, the edit's: see
+    ``teacher/loss_scale.py``; a fresh one without it); other dtypes are not."""
+    if unet.dtype == torch.float16 and loss_scale is None:
+        loss_scale = GuidanceLossScale()
+    elif unet.dtype != torch.float16:
+        loss_scale = None
+    reference = {k: v for k, v in maps.reference.items() if k[0] == step} if loss_scale is not None else {}
+    for attempt in itertools.count():
         if attempt:  # the guiding pass consumed the maps: put them back for the retry
             maps.reference.update(reference)
+        scale = loss_scale.scale if loss_scale is not None else 1.0
         x = x.detach().float().requires_grad_(True)
         guiding = maps.guiding(
             step, num_samples=num_samples, reference_rows=reference_rows, box=box.box if box else None
@@ -339,7 +350,7 @@ def _xa_gradient(
             (grad,) = torch.autograd.grad(loss * scale if scale != 1.0 else loss, x)
         if scale != 1.0:
             grad = grad / scale
-        if scale == scales[-1] or torch.isfinite(grad).all():
+        if loss_scale is None or loss_scale.accept(grad, loss, attempt):
             break
     return grad, float(loss.detach())
 

@@ -187,11 +187,20 @@ class _CountingHandler:
 
 
 class _EpochState:
-    """The epoch number, set in the main process before each epoch's workers are started (the
-    workers get a pickled copy), so per-epoch seeds work for in-process and worker iteration alike."""
+    """The epoch number, set in the main process at the start of each epoch. It lives in shared memory
+    (as :class:`ReaderStats`), so persistent DataLoader workers, started once, see each new epoch:
+    per-epoch seeds work for in-process, fresh and persistent workers alike."""
 
     def __init__(self):
-        self.epoch = 0
+        self._epoch = multiprocessing.get_context().Value("q", 0, lock=False)
+
+    @property
+    def epoch(self) -> int:
+        return self._epoch.value
+
+    @epoch.setter
+    def epoch(self, value: int) -> None:
+        self._epoch.value = value
 
 
 def _stream_seed(seed: int, rank: int, epoch: int, purpose: str) -> int:
@@ -222,6 +231,23 @@ class _MarkReadable:
             if not self.readable.seen and fmt.is_complete(sample):
                 self.readable.seen = True
             yield sample
+
+
+class _Positions:
+    """Stage after the tar reader: only the samples at ``positions`` (a ``range``) of the ordered
+    stream, which ends after the last of them (how the ranks split the validation pairs)."""
+
+    def __init__(self, positions: range):
+        self.positions = positions
+
+    def __call__(self, samples: Iterator[dict]) -> Iterator[dict]:
+        if not self.positions:
+            return
+        for index, sample in enumerate(samples):
+            if index in self.positions:
+                yield sample
+            if index >= self.positions[-1]:
+                return
 
 
 class _ShardSource(_IterableDataset):
@@ -491,6 +517,8 @@ def pair_loader(
     rank: int | None = None,
     world_size: int | None = None,
     stats: ReaderStats | None = None,
+    positions: range | None = None,
+    pin_memory: bool = False,
 ) -> PairLoader:
     """Batches of aligned (input, edit) pairs for training (see the module docstring).
 
@@ -498,7 +526,9 @@ def pair_loader(
     ``resampled``). Batches are always full in resampled mode; otherwise the last one may be short.
     ``rank``/``world_size`` default to ``torch.distributed`` when initialised, else RANK/WORLD_SIZE
     from the environment, else a single process. ``stats`` receives the counters (a new
-    :class:`ReaderStats` is made if omitted; it is ``loader.stats``).
+    :class:`ReaderStats` is made if omitted; it is ``loader.stats``). ``positions``: read only the
+    samples at these positions of the ordered stream (not ``resampled``, at most one worker).
+    ``pin_memory``: page-locked batches, for CUDA. Workers, if any, persist across epochs.
     """
     import webdataset as wds
 
@@ -519,6 +549,8 @@ def pair_loader(
         )
     if not resampled and num_workers > len(rank_urls):
         num_workers = len(rank_urls)  # a worker without a shard would yield nothing
+    if positions is not None and (resampled or num_workers > 1):
+        raise UserError("positions select from one ordered stream: not resampled, at most one worker")
 
     stats = stats if stats is not None else ReaderStats()
     handler = _CountingHandler(stats)
@@ -529,6 +561,8 @@ def pair_loader(
         wds.tarfile_to_samples(handler=handler),
         _MarkReadable(readable),
     ]
+    if positions is not None:
+        stages.append(_Positions(positions))
     if resampled or augment != "none":
         stages.append(_Shuffle(SHUFFLE_BUFFER, seed, rank, state))
     stages += [
@@ -541,5 +575,8 @@ def pair_loader(
         batch_size=None,
         num_workers=num_workers,
         worker_init_fn=_ignore_cluster_signals if num_workers else None,
+        pin_memory=pin_memory,
+        # started once, not once per epoch (the epoch reaches them through shared memory)
+        persistent_workers=num_workers > 0,
     )
     return PairLoader(dataset, loader, epoch_length, state, stats, rank_urls)
