@@ -77,10 +77,13 @@ def refuse_unreadable_rank_shares(trainer: pl.Trainer, train_urls: list[str]) ->
         error = None
     except UserError as err:
         error = err
+    if world_size == 1:  # nobody to tell: no collective, no device tensor
+        if error is not None:
+            raise UserError(f"rank {rank} of {world_size}: {error}")
+        return
     failed = torch.zeros(world_size, device=trainer.strategy.root_device)
     failed[rank] = error is not None
-    if world_size > 1:
-        failed = trainer.strategy.reduce(failed, reduce_op="sum")
+    failed = trainer.strategy.reduce(failed, reduce_op="sum")
     if error is not None:
         raise UserError(f"rank {rank} of {world_size}: {error}")
     bad = [str(r) for r in range(world_size) if failed[r] > 0]

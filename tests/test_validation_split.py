@@ -20,8 +20,9 @@ def shards(tmp_path_factory) -> Path:
 
 
 def _trainer(rank: int = 0, world_size: int = 1, device: str = "cpu") -> SimpleNamespace:
-    """What the data module reads of its trainer."""
-    strategy = SimpleNamespace(root_device=torch.device(device))
+    """What the data module reads of its trainer (its reduce: this process's ranks are simulated one at
+    a time, so the sum over ranks is this rank's own value)."""
+    strategy = SimpleNamespace(root_device=torch.device(device), reduce=lambda tensor, reduce_op: tensor)
     return SimpleNamespace(global_rank=rank, world_size=world_size, global_step=0, strategy=strategy)
 
 
