@@ -426,7 +426,7 @@ class SynthesisInput(nn.Module):
     def forward(self, global_code, skip, mod, noise_mode, fused_modconv):
         x = self.fc(global_code).reshape(-1, self.channels, 4, 4) + skip
         x = self.conv(x, mod, noise_mode, fused_modconv)
-        return x, self.torgb(x, mod, fused_modconv).float()  # the skip-RGB sum runs in float32
+        return x, self.torgb(x, mod, fused_modconv)
 
 
 class SynthesisBlock(nn.Module):
@@ -442,16 +442,12 @@ class SynthesisBlock(nn.Module):
     def forward(self, x, img, skip, mod, noise_mode, fused_modconv):
         x = self.conv0(x, mod, noise_mode, fused_modconv) + skip  # CoModGAN's additive U-Net skip
         x = self.conv1(x, mod, noise_mode, fused_modconv)
-        img = upfirdn2d.upsample2d(img, self.resample_filter) + self.torgb(x, mod, fused_modconv).float()
+        img = upfirdn2d.upsample2d(img, self.resample_filter) + self.torgb(x, mod, fused_modconv)
         return x, img
 
 
 class SynthesisNetwork(nn.Module):
-    """(global code, encoder skips, co-modulation vector [w ; global code]) -> image.
-
-    The image (the skip-RGB sum over resolutions) is float32 whatever the layers' precision: summed in
-    bfloat16 it drifts by grey levels (docs/results/student-precision.md); it has 3 channels, so it is cheap.
-    """
+    """(global code, encoder skips, co-modulation vector [w ; global code]) -> image."""
 
     def __init__(
         self,
