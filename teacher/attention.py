@@ -15,7 +15,7 @@ with batch-major rows, so rows ``[b * heads, (b + 1) * heads)`` belong to batch 
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -23,7 +23,8 @@ import torch
 if TYPE_CHECKING:
     from diffusers import UNet2DConditionModel
 
-    from p2pz.teacher.box_guidance import ObjectBox
+
+MapWeights = Callable[[int], "torch.Tensor | None"]  # map pixels -> [samples, map pixels] weights
 
 
 class CrossAttentionMaps:
@@ -37,8 +38,8 @@ class CrossAttentionMaps:
     e.g. 2 CFG branches x heads) makes the loss a sum of per-sample losses, so each sample's
     gradient does not depend on the batch size. ``rows_per_sample`` counts the rows *recorded* per
     sample: comparing only the conditional half (``reference_rows="last_half"``) still divides by
-    2 x heads, the official scale of that half's term. With an object box (box guidance,
-    ``teacher/box_guidance.py``) only the map pixels outside each sample's box count.
+    2 x heads, the official scale of that half's term. With ``map_weights`` (guidance terms,
+    ``teacher/guidance_terms.py``) each map cell's squared difference is weighted per sample.
     """
 
     def __init__(self) -> None:
@@ -48,7 +49,7 @@ class CrossAttentionMaps:
         self.num_samples: int = 1
         self.reference_rows: str = "all"
         self.loss: torch.Tensor | None = None
-        self.box: ObjectBox | None = None
+        self.map_weights: MapWeights | None = None
 
     # -- installing ------------------------------------------------------------------------------
 
@@ -78,20 +79,21 @@ class CrossAttentionMaps:
 
     @contextlib.contextmanager
     def guiding(
-        self, step: int, num_samples: int, reference_rows: str = "all", box: ObjectBox | None = None
+        self, step: int, num_samples: int, reference_rows: str = "all", map_weights: MapWeights | None = None
     ) -> Iterator[None]:
         """``reference_rows``: compare against all recorded rows, or only their ``"last_half"``
-        (the conditional CFG branch, when the guided pass runs that branch alone). ``box``: the
-        guided samples' object boxes; only the map pixels outside them count."""
+        (the conditional CFG branch, when the guided pass runs that branch alone). ``map_weights``:
+        ``map_pixels -> [num_samples, map_pixels]`` weights of each guided sample's map cells (or
+        None: all count the same)."""
         self.loss = None
         self.num_samples = num_samples
         self.reference_rows = reference_rows
-        self.box = box
+        self.map_weights = map_weights
         try:
             with self._mode("guide", step):
                 yield
         finally:
-            self.box = None
+            self.map_weights = None
 
     @contextlib.contextmanager
     def _mode(self, mode: str, step: int) -> Iterator[None]:
@@ -120,15 +122,15 @@ class CrossAttentionMaps:
             if self.reference_rows == "last_half":
                 ref = ref[ref.shape[0] // 2 :]
             squared = (probs - ref).float().pow(2)  # fp32 sum: no fp16 overflow
-            if self.box is not None:
-                squared = squared.sum(-1) * self._outside_rows(probs.shape[1], probs.shape[0] // heads, heads)
+            weights = self.map_weights(probs.shape[1]) if self.map_weights is not None else None
+            if weights is not None:
+                squared = squared.sum(-1) * self._row_weights(weights, probs.shape[0] // heads, heads)
             term = squared.sum() / rows_per_sample
             self.loss = term if self.loss is None else self.loss + term
 
-    def _outside_rows(self, map_pixels: int, batch: int, heads: int) -> torch.Tensor:
-        """``[batch * heads, HW]`` weights, 1 outside the box of each row's sample: batch row ``b``
+    def _row_weights(self, weights: torch.Tensor, batch: int, heads: int) -> torch.Tensor:
+        """``[batch * heads, HW]``: each row's sample's weights ``[num_samples, HW]``; batch row ``b``
         is sample ``b % num_samples`` (the CFG branches are stacked batch-major)."""
-        weights = self.box.outside_weights(map_pixels)  # [num_samples, HW]
         return weights.repeat(batch // self.num_samples, 1).repeat_interleave(heads, 0)
 
 

@@ -35,8 +35,10 @@ Two DDIM trajectories start from the same x_T (the inversion of a real image, or
   back); the edit branch's half lets the attribute change where its maps match the reference's.
   On the shapes world this is what keeps a colour edit's structure without cancelling it.
 
-With ``box_weight > 0`` (the toy teacher's ``box`` preset) the loss also keeps the edited object in
-the input object's box: see ``teacher/box_guidance.py``.
+Guidance terms (``teacher/guidance_terms.py``; none in the paper's method) may weigh the map loss's
+cells, add a loss on the step's predicted clean latent, and change the edit's latent after its
+DDIM step: ``local`` (``teacher/local_blend.py``) keeps the loss and the result outside DiffEdit's
+mask. They run with guided edits only.
 
 Unlike both reference implementations, the two passes run in lockstep: step i of the reference
 pass, whose maps are needed only by step i of the edit pass, runs just before it. Only one step's
@@ -51,7 +53,8 @@ from __future__ import annotations
 
 import contextlib
 import itertools
-from collections.abc import Callable
+import math
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -59,8 +62,15 @@ import torch
 from tqdm.auto import tqdm
 
 from p2pz.teacher.attention import CrossAttentionMaps
-from p2pz.teacher.box_guidance import BoxGuidance, LateTerms, ObjectBox
 from p2pz.teacher.evals import timed_backward, unet_stage
+from p2pz.teacher.guidance_terms import (
+    GuidanceContext,
+    GuidanceStep,
+    GuidanceTerm,
+    TermSpec,
+    combined_loss,
+    combined_map_weights,
+)
 from p2pz.teacher.loss_scale import GuidanceLossScale
 
 if TYPE_CHECKING:
@@ -106,12 +116,11 @@ def edit_with_guidance(
     progress: bool = False,
     guided_branch: str = "negative",
     single_branch_reference: bool = True,
-    box_weight: float = 0.0,
-    box_source: torch.Tensor | None = None,
-    box_pixel_weight: float = 0.0,
+    terms: Sequence[TermSpec] = (),
+    clean_latents: torch.Tensor | None = None,
     decode: Callable[[torch.Tensor], torch.Tensor] | None = None,
-    box_late_factor: float = 1.0,
-    box_late_terms: LateTerms = "both",
+    guided_share: float = 1.0,
+    fused_prediction: bool = False,
 ) -> EditOutput:
     """Reference and guided edit passes from ``x_T [B, 4, h, w]``.
 
@@ -124,12 +133,15 @@ def edit_with_guidance(
     loss on the shared latent), see the module docstring. ``single_branch_reference``: when both
     CFG branches of the reference pass have the same embeddings (real images, negative prompt =
     caption), run one and use it for both (the same noise and maps, one UNet evaluation less per step).
-    ``box_weight``: box guidance's weight (0: off); its box comes from ``box_source``, the inputs'
-    clean latents ``[B, 4, h, w]``, or without them from a first, unrecorded reference pass.
-    ``box_pixel_weight``: the box term's weight in pixel space (0: off), on x0 and the inputs
-    decoded by ``decode`` (latents -> images, differentiable). ``box_late_factor``: the box terms'
-    weights times this in the late steps (``box_guidance.LATE_SHARE``): both terms' (``box_late_terms
-    = "both"``) or the pixel term's alone (``"pixel"``).
+    ``terms``: guidance terms' specs (``teacher/guidance_terms.py``), built once per call with
+    guidance on, from ``clean_latents`` (the inputs' ``[B, 4, h, w]``; without them, a first,
+    unrecorded reference pass gives them) and ``decode`` (latents -> images, differentiable).
+    ``guided_share``: the share of the steps, from the first, that take the guidance step (the
+    rest are plain DDIM steps under c + Δc, and their reference maps are not recorded).
+    ``fused_prediction``: a guided step's DDIM step uses the noise prediction of its guidance
+    forward, made at the latent *before* the gradient step, instead of a second UNet call at the
+    moved latent (one UNet call per guided step instead of two; the step's eps is then
+    eps(x) rather than eps(x - xa_guidance * grad), a first-order difference in the step).
 
     The latents stay in float32 whatever the UNet's dtype (each UNet call gets a cast copy), so a
     bf16/fp16 UNet rounds its inputs, not the trajectories; see also ``_xa_gradient``.
@@ -139,21 +151,29 @@ def edit_with_guidance(
     batch = x_T.shape[0]
     if direction.shape[0] % batch:
         raise ValueError(f"direction has {direction.shape[0]} rows, not a multiple of the batch {batch}")
-    if box_weight > 0 and guided_branch == "negative":
-        raise ValueError("box guidance needs the guided branch 'edit' or 'joint' (one latent per sample)")
+    if terms and guided_branch == "negative":
+        raise ValueError("guidance terms need the guided branch 'edit' or 'joint' (one latent per sample)")
     copies = direction.shape[0] // batch  # edits sharing this reference pass
     cfg = guidance_scale > 1.0  # as both codes: no negative branch at all for scale <= 1
+    if fused_prediction and guided_branch == "edit" and cfg:
+        raise ValueError(
+            "fused_prediction needs a guidance forward over both CFG branches ('negative', 'joint')"
+        )
+    if not 0.0 <= guided_share <= 1.0:
+        raise ValueError(f"guided_share must be in [0, 1], got {guided_share}")
+    guided_steps = math.ceil(guided_share * num_steps) if xa_guidance > 0 else 0
     passes = _Passes.build(uncond, cond, direction, copies, cfg, single_branch_reference)
     ref_sched = make_scheduler(scheduler_config, num_steps, x_T.device)
     edit_sched = make_scheduler(scheduler_config, num_steps, x_T.device)
-    box = None
-    if box_weight > 0 and xa_guidance > 0:
-        if box_source is None:  # synthetic inputs: the reference pass's result is the input
-            box_source = _reference_pass(unet, scheduler_config, x_T, passes, num_steps, guidance_scale)
-        box = _box_guidance(
-            box_source, copies, box_weight, box_pixel_weight, decode, edit_sched, guidance_scale,
-            box_late_factor, box_late_terms,
+    context, active = None, []
+    if terms and xa_guidance > 0:
+        if clean_latents is None:  # synthetic inputs: the reference pass's result is the input
+            clean_latents = _reference_pass(unet, scheduler_config, x_T, passes, num_steps, guidance_scale)
+        context = GuidanceContext(
+            clean_latents, cond, uncond, passes.edit_cond, copies, guidance_scale, edit_sched.alphas_cumprod,
+            unet, decode,
         )  # fmt: skip
+        active = [spec.build(context) for spec in terms]
     dtype = unet.dtype
 
     x_ref = x_T.float()
@@ -163,50 +183,32 @@ def edit_with_guidance(
     maps.clear()
     for i, t in enumerate(tqdm(ref_sched.timesteps, desc="editing", disable=not progress, leave=False)):
         # Reference step i: records the maps that guide edit step i.
-        record = maps.recording(i) if xa_guidance > 0 else contextlib.nullcontext()
-        with record:
+        guided = i < guided_steps
+        with maps.recording(i) if guided else contextlib.nullcontext():
             x_ref = _reference_step(unet, ref_sched, x_ref, t, passes, guidance_scale)
-        if xa_guidance > 0:
+        if guided:
             _widen_reference(maps, i, passes.ref_branches, 2 if cfg else 1, copies)
 
         # Edit step i: one gradient step on the latent against the reference maps ...
+        fused = [] if fused_prediction and guided else None  # receives the guidance forward's eps
         x_in, loss = _guidance_step(
-            unet, maps, x_edit, t, i, passes, xa_guidance, guided_branch, cfg, box, loss_scale
-        )
+            unet, maps, x_edit, t, i, passes, xa_guidance if guided else 0.0, guided_branch, cfg, active,
+            context, loss_scale, fused,
+        )  # fmt: skip
         if loss is not None:
             losses.append(loss)
-        # ... then the noise prediction at the moved latent and a DDIM step.
-        with torch.no_grad(), unet_stage("prediction"):
-            eps = unet(x_in.to(dtype), t, encoder_hidden_states=passes.edit_embeds).sample.float()
+        # ... then the noise prediction at the moved latent (or the fused one) and a DDIM step.
+        if fused:
+            eps = fused[0]
+        else:
+            with torch.no_grad(), unet_stage("prediction"):
+                eps = unet(x_in.to(dtype), t, encoder_hidden_states=passes.edit_embeds).sample.float()
         x_edit = x_in.chunk(2)[0] if cfg else x_in
         x_edit = edit_sched.step(_guided(eps, guidance_scale, cfg), t, x_edit).prev_sample
+        for term in active:  # e.g. the reference's latents outside a mask
+            x_edit = term.after_step(x_edit, x_ref, t)
     maps.clear()
     return EditOutput(edited=x_edit, reconstruction=x_ref, xa_loss=losses)
-
-
-def _box_guidance(
-    box_source: torch.Tensor,
-    copies: int,
-    weight: float,
-    pixel_weight: float,
-    decode: Callable[[torch.Tensor], torch.Tensor] | None,
-    sched: DDIMScheduler,
-    guidance_scale: float,
-    late_factor: float = 1.0,
-    late_terms: LateTerms = "both",
-) -> BoxGuidance:
-    """Box guidance for ``copies`` edits of the inputs whose clean latents are ``box_source``."""
-    boxes = ObjectBox.from_latent(box_source).repeat(copies)
-    pixel_box = None
-    if pixel_weight > 0:
-        if decode is None:
-            raise ValueError("box guidance in pixel space needs a decoder (latents -> images)")
-        with torch.no_grad():
-            pixel_box = ObjectBox.from_image(decode(box_source).float()).repeat(copies)
-    return BoxGuidance(
-        boxes, weight, sched.alphas_cumprod, guidance_scale, pixel_box, pixel_weight, decode, late_factor,
-        late_terms,
-    )  # fmt: skip
 
 
 @torch.no_grad()
@@ -282,8 +284,10 @@ def _guidance_step(
     xa_guidance: float,
     guided_branch: str,
     cfg: bool,
-    box: BoxGuidance | None = None,
+    terms: Sequence[GuidanceTerm] = (),
+    context: GuidanceContext | None = None,
     loss_scale: GuidanceLossScale | None = None,
+    eps_out: list[torch.Tensor] | None = None,
 ) -> tuple[torch.Tensor, float | None]:
     """The guided pass's input at step ``step`` (the CFG pair with CFG) and the loss before the step."""
     pair = (lambda x: torch.cat([x, x])) if cfg else (lambda x: x)
@@ -293,19 +297,21 @@ def _guidance_step(
     if guided_branch == "negative":  # official: each half of the CFG pair moves by its own gradient
         x_pair = pair(x_edit)
         grad, loss = _xa_gradient(
-            unet, maps, x_pair, t, passes.edit_embeds, step, samples, "all", loss_scale=loss_scale
-        )
+            unet, maps, x_pair, t, passes.edit_embeds, step, samples, "all", loss_scale=loss_scale,
+            eps_out=eps_out,
+        )  # fmt: skip
         return x_pair - xa_guidance * grad, loss
     if guided_branch == "edit":  # the paper: the edit branch's maps move the shared latent
         rows = "last_half" if cfg else "all"
         grad, loss = _xa_gradient(
-            unet, maps, x_edit, t, passes.edit_cond, step, samples, rows, box=box, loss_scale=loss_scale
-        )
+            unet, maps, x_edit, t, passes.edit_cond, step, samples, rows, terms=terms, context=context,
+            loss_scale=loss_scale, eps_out=eps_out,
+        )  # fmt: skip
         return pair(x_edit - xa_guidance * grad), loss
     # "joint": the official loss over both branches, differentiated w.r.t. the shared latent
     grad, loss = _xa_gradient(
-        unet, maps, x_edit, t, passes.edit_embeds, step, samples, "all", duplicate=cfg, box=box,
-        loss_scale=loss_scale,
+        unet, maps, x_edit, t, passes.edit_embeds, step, samples, "all", duplicate=cfg, terms=terms,
+        context=context, loss_scale=loss_scale, eps_out=eps_out,
     )  # fmt: skip
     return pair(x_edit - xa_guidance * grad), loss
 
@@ -320,13 +326,16 @@ def _xa_gradient(
     num_samples: int,
     reference_rows: str,
     duplicate: bool = False,
-    box: BoxGuidance | None = None,
+    terms: Sequence[GuidanceTerm] = (),
+    context: GuidanceContext | None = None,
     loss_scale: GuidanceLossScale | None = None,
+    eps_out: list[torch.Tensor] | None = None,
 ) -> tuple[torch.Tensor, float]:
     """dL/dx and L, the cross-attention loss of ``x`` under ``embeds`` against the maps recorded at
     ``step``. ``duplicate``: feed ``[x, x]`` (one copy per CFG branch), so the gradient is the sum
-    of both branches' gradients. ``box``: box guidance (map loss outside the boxes, plus the box
-    term on the predicted x0). ``x`` and the gradient are float32; the loss is summed in float32
+    of both branches' gradients. ``terms``: guidance terms (their map weights, and their losses on the
+    step, built from ``context``). ``eps_out``: receives the forward's noise prediction (float32,
+    detached), for a fused DDIM step. ``x`` and the gradient are float32; the loss is summed in float32
     (``CrossAttentionMaps``). A float16 UNet's loss is scaled (``loss_scale``, the edit's: see
     ``teacher/loss_scale.py``; a fresh one without it); other dtypes are not."""
     if unet.dtype == torch.float16 and loss_scale is None:
@@ -334,24 +343,28 @@ def _xa_gradient(
     elif unet.dtype != torch.float16:
         loss_scale = None
     reference = {k: v for k, v in maps.reference.items() if k[0] == step} if loss_scale is not None else {}
+    weights = combined_map_weights(terms)  # the same for every attempt
     for attempt in itertools.count():
         if attempt:  # the guiding pass consumed the maps: put them back for the retry
             maps.reference.update(reference)
         scale = loss_scale.scale if loss_scale is not None else 1.0
         x = x.detach().float().requires_grad_(True)
         guiding = maps.guiding(
-            step, num_samples=num_samples, reference_rows=reference_rows, box=box.box if box else None
+            step, num_samples=num_samples, reference_rows=reference_rows, map_weights=weights
         )
         with torch.enable_grad(), guiding, unet_stage("guidance"):
             x_in = (torch.cat([x, x]) if duplicate else x).to(unet.dtype)
             eps = unet(x_in, t, encoder_hidden_states=embeds).sample
-            loss = maps.loss if box is None else maps.loss + box.loss(x, eps, t)
+            extra = combined_loss(terms, GuidanceStep(x, eps, t, context))
+            loss = maps.loss if extra is None else maps.loss + extra
         with timed_backward(unet, x.device):
             (grad,) = torch.autograd.grad(loss * scale if scale != 1.0 else loss, x)
         if scale != 1.0:
             grad = grad / scale
         if loss_scale is None or loss_scale.accept(grad, loss, attempt):
             break
+    if eps_out is not None:  # the guidance forward's noise prediction, for a fused DDIM step
+        eps_out.append(eps.detach().float())
     return grad, float(loss.detach())
 
 

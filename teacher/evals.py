@@ -26,7 +26,7 @@ from typing import Any
 
 import torch
 
-STAGES = ("inversion", "reference", "guidance", "prediction")
+STAGES = ("inversion", "reference", "mask", "guidance", "prediction")
 _STAGE: contextvars.ContextVar[str] = contextvars.ContextVar("p2pz_unet_stage", default="other")
 _ATTRIBUTE = "_p2pz_unet_evals"
 

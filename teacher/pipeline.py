@@ -77,7 +77,7 @@ class _Batch:
     sources: list[Image.Image] | None
     captions: list[str]
     seeds: list[int]
-    latents: torch.Tensor | None = None  # the inputs' clean latents (real images), for box guidance
+    latents: torch.Tensor | None = None  # the inputs' clean latents (real images), for guidance terms
 
 
 class Pix2PixZero:
@@ -386,10 +386,9 @@ class Pix2PixZero:
         out = edit_with_guidance(
             self.unet, self.maps, self.scheduler_config, batch.x_T, batch.uncond, batch.cond, batch.dirs,
             num_steps, cfg, xa, progress=self.progress, guided_branch=self.preset.guided_branch,
-            single_branch_reference=self.single_branch_reference,
-            box_weight=self.preset.box_weight, box_source=batch.latents,
-            box_pixel_weight=self.preset.box_pixel_weight, decode=self._decode_differentiable,
-            box_late_factor=self.preset.box_late_factor, box_late_terms=self.preset.box_late_terms,
+            single_branch_reference=self.single_branch_reference, terms=self.preset.guidance_terms,
+            clean_latents=batch.latents, decode=self.decode_with_grad, guided_share=self.preset.guided_share,
+            fused_prediction=self.preset.fused_prediction,
         )  # fmt: skip
         timings["edit"] = time.perf_counter() - tic
         tic = time.perf_counter()
@@ -450,14 +449,14 @@ class Pix2PixZero:
         # float32 from here on: the inversion keeps its latents in float32 (see ``invert``)
         return (dist.mean.float() + dist.std.float() * noise.float()) * self.vae.config.scaling_factor
 
-    def _decode_differentiable(self, latents: torch.Tensor) -> torch.Tensor:
-        """Latents -> images ``[B, 3, H, W]`` in [-1, 1], with gradients (pixel-space box guidance)."""
+    def decode_with_grad(self, latents: torch.Tensor) -> torch.Tensor:
+        """Latents -> images ``[B, 3, H, W]`` in [-1, 1], with gradients (for guidance terms in pixels)."""
         return self.vae.decode(latents.to(self.vae.dtype) / self.vae.config.scaling_factor).sample
 
     @torch.no_grad()
     def decode_latents(self, latents: torch.Tensor):
         """Latents -> ``[B, H, W, 3]`` float32 numpy images in [0, 1]."""
-        return tensor_to_numpy(self._decode_differentiable(latents))
+        return tensor_to_numpy(self.decode_with_grad(latents))
 
     # ------------------------------------------------------------------------------------------
     # Argument checks

@@ -11,31 +11,27 @@
 ``paper``     ``official`` with the guidance step as the paper describes it: the gradient of the
               edit branch's cross-attention loss moves the latent (see ``guided_branch``).
 ``joint``     ``official`` with its loss over both CFG branches differentiated with respect to the
-              one latent both branches denoise (``guided_branch="joint"``); the shapes world's
-              teacher, where it keeps colour edits in place without cancelling them. It also draws
-              the VAE posterior's noise once for every image (``vae_posterior="shared"``), so that
-              an edit depends on the image only.
-``box``       ``joint`` with box guidance (``teacher/box_guidance.py``): the map loss counts only
-              outside the input object's box, and a box term on the predicted clean latent keeps the
-              edited object in that box, and an empty negative prompt (CFG against the caption
-              pushes the edit away from the source). The shapes world's teacher; its box suits
-              plain backgrounds.
-``box_pixels`` ``box`` with the box term also in pixel space, on the predicted x0 decoded by the VAE
-              (finer than the latent's grid; a VAE decode and its backward pass per step).
-``box_late``  ``box_pixels`` with both box terms 12x stronger in the last 40% of the timesteps, where
-              the object's edges form (experimental: see ``BOX_LATE``).
+              one latent both branches denoise (``guided_branch="joint"``). It also draws the VAE
+              posterior's noise once for every image (``vae_posterior="shared"``), so that an edit
+              depends on the image only.
+``local``     ``joint`` with DiffEdit's mask (``teacher/local_blend.py``): the structure loss counts
+              outside the mask, and the edit keeps the reference pass's latents there.
 
-The table with each preset's sources, and where they depart from the references: docs/teacher.md.
-``box_edges`` ``box_pixels`` with the pixel term alone 24x stronger in those steps, and half the
-              caption in the negative prompt (see ``BOX_EDGES``).
+A world may register presets of its own (the ``p2pz.presets`` entry point: the shapes world's
+presets, ``p2pz.data.shapes.presets``); ``available_presets`` lists them all. The table with each
+preset's sources, and where they depart from the references: docs/teacher.md.
 """
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
+from p2pz.teacher.guidance_terms import TermSpec, spec_to_dict
+from p2pz.teacher.local_blend import LocalEdit
 from p2pz.utils.errors import UserError
 
 BLIP_BASE = "Salesforce/blip-image-captioning-base"
@@ -71,26 +67,30 @@ class Preset:
     # captioning
     captioner: str  # BLIP model used when no captioner folder comes with the weights
     captioner_style: Literal["official", "diffusers"]  # prompt handling, see teacher/captioning.py
-    # box guidance (teacher/box_guidance.py): the box term's weight relative to the map loss, 0 = off
-    # (neither reference implementation has it)
-    box_weight: float = 0.0
-    # ... and its weight in pixel space, on x0 decoded by the VAE (0 = off; see box_guidance.py)
-    box_pixel_weight: float = 0.0
-    # ... multiplied by this in the edit's late steps (timesteps below ``box_guidance.LATE_SHARE`` of
-    # the schedule), where an object's edges form (1 = the same weight throughout)
-    box_late_factor: float = 1.0
-    # ... on both terms ("both") or on the pixel-space term alone ("pixel")
-    box_late_terms: Literal["both", "pixel"] = "both"
+    # the cost of the guided pass (teacher/editing.py; neither reference has them): the share of the
+    # steps, from the first, that take the guidance step (1 = all, as the paper) ...
+    guided_share: float = 1.0
+    # ... and whether a guided step's DDIM step reuses its guidance forward's noise prediction (made
+    # at the latent before the gradient step) instead of a second UNet call at the moved latent
+    fused_prediction: bool = False
+    # guidance terms (teacher/guidance_terms.py): what changes the guidance step beyond the paper's
+    # map loss, e.g. ``local_blend.LocalEdit``; none in the reference presets
+    guidance_terms: tuple[TermSpec, ...] = ()
     # with ``negative_prompt_real="empty"``: the caption's share w of the negative prompt's embedding,
     # w * E(caption) + (1 - w) * E("") (0 = the empty prompt; 1 would be the caption): CFG then
     # pushes the edit partly away from its source
     negative_caption_weight: float = 0.0
+    # one line for --help and docs/teacher.md (not a setting: left out of ``to_dict``)
+    summary: str = dataclasses.field(default="", compare=False, repr=False)
 
     def xa_guidance(self, synthetic: bool) -> float:
         return self.xa_guidance_synthetic if synthetic else self.xa_guidance_real
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        """Every setting, JSON-serialisable (each guidance term as its name and fields)."""
+        values = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "summary"}
+        values["guidance_terms"] = [spec_to_dict(spec) for spec in self.guidance_terms]
+        return values
 
 
 OFFICIAL = Preset(
@@ -111,6 +111,7 @@ OFFICIAL = Preset(
     vae_posterior="sample",  # ddim_inv.py: vae.encode(x0).latent_dist.sample()
     captioner=BLIP_BASE,  # inversion.py uses LAVIS blip_caption/base_coco; the HF port of BLIP base
     captioner_style="official",  # beam 3, 10-30 tokens, "a picture of " prefix removed
+    summary="the authors' defaults",
 )
 
 DIFFUSERS = Preset(
@@ -131,6 +132,7 @@ DIFFUSERS = Preset(
     vae_posterior="sample",  # prepare_image_latents: latent_dist.sample(generator)
     captioner=BLIP_BASE,  # the docs' caption_generator
     captioner_style="diffusers",  # generate_caption: prefix "a photography of" kept, greedy, 128 tokens
+    summary="what diffusers' pipeline does",
 )
 
 # The paper's description of the guidance step (§3.2: the edit pass's maps under c + Δc are pulled
@@ -140,7 +142,10 @@ DIFFUSERS = Preset(
 # reconstruction, attribute included, and fights attribute edits such as colour changes.
 # Its loss is the conditional half of the official one, normalised as the official one (by 2 x heads,
 # see teacher/attention.py), so the same xa_guidance is the same step scale.
-PAPER = dataclasses.replace(OFFICIAL, name="paper", guided_branch="edit")
+PAPER = dataclasses.replace(
+    OFFICIAL, name="paper", guided_branch="edit",
+    summary="official with the guidance step as the paper describes it",
+)  # fmt: skip
 
 # The official loss (both branches' maps) with its gradient taken with respect to the shared latent:
 # the negative branch's half keeps the structure, the edit branch's half lets an attribute change.
@@ -148,44 +153,81 @@ PAPER = dataclasses.replace(OFFICIAL, name="paper", guided_branch="edit")
 # noise per seed makes two edits of the same scene disagree, noise no student can learn from the
 # image; the posterior's mean instead is not what the model was trained on
 # (docs/results/toy-teacher-settings.md).
-JOINT = dataclasses.replace(OFFICIAL, name="joint", guided_branch="joint", vae_posterior="shared")
+JOINT = dataclasses.replace(
+    OFFICIAL, name="joint", guided_branch="joint", vae_posterior="shared",
+    summary="official with its loss stepping the latent both CFG branches share",
+)  # fmt: skip
 
-# ``joint`` with box guidance (teacher/box_guidance.py), weight 0.2 of the map loss: stronger weights
-# cost shape edits their success or repaint the background. Its negative prompt is empty, not the
-# caption: classifier-free guidance against the *source* caption extrapolates the edit away from the
-# source, which on the toy model draws triangles with concave sides (away from "circle") and turns
-# blue -> yellow orange. Figures: docs/results/box-guidance.md.
-BOX = dataclasses.replace(JOINT, name="box", box_weight=0.2, negative_prompt_real="empty")
+# ``joint`` with a localisation the model itself gives: DiffEdit's mask of where the noise
+# predictions under the caption and under caption + Δc differ (``teacher/local_blend.py``). The
+# structure loss counts outside the mask only, so the maps inside may change with the edit, and
+# after every step the edit keeps the reference pass's latents outside it. No oracle, no
+# assumption on the background. Figures: docs/results/local.md.
+LOCAL = dataclasses.replace(
+    JOINT, name="local", guidance_terms=(LocalEdit(),),
+    summary="joint with DiffEdit's mask: the edit happens inside it, the input is kept outside",
+)  # fmt: skip
 
-# ``box`` with its box term also in pixel space, below the latent's resolution, at weight 0.05 (0.1
-# and 0.2 cost circle -> triangle its success). The toy model's teacher before ``box_edges``.
-# Figures: docs/results/box-guidance.md, docs/results/toy-ablation.md.
-BOX_PIXELS = dataclasses.replace(BOX, name="box_pixels", box_pixel_weight=0.05)
+PRESETS: dict[str, Preset] = {p.name: p for p in (OFFICIAL, DIFFUSERS, PAPER, JOINT, LOCAL)}
+PLUGIN_GROUP = "p2pz.presets"  # entry points naming a sequence of a world's presets
+_plugins_loaded = False
 
-# ``box_pixels`` with its box terms 12x stronger over the last 40% of the timesteps (t < 400), where
-# an object's edges form. It lifts the triangle edits but costs blue -> yellow its success, so the
-# factor would have to be calibrated per edit like the step: experimental, not the toy model's preset
-# (docs/results/box-guidance.md, with the other schedules tried).
-BOX_LATE = dataclasses.replace(BOX_PIXELS, name="box_late", box_late_factor=12.0)
 
-# ``box_pixels`` with its pixel term alone 24x stronger in the late steps, and a negative prompt
-# halfway between the empty prompt and the caption. The shape edits' misses were areas, not places:
-# the inverted latent keeps some of the source's mass. With the empty negative prompt the triangles'
-# sides bulge; with the caption they come out concave and blue -> yellow turns orange; halfway they
-# come out straighter. The latent term's late pull turned yellow objects on white orange, the pixel
-# term's alone does not. The toy model's teacher (``TOY_PRESET``): docs/results/box-guidance.md,
-# docs/results/toy-ablation.md.
-BOX_EDGES = dataclasses.replace(
-    BOX_PIXELS, name="box_edges", box_late_factor=24.0, box_late_terms="pixel", negative_caption_weight=0.5
-)
+def register_presets(presets: Sequence[Preset]) -> None:
+    """Make a world's presets known by name (``get_preset``, ``--preset``)."""
+    for preset in presets:
+        known = PRESETS.get(preset.name)
+        if known is not None and known != preset:
+            raise ValueError(f"preset {preset.name!r} is already defined differently")
+        PRESETS[preset.name] = preset
 
-PRESETS = {p.name: p for p in (OFFICIAL, DIFFUSERS, PAPER, JOINT, BOX, BOX_PIXELS, BOX_LATE, BOX_EDGES)}
+
+def available_presets() -> dict[str, Preset]:
+    """The teacher's presets and every installed world's (the ``p2pz.presets`` entry points)."""
+    _load_plugins()
+    return dict(PRESETS)
+
+
+def describe_presets() -> str:
+    """``name: summary`` of every preset, for ``--preset``'s help (one definition: ``Preset.summary``)."""
+    return "; ".join(f"{p.name}: {p.summary}" for p in available_presets().values())
+
+
+def _load_plugins() -> None:
+    global _plugins_loaded
+    if _plugins_loaded:
+        return
+    _plugins_loaded = True
+    from importlib.metadata import distributions
+
+    # every distribution's entries, not the first of each name's (what ``entry_points()`` reads): a
+    # stale ``*.egg-info`` left in a source tree on ``sys.path`` must not hide the installed ones
+    entries = {}
+    for dist in distributions():
+        entries.update({(e.name, e.value): e for e in dist.entry_points.select(group=PLUGIN_GROUP)})
+    for entry in entries.values():
+        register_presets(entry.load())
 
 
 def get_preset(preset: str | Preset) -> Preset:
     if isinstance(preset, Preset):
         return preset
+    if preset not in PRESETS:
+        _load_plugins()
     try:
         return PRESETS[preset]
     except KeyError:
         raise UserError(f"unknown preset {preset!r}; choose one of {', '.join(PRESETS)}") from None
+
+
+def add_preset_argument(parser: argparse.ArgumentParser, default: str | None, default_text: str) -> None:
+    """``--preset``, the one definition every command uses: its choices are every available preset,
+    its help their summaries (``describe_presets``); ``default_text`` says what the default is."""
+    presets = available_presets()
+    parser.add_argument(
+        "--preset",
+        default=default,
+        choices=list(presets),  # rejected before anything is written
+        metavar="PRESET",
+        help=f"the teacher's settings (default: {default_text}): {describe_presets()}",
+    )

@@ -7,13 +7,11 @@ import json
 
 import pytest
 import torch
+from narrow_student import export_narrow_student
 from torch import nn
 
 from p2pz.student import bench
 from p2pz.student.ops import upfirdn2d
-
-NARROW = {"channel_base": 512, "channel_max": 16}
-
 
 # --------------------------------------------------------------------------------------------------
 # The teacher's precision
@@ -134,15 +132,7 @@ def test_flops_of_fir_resampling_are_the_taps_on_real_samples():
 @pytest.fixture(scope="module")
 def package(tmp_path_factory):
     """A narrow 64 px student with random weights, exported with its .pt2 program."""
-    from p2pz.student.export import export_package
-    from p2pz.student.training import StudentModule
-
-    root = tmp_path_factory.mktemp("pkg")
-    torch.manual_seed(0)
-    module = StudentModule(resolution=64, preset="lite", lpips_weight=0.0, generator=NARROW)
-    checkpoint = {"state_dict": module.state_dict(), "generator_config": dict(module.g_ema.config)}
-    torch.save(checkpoint, root / "last.ckpt")
-    return export_package(root / "last.ckpt", root / "model", formats=("pt2",))
+    return export_narrow_student(tmp_path_factory.mktemp("pkg"), formats=("pt2",))
 
 
 def test_bench_json_says_what_each_backend_runs(package, tmp_path):

@@ -153,3 +153,17 @@ def test_demo_checks_its_keep_rule_before_writing(tmp_path, capsys, rule, says):
     assert main(["demo", "--out", str(out), "--keep-if", rule]) == 2
     assert says in capsys.readouterr().err
     assert not out.exists()
+
+
+def test_the_report_says_why_its_teacher_is_not_the_worlds_best():
+    """#34: the demo's teacher is joint, not box_edges; the report says why and where the figures are."""
+    from pathlib import Path
+
+    from p2pz.cli.demo import _why_this_teacher
+    from p2pz.data.shapes.teacher_settings import DEMO_PRESET, TOY_PRESET
+
+    why = _why_this_teacher(DEMO_PRESET)
+    assert why.startswith(f"{DEMO_PRESET}, not {TOY_PRESET}") and "docs/results/demo.md" in why
+    page = (Path(__file__).parents[1] / "docs" / "results" / "demo.md").read_text()
+    assert f"## Why the demo's teacher is `{DEMO_PRESET}`" in page and f"`{TOY_PRESET}`, 5 |" in page
+    assert _why_this_teacher("box") == "box, as asked (--preset)"

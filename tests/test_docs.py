@@ -204,15 +204,18 @@ def test_cli_help_files_are_up_to_date(tmp_path):
     assert set(maker.stale(tmp_path, rendered)) == expected
 
 
-def test_the_preset_table_lists_every_preset():
-    """docs/teacher.md's preset table names exactly the presets the code has (a list that went stale
-    once: the README's omitted box_edges)."""
-    from p2pz.teacher.presets import PRESETS
+def test_the_preset_table_lists_every_preset_with_its_one_summary():
+    """docs/teacher.md's preset table names exactly the presets the code has, the teacher's and the
+    shapes world's (a list that went stale once: the README's omitted box_edges), each described by
+    its ``Preset.summary``, the text ``--preset``'s help prints."""
+    from p2pz.teacher.presets import available_presets
 
+    presets = available_presets()
     text = (REPO / "docs" / "teacher.md").read_text()
     table = text.split("## Presets", 1)[1].split("\n## ", 1)[0]
-    listed = re.findall(r"^\| `(\w+)` \|", table, re.M)
-    assert sorted(listed) == sorted(PRESETS), f"docs/teacher.md lists {listed}; the code: {sorted(PRESETS)}"
+    rows = dict(re.findall(r"^\| `(\w+)` \| ([^|]*) \|", table, re.M))
+    assert sorted(rows) == sorted(presets), f"docs/teacher.md: {sorted(rows)}; the code: {sorted(presets)}"
+    assert {name: rows[name] for name in presets} == {name: p.summary for name, p in presets.items()}
 
 
 # ------------------------------------------------------------------------------------------------

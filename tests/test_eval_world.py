@@ -160,7 +160,8 @@ def test_score_log_keeps_guided_scenes_to_the_step_they_ran_at(tmp_path):
 
 
 def test_score_log_shares_unguided_rows_across_guided_branches_only(tmp_path):
-    from p2pz.teacher.presets import BOX, DIFFUSERS, JOINT, OFFICIAL, PAPER
+    from p2pz.data.shapes.presets import BOX
+    from p2pz.teacher.presets import DIFFUSERS, JOINT, OFFICIAL, PAPER
 
     path = tmp_path / "log.jsonl"
     score = wm.score_world_edit(CIRCLE, world.render(CIRCLE), "circle:square")
@@ -187,27 +188,34 @@ def test_score_log_shares_unguided_rows_across_guided_branches_only(tmp_path):
     assert box.done("circle-to-square", "direction_xa") == {}
 
 
-def test_score_log_box_pixels_shares_unguided_rows_and_reads_logs_from_before_the_field(tmp_path):
+def test_score_log_guidance_terms_change_guided_rows_only_and_old_logs_resume(tmp_path):
+    """A preset's guidance terms run with guided edits only, so runs that differ in them share their
+    unguided rows; logs written before the ``guidance_terms`` field resume under presets without any."""
     import json
 
-    from p2pz.teacher.presets import BOX, BOX_PIXELS
+    from p2pz.data.shapes.presets import BOX, BOX_PIXELS
+    from p2pz.teacher.presets import JOINT, LOCAL
 
     path = tmp_path / "log.jsonl"
     score = wm.score_world_edit(CIRCLE, world.render(CIRCLE), "circle:square")
-    old_preset = {k: v for k, v in BOX.to_dict().items() if k != "box_pixel_weight"}  # before the field
+    old_preset = {k: v for k, v in JOINT.to_dict().items() if k != "guidance_terms"}  # before the field
     old = ScoreLog(path, {"preset": old_preset, "xa_guidance": 5.0})
     old.add("circle-to-square", "direction", 0, score, RECONSTRUCTION)
     old.add("circle-to-square", "direction_xa", 0, score, RECONSTRUCTION)
-    assert '"box_pixel_weight"' not in path.read_text()
+    assert '"guidance_terms"' not in path.read_text()
+    joint = ScoreLog(path, {"preset": JOINT.to_dict(), "xa_guidance": 5.0})
+    assert list(joint.done("circle-to-square", "direction_xa")) == [0]  # the old log still resumes
+    local = ScoreLog(path, {"preset": LOCAL.to_dict(), "xa_guidance": 5.0})
+    assert list(local.done("circle-to-square", "direction")) == [0]  # no guidance: no terms
+    assert local.done("circle-to-square", "direction_xa") == {}
+    local.add("circle-to-square", "direction_xa", 1, score, RECONSTRUCTION)
+    assert json.loads(path.read_text().splitlines()[-1])["settings"] == local.key("direction_xa")
+    assert '"term": "local"' in local.key("direction_xa")
     box = ScoreLog(path, {"preset": BOX.to_dict(), "xa_guidance": 5.0})
-    assert list(box.done("circle-to-square", "direction_xa")) == [0]  # the old log still resumes
+    box.add("circle-to-square", "direction", 2, score, RECONSTRUCTION)
     pixels = ScoreLog(path, {"preset": BOX_PIXELS.to_dict(), "xa_guidance": 5.0})
-    assert list(pixels.done("circle-to-square", "direction")) == [0]
-    assert pixels.done("circle-to-square", "direction_xa") == {}
-    pixels.add("circle-to-square", "direction_xa", 1, score, RECONSTRUCTION)
-    assert json.loads(path.read_text().splitlines()[-1])["settings"] == pixels.key("direction_xa")
-    assert list(ScoreLog(path, {"preset": BOX.to_dict(), "xa_guidance": 5.0}).done(
-        "circle-to-square", "direction_xa")) == [0]  # fmt: skip
+    assert list(pixels.done("circle-to-square", "direction")) == [2]  # another term: guided rows only
+    assert box.key("direction_xa") != pixels.key("direction_xa")
 
 
 def test_score_log_keeps_calibrations_for_the_guided_rows_settings(tmp_path):
@@ -229,23 +237,13 @@ def test_reconstruction_figures_have_one_definition_for_live_and_logged_rows():
     assert reconstruction_summary([], [0.9, None])["reconstruction_iou"] is None  # a log older than the IoU
 
 
-def test_score_log_box_edges_keeps_old_logs_and_reruns_unguided_rows_for_its_negative_prompt(tmp_path):
-    """The late terms only change guided rows; the caption's share of the negative prompt changes
-    every row; logs written before either field still resume under the presets without them."""
-    from p2pz.teacher.presets import BOX_EDGES, BOX_LATE, BOX_PIXELS
+def test_score_log_reruns_unguided_rows_for_box_edges_negative_prompt(tmp_path):
+    """The caption's share of the negative prompt changes every row, not only the guided one."""
+    from p2pz.data.shapes.presets import BOX_EDGES, BOX_PIXELS
 
     path = tmp_path / "log.jsonl"
     score = wm.score_world_edit(CIRCLE, world.render(CIRCLE), "circle:square")
-    new_fields = ("box_late_terms", "negative_caption_weight")
-    old_preset = {k: v for k, v in BOX_PIXELS.to_dict().items() if k not in new_fields}
-    old = ScoreLog(path, {"preset": old_preset, "xa_guidance": 2.0})
-    old.add("circle-to-square", "direction", 0, score, RECONSTRUCTION)
-    old.add("circle-to-square", "direction_xa", 0, score, RECONSTRUCTION)
     pixels = ScoreLog(path, {"preset": BOX_PIXELS.to_dict(), "xa_guidance": 2.0})
-    assert list(pixels.done("circle-to-square", "direction_xa")) == [0]  # the old log still resumes
-    pixel_late = dataclasses.replace(BOX_LATE, name="pixel_late", box_late_terms="pixel")
-    late = ScoreLog(path, {"preset": pixel_late.to_dict(), "xa_guidance": 2.0})
-    assert list(late.done("circle-to-square", "direction")) == [0]  # no guidance: no late terms
-    assert late.done("circle-to-square", "direction_xa") == {}
+    pixels.add("circle-to-square", "direction", 0, score, RECONSTRUCTION)
     edges = ScoreLog(path, {"preset": BOX_EDGES.to_dict(), "xa_guidance": 2.0})
     assert edges.done("circle-to-square", "direction") == {}  # another negative prompt

@@ -156,10 +156,11 @@ def input_images(tmp_path_factory) -> Path:
     return folder
 
 
-def _generate(model: Path, inputs: Path, out: Path, steps: int, dtype: str) -> dict:
+def _generate(model: Path, inputs: Path, out: Path, steps: int, dtype: str, preset: str = "official") -> dict:
     """`p2pz generate` of one cat->dog pair; returns the pair's images and what the run measured."""
     args = ["-m", "p2pz", "generate", "--model", str(model), "--edit", "cat:dog", "--inputs", str(inputs)]
     args += ["--out", str(out), "--steps", str(steps), "--num-sentences", "8", "--batch-size", "1"]
+    args += ["--preset", preset]
     args += ["--device", "cpu", "--dtype", dtype, "--no-progress"]
     _, seconds = _run(args, cwd=out.parent)
     events = [json.loads(line) for line in (out / "manifest-00000-of-00001.jsonl").read_text().splitlines()]
@@ -171,7 +172,7 @@ def _generate(model: Path, inputs: Path, out: Path, steps: int, dtype: str) -> d
             members[member.name.split(".", 1)[1]] = tar.extractfile(member).read()
     meta = json.loads(members["json"])
     images = {k: np.asarray(Image.open(io.BytesIO(members[f"{k}.png"]))) for k in ("src", "edit", "recon")}
-    return dict(seconds=seconds, peak_gib=_children_peak_gib(), meta=meta, **images)
+    return dict(seconds=seconds, peak_gib=_children_peak_gib(), meta=meta, done=done, **images)
 
 
 @pytest.fixture(scope="session")
@@ -204,6 +205,20 @@ def test_teacher_256px_fp32_and_bf16(sd14_256, input_images, tmp_path):
         diff = np.abs(runs["float32"][kind].astype(int) - runs["bfloat16"][kind].astype(int))
         print(f"bf16 vs fp32 {kind}: mean |diff| {diff.mean():.2f}, max {diff.max()} (of 255)")
         assert runs["bfloat16"][kind].std() > 0  # a picture, not a constant
+
+
+@pytest.mark.slow
+def test_local_preset_at_256px(sd14_256, input_images, tmp_path):
+    """``local`` at SD-1.4's architecture (random weights): DiffEdit's mask runs on the real UNet
+    (10 noise draws x caption and edit), and the pair's shapes and dtype hold."""
+    out = tmp_path / "pairs-local"
+    run = _generate(sd14_256, input_images, out, steps=3, dtype="float32", preset="local")
+    settings = run["meta"]["teacher"]["settings"]
+    assert settings["preset"]["name"] == "local" and settings["dtype"] == "float32"
+    assert [term["term"] for term in settings["preset"]["guidance_terms"]] == ["local"]
+    assert run["done"]["unet_evals_per_pair"]["by_stage"]["mask"]["forward"] == 2 * 10
+    assert run["edit"].shape == run["recon"].shape == (256, 256, 3) and run["edit"].std() > 0
+    print(f"\n256 px float32, local, 3 steps: {run['seconds']:.0f} s")
 
 
 @pytest.fixture(scope="session")

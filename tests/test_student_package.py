@@ -14,26 +14,17 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from narrow_student import export_narrow_student
 from PIL import Image
 
 from p2pz.cli.main import main
 from p2pz.utils.errors import UserError
 
-NARROW = {"channel_base": 512, "channel_max": 16}
-
 
 @pytest.fixture(scope="module")
 def package(tmp_path_factory):
     """A narrow 64 px student with random weights, exported (weights, config, card only)."""
-    from p2pz.student.export import export_package
-    from p2pz.student.training import StudentModule
-
-    root = tmp_path_factory.mktemp("pkg")
-    torch.manual_seed(0)
-    module = StudentModule(resolution=64, preset="lite", lpips_weight=0.0, generator=NARROW)
-    checkpoint = {"state_dict": module.state_dict(), "generator_config": dict(module.g_ema.config)}
-    torch.save(checkpoint, root / "last.ckpt")
-    return export_package(root / "last.ckpt", root / "model", formats=())
+    return export_narrow_student(tmp_path_factory.mktemp("pkg"), formats=())
 
 
 @pytest.fixture(scope="module")

@@ -4,6 +4,7 @@ reference pass, several edits sharing one inversion and reference pass, reduced 
 from __future__ import annotations
 
 import dataclasses
+import math
 
 import numpy as np
 import pytest
@@ -223,3 +224,52 @@ def test_fp16_guidance_gradient_matches_float32(tiny_model_dir, official):
         assert grad.dtype == torch.float32 and torch.isfinite(grad).all()
         grads.append(grad.flatten())
     assert torch.nn.functional.cosine_similarity(grads[0], grads[1], 0) > 0.999
+
+
+# -------------------------------------------------------------------------------------------------
+# The guided pass's cost knobs (presets' guided_share and fused_prediction)
+
+
+@pytest.mark.parametrize("branch", ["negative", "joint"])
+@pytest.mark.parametrize("share, fused", [(0.5, False), (1.0, True), (0.5, True), (0.0, False)])
+def test_guided_share_and_fused_prediction_counts(tiny_model_dir, cat2dog, branch, share, fused):
+    """Guidance on the first ceil(share * S) steps only; a fused step makes no prediction call. The
+    counts are pinned: a change that adds an evaluation fails here."""
+    from p2pz.teacher.presets import OFFICIAL
+
+    base = dataclasses.replace(OFFICIAL, guided_branch=branch)
+    cheap = _teacher(tiny_model_dir, dataclasses.replace(base, guided_share=share, fused_prediction=fused))
+    _, counts = _counts(cheap, lambda: _edit(cheap, cat2dog, xa_guidance=0.1))
+    n, guided = 2, math.ceil(share * STEPS)
+    expected = {
+        "inversion": n * (STEPS - 2),
+        "reference": n * STEPS,
+        "guidance": 2 * n * guided,
+        "prediction": 2 * n * (STEPS - guided if fused else STEPS),
+    }
+    assert counts["forward"] == {stage: count for stage, count in expected.items() if count}
+    assert counts["backward"] == ({"guidance": 2 * n * guided} if guided else {})
+
+
+def test_no_guided_steps_is_the_unguided_edit_and_a_fused_step_is_close_to_two_calls(
+    tiny_model_dir, official, cat2dog
+):
+    """guided_share 0 edits as xa_guidance 0; a fused step differs from two UNet calls only by eps at
+    the latent before the gradient step: nothing with a vanishing step, something with a real one."""
+
+    def edited(teacher, xa):
+        return torch.stack([r.edited_latent for r in _edit(teacher, cat2dog, xa_guidance=xa)])
+
+    none = _teacher(tiny_model_dir, dataclasses.replace(official.preset, guided_share=0.0))
+    assert torch.equal(edited(none, 0.1), edited(official, 0.0))
+    fused = _teacher(tiny_model_dir, dataclasses.replace(official.preset, fused_prediction=True))
+    torch.testing.assert_close(edited(fused, 1e-6), edited(official, 1e-6), atol=1e-5, rtol=1e-5)
+    assert not torch.allclose(edited(fused, 50.0), edited(official, 50.0), atol=1e-4)
+
+
+def test_fused_prediction_needs_both_branches_in_the_guidance_forward(tiny_model_dir, cat2dog):
+    from p2pz.teacher.presets import PAPER
+
+    paper = _teacher(tiny_model_dir, dataclasses.replace(PAPER, fused_prediction=True))
+    with pytest.raises(ValueError, match="fused_prediction needs"):
+        _edit(paper, cat2dog, xa_guidance=0.1)

@@ -167,14 +167,13 @@ def across_edits(results: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]
 
 
 CALIBRATION = "calibration"  # the log's record of an edit's calibrated guidance step
-# Preset fields that only change the guidance step (not the unguided rows' edits)
-GUIDANCE_ONLY_FIELDS = (
-    "name", "guided_branch", "box_weight", "box_pixel_weight", "box_late_factor", "box_late_terms",
-)  # fmt: skip
+# Preset fields that only change the guidance step (not the unguided rows' edits): guidance terms
+# run with guided edits only (teacher/guidance_terms.py)
+GUIDANCE_ONLY_FIELDS = ("name", "guided_branch", "guidance_terms", "guided_share", "fused_prediction")
 # Preset fields added after logs were written: left out of the key at these values, which are what
 # the older logs ran with, so those logs still resume
-LATER_FIELDS = {
-    "box_pixel_weight": 0.0, "box_late_factor": 1.0, "box_late_terms": "both", "negative_caption_weight": 0.0,
+LATER_FIELDS: dict[str, object] = {
+    "negative_caption_weight": 0.0, "guidance_terms": [], "guided_share": 1.0, "fused_prediction": False,
 }  # fmt: skip
 
 
@@ -182,7 +181,7 @@ class ScoreLog:
     """Append-only JSONL of per-scene scores under a settings key, so a killed run resumes.
 
     Rows without guidance depend neither on ``xa_guidance`` nor on how the guidance step is taken
-    (its branch, box guidance), so their key leaves those out (``settings["preset"]`` is the
+    (its branch, its guidance terms), so their key leaves those out (``settings["preset"]`` is the
     preset's fields): runs that differ only in the guidance share their word-swap and direction
     scores. The guidance step calibrated for an edit is logged too (``add_calibration``), under the
     guided row's key.

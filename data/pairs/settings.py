@@ -38,7 +38,7 @@ class Settings:
     Args:
         out: output folder for the pairs-NNNNNN.tar shards, dataset.json and the manifests
         model: teacher Stable Diffusion: a diffusers folder or a hub id
-        preset: teacher preset (official: the paper's settings)
+        preset: the teacher's settings (default: official)
         edit: edits as SOURCE:TARGET words, e.g. --edit cat:dog cat:lion (the flag may be repeated; in YAML
             a list, 'edit' or 'edits')
         direction: saved edit direction files instead of words (one or more)

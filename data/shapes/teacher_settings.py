@@ -7,9 +7,9 @@ Same teacher code, same presets: these are the values to pass as ``preset``, ``x
   scale of its gradient is the model's: the official step 0.1 (tuned on SD-1.4) moves nothing here.
 - ``TOY_PRESET``, ``box_edges``: box guidance keeps the edited object in the input object's box,
   which the world's ideal edit keeps and cross-attention guidance alone does not
-  (``p2pz.teacher.presets``).
+  (``p2pz.data.shapes.presets``).
 - ``TOY_XA_GUIDANCE``, 5: box guidance's step, and the base that ``--xa-guidance auto`` calibrates
-  around; ``JOINT_XA_GUIDANCE``, 15: ``joint``'s, without box guidance.
+  around; ``JOINT_XA_GUIDANCE``, 15: that of the presets without box guidance (``joint``, ``local``).
 - ``TOY_GUIDANCE_SCALE``, 3: a stronger CFG regenerates colour edits from scratch.
 
 What each value does, in docs/shapes-world.md ("Its teacher settings"); the sweeps that chose them,
@@ -43,8 +43,12 @@ def xa_guidance_value(text: str) -> float | str:
 
 
 def toy_xa_guidance(preset: str) -> float:
-    """The toy model's guidance step for ``preset``: ``joint``'s 15, or box guidance's 5."""
-    return JOINT_XA_GUIDANCE if preset == "joint" else TOY_XA_GUIDANCE
+    """The toy model's guidance step for ``preset``: box guidance's 5, or 15 without it."""
+    from p2pz.data.shapes.box_guidance import BoxTerm
+    from p2pz.teacher.presets import get_preset
+
+    terms = get_preset(preset).guidance_terms
+    return TOY_XA_GUIDANCE if any(isinstance(term, BoxTerm) for term in terms) else JOINT_XA_GUIDANCE
 
 
 def add_toy_teacher_arguments(
@@ -53,15 +57,10 @@ def add_toy_teacher_arguments(
     """``--preset``, ``--xa-guidance`` (a step or ``auto``) and ``--guidance-scale``, defaulting to
     the toy model's values (``xa_default``: the step's default, e.g. ``auto``; ``preset``: the
     preset's default)."""
-    from p2pz.teacher.presets import PRESETS
+    from p2pz.teacher.presets import add_preset_argument
 
-    parser.add_argument(
-        "--preset",
-        default=preset,
-        choices=sorted(PRESETS),  # rejected before anything is written
-        help=f"teacher preset (default: {preset}"
-        + (", the toy model's)" if preset == TOY_PRESET else f"; the toy model's: {TOY_PRESET})"),
-    )
+    toy = "the toy model's" if preset == TOY_PRESET else f"the toy model's: {TOY_PRESET}"
+    add_preset_argument(parser, preset, f"{preset}, {toy}" if preset == TOY_PRESET else f"{preset}; {toy}")
     parser.add_argument(
         "--xa-guidance",
         type=xa_guidance_value,

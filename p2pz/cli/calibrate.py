@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Any
 from p2pz.cli.options import add_device, add_dtype, add_edit, add_progress, add_seed, plain
 from p2pz.data.eval.calibration import LADDER_TEXT
 from p2pz.data.shapes.teacher_settings import TOY_PRESET
+from p2pz.teacher.presets import add_preset_argument
 from p2pz.utils.errors import UserError
 from p2pz.utils.values import non_negative_float, positive_float, positive_int
 
@@ -55,11 +56,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         default=None,
         help=f"steps to try (default: base x {LADDER_TEXT})",
     )
-    p.add_argument(
-        "--preset",
-        default=None,
-        help=f"teacher preset (default: {TOY_PRESET} for a world model, else official)",
-    )
+    add_preset_argument(p, None, f"{TOY_PRESET} for a world model, else official")
     p.add_argument(
         "--guidance-scale",
         type=non_negative_float,

@@ -217,7 +217,7 @@ def _pil_format(path: Path) -> str:
 
 
 def register(subparsers) -> None:
-    from p2pz.teacher.presets import OFFICIAL, PRESETS
+    from p2pz.teacher.presets import OFFICIAL, add_preset_argument
 
     p = subparsers.add_parser(
         "edit",
@@ -253,17 +253,7 @@ def register(subparsers) -> None:
         nargs="+",
         help="edit direction file from 'p2pz direction' (.safetensors), an official .pt, or two concept .pt",
     )
-    p.add_argument(
-        "--preset",
-        default=OFFICIAL.name,
-        choices=sorted(PRESETS),
-        help="official: the authors' defaults; diffusers: what diffusers' pipeline does; paper: the "
-        "guidance step as the paper describes it; joint: the official loss stepping the latent both CFG "
-        "branches share; box: joint that also keeps the edited object in the input object's box; "
-        "box_pixels: box with its box term also on the decoded image; box_late: box_pixels with both box "
-        "terms stronger in the late steps; box_edges: box_pixels with its pixel term stronger late and "
-        "half the caption in the negative prompt (the toy model's) (default: official)",
-    )
+    add_preset_argument(p, OFFICIAL.name, "official")
     p.add_argument(
         "--steps", type=int_at_least(2), help=f"DDIM steps (default: the preset's, {OFFICIAL.num_steps})"
     )

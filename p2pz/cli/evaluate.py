@@ -31,6 +31,7 @@ from p2pz.cli.skipped import Skipped
 from p2pz.data.models import TOY_MODEL
 from p2pz.data.shapes.teacher_settings import AUTO, TOY_XA_GUIDANCE, xa_guidance_value
 from p2pz.teacher.edits import Edit
+from p2pz.teacher.presets import add_preset_argument
 from p2pz.utils.errors import UserError
 from p2pz.utils.values import non_negative_float, positive_int
 
@@ -119,9 +120,7 @@ def _add_world_arguments(w: argparse._ArgumentGroup) -> None:
         help="sentence banks for the edit direction: 'world' (the world's captions, default), "
         "'template' or a text file",
     )
-    w.add_argument(
-        "--preset", default=None, help="teacher preset (default: official; --student: the package's)"
-    )
+    add_preset_argument(w, None, "official; --student: the package's")
     w.add_argument("--batch-size", type=positive_int, default=8, help="scenes per teacher call (default 8)")
     add_seed(w, "the scenes and edits")
     add_device(w, "the teacher (and --student's package)")

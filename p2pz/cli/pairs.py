@@ -183,12 +183,15 @@ def generate_parser() -> jsonargparse.ArgumentParser:
     from jsonargparse import ActionConfigFile, ActionYesNo, ArgumentParser, DefaultHelpFormatter
 
     from p2pz.data.pairs.settings import Settings
+    from p2pz.teacher.presets import available_presets, describe_presets
 
     class Formatter(DefaultHelpFormatter, argparse.RawDescriptionHelpFormatter):
         """jsonargparse's help (every flag's type and default) with the description's line breaks."""
 
         def _get_type_str(self, action: argparse.Action) -> str | None:
-            return "list[str]" if isinstance(action, _Repeatable) else super()._get_type_str(action)
+            if isinstance(action, _Repeatable):
+                return "list[str]"
+            return "str" if action.choices else super()._get_type_str(action)  # not the choices' wrapper
 
     parser = ArgumentParser(
         prog="p2pz generate",
@@ -212,6 +215,8 @@ def generate_parser() -> jsonargparse.ArgumentParser:
             "help": docs[f.name],
             **({"metavar": f.metadata["metavar"]} if "metavar" in f.metadata else {}),
         }
+        if f.name == "preset":  # the presets' one description, and every installed world's
+            kwargs.update(help=f"{docs[f.name]}: {describe_presets()}", choices=list(available_presets()))
         if hints[f.name] is bool:
             parser.add_argument(*flags, action=ActionYesNo(no_prefix="no-"), default=f.default, **kwargs)
         elif f.name in lists:

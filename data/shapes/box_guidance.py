@@ -1,9 +1,10 @@
-"""Box guidance: keep an edited object in the input object's box (the toy teacher's placement rule).
+"""Box guidance: keep an edited object in the input object's box (the shapes world's guidance term).
 
 The cross-attention loss (``teacher/attention.py``) holds every map pixel where the reference
 has it. Inside the object that also holds the *source* shape, so a shape edit either never happens
-(strong steps) or happens around the old shape's centroid (weak steps). Box guidance, off in the
-SD-1.4 presets (``Preset.box_weight = 0``), changes the loss in two ways:
+(strong steps) or happens around the old shape's centroid (weak steps). Box guidance, a guidance
+term (``teacher/guidance_terms.py``) of the world's presets (``data/shapes/presets.py``), changes
+the loss in two ways:
 
 1. **the map loss counts only outside the object's box**, so the maps inside may change with the
    edit; a map cell coarser than the latent counts as inside when any of its latent pixels is;
@@ -20,15 +21,13 @@ channels' L1 distance from the border's median, above half its maximum. That sui
 world's plain, gradient and striped backgrounds, not photographs.
 
 A latent pixel spans several image pixels (4 on the toy model, 8 on SD), so the latent box cannot
-see an object that overshoots its box by less than that. With ``Preset.box_pixel_weight > 0`` the
+see an object that overshoots its box by less than that. With ``BoxTerm.pixel_weight > 0`` the
 same term also runs in pixel space: on x0 decoded by the VAE, against the box read the same way from
 the decoded input (``ObjectBox.from_image``). It costs a VAE decode and its backward pass per step.
 
-With ``Preset.box_late_factor > 1`` both terms weigh that much more in the late steps (``LATE_SHARE``),
-where the object's edges form: on the toy model it pulls squares out to their box, where the same
-pull from the first step bends triangles' sides (``presets.BOX_LATE``). With
-``Preset.box_late_terms = "pixel"`` only the pixel term does: the latent term's late pull turned
-yellow objects on white orange (``presets.BOX_EDGES``).
+With ``BoxTerm.late_factor > 1`` the terms weigh that much more in the late steps (``LATE_SHARE``),
+where the object's edges form; with ``BoxTerm.late_terms = "pixel"`` only the pixel term does (the
+latent term's late pull turned yellow objects on white orange: ``presets.BOX_EDGES``).
 
 The method in prose: docs/teacher.md; every weight and factor's measurements on the toy model:
 docs/results/box-guidance.md.
@@ -38,12 +37,14 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import TYPE_CHECKING, ClassVar, Literal
 
-import torch
-import torch.nn.functional as F
+from p2pz.teacher.guidance_terms import GuidanceContext, GuidanceStep, GuidanceTerm, OutsideWeights
 
-# the late steps, where ``BoxGuidance.late_factor`` applies: timesteps below this share of the
+if TYPE_CHECKING:  # imported where used: the presets (and ``p2pz --help``) stay free of torch
+    import torch
+
+# the late steps, where ``BoxTerm.late_factor`` applies: timesteps below this share of the
 # training schedule (the last 40% of the trajectory, t < 400 on SD's 1000), where edges form
 LATE_SHARE = 0.4
 LateTerms = Literal["both", "pixel"]  # which box terms the late factor multiplies
@@ -57,12 +58,14 @@ class ObjectBox:
     rows: torch.Tensor  # [B, h] float, 1 on the rows the box spans
     cols: torch.Tensor  # [B, w] float, 1 on its columns
     background: torch.Tensor  # [B, C, 1, 1] each channel's median outside the box
-    # outside_weights per map size: every step's guidance asks for the same few
-    _outside: dict[int, torch.Tensor] = field(default_factory=dict, repr=False, compare=False)
+    # outside_weights, made on first use (it caches each map size)
+    _outside: OutsideWeights | None = field(default=None, repr=False, compare=False)
 
     @classmethod
     def from_latent(cls, latent: torch.Tensor, threshold: float = BOX_THRESHOLD) -> ObjectBox:
         """The box of the object in clean latents ``[B, C, h, w]`` (see the module docstring)."""
+        import torch
+
         latent = latent.detach().float()
         border = torch.cat(
             [latent[..., 0, :], latent[..., -1, :], latent[..., :, 0], latent[..., :, -1]], dim=-1
@@ -95,22 +98,9 @@ class ObjectBox:
         """``[B, map_pixels]``: 1 on the cells of a cross-attention map outside the box, 0 inside.
 
         Maps coarser than the latent count a cell as inside when any of its latent pixels is."""
-        if map_pixels not in self._outside:
-            self._outside[map_pixels] = self._outside_weights(map_pixels)
-        return self._outside[map_pixels]
-
-    def _outside_weights(self, map_pixels: int) -> torch.Tensor:
-        mask = self.mask[:, None]
-        h, w = mask.shape[-2:]
-        factor = (h * w / map_pixels) ** 0.5
-        size = (round(h / factor), round(w / factor))
-        if size[0] * size[1] != map_pixels:
-            raise ValueError(f"a {map_pixels}-pixel map does not tile the {h}x{w} latent")
-        if factor > 1:
-            inside = F.adaptive_max_pool2d(mask, size)
-        else:
-            inside = F.interpolate(mask, size=size, mode="nearest")
-        return 1.0 - inside.flatten(1)
+        if self._outside is None:
+            self._outside = OutsideWeights(self.mask)
+        return self._outside(map_pixels)
 
     def loss(self, x0: torch.Tensor) -> torch.Tensor:
         """``L_box`` of predicted clean latents ``x0 [B, C, h, w]``, summed over samples."""
@@ -127,34 +117,57 @@ def _outside_median(latent: torch.Tensor, inside: torch.Tensor) -> torch.Tensor:
     return pixels.median(-1).values
 
 
-@dataclass
-class BoxGuidance:
-    """What the guided pass needs for box guidance: the boxes of its samples and the weight of the
-    box term relative to the map loss; optionally the pixel-space term (``pixel_box``, its weight
-    and ``decode``, latents -> images, differentiable)."""
+@dataclass(frozen=True)
+class BoxTerm:
+    """Box guidance's settings, a preset's ``guidance_terms`` entry: the box term's weight relative to
+    the map loss; its weight in pixel space (0: off); the factor on the late steps' weights
+    (``LATE_SHARE``), on both terms (``"both"``) or the pixel term alone (``"pixel"``)."""
 
-    box: ObjectBox  # one row per guided sample
-    weight: float
-    alphas_cumprod: torch.Tensor  # the scheduler's, to predict x0 from the noise prediction
-    guidance_scale: float  # classifier-free guidance, to combine the CFG pair's noise predictions
-    pixel_box: ObjectBox | None = None  # the inputs' boxes in pixels, one row per guided sample
+    term: ClassVar[str] = "box"
+    weight: float = 0.2
     pixel_weight: float = 0.0
-    decode: Callable[[torch.Tensor], torch.Tensor] | None = None
-    late_factor: float = 1.0  # the terms' weights times this in the late steps (``LATE_SHARE``) ...
-    late_terms: LateTerms = "both"  # ... both terms' ("both") or the pixel term's alone ("pixel")
+    late_factor: float = 1.0
+    late_terms: LateTerms = "both"
 
-    def loss(self, x: torch.Tensor, eps: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        """The weighted box term of latents ``x [B, ...]`` whose noise prediction at ``t`` is ``eps``
-        (``[2B, ...]``: the CFG pair [negative, conditional], combined first)."""
-        eps = eps.float()
-        if eps.shape[0] == 2 * x.shape[0]:
-            eps_uncond, eps_cond = eps.chunk(2)
-            eps = eps_uncond + self.guidance_scale * (eps_cond - eps_uncond)
-        alpha = self.alphas_cumprod[int(t)].to(x)
-        x0 = (x - (1 - alpha).sqrt() * eps) / alpha.sqrt()
-        late = int(t) < LATE_SHARE * len(self.alphas_cumprod)  # the schedule's training timesteps
-        factor = self.late_factor if late else 1.0
-        loss = (factor if self.late_terms == "both" else 1.0) * self.weight * self.box.loss(x0)
-        if self.pixel_box is not None:  # set only with a pixel weight (editing._box_guidance)
-            loss = loss + factor * self.pixel_weight * self.pixel_box.loss(self.decode(x0).float())
+    def build(self, context: GuidanceContext) -> BoxGuidance:
+        """The inputs' boxes, read from their clean latents (and, with a pixel weight, decoded)."""
+        import torch
+
+        boxes = ObjectBox.from_latent(context.clean_latents).repeat(context.copies)
+        pixel_box = None
+        if self.pixel_weight > 0:
+            if context.decode is None:
+                raise ValueError("box guidance in pixel space needs a decoder (latents -> images)")
+            with torch.no_grad():
+                pixel_box = ObjectBox.from_image(context.decode(context.clean_latents).float())
+            pixel_box = pixel_box.repeat(context.copies)
+        return BoxGuidance(self, boxes, pixel_box, context.decode, len(context.alphas_cumprod))
+
+
+class BoxGuidance(GuidanceTerm):
+    """Box guidance for one edit call: the map loss outside each sample's box, plus the box term on
+    the step's predicted x0 (and, with ``pixel_box``, on x0 decoded by ``decode``)."""
+
+    def __init__(
+        self,
+        spec: BoxTerm,
+        box: ObjectBox,
+        pixel_box: ObjectBox | None = None,
+        decode: Callable[[torch.Tensor], torch.Tensor] | None = None,
+        train_steps: int = 1000,
+    ) -> None:
+        self.spec, self.box, self.pixel_box, self.decode = spec, box, pixel_box, decode
+        self.train_steps = train_steps  # the schedule's training timesteps, for ``LATE_SHARE``
+
+    def map_weights(self, map_pixels: int) -> torch.Tensor:
+        return self.box.outside_weights(map_pixels)
+
+    def loss(self, step: GuidanceStep) -> torch.Tensor:
+        """The weighted box term of the step's predicted clean latents."""
+        spec, x0 = self.spec, step.x0
+        late = int(step.t) < LATE_SHARE * self.train_steps
+        factor = spec.late_factor if late else 1.0
+        loss = (factor if spec.late_terms == "both" else 1.0) * spec.weight * self.box.loss(x0)
+        if self.pixel_box is not None:  # set only with a pixel weight (BoxTerm.build)
+            loss = loss + factor * spec.pixel_weight * self.pixel_box.loss(self.decode(x0).float())
         return loss

@@ -1,4 +1,5 @@
-"""Box guidance (the ``box`` preset): the object's box, the map loss outside it, the box term on x0."""
+"""Box guidance (the shapes world's ``box`` presets): the object's box, the map loss outside it, the
+box term on x0, through the teacher's guidance-term interface."""
 
 from __future__ import annotations
 
@@ -8,9 +9,10 @@ import numpy as np
 import pytest
 import torch
 
+from p2pz.data.shapes.box_guidance import LATE_SHARE, BoxGuidance, BoxTerm, ObjectBox
 from p2pz.teacher.attention import CrossAttentionMaps
-from p2pz.teacher.box_guidance import LATE_SHARE, BoxGuidance, ObjectBox
 from p2pz.teacher.editing import _xa_gradient, edit_with_guidance, make_scheduler
+from p2pz.teacher.guidance_terms import GuidanceContext, GuidanceStep
 from p2pz.teacher.pipeline import Pix2PixZero
 from p2pz.teacher.presets import get_preset
 
@@ -24,6 +26,17 @@ def scene_latent(top: int, left: int, height: int, width: int, size: int = 16) -
     latent = BACKGROUND[:, None, None] + ramp[None, :, None] + torch.zeros(4, size, size)
     latent[:, top : top + height, left : left + width] += torch.tensor([1.0, -0.8, 0.6, 0.4])[:, None, None]
     return latent[None]
+
+
+def box_guidance(box, pixel_box=None, decode=None, **spec) -> BoxGuidance:
+    """Box guidance at weight 0.2 (the presets'), with ``spec``'s other settings."""
+    return BoxGuidance(BoxTerm(**{"weight": 0.2, **spec}), box, pixel_box, decode, 1000)
+
+
+def step_loss(guidance: BoxGuidance, x, eps, t, sched) -> torch.Tensor:
+    """The term's loss at one guidance step of latents ``x`` whose noise prediction is ``eps`` (CFG 3)."""
+    context = GuidanceContext(x, None, None, None, 1, 3.0, sched.alphas_cumprod, None)
+    return guidance.loss(GuidanceStep(x, eps, t, context))
 
 
 def test_object_box_finds_the_object_and_the_background_around_it():
@@ -71,7 +84,7 @@ def test_map_loss_counts_only_the_pixels_outside_each_samples_box():
         maps = CrossAttentionMaps()
         with maps.recording(0):
             maps.observe("layer", reference, heads)
-        with maps.guiding(0, num_samples=samples, box=boxes):
+        with maps.guiding(0, num_samples=samples, map_weights=boxes.outside_weights):
             maps.observe("layer", probs, heads)
         return float(maps.loss)
 
@@ -97,49 +110,55 @@ def test_box_term_predicts_x0_as_the_scheduler_does():
     t = sched.timesteps[3]
     g = torch.Generator().manual_seed(2)
     x, eps = torch.randn(1, 4, 16, 16, generator=g), torch.randn(2, 4, 16, 16, generator=g)
-    guidance = BoxGuidance(ObjectBox.from_latent(scene_latent(4, 4, 6, 6)), 0.2, sched.alphas_cumprod, 3.0)
+    guidance = box_guidance(ObjectBox.from_latent(scene_latent(4, 4, 6, 6)))
     combined = eps[:1] + 3.0 * (eps[1:] - eps[:1])
     x0 = sched.step(combined, t, x).pred_original_sample
-    torch.testing.assert_close(guidance.loss(x, eps, t), 0.2 * guidance.box.loss(x0))
+    torch.testing.assert_close(step_loss(guidance, x, eps, t, sched), 0.2 * guidance.box.loss(x0))
 
 
 def test_late_factor_scales_the_box_term_in_the_late_steps_only():
-    """``box_late_factor``: both box terms weigh more below ``LATE_SHARE`` of the schedule, not before."""
+    """``BoxTerm.late_factor``: both box terms weigh more below ``LATE_SHARE`` of the schedule, not before."""
     sched = make_scheduler({"num_train_timesteps": 1000, "clip_sample": False}, 10, "cpu")
     g = torch.Generator().manual_seed(4)
     x, eps = torch.randn(1, 4, 16, 16, generator=g), torch.randn(2, 4, 16, 16, generator=g)
     box = ObjectBox.from_latent(scene_latent(4, 4, 6, 6))
-    plain = BoxGuidance(box, 0.2, sched.alphas_cumprod, 3.0)
+    plain = box_guidance(box)
     late_below = int(LATE_SHARE * 1000)
-    late = BoxGuidance(box, 0.2, sched.alphas_cumprod, 3.0, late_factor=12.0)
+    late = box_guidance(box, late_factor=12.0)
     early_t, late_t = sched.timesteps[2], sched.timesteps[-2]
     assert int(early_t) >= late_below > int(late_t)
-    torch.testing.assert_close(late.loss(x, eps, early_t), plain.loss(x, eps, early_t))
-    torch.testing.assert_close(late.loss(x, eps, late_t), 12.0 * plain.loss(x, eps, late_t))
+
+    def loss(guidance, t):
+        return step_loss(guidance, x, eps, t, sched)
+
+    torch.testing.assert_close(loss(late, early_t), loss(plain, early_t))
+    torch.testing.assert_close(loss(late, late_t), 12.0 * loss(plain, late_t))
 
 
 def test_pixel_late_terms_scale_the_pixel_term_alone_in_the_late_steps():
-    """``box_late_terms="pixel"``: late, the pixel term weighs ``late_factor`` times more and the
+    """``BoxTerm.late_terms="pixel"``: late, the pixel term weighs ``late_factor`` times more and the
     latent term as before; early, both as without a late factor."""
     sched = make_scheduler({"num_train_timesteps": 1000, "clip_sample": False}, 10, "cpu")
     g = torch.Generator().manual_seed(6)
     x, eps = torch.randn(1, 4, 16, 16, generator=g), torch.randn(2, 4, 16, 16, generator=g)
     box = ObjectBox.from_latent(scene_latent(4, 4, 6, 6))
     pixel_box = ObjectBox.from_image(scene_latent(5, 3, 7, 8)[:, :3])
-    common = dict(pixel_box=pixel_box, pixel_weight=0.05, decode=lambda z: z[:, :3])
 
     def guidance(**kw):
-        return BoxGuidance(box, 0.2, sched.alphas_cumprod, 3.0, **common, **kw)
+        return box_guidance(box, pixel_box, lambda z: z[:, :3], pixel_weight=0.05, **kw)
 
-    plain, latent_only = guidance(), BoxGuidance(box, 0.2, sched.alphas_cumprod, 3.0)
+    def loss(guidance, t):
+        return step_loss(guidance, x, eps, t, sched)
+
+    plain, latent_only = guidance(), box_guidance(box)
     pixel_late = guidance(late_factor=12.0, late_terms="pixel")
     early_t, late_t = sched.timesteps[2], sched.timesteps[-2]
-    torch.testing.assert_close(pixel_late.loss(x, eps, early_t), plain.loss(x, eps, early_t))
-    latent_term = latent_only.loss(x, eps, late_t)
-    pixel_term = plain.loss(x, eps, late_t) - latent_term
+    torch.testing.assert_close(loss(pixel_late, early_t), loss(plain, early_t))
+    latent_term = loss(latent_only, late_t)
+    pixel_term = loss(plain, late_t) - latent_term
     assert pixel_term > 0
-    torch.testing.assert_close(pixel_late.loss(x, eps, late_t), latent_term + 12.0 * pixel_term)
-    both = guidance(late_factor=12.0).loss(x, eps, late_t)
+    torch.testing.assert_close(loss(pixel_late, late_t), latent_term + 12.0 * pixel_term)
+    both = loss(guidance(late_factor=12.0), late_t)
     torch.testing.assert_close(both, 12.0 * (latent_term + pixel_term))
 
 
@@ -186,15 +205,22 @@ def test_box_guidance_step_lowers_its_loss(teachers, pixel_weight):
     sched = make_scheduler(teacher.scheduler_config, 10, "cpu")
     t = sched.timesteps[2]
     x = latents + 0.3 * torch.randn(latents.shape, generator=torch.Generator().manual_seed(4))
-    decode = teacher._decode_differentiable
-    pixel_box = ObjectBox.from_image(decode(latents).detach()) if pixel_weight else None
-    guidance = BoxGuidance(
-        ObjectBox.from_latent(latents), 0.2, sched.alphas_cumprod, 3.0, pixel_box, pixel_weight, decode
+    context = GuidanceContext(
+        latents,
+        cond,
+        uncond,
+        cond + direction,
+        1,
+        3.0,
+        sched.alphas_cumprod,
+        teacher.unet,
+        teacher.decode_with_grad,
     )
+    guidance = BoxTerm(weight=0.2, pixel_weight=pixel_weight).build(context)
     if pixel_weight:  # the pixel term is part of the loss
         eps = torch.randn((2, *x.shape[1:]), generator=torch.Generator().manual_seed(6))
-        without = BoxGuidance(guidance.box, 0.2, sched.alphas_cumprod, 3.0)
-        assert guidance.loss(x, eps, t) > without.loss(x, eps, t)
+        without = box_guidance(guidance.box)
+        assert step_loss(guidance, x, eps, t, sched) > step_loss(without, x, eps, t, sched)
     embeds = torch.cat([uncond, cond + direction])
 
     def loss_and_grad(at):
@@ -202,8 +228,9 @@ def test_box_guidance_step_lowers_its_loss(teachers, pixel_weight):
         with torch.no_grad(), teacher.maps.recording(0):
             teacher.unet(torch.cat([latents, latents]), t, encoder_hidden_states=torch.cat([uncond, cond]))
         return _xa_gradient(
-            teacher.unet, teacher.maps, at, t, embeds, 0, 1, "all", duplicate=True, box=guidance
-        )
+            teacher.unet, teacher.maps, at, t, embeds, 0, 1, "all", duplicate=True, terms=[guidance],
+            context=context,
+        )  # fmt: skip
 
     grad, before = loss_and_grad(x)
     _, after = loss_and_grad(x - 0.05 / grad.abs().max() * grad)
@@ -230,7 +257,8 @@ def test_box_preset_is_joint_with_box_guidance_and_an_empty_negative_prompt(teac
     assert torch.equal(edited(joint_empty, 0.0), edited(box, 0.0))
     assert not torch.allclose(edited(joint, 0.0), edited(box, 0.0), atol=1e-4)
     assert not torch.allclose(edited(joint_empty, 50.0), edited(box, 50.0), atol=1e-4)
-    assert box.settings["preset"]["box_weight"] > 0 == joint.settings["preset"]["box_weight"]
+    assert box.settings["preset"]["guidance_terms"][0]["term"] == "box"
+    assert joint.settings["preset"]["guidance_terms"] == []
 
 
 def test_box_pixels_preset_adds_the_pixel_term_to_guided_edits_only(teachers, tiny_model_dir):
@@ -248,35 +276,16 @@ def test_box_pixels_preset_adds_the_pixel_term_to_guided_edits_only(teachers, ti
     assert not torch.allclose(edited(box, 50.0), edited(pixels, 50.0), atol=1e-4)
 
 
-def test_box_late_preset_is_box_pixels_with_a_stronger_late_box_term(teachers, tiny_model_dir):
-    """``box_late`` changes guided edits (its late factor reaches the guidance), never unguided ones."""
-    assert get_preset("box_late") == dataclasses.replace(
-        get_preset("box_pixels"), name="box_late", box_late_factor=get_preset("box_late").box_late_factor
-    )
-    assert get_preset("box_late").box_late_factor > 1
-    pixels = Pix2PixZero.from_pretrained(tiny_model_dir, preset="box_pixels", captioner=False)
-    late = Pix2PixZero.from_pretrained(tiny_model_dir, preset="box_late", captioner=False)
-    from p2pz.teacher.directions import EditDirection
-
-    d = EditDirection(tensor=_edit_inputs(pixels)[3][0], source="cat", target="dog")
-    args = dict(captions=["a cat"], seeds=[1], num_steps=STEPS, return_latents=True)
-
-    def edited(teacher, xa):
-        return teacher.edit([_picture()], [d], xa_guidance=xa, **args)[0].edited_latent
-
-    assert torch.equal(edited(pixels, 0.0), edited(late, 0.0))
-    assert not torch.allclose(edited(pixels, 50.0), edited(late, 50.0), atol=1e-4)
-
-
 def test_box_edges_preset_mixes_the_caption_into_the_negative_prompt(teachers, tiny_model_dir):
     """``box_edges``: box_pixels with a late pixel term and the caption's share of the negative
     prompt, w * E(caption) + (1 - w) * E(""), which changes unguided edits too."""
     edges = get_preset("box_edges")
+    [term], [pixels_term] = edges.guidance_terms, get_preset("box_pixels").guidance_terms
     assert edges == dataclasses.replace(
-        get_preset("box_pixels"), name="box_edges", box_late_factor=edges.box_late_factor,
-        box_late_terms="pixel", negative_caption_weight=edges.negative_caption_weight,
+        get_preset("box_pixels"), name="box_edges", negative_caption_weight=edges.negative_caption_weight,
+        guidance_terms=(dataclasses.replace(pixels_term, late_factor=term.late_factor, late_terms="pixel"),),
     )  # fmt: skip
-    assert edges.box_late_factor > 1 and 0 < edges.negative_caption_weight < 1
+    assert term.late_factor > 1 and 0 < edges.negative_caption_weight < 1
     pixels = Pix2PixZero.from_pretrained(tiny_model_dir, preset="box_pixels", captioner=False)
     teacher = Pix2PixZero.from_pretrained(tiny_model_dir, preset="box_edges", captioner=False)
     cond = teacher.encode_text(["a cat", "a dog"])
@@ -308,7 +317,7 @@ def test_synthetic_edits_take_the_box_from_a_first_reference_pass(teachers):
     latents, uncond, cond, direction = _edit_inputs(teacher)
     x_T = torch.randn(latents.shape, generator=torch.Generator().manual_seed(5))
     before = teacher.unet_evals.snapshot()
-    kwargs = dict(guided_branch="joint", box_weight=0.2)
+    kwargs = dict(guided_branch="joint", terms=[BoxTerm(weight=0.2)])
     edit_with_guidance(
         teacher.unet,
         teacher.maps,
@@ -327,10 +336,10 @@ def test_synthetic_edits_take_the_box_from_a_first_reference_pass(teachers):
     with pytest.raises(ValueError, match="pixel space needs a decoder"):
         edit_with_guidance(
             teacher.unet, teacher.maps, teacher.scheduler_config, x_T, uncond, cond, direction, 1, 3.0, 5.0,
-            guided_branch="joint", box_weight=0.2, box_pixel_weight=0.05,
+            guided_branch="joint", terms=[BoxTerm(weight=0.2, pixel_weight=0.05)],
         )  # fmt: skip
-    with pytest.raises(ValueError, match="box guidance needs"):
+    with pytest.raises(ValueError, match="guidance terms need"):
         edit_with_guidance(
             teacher.unet, teacher.maps, teacher.scheduler_config, x_T, uncond, cond, direction, 1, 3.0, 5.0,
-            guided_branch="negative", box_weight=0.2,
+            guided_branch="negative", terms=[BoxTerm(weight=0.2)],
         )  # fmt: skip
