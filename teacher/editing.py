@@ -40,6 +40,16 @@ cells, add a loss on the step's predicted clean latent, and change the edit's la
 DDIM step: ``local`` (``teacher/local_blend.py``) keeps the loss and the result outside DiffEdit's
 mask. They run with guided edits only.
 
+Reference maps from the inversion (``maps_from_inversion``; a preset's ``reference_maps``; neither
+reference has it): DDIM inversion already runs the UNet under the caption at the edit's timesteps,
+on latents at those timesteps' noise levels, so its cross-attention maps can stand for the
+reference pass's, which then does not run (S UNet calls less per image). The edit timesteps the
+inversion never evaluates (the official inversion's first and last) take their maps from one UNet
+call each, at x_T for the first and at the input's clean latent for the last. The reference maps
+then have the caption's branch only (both CFG branches compare against it: exact where the
+negative prompt is the caption), no reconstruction comes out, and every guided step's maps are
+held from the inversion until that step (memory: docs/results/cheap-teacher.md).
+
 Unlike both reference implementations, the two passes run in lockstep: step i of the reference
 pass, whose maps are needed only by step i of the edit pass, runs just before it. Only one step's
 maps are alive at any time (the official code keeps all of them, 6.6 GB at 512 px, on the CPU),
@@ -82,7 +92,7 @@ GUIDED_BRANCHES = ("negative", "edit", "joint")
 @dataclass
 class EditOutput:
     edited: torch.Tensor  # [B, 4, h, w] latent of the edit
-    reconstruction: torch.Tensor  # [B, 4, h, w] latent of the reference pass
+    reconstruction: torch.Tensor | None  # [B, 4, h, w] latent of the reference pass (None: no pass)
     xa_loss: list[float]  # cross-attention loss (before the guidance step) per timestep
 
 
@@ -93,6 +103,20 @@ def make_scheduler(scheduler_config: dict, num_steps: int, device: torch.device 
     scheduler = DDIMScheduler.from_config(scheduler_config)
     scheduler.set_timesteps(num_steps, device=device)
     return scheduler
+
+
+def guided_steps(num_steps: int, guided_share: float, guided_stride: int, xa_guidance: float) -> list[int]:
+    """The steps that take the guidance step: of the first ``ceil(guided_share * num_steps)``, every
+    ``guided_stride``-th counted back from the last step (which forms the final edges: on the shapes
+    world, guiding it kept an edit that the other half of the steps missed, docs/results/
+    cheap-teacher.md); none without guidance."""
+    if not 0.0 <= guided_share <= 1.0:
+        raise ValueError(f"guided_share must be in [0, 1], got {guided_share}")
+    if guided_stride < 1:
+        raise ValueError(f"guided_stride must be a positive integer, got {guided_stride}")
+    if xa_guidance <= 0:
+        return []
+    return [i for i in range(math.ceil(guided_share * num_steps)) if (num_steps - 1 - i) % guided_stride == 0]
 
 
 def _guided(eps: torch.Tensor, guidance_scale: float, cfg: bool) -> torch.Tensor:
@@ -121,6 +145,8 @@ def edit_with_guidance(
     decode: Callable[[torch.Tensor], torch.Tensor] | None = None,
     guided_share: float = 1.0,
     fused_prediction: bool = False,
+    maps_from_inversion: bool = False,
+    guided_stride: int = 1,
 ) -> EditOutput:
     """Reference and guided edit passes from ``x_T [B, 4, h, w]``.
 
@@ -137,11 +163,15 @@ def edit_with_guidance(
     guidance on, from ``clean_latents`` (the inputs' ``[B, 4, h, w]``; without them, a first,
     unrecorded reference pass gives them) and ``decode`` (latents -> images, differentiable).
     ``guided_share``: the share of the steps, from the first, that take the guidance step (the
-    rest are plain DDIM steps under c + Δc, and their reference maps are not recorded).
+    rest are plain DDIM steps under c + Δc, and their reference maps are not recorded);
+    ``guided_stride``: of those, every ``guided_stride``-th counted back from the last (``guided_steps``).
     ``fused_prediction``: a guided step's DDIM step uses the noise prediction of its guidance
     forward, made at the latent *before* the gradient step, instead of a second UNet call at the
     moved latent (one UNet call per guided step instead of two; the step's eps is then
     eps(x) rather than eps(x - xa_guidance * grad), a first-order difference in the step).
+    ``maps_from_inversion``: ``maps`` already holds the guided steps' reference maps, recorded by
+    ``invert`` under the caption; no reference pass runs (``reconstruction`` is None), and guided
+    steps the inversion did not record get theirs from one UNet call (see the module docstring).
 
     The latents stay in float32 whatever the UNet's dtype (each UNet call gets a cast copy), so a
     bf16/fp16 UNet rounds its inputs, not the trajectories; see also ``_xa_gradient``.
@@ -159,9 +189,10 @@ def edit_with_guidance(
         raise ValueError(
             "fused_prediction needs a guidance forward over both CFG branches ('negative', 'joint')"
         )
-    if not 0.0 <= guided_share <= 1.0:
-        raise ValueError(f"guided_share must be in [0, 1], got {guided_share}")
-    guided_steps = math.ceil(guided_share * num_steps) if xa_guidance > 0 else 0
+    guided_set = set(guided_steps(num_steps, guided_share, guided_stride, xa_guidance))
+    from_inversion = maps_from_inversion and bool(guided_set)
+    if from_inversion and clean_latents is None:
+        raise ValueError("reference maps from the inversion need the inputs' clean latents (real images)")
     passes = _Passes.build(uncond, cond, direction, copies, cfg, single_branch_reference)
     ref_sched = make_scheduler(scheduler_config, num_steps, x_T.device)
     edit_sched = make_scheduler(scheduler_config, num_steps, x_T.device)
@@ -174,20 +205,29 @@ def edit_with_guidance(
             unet, decode,
         )  # fmt: skip
         active = [spec.build(context) for spec in terms]
+        if from_inversion and any(term.uses_reference_latents for term in active):
+            raise ValueError("a guidance term here needs the reference pass's latents: keep reference_maps")
     dtype = unet.dtype
 
     x_ref = x_T.float()
     x_edit = x_ref.repeat(copies, 1, 1, 1)
     losses = []
     loss_scale = GuidanceLossScale() if dtype == torch.float16 else None  # carried across the steps
-    maps.clear()
+    if not from_inversion:
+        maps.clear()
     for i, t in enumerate(tqdm(ref_sched.timesteps, desc="editing", disable=not progress, leave=False)):
-        # Reference step i: records the maps that guide edit step i.
-        guided = i < guided_steps
-        with maps.recording(i) if guided else contextlib.nullcontext():
-            x_ref = _reference_step(unet, ref_sched, x_ref, t, passes, guidance_scale)
+        # Reference step i: records the maps that guide edit step i (or the inversion did).
+        guided = i in guided_set
+        if from_inversion:
+            x_ref = None
+            if guided and not any(key[0] == i for key in maps.reference):
+                _record_caption_maps(unet, maps, i, t, x_T if i == 0 else clean_latents, cond)
+        else:
+            with maps.recording(i) if guided else contextlib.nullcontext():
+                x_ref = _reference_step(unet, ref_sched, x_ref, t, passes, guidance_scale)
         if guided:
-            _widen_reference(maps, i, passes.ref_branches, 2 if cfg else 1, copies)
+            recorded = 1 if from_inversion else passes.ref_branches
+            _widen_reference(maps, i, recorded, 2 if cfg else 1, copies)
 
         # Edit step i: one gradient step on the latent against the reference maps ...
         fused = [] if fused_prediction and guided else None  # receives the guidance forward's eps
@@ -209,6 +249,14 @@ def edit_with_guidance(
             x_edit = term.after_step(x_edit, x_ref, t)
     maps.clear()
     return EditOutput(edited=x_edit, reconstruction=x_ref, xa_loss=losses)
+
+
+@torch.no_grad()
+def _record_caption_maps(unet: Any, maps: CrossAttentionMaps, step: int, t, x: torch.Tensor, cond) -> None:
+    """Step ``step``'s reference maps from one UNet call at ``x`` under the caption (an edit timestep
+    the inversion did not evaluate)."""
+    with maps.recording(step), unet_stage("reference"):
+        unet(x.to(unet.dtype), t, encoder_hidden_states=cond)
 
 
 @torch.no_grad()

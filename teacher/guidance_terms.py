@@ -76,6 +76,10 @@ class GuidanceStep:
 class GuidanceTerm:
     """A term built for one edit call; each method's default leaves the paper's step unchanged."""
 
+    # whether ``after_step`` reads the reference pass's latents (a preset taking its reference maps
+    # from the inversion runs no reference pass)
+    uses_reference_latents: bool = False
+
     def map_weights(self, map_pixels: int) -> torch.Tensor | None:
         """``[S, map_pixels]`` weights of a map's cells in the loss, or None (all count)."""
         return None

@@ -27,8 +27,9 @@ shifts from its own generator), so a batch gives the same inversions as single r
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from typing import Any
+import contextlib
+from collections.abc import Mapping, Sequence
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
@@ -36,6 +37,9 @@ from tqdm.auto import tqdm
 
 from p2pz.teacher.evals import unet_stage
 from p2pz.teacher.presets import Preset
+
+if TYPE_CHECKING:
+    from p2pz.teacher.attention import CrossAttentionMaps
 
 KL_EPS = 1e-7  # ddim_inv.py: torch.log(_var + 1e-7)
 PYRAMID_MIN = 8  # ddim_inv.py: stop once the map is 8 px high
@@ -214,13 +218,21 @@ def invert(
     num_steps: int | None = None,
     uncond: torch.Tensor | None = None,
     progress: bool = False,
+    maps: CrossAttentionMaps | None = None,
+    record: Mapping[int, int] | None = None,
 ) -> torch.Tensor:
     """Regularised DDIM inversion of image latents ``[B, 4, h, w]`` under caption embeddings ``cond``.
 
     ``generators``: one per sample, drawing that sample's roll shifts. Returns x_T ``[B, 4, h, w]``
     in float32: the latent, the regulariser (whose gradient steps are small against the noise) and
     the inverse steps stay in float32 whatever the UNet's dtype; only the UNet's input is cast.
+    ``record``: UNet timestep -> edit step whose reference maps the call at that timestep records
+    into ``maps`` (a preset's ``reference_maps="inversion"``, see ``teacher/editing.py``); it needs
+    an inversion without CFG, whose maps are the caption's alone.
     """
+    record = record or {}
+    if record and (maps is None or preset.inversion_guidance_scale > 1):
+        raise ValueError("recording reference maps needs the maps and an inversion without CFG")
     if scheduler_config.get("prediction_type", "epsilon") != "epsilon":
         raise ValueError("pix2pix-zero inversion is implemented for epsilon-prediction models (SD 1.x)")
     num_steps = num_steps or preset.num_steps
@@ -229,7 +241,9 @@ def invert(
     step_ratio = scheduler.config.num_train_timesteps // num_steps
     x = latents.float()
     for t in tqdm(timesteps, desc="inversion", disable=not progress, leave=False):
-        eps = predict_noise(unet, x, t, cond, uncond, preset.inversion_guidance_scale)
+        step = record.get(int(t))
+        with maps.recording(step) if step is not None else contextlib.nullcontext():
+            eps = predict_noise(unet, x, t, cond, uncond, preset.inversion_guidance_scale)
         eps = regularize_noise(eps, generators, preset)  # float32 (predict_noise), for any UNet dtype
         if preset.inversion == "official":
             x = official_inverse_step(eps, int(t), x, alphas_cumprod, step_ratio)

@@ -88,6 +88,7 @@ class LocalBlend(GuidanceTerm):
     def __init__(self, mask: torch.Tensor, blend: bool = True) -> None:
         self.mask = mask  # [S, h, w], 1 inside
         self.blend = blend
+        self.uses_reference_latents = blend
         self._outside = OutsideWeights(mask)
 
     def map_weights(self, map_pixels: int) -> torch.Tensor:

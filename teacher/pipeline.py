@@ -36,7 +36,7 @@ import torch
 from PIL import Image
 
 from p2pz.teacher.attention import CrossAttentionMaps
-from p2pz.teacher.editing import edit_with_guidance
+from p2pz.teacher.editing import edit_with_guidance, guided_steps, make_scheduler
 from p2pz.teacher.evals import UNetEvals, evals_between, per_pair
 from p2pz.teacher.images import numpy_to_pil, pil_to_tensor, prepare_image, tensor_to_numpy
 from p2pz.teacher.inversion import invert
@@ -54,7 +54,9 @@ SHARED_VAE_NOISE_SEED = 0  # the VAE posterior's noise of every image under vae_
 @dataclass
 class EditResult:
     edited: Image.Image
-    reconstruction: Image.Image  # the reference pass (what the unedited caption gives from x_T)
+    # the reference pass (what the unedited caption gives from x_T); None when the preset takes its
+    # reference maps from the inversion and runs no reference pass
+    reconstruction: Image.Image | None
     source: Image.Image  # the input as resized / the generated image (synthetic mode)
     caption: str
     seed: int
@@ -78,6 +80,7 @@ class _Batch:
     captions: list[str]
     seeds: list[int]
     latents: torch.Tensor | None = None  # the inputs' clean latents (real images), for guidance terms
+    maps_from_inversion: bool = False  # the inversion recorded the guided steps' reference maps
 
 
 class Pix2PixZero:
@@ -306,16 +309,31 @@ class Pix2PixZero:
         timings["encode"] = time.perf_counter() - tic
 
         tic = time.perf_counter()
+        record = self._maps_to_record(num_steps, xa)
+        self.maps.clear()
         x_T = invert(
             self.unet, self.scheduler_config, latents, cond, self.preset, generators, num_steps,
             uncond=self.encode_text([""] * n) if self.preset.inversion_guidance_scale > 1 else None,
-            progress=self.progress,
+            progress=self.progress, maps=self.maps, record=record,
         )  # fmt: skip
         timings["inversion"] = time.perf_counter() - tic
+        batch = _Batch(
+            x_T, uncond, cond, dirs, sources, captions, seeds, latents, maps_from_inversion=bool(record)
+        )
         return self._edit_and_decode(
-            _Batch(x_T, uncond, cond, dirs, sources, captions, seeds, latents),
-            num_steps, cfg, xa, timings, start, before, return_latents,
+            batch, num_steps, cfg, xa, timings, start, before, return_latents,
         )  # fmt: skip
+
+    def _maps_to_record(self, num_steps: int, xa: float) -> dict[int, int]:
+        """UNet timestep -> edit step, for the inversion to record the guided steps' reference maps
+        (``reference_maps="inversion"``; empty otherwise, and for unguided edits, whose reference
+        pass gives the reconstruction)."""
+        preset = self.preset
+        guided = guided_steps(num_steps, preset.guided_share, preset.guided_stride, xa)
+        if preset.reference_maps != "inversion" or not guided:
+            return {}
+        timesteps = make_scheduler(self.scheduler_config, num_steps, "cpu").timesteps
+        return {int(timesteps[i]): i for i in guided}
 
     def edit_synthetic(
         self,
@@ -388,18 +406,21 @@ class Pix2PixZero:
             num_steps, cfg, xa, progress=self.progress, guided_branch=self.preset.guided_branch,
             single_branch_reference=self.single_branch_reference, terms=self.preset.guidance_terms,
             clean_latents=batch.latents, decode=self.decode_with_grad, guided_share=self.preset.guided_share,
-            fused_prediction=self.preset.fused_prediction,
+            fused_prediction=self.preset.fused_prediction, maps_from_inversion=batch.maps_from_inversion,
+            guided_stride=self.preset.guided_stride,
         )  # fmt: skip
         timings["edit"] = time.perf_counter() - tic
         tic = time.perf_counter()
         n = len(batch.seeds)
         edited = [im for chunk in out.edited.split(n) for im in numpy_to_pil(self.decode_latents(chunk))]
-        recon = numpy_to_pil(self.decode_latents(out.reconstruction))
+        recon = (
+            numpy_to_pil(self.decode_latents(out.reconstruction)) if out.reconstruction is not None else None
+        )
         timings["decode"] = time.perf_counter() - tic
         timings["total"] = time.perf_counter() - start
         timings["batch_size"] = float(n)
         evals = per_pair(evals_between(before, self.unet_evals.snapshot()), len(edited))
-        recon_finite = [bool(torch.isfinite(r).all()) for r in out.reconstruction]
+        recon_finite = [bool(torch.isfinite(r).all()) for r in out.reconstruction] if recon else [True] * n
         results: list[list[EditResult]] = []
         for e in range(len(edited) // n):
             results.append([])
@@ -411,7 +432,7 @@ class Pix2PixZero:
                 results[e].append(
                     EditResult(
                         edited=edited[j],
-                        reconstruction=recon[i],
+                        reconstruction=recon[i] if recon else None,
                         source=batch.sources[i] if batch.sources is not None else recon[i],
                         caption=batch.captions[i],
                         seed=int(batch.seeds[i]),

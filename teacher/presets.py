@@ -16,6 +16,9 @@
               depends on the image only.
 ``local``     ``joint`` with DiffEdit's mask (``teacher/local_blend.py``): the structure loss counts
               outside the mask, and the edit keeps the reference pass's latents there.
+``official_fast``, ``joint_fast`` ``official``, ``joint`` at half the UNet work per pair
+              (``fast_variant``): guidance on every second step, one UNet call per guided step,
+              reference maps from the inversion.
 
 A world may register presets of its own (the ``p2pz.presets`` entry point: the shapes world's
 presets, ``p2pz.data.shapes.presets``); ``available_presets`` lists them all. The table with each
@@ -70,9 +73,16 @@ class Preset:
     # the cost of the guided pass (teacher/editing.py; neither reference has them): the share of the
     # steps, from the first, that take the guidance step (1 = all, as the paper) ...
     guided_share: float = 1.0
+    # ... of which every ``guided_stride``-th, counted back from the last step (1 = each)
+    guided_stride: int = 1
     # ... and whether a guided step's DDIM step reuses its guidance forward's noise prediction (made
     # at the latent before the gradient step) instead of a second UNet call at the moved latent
     fused_prediction: bool = False
+    # ... and where the reference maps come from, for real images: a reference pass beside the edit
+    # pass ("reference_pass", as both references), or the inversion, which already runs the UNet
+    # under the caption at the edit's timesteps ("inversion": no reference pass, and no
+    # reconstruction; see teacher/editing.py)
+    reference_maps: Literal["reference_pass", "inversion"] = "reference_pass"
     # guidance terms (teacher/guidance_terms.py): what changes the guidance step beyond the paper's
     # map loss, e.g. ``local_blend.LocalEdit``; none in the reference presets
     guidance_terms: tuple[TermSpec, ...] = ()
@@ -168,7 +178,32 @@ LOCAL = dataclasses.replace(
     summary="joint with DiffEdit's mask: the edit happens inside it, the input is kept outside",
 )  # fmt: skip
 
-PRESETS: dict[str, Preset] = {p.name: p for p in (OFFICIAL, DIFFUSERS, PAPER, JOINT, LOCAL)}
+
+def fast_variant(preset: Preset, guided_share: float = 1.0, guided_stride: int = 2) -> Preset:
+    """``preset`` at about half its UNet work per pair (#38; docs/results/cheap-teacher.md): guidance
+    on every ``guided_stride``-th of the first ``guided_share`` of the steps, one UNet call per
+    guided step (the DDIM step reuses the guidance forward's noise prediction), and the reference
+    maps from the inversion (no reference pass, so no reconstruction). Named ``<preset>_fast``."""
+    which = f"the first {guided_share:g} of the steps" if guided_share < 1 else "the steps"
+    if guided_stride > 1:
+        nth = {2: "second", 3: "third"}.get(guided_stride, f"{guided_stride}th")
+        which = f"every {nth} of {which}"
+    return dataclasses.replace(
+        preset, name=f"{preset.name}_fast", guided_share=guided_share, guided_stride=guided_stride,
+        fused_prediction=True, reference_maps="inversion",
+        summary=f"{preset.name} at half the UNet work: guidance on {which}, one UNet call per guided "
+        "step, reference maps from the inversion",
+    )  # fmt: skip
+
+
+# ``official`` at half its forward-equivalents per pair: 249 against 498 at 50 steps. Its quality on
+# photographs is not measured here (no weights offline); on the shapes world: cheap-teacher.md.
+OFFICIAL_FAST = fast_variant(OFFICIAL)
+JOINT_FAST = fast_variant(JOINT)  # the demo's teacher's (docs/results/cheap-teacher.md)
+
+PRESETS: dict[str, Preset] = {
+    p.name: p for p in (OFFICIAL, DIFFUSERS, PAPER, JOINT, LOCAL, OFFICIAL_FAST, JOINT_FAST)
+}
 PLUGIN_GROUP = "p2pz.presets"  # entry points naming a sequence of a world's presets
 _plugins_loaded = False
 
@@ -229,5 +264,5 @@ def add_preset_argument(parser: argparse.ArgumentParser, default: str | None, de
         default=default,
         choices=list(presets),  # rejected before anything is written
         metavar="PRESET",
-        help=f"the teacher's settings (default: {default_text}): {describe_presets()}",
+        help=f"the teacher's settings (default: {default_text}): {describe_presets()}".replace("%", "%%"),
     )

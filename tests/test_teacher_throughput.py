@@ -273,3 +273,129 @@ def test_fused_prediction_needs_both_branches_in_the_guidance_forward(tiny_model
     paper = _teacher(tiny_model_dir, dataclasses.replace(PAPER, fused_prediction=True))
     with pytest.raises(ValueError, match="fused_prediction needs"):
         _edit(paper, cat2dog, xa_guidance=0.1)
+
+
+# -------------------------------------------------------------------------------------------------
+# Reference maps from the inversion (presets' reference_maps) and the fast variants
+
+
+@pytest.mark.parametrize("share, fused", [(1.0, False), (0.5, True), (0.75, False)])
+def test_reference_maps_from_the_inversion_counts(tiny_model_dir, cat2dog, share, fused):
+    """No reference pass: the guided steps' maps come from the inversion's calls, plus one call for
+    each guided step whose timestep the official inversion skips (the first, and the last)."""
+    from p2pz.teacher.presets import OFFICIAL
+
+    preset = dataclasses.replace(
+        OFFICIAL, guided_share=share, fused_prediction=fused, reference_maps="inversion"
+    )
+    cheap = _teacher(tiny_model_dir, preset)
+    out, counts = _counts(cheap, lambda: _edit(cheap, cat2dog, xa_guidance=0.1))
+    n, guided = 2, math.ceil(share * STEPS)
+    expected = {
+        "inversion": n * (STEPS - 2),
+        "reference": n * (1 + (guided == STEPS)),
+        "guidance": 2 * n * guided,
+        "prediction": 2 * n * (STEPS - guided if fused else STEPS),
+    }
+    assert counts["forward"] == {stage: count for stage, count in expected.items() if count}
+    assert counts["backward"] == {"guidance": 2 * n * guided}
+    assert all(r.reconstruction is None and r.finite for r in out)
+    assert cheap.maps.reference == {}  # every recorded map was used and freed
+
+
+def test_a_guided_stride_guides_every_kth_step_with_maps_from_the_inversion(tiny_model_dir, cat2dog):
+    """Stride 2 over all 4 steps: steps 1 and 3 guided (counted back from the last); step 1's
+    timestep (501) is one the official inversion evaluates, step 3's (1) takes one extra call."""
+    from p2pz.teacher.editing import guided_steps
+    from p2pz.teacher.presets import OFFICIAL, fast_variant
+
+    assert guided_steps(STEPS, 1.0, 2, 0.1) == [1, 3] and guided_steps(10, 0.5, 2, 0.1) == [1, 3]
+    assert guided_steps(9, 1.0, 3, 0.1) == [2, 5, 8] and guided_steps(4, 0.5, 1, 0.1) == [0, 1]
+    assert guided_steps(STEPS, 1.0, 2, 0.0) == []
+    cheap = _teacher(tiny_model_dir, fast_variant(OFFICIAL, guided_share=1.0, guided_stride=2))
+    _, counts = _counts(cheap, lambda: _edit(cheap, cat2dog, xa_guidance=0.1))
+    n = 2
+    assert counts["forward"] == {
+        "inversion": n * 2,
+        "reference": n,
+        "guidance": 2 * n * 2,
+        "prediction": 2 * n * 2,
+    }
+    assert counts["backward"] == {"guidance": 2 * n * 2}
+
+
+def test_fast_variant_halves_the_forward_equivalents_at_the_papers_step_count(tiny_model_dir, cat2dog):
+    """official_fast against official at S = 50 (a backward counts as two forwards): the issue's goal,
+    <= 0.5, by counting the tiny model's UNet calls."""
+    from p2pz.teacher.presets import OFFICIAL, OFFICIAL_FAST
+
+    def forward_equivalents(preset):
+        teacher = _teacher(tiny_model_dir, preset)
+        images = [picture(1)]
+        run = lambda: teacher.edit(images, [cat2dog], CAPTIONS[:1], [0], num_steps=50, xa_guidance=0.1)  # noqa: E731
+        _, counts = _counts(teacher, run)
+        return sum(counts["forward"].values()) + 2 * sum(counts["backward"].values())
+
+    full, fast = forward_equivalents(OFFICIAL), forward_equivalents(OFFICIAL_FAST)
+    assert (full, fast) == (498, 249)
+    assert fast / full <= 0.5
+
+
+def test_the_inversion_records_each_guided_steps_maps_at_that_steps_timestep(tiny_model_dir, cat2dog):
+    """Each guided step compares against maps made at its own timestep: the inversion's call at the
+    edit's timestep t, or the extra call at x_T for the first step."""
+    from p2pz.teacher.editing import make_scheduler
+    from p2pz.teacher.presets import OFFICIAL
+
+    preset = dataclasses.replace(OFFICIAL, reference_maps="inversion")
+    teacher = _teacher(tiny_model_dir, preset)
+    recorded: dict[int, int] = {}
+    forward = teacher.unet.forward
+
+    def spy(x, t, *args, **kwargs):
+        if teacher.maps.mode == "record":
+            recorded[teacher.maps.step] = int(t)
+        return forward(x, t, *args, **kwargs)
+
+    teacher.unet.forward = spy
+    try:
+        _edit(teacher, cat2dog, xa_guidance=0.1)
+    finally:
+        del teacher.unet.forward
+    timesteps = make_scheduler(teacher.scheduler_config, STEPS, "cpu").timesteps
+    assert recorded == {i: int(t) for i, t in enumerate(timesteps)}
+
+
+def test_reference_maps_from_the_inversion_edit_close_to_the_reference_pass(
+    tiny_model_dir, official, cat2dog
+):
+    """The same edit with either source of maps: guided (the maps differ, the edits too) but both
+    move away from the unguided edit by about the same amount; with no guided step they are equal."""
+    from p2pz.teacher.presets import OFFICIAL
+
+    inv = _teacher(tiny_model_dir, dataclasses.replace(OFFICIAL, reference_maps="inversion"))
+
+    def edited(teacher, xa):
+        return torch.stack([r.edited_latent for r in _edit(teacher, cat2dog, xa_guidance=xa)])
+
+    assert torch.equal(edited(inv, 0.0), edited(official, 0.0))
+    unguided = edited(official, 0.0)
+    moved_pass = (edited(official, 5.0) - unguided).norm()
+    moved_inv = (edited(inv, 5.0) - unguided).norm()
+    assert moved_pass > 0 and moved_inv > 0
+    assert 0.5 < moved_inv / moved_pass < 2.0
+
+
+def test_unguided_edits_of_a_fast_preset_keep_their_reconstruction(tiny_model_dir, cat2dog):
+    from p2pz.teacher.presets import OFFICIAL_FAST
+
+    fast = _teacher(tiny_model_dir, OFFICIAL_FAST)
+    assert all(r.reconstruction is not None for r in _edit(fast, cat2dog, xa_guidance=0.0))
+
+
+def test_a_term_that_reads_the_reference_latents_refuses_maps_from_the_inversion(tiny_model_dir, cat2dog):
+    from p2pz.teacher.presets import LOCAL
+
+    teacher = _teacher(tiny_model_dir, dataclasses.replace(LOCAL, reference_maps="inversion"))
+    with pytest.raises(ValueError, match="reference pass's latents"):
+        _edit(teacher, cat2dog, xa_guidance=0.1)

@@ -85,7 +85,7 @@ def edit_world_scenes(
     sentences: str = "world",
     keep_images: bool = False,
     seed: int = 0,
-    done: Callable[[int, WorldEditScore, WorldEditScore], None] | None = None,
+    done: Callable[[int, WorldEditScore, WorldEditScore | None], None] | None = None,
     skip: Sequence[int] = (),
     progress: Any = None,
 ) -> RowResult:
@@ -122,12 +122,13 @@ def edit_world_scenes(
         )
         for i, scene, image, out in zip(index, batch, images, outs):
             score = score_world_edit(scene, out.edited, edit, input_image=image)
-            recon = score_world_edit(
-                scene, out.reconstruction, WorldEdit(edit.source, edit.source, edit.attribute)
-            )
+            recon = None  # a preset with reference maps from the inversion gives no reconstruction
+            if out.reconstruction is not None:
+                same = WorldEdit(edit.source, edit.source, edit.attribute)
+                recon = score_world_edit(scene, out.reconstruction, same)
             result.scores.append(score)
-            result.reconstruction_shift_px.append(recon.centre_shift_px)
-            result.reconstruction_iou.append(recon.iou)
+            result.reconstruction_shift_px.append(recon.centre_shift_px if recon else None)
+            result.reconstruction_iou.append(recon.iou if recon else None)
             if keep_images:
                 result.edited.append(out.edited)
             if done is not None:
@@ -169,11 +170,20 @@ def across_edits(results: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]
 CALIBRATION = "calibration"  # the log's record of an edit's calibrated guidance step
 # Preset fields that only change the guidance step (not the unguided rows' edits): guidance terms
 # run with guided edits only (teacher/guidance_terms.py)
-GUIDANCE_ONLY_FIELDS = ("name", "guided_branch", "guidance_terms", "guided_share", "fused_prediction")
+GUIDANCE_ONLY_FIELDS = (
+    "name",
+    "guided_branch",
+    "guidance_terms",
+    "guided_share",
+    "guided_stride",
+    "fused_prediction",
+    "reference_maps",
+)
 # Preset fields added after logs were written: left out of the key at these values, which are what
 # the older logs ran with, so those logs still resume
 LATER_FIELDS: dict[str, object] = {
     "negative_caption_weight": 0.0, "guidance_terms": [], "guided_share": 1.0, "fused_prediction": False,
+    "reference_maps": "reference_pass", "guided_stride": 1,
 }  # fmt: skip
 
 
@@ -248,7 +258,7 @@ class ScoreLog:
         row: str,
         index: int,
         score: WorldEditScore,
-        recon: WorldEditScore,
+        recon: WorldEditScore | None,
         step: float | None = None,
     ) -> None:
         """Record one scene's score and its reconstruction's (logs written before the
@@ -259,8 +269,10 @@ class ScoreLog:
             "row": row,
             "index": index,
             "score": score.to_dict(),
-            "reconstruction_shift_px": None if math.isnan(recon.centre_shift_px) else recon.centre_shift_px,
-            "reconstruction_iou": recon.iou,
+            "reconstruction_shift_px": None
+            if recon is None or math.isnan(recon.centre_shift_px)
+            else recon.centre_shift_px,
+            "reconstruction_iou": recon.iou if recon is not None else None,
         }
         if step is not None:
             rec["xa_guidance"] = step

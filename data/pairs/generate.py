@@ -746,6 +746,8 @@ def run(s: Settings, teacher: Pix2PixZero | None = None, scorer: PairScorer | No
         len(share.owned) - len(share.todo),
         share.pairs,
     )
+    if s.save_recon and teacher.preset.reference_maps == "inversion":
+        log.info("preset %s runs no reference pass: its pairs carry no recon.png", teacher.preset.name)
     job = Job(s, teacher, source, {e.name: e for e in edits}, out, edit_kwargs, manifest, selection=selection)
     job.shared = shared_edits(plans)
     records, seconds = _produce_shards(job, share)

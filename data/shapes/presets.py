@@ -8,7 +8,8 @@ backgrounds, not photographs (the teacher's ``local`` preset asks the model inst
 ``box``        ``joint`` with box guidance, and an empty negative prompt;
 ``box_pixels`` ``box`` with the box term also in pixel space, on the predicted x0 decoded by the VAE;
 ``box_edges``  ``box_pixels`` with its pixel term 24x stronger in the late steps and half the caption
-               in the negative prompt: the toy model's teacher (``teacher_settings.TOY_PRESET``).
+               in the negative prompt: the toy model's teacher (``teacher_settings.TOY_PRESET``);
+``box_edges_fast`` ``box_edges`` at half the UNet work per pair (``teacher.presets.fast_variant``).
 
 Figures: docs/results/box-guidance.md, docs/results/toy-ablation.md.
 """
@@ -18,7 +19,7 @@ from __future__ import annotations
 import dataclasses
 
 from p2pz.data.shapes.box_guidance import BoxTerm
-from p2pz.teacher.presets import JOINT
+from p2pz.teacher.presets import JOINT, fast_variant
 
 # Weight 0.2 of the map loss: stronger weights cost shape edits their success or repaint the
 # background. The negative prompt is empty, not the caption: classifier-free guidance against the
@@ -48,4 +49,8 @@ BOX_EDGES = dataclasses.replace(
     "(the toy model's)",
 )  # fmt: skip
 
-PRESETS = (BOX, BOX_PIXELS, BOX_EDGES)  # the entry point's value
+# ``box_edges`` at half its UNet work per pair (``teacher.presets.fast_variant``): quality in
+# docs/results/cheap-teacher.md.
+BOX_EDGES_FAST = fast_variant(BOX_EDGES)
+
+PRESETS = (BOX, BOX_PIXELS, BOX_EDGES, BOX_EDGES_FAST)  # the entry point's value

@@ -200,8 +200,9 @@ def _write_outputs(
     from p2pz.utils.atomic import atomic_path
 
     fmt = _pil_format(out)
-    with atomic_path(recon_path, suffix=out.suffix) as tmp:
-        result.reconstruction.save(tmp, format=fmt)
+    if result.reconstruction is not None:  # None: the preset runs no reference pass
+        with atomic_path(recon_path, suffix=out.suffix) as tmp:
+            result.reconstruction.save(tmp, format=fmt)
     with atomic_path(sidecar) as tmp:
         tmp.write_text(json.dumps(settings, indent=2, default=str) + "\n", "utf-8")
     with atomic_path(out, suffix=out.suffix) as tmp:  # the edit last: its presence means all is there
