@@ -21,6 +21,12 @@
    resolution. The ratio reader samples/s / (batch / step time) says how many
    times faster the reader is than training needs (>1: the reader keeps up with one worker).
 
+6. The fast variants (``teacher.presets.fast_variant``, #38): each of ``--cost-presets`` and its
+   ``_fast`` variant at ``--cost-steps`` (50, the paper's), batch 4: ``unet_forward_per_pair``,
+   ``unet_backward_per_pair``, ``forward_equivalents_per_pair`` (a backward counted as two forwards)
+   and ``pairs_per_hour`` of each under ``teacher_cost``, the fast one's ``cost_ratio_cheap_vs_full``
+   beside them, and the largest ratio as ``cost_ratio_cheap_vs_full`` (goal <= 0.5).
+
 The last line is one JSON object with ``pairs_per_hour_b1``, ``pairs_per_hour_b4``,
 ``unet_evals_per_pair``, ``unet_time_fraction``, ``unet_evals_per_pair_3_edits_shared`` /
 ``_separate``, ``pairs_per_hour_3_edits_shared`` / ``_separate`` and ``reader_to_training_ratio``.
@@ -29,6 +35,7 @@ The last line is one JSON object with ``pairs_per_hour_b1``, ``pairs_per_hour_b4
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import tempfile
@@ -70,6 +77,7 @@ def bench_generate(
 
     settings = Settings(
         model=str(model_dir),
+        preset=teacher.preset.name,
         edit=edits or ["cat:dog"],
         inputs=str(inputs),
         out=str(out),
@@ -117,6 +125,39 @@ def bench_three_edits(model_dir: Path, inputs: Path, work: Path, steps: int, dev
             "unet_seconds": sum(r["unet_seconds"] for r in separate),
         },
     }
+
+
+def bench_cost(model_dir: Path, inputs: Path, work: Path, steps: int, device: str, names: list[str]) -> dict:
+    """Each preset and its fast variant (``teacher.presets.fast_variant``) at the same steps, batch 4:
+    UNet forwards, backwards and forward-equivalents (a backward counts as two forwards) per pair,
+    and pairs/hour."""
+    from p2pz.data.pairs.generate import Settings, ensure_direction, load_teacher, resolve_edits
+    from p2pz.teacher.presets import fast_variant, get_preset
+
+    cost: dict[str, dict] = {}
+    for name in names:
+        for preset in (get_preset(name), fast_variant(get_preset(name))):
+            settings = Settings(
+                model=str(model_dir), preset=preset.name, device=device, num_sentences=NUM_SENTENCES
+            )
+            teacher = load_teacher(settings)
+            for edit in resolve_edits(dataclasses.replace(settings, edit=["cat:dog"])):
+                ensure_direction(teacher, edit, settings)
+            bench_generate(model_dir, inputs, work / f"cost-warm-{preset.name}", 4, steps, device, teacher)
+            r = bench_generate(model_dir, inputs, work / f"cost-{preset.name}", 4, steps, device, teacher)
+            cost[preset.name] = {
+                "unet_forward_per_pair": r["forward"],
+                "unet_backward_per_pair": r["backward"],
+                "forward_equivalents_per_pair": r["forward"] + 2 * r["backward"],
+                "pairs_per_hour": round(r["pairs_per_hour"], 1),
+                "by_stage": r["by_stage"],
+            }
+        full, fast = cost[name], cost[fast_variant(get_preset(name)).name]
+        fast["cost_ratio_cheap_vs_full"] = round(
+            fast["forward_equivalents_per_pair"] / full["forward_equivalents_per_pair"], 4
+        )
+        fast["pairs_per_hour_cheap_vs_full"] = round(fast["pairs_per_hour"] / full["pairs_per_hour"], 3)
+    return cost
 
 
 def _stages(by_stage: dict) -> str:
@@ -208,6 +249,13 @@ def main() -> None:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--batch", type=int, default=8, help="student batch size (default 8)")
     parser.add_argument("--resolution", type=int, default=256, help="student resolution (default 256)")
+    parser.add_argument(
+        "--cost-presets", nargs="+", default=["official", "joint"],
+        help="presets whose cost is compared with their fast variant's (default: official joint)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--cost-steps", type=int, default=50, help="DDIM steps of that comparison (default 50, the paper's)"
+    )
     args = parser.parse_args()
 
     from p2pz.data.models.tiny import make_tiny
@@ -260,6 +308,20 @@ def main() -> None:
                 f"{(r['seconds'] - r['unet_seconds']) / r['pairs'] * 1000:.0f} ms of the rest per pair"
             )
 
+        cost = bench_cost(model_dir, inputs, work, args.cost_steps, args.device, args.cost_presets)
+        for name, c in cost.items():
+            print(
+                f"{name} at {args.cost_steps} steps: {c['unet_forward_per_pair']:g} forward + "
+                f"{c['unet_backward_per_pair']:g} backward = {c['forward_equivalents_per_pair']:g} "
+                f"forward-equivalents per pair ({_stages(c['by_stage'])}), "
+                f"{c['pairs_per_hour']:,.0f} pairs/hour"
+                + (
+                    f"; cost ratio to the full preset {c['cost_ratio_cheap_vs_full']:g}"
+                    if "cost_ratio_cheap_vs_full" in c
+                    else ""
+                )
+            )
+
         reader_dir = work / "reader"
         write_reader_data(reader_dir, 64, 512)
         reader_rate = bench_reader(reader_dir, args.batch, args.resolution, batches=24)
@@ -303,6 +365,13 @@ def main() -> None:
                 "training_samples_per_s": round(consumed, 2),
                 "reader_to_training_ratio": round(ratio, 3),
                 "training_step_timed": what,
+                "teacher_cost": {
+                    name: {k: v for k, v in c.items() if k != "by_stage"} for name, c in cost.items()
+                },
+                "cost_ratio_cheap_vs_full": max(
+                    c["cost_ratio_cheap_vs_full"] for c in cost.values() if "cost_ratio_cheap_vs_full" in c
+                ),
+                "cost_steps": args.cost_steps,
                 "device": args.device,
             }
         )
