@@ -181,19 +181,31 @@ def sd14_256(sd14_model_dir, tmp_path_factory) -> Path:
     return tiny.link_at_resolution(sd14_model_dir, tmp_path_factory.mktemp("sd14-256") / "model", 256)
 
 
+STEPS_256 = 4  # the fewest at which official_fast's count is half official's (see the fast test)
+
+
+@pytest.fixture(scope="session")
+def official_256(sd14_256, input_images, tmp_path_factory) -> dict:
+    """``official`` at 256 px in float32: one run for the dtype test and the fast preset's."""
+    return _generate(
+        sd14_256, input_images, tmp_path_factory.mktemp("pairs-256") / "pairs", STEPS_256, "float32"
+    )
+
+
 @pytest.mark.slow
-def test_teacher_256px_fp32_and_bf16(sd14_256, input_images, tmp_path):
+def test_teacher_256px_fp32_and_bf16(sd14_256, input_images, official_256, tmp_path):
     from p2pz.utils.cpu import bf16_is_native
 
     # emulated bf16 (AVX2 CPUs): the bf16 run took over 30 min on such a CI machine; fp32 runs anyway
     native = bf16_is_native()
-    runs = {}
-    for dtype in ("float32", "bfloat16") if native else ("float32",):
-        runs[dtype] = _generate(sd14_256, input_images, tmp_path / f"pairs-{dtype}", steps=3, dtype=dtype)
+    runs = {"float32": official_256}
+    if native:
+        runs["bfloat16"] = _generate(sd14_256, input_images, tmp_path / "pairs-bf16", STEPS_256, "bfloat16")
+    for dtype in runs:
         meta = runs[dtype]["meta"]
         assert meta["teacher"]["settings"]["resolution"] == 256
         assert meta["teacher"]["settings"]["dtype"] == dtype
-        assert meta["timings"]["inversion"] > 0  # 3 steps: the inversion's UNet ran
+        assert meta["timings"]["inversion"] > 0  # 4 steps: the inversion's UNet ran
         assert runs[dtype]["edit"].shape == (256, 256, 3)
         print(
             f"\n256 px {dtype}: {runs[dtype]['seconds']:.0f} s, "
@@ -223,14 +235,12 @@ def test_local_preset_at_256px(sd14_256, input_images, tmp_path):
 
 
 @pytest.mark.slow
-def test_fast_preset_at_256px_halves_the_work(sd14_256, input_images, tmp_path):
+def test_fast_preset_at_256px_halves_the_work(sd14_256, input_images, official_256, tmp_path):
     """``official_fast`` beside ``official`` at SD-1.4's architecture (random weights), 4 steps: the
     UNet work per pair halves (counted), the pair comes out without a reconstruction, and the printed
     line says how far its edit is from the full preset's."""
-    runs = {
-        preset: _generate(sd14_256, input_images, tmp_path / preset, steps=4, dtype="float32", preset=preset)
-        for preset in ("official", "official_fast")
-    }
+    fast = _generate(sd14_256, input_images, tmp_path / "fast", STEPS_256, "float32", preset="official_fast")
+    runs = {"official": official_256, "official_fast": fast}
     cost = {}
     for preset, run in runs.items():
         evals = run["done"]["unet_evals_per_pair"]
