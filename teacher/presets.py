@@ -196,8 +196,8 @@ def fast_variant(preset: Preset, guided_share: float = 1.0, guided_stride: int =
     )  # fmt: skip
 
 
-# ``official`` at half its forward-equivalents per pair: 249 against 498 at 50 steps. Its quality on
-# photographs is not measured here (no weights offline); on the shapes world: cheap-teacher.md.
+# ``official`` at half its forward-equivalents per pair (the counts: docs/results/cheap-teacher.md).
+# Its quality on photographs is not measured here (no weights offline); on the shapes world: same page.
 OFFICIAL_FAST = fast_variant(OFFICIAL)
 JOINT_FAST = fast_variant(JOINT)  # the demo's teacher's (docs/results/cheap-teacher.md)
 
