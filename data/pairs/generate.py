@@ -135,6 +135,14 @@ def ensure_direction(teacher: Pix2PixZero, edit: EditJob, s: Settings) -> EditDi
     return edit.direction
 
 
+def keep_direction(out: Path, edit: str, direction: EditDirection) -> None:
+    """``out/directions/<edit>.safetensors``, once: the direction a student of many edits reads."""
+    path = sh.direction_file(out, edit)
+    if not path.exists():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        direction.save(path)
+
+
 def plan_work(s: Settings, source: InputSource, edits: Sequence[EditJob]) -> list[sh.ShardPlan]:
     """Every (input, edit) pair of the whole job, in shards (the same plan in every task)."""
     inputs = {e.name: source.ids(e.source) for e in edits}
@@ -424,6 +432,8 @@ def produce_group(
     batches, so the same numbers as an uninterrupted run) and only its unfinished shards written.
     """
     directions = [ensure_direction(job.teacher, job.edits[p.edit], job.settings) for p in group]
+    for plan, direction in zip(group, directions):
+        keep_direction(job.out, plan.edit, direction)
     skipped: dict[int, list[dict]] = {p.index: [] for p in group}
     started, made = time.perf_counter(), 0
     evals_before = evals_snapshot(job.teacher)

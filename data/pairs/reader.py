@@ -268,9 +268,11 @@ class _ShardSource(_IterableDataset):
         state: _EpochState,
         readable: _Readable | None = None,
         stats: ReaderStats | None = None,
+        groups: list[list[str]] | None = None,
     ):
         self.urls, self.resampled, self.seed, self.rank, self.state = urls, resampled, seed, rank, state
         self.readable, self.stats = readable, stats
+        self.groups = groups if groups is not None and len(groups) > 1 else None
 
     def __iter__(self) -> Iterator[dict]:
         import torch.utils.data
@@ -286,7 +288,9 @@ class _ShardSource(_IterableDataset):
                     )
                     raise UserError(_no_readable_pair(self.urls, f"last error: {error}" if error else ""))
                 draws += 1
-                yield {"url": rng.choice(self.urls)}
+                # balanced: a group (e.g. an edit) first, then one of its shards
+                urls = rng.choice(self.groups) if self.groups is not None else self.urls
+                yield {"url": rng.choice(urls)}
         info = torch.utils.data.get_worker_info()
         worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
         for url in self.urls[worker::workers]:
@@ -505,6 +509,15 @@ def _ignore_cluster_signals(worker_id: int) -> None:
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
 
 
+def _rank_groups(groups: Sequence[Sequence[str]] | None, rank_urls: Sequence[str]) -> list[list[str]] | None:
+    """The groups restricted to this rank's shards (groups it has no shard of are left out)."""
+    if groups is None:
+        return None
+    mine = set(rank_urls)
+    kept = [[u for u in group if u in mine] for group in groups]
+    return [group for group in kept if group] or None
+
+
 def pair_loader(
     urls: Sequence[str],
     batch_size: int = 8,
@@ -519,6 +532,7 @@ def pair_loader(
     stats: ReaderStats | None = None,
     positions: range | None = None,
     pin_memory: bool = False,
+    groups: Sequence[Sequence[str]] | None = None,
 ) -> PairLoader:
     """Batches of aligned (input, edit) pairs for training (see the module docstring).
 
@@ -529,6 +543,9 @@ def pair_loader(
     :class:`ReaderStats` is made if omitted; it is ``loader.stats``). ``positions``: read only the
     samples at these positions of the ordered stream (not ``resampled``, at most one worker).
     ``pin_memory``: page-locked batches, for CUDA. Workers, if any, persist across epochs.
+    ``groups``: a partition of ``urls`` (one list per edit) that resampled reading draws from
+    uniformly, then a shard within the group, so that every group is read as often however many
+    shards it has.
     """
     import webdataset as wds
 
@@ -557,7 +574,9 @@ def pair_loader(
     state = _EpochState()
     readable = _Readable()
     stages = [
-        _ShardSource(rank_urls, resampled, seed, rank, state, readable, stats),
+        _ShardSource(
+            rank_urls, resampled, seed, rank, state, readable, stats, _rank_groups(groups, rank_urls)
+        ),
         wds.tarfile_to_samples(handler=handler),
         _MarkReadable(readable),
     ]

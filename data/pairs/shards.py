@@ -1,7 +1,9 @@
 """The shard layout of a generated dataset: work plan, task split, crash-safe writing, manifest.
 
-A dataset is a folder of ``pairs-%06d.tar`` WebDataset shards plus ``dataset.json`` (what made it)
-and one ``manifest-TTTTT-of-NNNNN.jsonl`` per cluster task (what each task did).
+A dataset is a folder of ``pairs-%06d.tar`` WebDataset shards plus ``dataset.json`` (what made it),
+one ``manifest-TTTTT-of-NNNNN.jsonl`` per cluster task (what each task did) and
+``directions/<edit>.safetensors``: each edit's direction, with the mean embeddings it came from (what
+a student of many edits is conditioned on).
 
 Why the plan is computed before any image is read: every (input, edit) work item gets its shard
 number, sample key and seed from the *listing* of inputs alone, so
@@ -40,7 +42,9 @@ SHARD_PATTERN = "pairs-%06d.tar"
 SHARD_GLOB = "pairs-[0-9][0-9][0-9][0-9][0-9][0-9]*.tar"
 DATASET_FILE = "dataset.json"
 DATASET_FORMAT = "p2pz-pairs-v1"
+DIRECTIONS_DIR = "directions"
 _SHARD_RE = re.compile(r"^pairs-(\d{6,})\.tar$")
+_KEY_RE = re.compile(r"^([A-Za-z0-9_-]+)_[0-9a-f]{16}$")  # sample_key's: <edit slug>_<16 hex digits>
 
 
 # --------------------------------------------------------------------------------------------------
@@ -66,6 +70,18 @@ def sample_key(edit: str, input_id: str) -> str:
     """
     digest = hashlib.sha1(f"{edit}\n{input_id}".encode()).hexdigest()[:16]
     return f"{slug(edit)}_{digest}"
+
+
+def key_edit(key: str) -> str | None:
+    """The edit name part of a sample key (``circle-to-square`` of ``circle-to-square_0f3a...``), None
+    for a key that :func:`sample_key` did not make."""
+    match = _KEY_RE.match(key)
+    return match.group(1) if match else None
+
+
+def direction_file(out_dir: str | os.PathLike, edit: str) -> Path:
+    """Where a dataset keeps the direction of its edit ``edit`` (an edit's name)."""
+    return Path(out_dir) / DIRECTIONS_DIR / f"{slug(edit)}.safetensors"
 
 
 def derive_seed(global_seed: int, item_id: str) -> int:
