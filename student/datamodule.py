@@ -10,6 +10,10 @@ page-locked memory; DataLoader workers persist across epochs.
 
 The validation shards are either given (``val_shards``) or held out from ``shards``: the last
 ``val_fraction`` of them in sorted order (at least one, and only when there are two or more shards).
+
+Shards of several edits (a student of many edits, ``p2pz.student.conditioning``): training draws an
+edit uniformly, then one of its shards; each edit holds out its own last shards, and validation scores
+``val_samples`` pairs of each edit.
 """
 
 from __future__ import annotations
@@ -29,6 +33,7 @@ from p2pz.data.pairs.reader import (
     rank_share,
     readable_shards,
 )
+from p2pz.student.conditioning import edits_of_shards
 from p2pz.utils.cpu import usable_cpus
 from p2pz.utils.errors import UserError
 
@@ -37,14 +42,29 @@ def split_shards(
     shards: str, val_shards: str | None = None, val_fraction: float = 0.05
 ) -> tuple[list[str], list[str]]:
     """(training shards, held-out validation shards): ``val_shards`` when given, else the last
-    ``val_fraction`` of ``shards`` in sorted order (at least one, only when there are two or more)."""
+    ``val_fraction`` of ``shards`` in sorted order (at least one, only when there are two or more);
+    shards of several edits: the last ``val_fraction`` of each edit's, so that every edit is scored."""
     urls = list_shards(shards)
     if val_shards:
         return urls, list_shards(val_shards)
-    if val_fraction > 0 and len(urls) >= 2:
-        held_out = min(len(urls) - 1, max(1, round(len(urls) * val_fraction)))
-        return urls[:-held_out], urls[-held_out:]
-    return urls, []
+    if val_fraction <= 0 or len(urls) < 2:
+        return urls, []
+    groups = edits_of_shards(urls)
+    if len(groups) < 2:
+        return _hold_out_last(urls, val_fraction)
+    train, val = [], []
+    for group in groups.values():
+        group_train, group_val = _hold_out_last(group, val_fraction)
+        train += group_train
+        val += group_val
+    return sorted(train), sorted(val)
+
+
+def _hold_out_last(urls: list[str], fraction: float) -> tuple[list[str], list[str]]:
+    if len(urls) < 2:
+        return urls, []
+    held_out = min(len(urls) - 1, max(1, round(len(urls) * fraction)))
+    return urls[:-held_out], urls[-held_out:]
 
 
 def capped_workers(requested: int, cpus: int | None = None) -> int:
@@ -150,6 +170,8 @@ class PairDataModule(pl.LightningDataModule):
         self.save_hyperparameters()
         self.train_urls: list[str] = []
         self.val_urls: list[str] = []
+        self.edit_groups: list[list[str]] | None = None
+        self.val_edit_groups: list[list[str]] | None = None
         # reader counters (shared memory): made in setup(), i.e. in the process that trains, since
         # ddp_spawn pickles this object into fresh processes
         self.stats: ReaderStats | None = None
@@ -160,6 +182,11 @@ class PairDataModule(pl.LightningDataModule):
         self.train_urls, self.val_urls = split_shards(
             self.hparams.shards, self.hparams.val_shards, self.hparams.val_fraction
         )
+        # shards of several edits: each edit is drawn as often, however many shards it has
+        edits = edits_of_shards(self.train_urls)
+        self.edit_groups = list(edits.values()) if len(edits) > 1 else None
+        val_edits = edits_of_shards(self.val_urls) if self.edit_groups else {}
+        self.val_edit_groups = list(val_edits.values()) if len(val_edits) > 1 else None
         if not self.val_urls and self.hparams.val_fraction > 0:
             rank_zero_warn("only one shard and no --data.val_shards: training runs without validation")
         world_size = self.trainer.world_size if self.trainer is not None else 1
@@ -196,18 +223,26 @@ class PairDataModule(pl.LightningDataModule):
             world_size=world_size,
             stats=self.stats,
             pin_memory=_on_cuda(trainer),
+            groups=self.edit_groups,
         )
 
     def val_dataloader(self) -> PairLoader | list[PairLoader]:
+        """The first ``val_samples`` validation pairs; shards of several edits: that many of each edit's
+        (one loader per edit)."""
         if not self.val_urls:
             return []
+        if self.val_edit_groups:
+            return [self._val_loader(urls) for urls in self.val_edit_groups]
+        return self._val_loader(self.val_urls)
+
+    def _val_loader(self, urls: list[str]) -> PairLoader:
         trainer = self.trainer
         rank, world_size = (trainer.global_rank, trainer.world_size) if trainer is not None else (0, 1)
         batch_size = min(self.hparams.batch_size, self.hparams.val_samples)
         samples = math.ceil(self.hparams.val_samples / batch_size) * batch_size
         positions = validation_positions(samples, rank, world_size)
         return pair_loader(
-            self.val_urls,
+            urls,
             batch_size=batch_size,
             resolution=self.hparams.resolution,
             augment=False,

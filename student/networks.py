@@ -75,6 +75,10 @@ GENERATOR_DEFAULTS: dict[str, Any] = dict(
     # Off in CoModGAN; for structure-keeping edits it makes copying the untouched pixels free,
     # so a small student spends its capacity on the edit (configs/cpu.yaml turns it on).
     input_residual=False,
+    # One student for many edits: the length of the edit's conditioning vector (0: a per-edit student,
+    # no conditioning) and of the edit code it is mapped to, which joins the co-modulation vector.
+    edit_dim=0,
+    edit_code_dim=64,
 )
 
 DISCRIMINATOR_DEFAULTS: dict[str, Any] = dict(
@@ -409,6 +413,37 @@ class MappingNetwork(nn.Module):
         return w
 
 
+class EditMapping(nn.Module):
+    """The edit's conditioning vector -> an edit code [N, code_dim] (one student for many edits).
+
+    The vectors are standardised first by statistics of the training edits (``set_statistics``,
+    stored as buffers): the pooled text embeddings of two edits share most of their length, and what
+    tells them apart is small next to it. Then two dense + lrelu layers.
+    """
+
+    def __init__(self, edit_dim: int, code_dim: int) -> None:
+        super().__init__()
+        self.layers = nn.Sequential(
+            FullyConnectedLayer(edit_dim, code_dim, activation="lrelu"),
+            FullyConnectedLayer(code_dim, code_dim, activation="lrelu"),
+        )
+        self.register_buffer("center", torch.zeros([edit_dim]))
+        self.register_buffer("scale", torch.ones([]))
+
+    @torch.no_grad()
+    def set_statistics(self, vectors: torch.Tensor) -> None:
+        """Centre on the training edits' mean vector; scale by the RMS of their values' deviations."""
+        vectors = vectors.to(self.center)
+        center = vectors.mean(dim=0)
+        rms = (vectors - center).square().mean().sqrt()  # per value: the standardised values are ~1
+        self.center.copy_(center)
+        self.scale.copy_(rms if len(vectors) > 1 and rms > 1e-8 else torch.ones_like(rms))
+
+    def forward(self, edit: torch.Tensor) -> torch.Tensor:
+        e = (edit.to(self.center.dtype) - self.center) / self.scale
+        return self.layers(e.to(self.layers[0].weight.dtype))
+
+
 # ---------------------------------------------------------------------------------------------------
 # Generator part 3: the co-modulated decoder
 
@@ -497,6 +532,9 @@ class Generator(nn.Module):
     * noise_mode: 'random' | 'const' | 'none' (only with ``use_noise=True``); default 'random' in
       training, 'const' in eval mode.
     * fused_modconv: default True in eval mode (one grouped conv per layer), False in training.
+    * edit: ``[N, edit_dim]`` (or ``[edit_dim]``, for every image) conditioning vector of the edit to make,
+      required when ``edit_dim > 0`` (one student for many edits: ``p2pz.student.conditioning``). Its
+      edit code joins the global code: in the 4x4 input and in every layer's co-modulation.
 
     The output is the raw skip-RGB sum in training (losses see it unclamped, as in CoModGAN) and is
     clamped to [-1, 1] in eval mode; with ``input_residual=True`` it is the input plus that sum.
@@ -516,6 +554,8 @@ class Generator(nn.Module):
         self.truncation_psi = float(cfg["truncation_psi"])
         self.use_noise = bool(cfg["use_noise"])
         self.input_residual = bool(cfg["input_residual"])
+        self.edit_dim = int(cfg["edit_dim"])
+        edit_code_dim = int(cfg["edit_code_dim"]) if self.edit_dim > 0 else 0
         common = dict(resample_filter=cfg["resample_filter"], conv_clamp=cfg["conv_clamp"])
 
         self.encoder = Encoder(
@@ -529,9 +569,11 @@ class Generator(nn.Module):
             if self.z_dim > 0
             else None
         )
+        self.edit_mapping = EditMapping(self.edit_dim, edit_code_dim) if self.edit_dim > 0 else None
+        code_dim = cfg["global_dim"] + edit_code_dim  # the image's global code [; the edit code]
         self.synthesis = SynthesisNetwork(
-            resolution, img_channels, cfg["channel_base"], cfg["channel_max"], cfg["global_dim"],
-            mod_dim=self.w_dim + cfg["global_dim"], use_noise=self.use_noise, **common,
+            resolution, img_channels, cfg["channel_base"], cfg["channel_max"], code_dim,
+            mod_dim=self.w_dim + code_dim, use_noise=self.use_noise, **common,
         )  # fmt: skip
 
     def style_vector(self, n: int, z: torch.Tensor | None, truncation_psi: float | None, like: torch.Tensor):
@@ -554,6 +596,7 @@ class Generator(nn.Module):
         truncation_psi: float | None = None,
         noise_mode: str | None = None,
         fused_modconv: bool | None = None,
+        edit: torch.Tensor | None = None,
     ) -> torch.Tensor:
         if noise_mode is None:
             noise_mode = "random" if self.training else "const"
@@ -565,6 +608,7 @@ class Generator(nn.Module):
         # the input is added back (input_residual) in the input's, so an unchanged pixel stays exact.
         residual, x = x, x.to(self.encoder_dtype())
         global_code, features = self.encoder(x)
+        global_code = self.with_edit_code(global_code, edit)
         w = self.style_vector(x.shape[0], z, truncation_psi, like=global_code)
         mod = global_code if w is None else torch.cat([w, global_code], dim=1)  # co-modulation
         img = self.synthesis(global_code, features, mod, noise_mode, fused_modconv)
@@ -573,6 +617,19 @@ class Generator(nn.Module):
         if not self.training:
             img = img.clamp(-1, 1)
         return img
+
+    def with_edit_code(self, global_code: torch.Tensor, edit: torch.Tensor | None) -> torch.Tensor:
+        """``[global code ; edit code]`` for a conditional generator, the global code alone otherwise."""
+        if self.edit_mapping is None:
+            if edit is not None:
+                raise ValueError("this generator makes one edit (edit_dim 0): call it without edit=")
+            return global_code
+        if edit is None:
+            raise ValueError(f"this generator makes many edits: give edit= (a [N, {self.edit_dim}] vector)")
+        if edit.shape[-1] != self.edit_dim:
+            raise ValueError(f"edit vectors have {self.edit_dim} values, got shape {list(edit.shape)}")
+        code = self.edit_mapping(edit.reshape(-1, self.edit_dim)).to(global_code.dtype)
+        return torch.cat([global_code, code.expand(global_code.shape[0], -1)], dim=1)
 
     def encoder_dtype(self) -> torch.dtype:
         """The precision of the weights (float32 under autocast too: autocast casts per op)."""
@@ -658,6 +715,7 @@ class Discriminator(nn.Module):
 __all__ = [
     "DISCRIMINATOR_PRESETS",
     "Discriminator",
+    "EditMapping",
     "GENERATOR_PRESETS",
     "Generator",
     "channels_at",

@@ -198,6 +198,9 @@ class StudentModule(pl.LightningModule):
         lr_decay: ``cosine`` decays both learning rates to ``lr_final_ratio`` of their value over
             ``trainer.max_steps`` iterations; None keeps them constant (StyleGAN2, CoModGAN).
         lr_final_ratio: the learning rates' last value, as a fraction of the first, with ``lr_decay``.
+        edits: one student for many edits: each edit's name and conditioning vector
+            (``p2pz.student.conditioning``). ``p2pz train`` fills it from the shards when they hold
+            several edits (None: a per-edit student). Each pair's edit is read from its key.
     """
 
     def __init__(
@@ -226,6 +229,7 @@ class StudentModule(pl.LightningModule):
         change_threshold: float = 0.05,
         lr_decay: str | None = None,
         lr_final_ratio: float = 0.05,
+        edits: dict[str, list[float]] | None = None,
     ) -> None:
         super().__init__()
         from p2pz.student.networks import Discriminator, Generator
@@ -237,9 +241,18 @@ class StudentModule(pl.LightningModule):
         if lr_decay not in (None, "cosine"):
             raise UserError(f"lr_decay must be 'cosine' or null, got {lr_decay!r}")
 
-        self.G = Generator(resolution=resolution, img_channels=3, preset=preset, **(generator or {}))
+        generator = dict(generator or {})
+        self.edit_names: list[str] = list(edits or {})
+        if edits:  # conditioning vectors: not checkpointed as tensors, the hyper-parameters hold them
+            vectors = torch.tensor([edits[name] for name in self.edit_names], dtype=torch.float32)
+            generator["edit_dim"] = vectors.shape[1]
+            self.register_buffer("edit_vectors", vectors, persistent=False)
+        self.G = Generator(resolution=resolution, img_channels=3, preset=preset, **generator)
+        if edits:
+            self.G.edit_mapping.set_statistics(vectors)
         self.D = Discriminator(resolution=resolution, img_channels=3, preset=preset, **(discriminator or {}))
         self.g_ema = copy.deepcopy(self.G).requires_grad_(False).eval()
+        self._val_edit_sums: torch.Tensor | None = None  # per edit: PSNR sum, pairs (a validation's)
 
         # LPIPS: for the loss when weighted, for validation whenever weights (or a random stand-in) are given.
         # Stored outside nn.Module registration: frozen, not checkpointed, not averaged, not DDP-wrapped.
@@ -273,9 +286,30 @@ class StudentModule(pl.LightningModule):
         self.g_ema.eval()  # the EMA generator is only ever evaluated
         return self
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """The student's edit of ``x`` (``[N, 3, H, W]`` in [-1, 1]) by the EMA generator."""
-        return self.g_ema(x)
+    def forward(self, x: torch.Tensor, edit: torch.Tensor | None = None) -> torch.Tensor:
+        """The student's edit of ``x`` (``[N, 3, H, W]`` in [-1, 1]) by the EMA generator (``edit``: the
+        conditioning vectors of a student of many edits)."""
+        return self.g_ema(x, edit=edit)
+
+    def edit_indices(self, keys: list[str]) -> torch.Tensor:
+        """The index in ``edits`` of each pair's edit, read from its sample key."""
+        from p2pz.data.pairs.shards import key_edit
+
+        index = {name: i for i, name in enumerate(self.edit_names)}
+        names = [key_edit(k) for k in keys]
+        unknown = sorted({n for n in names if n not in index})
+        if unknown:
+            raise UserError(
+                f"pairs of edit(s) {', '.join(unknown)} in the data, but this student was made for "
+                f"{', '.join(self.edit_names)}"
+            )
+        return torch.tensor([index[n] for n in names], device=self.edit_vectors.device)
+
+    def batch_edit(self, batch: dict[str, Any]) -> torch.Tensor | None:
+        """The conditioning vectors of a batch's pairs (None for a per-edit student)."""
+        if not self.edit_names:
+            return None
+        return self.edit_vectors[self.edit_indices(batch["__key__"])]
 
     def perceptual(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
         module = self._perceptual
@@ -297,8 +331,9 @@ class StudentModule(pl.LightningModule):
         self._set_learning_rates(opt_g, opt_d, iteration)
 
         # 1. generator step
+        edit = self.batch_edit(batch)
         with self.toggled_optimizer(opt_g):
-            fake = self.G(x)
+            fake = self.G(x, edit=edit)
             g_terms = self._reconstruction_terms(fake, target, x)
             if hp.lpips_weight > 0:
                 g_terms["lpips"] = self.perceptual(fake, target)
@@ -506,10 +541,17 @@ class StudentModule(pl.LightningModule):
         every = self.hparams.grid_every_n_steps
         step = self.global_step
         if every > 0 and (step == 1 or step % every == 0) and self.trainer.is_global_zero:
-            self.save_grid(batch["src"], batch["edit"], tag=f"step-{step:07d}")
+            self.save_grid(batch["src"], batch["edit"], tag=f"step-{step:07d}", edit=self.batch_edit(batch))
 
     @torch.no_grad()
-    def save_grid(self, x: torch.Tensor, target: torch.Tensor, tag: str, key: str = "grid") -> Path:
+    def save_grid(
+        self,
+        x: torch.Tensor,
+        target: torch.Tensor,
+        tag: str,
+        key: str = "grid",
+        edit: torch.Tensor | None = None,
+    ) -> Path:
         """Rows of (input | teacher | student-EMA): ``<default_root_dir>/grids/<tag>.png`` and the loggers
         (as ``key``)."""
         import torchvision.utils as vutils
@@ -518,7 +560,7 @@ class StudentModule(pl.LightningModule):
 
         n = min(self.hparams.grid_samples, x.shape[0])
         x, target = x[:n], target[:n]
-        student = self.g_ema(x).float()
+        student = self.g_ema(x, edit=None if edit is None else edit[:n]).float()
         rows = torch.stack([x.float(), target.float(), student], dim=1).flatten(0, 1)
         grid = vutils.make_grid((rows.clamp(-1, 1) + 1) / 2, nrow=3, padding=2, pad_value=1.0).cpu()
         path = Path(self.trainer.default_root_dir) / "grids" / f"{tag}.png"
@@ -540,12 +582,20 @@ class StudentModule(pl.LightningModule):
             for buffer in self.g_ema.buffers():
                 torch.distributed.broadcast(buffer, src=0)
 
-    def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
+    def validation_step(self, batch: dict[str, Any], batch_idx: int, dataloader_idx: int = 0) -> None:
         """Score ``g_ema`` against the teacher, next to the copy-the-input baseline; the first batch
         (the same held-out pairs every time: validation reads them in order, unaugmented) is drawn as
-        the ``val/grid`` image."""
+        the ``val/grid`` image. A student of many edits (one loader per edit) is scored per edit too:
+        ``val/psnr_to_teacher/<edit>`` (see :meth:`on_validation_epoch_end`)."""
         x, target = batch["src"], batch["edit"]
-        out = self.g_ema(x)
+        edit = self.batch_edit(batch)
+        out = self.g_ema(x, edit=edit)
+        grids_on = self.hparams.grid_every_n_steps > 0 and not self.trainer.sanity_checking
+        if batch_idx == 0 and dataloader_idx == 0 and grids_on and self.trainer.is_global_zero:
+            self.save_grid(x, target, tag=f"val-step-{self.global_step:07d}", key="val/grid", edit=edit)
+        if edit is not None:
+            self._add_edit_scores(out, target, x, batch["__key__"])
+            return
         metrics = {
             "val/l1": (out - target).abs().mean(),
             "val/l1_copy": (x - target).abs().mean(),
@@ -556,9 +606,46 @@ class StudentModule(pl.LightningModule):
             metrics["val/lpips"] = self.perceptual(out, target)
             metrics["val/lpips_copy"] = self.perceptual(x, target)
         self.log_dict(metrics, on_step=False, on_epoch=True, batch_size=x.shape[0], sync_dist=True)
-        grids_on = self.hparams.grid_every_n_steps > 0 and not self.trainer.sanity_checking
-        if batch_idx == 0 and grids_on and self.trainer.is_global_zero:
-            self.save_grid(x, target, tag=f"val-step-{self.global_step:07d}", key="val/grid")
+
+    VAL_SCORES = ("val/l1", "val/l1_copy", "val/psnr_to_teacher", "val/psnr_copy")
+
+    def _new_edit_sums(self, device: torch.device) -> torch.Tensor:
+        return torch.zeros(len(self.edit_names), len(self.VAL_SCORES) + 1, device=device)
+
+    def _add_edit_scores(
+        self, out: torch.Tensor, target: torch.Tensor, x: torch.Tensor, keys: list[str]
+    ) -> None:
+        """Per edit, the sums of :attr:`VAL_SCORES` over its pairs and their count."""
+        if self._val_edit_sums is None:
+            self._val_edit_sums = self._new_edit_sums(out.device)
+        per_image = torch.stack(
+            [
+                (out - target).abs().flatten(1).mean(1),
+                (x - target).abs().flatten(1).mean(1),
+                torch.stack([psnr_db(o[None], t[None]) for o, t in zip(out, target)]),
+                torch.stack([psnr_db(i[None], t[None]) for i, t in zip(x, target)]),
+                torch.ones(len(out), device=out.device),
+            ],
+            dim=1,
+        ).float()
+        self._val_edit_sums.index_add_(0, self.edit_indices(keys).to(out.device), per_image)
+
+    def on_validation_epoch_end(self) -> None:
+        """A student of many edits: the scores over all its validation pairs (as a per-edit student
+        logs them) and ``val/psnr_to_teacher/<edit>``, summed over the ranks first."""
+        sums, self._val_edit_sums = self._val_edit_sums, None
+        if not self.edit_names:
+            return
+        if sums is None:  # this rank scored nothing: it still takes part in the reduction
+            sums = self._new_edit_sums(self.edit_vectors.device)
+        if self.trainer.world_size > 1:
+            sums = self.trainer.strategy.reduce(sums, reduce_op="sum")
+        total = sums.sum(dim=0)
+        if total[-1] > 0:
+            self.log_dict({k: total[i] / total[-1] for i, k in enumerate(self.VAL_SCORES)}, sync_dist=False)
+        for name, row in zip(self.edit_names, sums):
+            if row[-1] > 0:
+                self.log(f"val/psnr_to_teacher/{name}", row[2] / row[-1], sync_dist=False)
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint["generator_config"] = dict(self.g_ema.config)

@@ -56,6 +56,7 @@ def student_cli_class() -> type[LightningCLI]:
     from lightning.pytorch.cli import LightningCLI
 
     from p2pz.student.callbacks import RecordOpsImpl, StepCheckpoint, refuse_damaged_checkpoint
+    from p2pz.student.conditioning import conditioning_from_shards
     from p2pz.student.requeue import RequeueOnSignal
 
     class StudentCLI(LightningCLI):
@@ -67,6 +68,8 @@ def student_cli_class() -> type[LightningCLI]:
             # always present, configured as --checkpoint.* (or `checkpoint:` in the YAML)
             parser.add_lightning_class_args(StepCheckpoint, "checkpoint")
             parser.link_arguments("model.resolution", "data.resolution")
+            # shards of several edits train one student for all of them, conditioned on each edit
+            parser.link_arguments("data.shards", "model.edits", compute_fn=conditioning_from_shards)
 
         def parse_arguments(self, parser: LightningArgumentParser, args: Any) -> None:
             super().parse_arguments(parser, args)
