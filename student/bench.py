@@ -245,23 +245,25 @@ def _student_backends(
 ) -> dict[str, nn.Module]:
     """The loaded backends; one that cannot run here (ONNX on cuda without onnxruntime's CUDA
     provider) goes to ``skipped`` with the reason instead."""
-    from p2pz.student.export import load_exported, onnx_cuda_missing
+    from p2pz.student.export import load_exported, onnx_cuda_missing, read_config
+    from p2pz.student.package import first_edit_vector
 
+    edit = first_edit_vector(read_config(model_dir))
     models: dict[str, nn.Module] = {}
     for name in backends:
         if name == "eager":
-            models[name] = load_exported(model_dir, "eager", device, dtype=dtype)
+            models[name] = load_exported(model_dir, "eager", device, dtype=dtype, edit=edit)
         elif name == "compile":
-            models[name] = torch.compile(load_exported(model_dir, "eager", device, dtype=dtype))
+            models[name] = torch.compile(load_exported(model_dir, "eager", device, dtype=dtype, edit=edit))
         elif name == "pt2":
-            models[name] = load_exported(model_dir, "pt2", device, trust_pt2=trust_pt2)
+            models[name] = load_exported(model_dir, "pt2", device, trust_pt2=trust_pt2, edit=edit)
         elif name == "onnx":
             why = onnx_cuda_missing() if device.type == "cuda" else None
             if why:
                 if skipped is not None:
                     skipped[name] = why
                 continue
-            models[name] = load_exported(model_dir, "onnx", device)
+            models[name] = load_exported(model_dir, "onnx", device, edit=edit)
         else:
             raise UserError(f"unknown backend {name!r}; choose from {', '.join(BACKENDS)}")
     return models
@@ -297,12 +299,14 @@ def ops_impl(models: dict[str, nn.Module], device: torch.device) -> dict[str, st
 def dtype_error(model_dir: Path, device: torch.device, dtype: torch.dtype, res: int) -> dict[str, Any]:
     """How far the eager student in ``dtype`` is from float32 on the same random inputs: max and mean
     absolute difference in grey levels (0-255) of the 8-bit outputs."""
-    from p2pz.student.export import load_exported
+    from p2pz.student.export import load_exported, read_config
+    from p2pz.student.package import first_edit_vector
 
+    edit = first_edit_vector(read_config(model_dir))
     x = torch.rand(4, 3, res, res, generator=torch.Generator().manual_seed(0)) * 2 - 1
     outputs = {}
     for d in (torch.float32, dtype):
-        model = load_exported(model_dir, "eager", device, dtype=d)
+        model = load_exported(model_dir, "eager", device, dtype=d, edit=edit)
         with torch.no_grad():
             y = model(x.to(device)).float().cpu()  # float32 in, as p2pz apply feeds it
         outputs[d] = ((y.clamp(-1, 1) + 1) * 127.5).round()

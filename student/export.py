@@ -105,20 +105,32 @@ def _example_input(config: dict[str, Any], batch: int = 2) -> torch.Tensor:
     return torch.zeros(batch, config.get("img_channels", 3), res, res).uniform_(-1, 1)
 
 
-def _dynamic_batch() -> dict[str, dict[int, Any]]:
-    return {"x": {0: torch.export.Dim("batch", min=1, max=MAX_BATCH)}}
+def _example_edit(generator: nn.Module, batch: int = 2) -> torch.Tensor | None:
+    """An example conditioning batch for a student of many edits (None for a per-edit student)."""
+    edit_dim = getattr(generator, "edit_dim", 0)
+    return torch.randn(batch, edit_dim) if edit_dim else None
+
+
+def _dynamic_batch(conditional: bool = False) -> dict[str, dict[int, Any]]:
+    batch = torch.export.Dim("batch", min=1, max=MAX_BATCH)
+    return {"x": {0: batch}, **({"edit": {0: batch}} if conditional else {})}
 
 
 def export_program(generator: nn.Module, example: torch.Tensor) -> torch.export.ExportedProgram:
-    """``torch.export`` of the generator with a dynamic batch, on pure-ATen ops.
+    """``torch.export`` of the generator with a dynamic batch, on pure-ATen ops; a student of many
+    edits takes ``edit=`` (``[N, edit_dim]``) too.
 
     The reference decomposition of the custom ops keeps the program loadable where the project's
     compiled kernels are not (another machine, C++ serving through AOTInductor).
     """
     from p2pz.student.ops import force_impl
 
+    edit = _example_edit(generator, example.shape[0])
+    kwargs = {"edit": edit} if edit is not None else {}
     with force_impl("ref"), torch.no_grad():
-        return torch.export.export(generator, (example,), dynamic_shapes=_dynamic_batch(), strict=False)
+        return torch.export.export(
+            generator, (example,), kwargs, dynamic_shapes=_dynamic_batch(edit is not None), strict=False
+        )
 
 
 class _UnfusedModconv(nn.Module):
@@ -132,24 +144,27 @@ class _UnfusedModconv(nn.Module):
         super().__init__()
         self.generator = generator
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.generator(x, fused_modconv=False)
+    def forward(self, x: torch.Tensor, edit: torch.Tensor | None = None) -> torch.Tensor:
+        return self.generator(x, fused_modconv=False, edit=edit)
 
 
 def export_onnx(generator: nn.Module, example: torch.Tensor, path: Path) -> None:
+    """ONNX with inputs ``x`` (and ``edit`` for a student of many edits) and output ``y``."""
     from p2pz.student.ops import force_impl
 
     # The exporter's optimiser logs one INFO line per deduplicated initializer (hundreds); keep
     # its warnings only, whatever logging level the caller set.
     logging.getLogger("onnx_ir").setLevel(logging.WARNING)
+    edit = _example_edit(generator, example.shape[0])
+    inputs = (example,) if edit is None else (example, edit)
     with force_impl("ref"), torch.no_grad():
         torch.onnx.export(
             _UnfusedModconv(generator).eval(),
-            (example,),
+            inputs,
             str(path),
-            input_names=["x"],
+            input_names=["x"] if edit is None else ["x", "edit"],
             output_names=["y"],
-            dynamic_shapes=_dynamic_batch(),
+            dynamic_shapes=_dynamic_batch(edit is not None),
             opset_version=ONNX_OPSET,
             dynamo=True,
             external_data=False,
@@ -220,6 +235,7 @@ def export_package(
         teacher_model=(provenance.get("teacher") or {}).get("model"),
     )
     config.update(extra or {})  # e.g. the demo's teacher_model
+    config.update(trained_edits(ckpt))
     student = Student(**generator.config)
     student.load_state_dict(generator.state_dict())
     student.eval().requires_grad_(False)
@@ -238,6 +254,20 @@ def export_package(
         if finish is not None:
             finish(tmp, config)
     return Path(out_dir)
+
+
+def trained_edits(ckpt: dict[str, Any]) -> dict[str, Any]:
+    """``{"edits": {name: {source, target, conditioning}}}`` for a student of many edits, else ``{}``."""
+    from p2pz.teacher.edits import parse_edit
+
+    edits = (ckpt.get("hyper_parameters") or {}).get("edits") or {}
+    if not edits:
+        return {}
+    described = {}
+    for name, vector in edits.items():
+        edit = parse_edit(name)
+        described[name] = {"source": edit.source, "target": edit.target, "conditioning": list(vector)}
+    return {"edits": described}
 
 
 def add_to_package(folder: str | os.PathLike, **sections: Any) -> dict[str, Any]:
@@ -333,8 +363,11 @@ class _OnnxModule(nn.Module):
             providers = ["CPUExecutionProvider"]
         self.session = ort.InferenceSession(str(path), options, providers=providers)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        (y,) = self.session.run(None, {"x": x.detach().cpu().float().contiguous().numpy()})
+    def forward(self, x: torch.Tensor, edit: torch.Tensor | None = None) -> torch.Tensor:
+        feeds = {"x": x.detach().cpu().float().contiguous().numpy()}
+        if edit is not None:
+            feeds["edit"] = edit.detach().cpu().float().expand(x.shape[0], -1).contiguous().numpy()
+        (y,) = self.session.run(None, feeds)
         return torch.from_numpy(y).to(x.device)
 
 
@@ -345,6 +378,7 @@ def load_exported(
     *,
     trust_pt2: bool = False,
     dtype: torch.dtype = torch.float32,
+    edit: torch.Tensor | None = None,
 ) -> nn.Module:
     """An exported student as a module ``y = model(x)``; ``x`` in [-1, 1], ``[N, 3, H, W]``.
 
@@ -353,12 +387,46 @@ def load_exported(
     fastest ops for the device), ``pt2`` (the torch.export program) or ``onnx`` (onnxruntime: the CPU
     provider, or CUDA's on a cuda device when installed). ``pt2`` unpickles the
     program, which can run code: it needs ``trust_pt2=True`` (a package you made or trust). ``dtype``:
-    the eager generator's precision (the pt2 program and the ONNX file are float32 only).
+    the eager generator's precision (the pt2 program and the ONNX file are float32 only). ``edit``: the
+    conditioning vector a student of many edits makes its edit with (bound: the module takes ``x`` only).
     """
-    from p2pz.student.package import load_student, resolve_package
+    from p2pz.student.package import resolve_package
 
     model_dir = resolve_package(model_dir)
     config = read_config(model_dir)
+    conditional = bool(int((config.get("generator") or {}).get("edit_dim") or 0))
+    if conditional != (edit is not None):
+        raise UserError(
+            f"{model_dir} makes many edits: choose one (--edit)"
+            if conditional
+            else f"{model_dir} makes one edit: it takes no edit vector"
+        )
+    model = _load_backend(model_dir, config, backend, device, trust_pt2, dtype)
+    return bind_edit(model, edit.to(device)) if conditional else model
+
+
+def bind_edit(model: nn.Module, edit: torch.Tensor) -> nn.Module:
+    """A student of many edits with ``edit`` (its conditioning vector) bound: ``y = bound(x)``."""
+    return _WithEdit(model, edit)
+
+
+class _WithEdit(nn.Module):
+    """A student of many edits with one edit bound: ``y = model(x)``."""
+
+    def __init__(self, model: nn.Module, edit: torch.Tensor):
+        super().__init__()
+        self.model, self.edit = model, edit.float().reshape(1, -1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model(x, edit=self.edit.expand(x.shape[0], -1))
+
+
+def _load_backend(
+    model_dir: Path, config: dict[str, Any], backend: str, device: str | torch.device, trust_pt2: bool,
+    dtype: torch.dtype,
+) -> nn.Module:  # fmt: skip
+    from p2pz.student.package import load_student
+
     files = config.get("files", {})
     if backend == "eager":
         return load_student(model_dir, device=device, dtype=dtype)

@@ -50,7 +50,8 @@ class Student(
     license="mit",
     tags=["p2pz", "pix2pix-zero", "image-to-image", "distillation"],
 ):
-    """A distilled pix2pix-zero edit: ``y = student(x)``, ``x`` and ``y`` ``[N, 3, H, W]`` in [-1, 1].
+    """A distilled pix2pix-zero edit: ``y = student(x)``, ``x`` and ``y`` ``[N, 3, H, W]`` in [-1, 1]; a
+    student of many edits: ``y = student(x, edit=student.edit_vector("circle:square"))``.
 
     ``Student.from_pretrained(folder_or_repo_id)`` loads an exported package (eval mode, no grad);
     ``student.package_config`` is its ``config.json``. ``save_pretrained(folder)`` writes the weights
@@ -58,6 +59,15 @@ class Student(
     """
 
     package_config: dict[str, Any]
+
+    @property
+    def edits(self) -> list[str]:
+        """The edits a student of many edits makes (``[]`` for a per-edit student)."""
+        return list(package_edits(getattr(self, "package_config", None) or {}))
+
+    def edit_vector(self, edit: str) -> torch.Tensor:
+        """The conditioning vector of one of :attr:`edits`, for ``student(x, edit=...)``."""
+        return known_edit_vector(getattr(self, "package_config", None) or {}, edit)
 
     def _save_pretrained(self, save_directory: Path) -> None:
         from safetensors.torch import save_file
@@ -239,6 +249,43 @@ def load_student(
     student.package_config = config
     student._hub_mixin_config = config
     return student
+
+
+def package_edits(config: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """The edits of a student of many edits (name -> source, target, conditioning); ``{}`` for a
+    per-edit student."""
+    edits = config.get("edits")
+    return dict(edits) if isinstance(edits, dict) else {}
+
+
+def edit_conditioning_of(config: dict[str, Any], spec: str) -> torch.Tensor | None:
+    """The conditioning vector of the edit ``spec`` (``circle:square`` or ``circle-to-square``) that a
+    package of many edits was trained on; None when the package does not list it."""
+    from p2pz.teacher.edits import parse_edit
+
+    entry = package_edits(config).get(parse_edit(spec).name)
+    if entry is None:
+        return None
+    return torch.tensor(entry["conditioning"], dtype=torch.float32)
+
+
+def known_edit_vector(config: dict[str, Any], spec: str, package: str = "this student") -> torch.Tensor:
+    """:func:`edit_conditioning_of`, or one line listing the edits the package makes."""
+    vector = edit_conditioning_of(config, spec)
+    if vector is None:
+        raise UserError(f"{package} does not make the edit {spec}; it makes {edits_line(config)}")
+    return vector
+
+
+def edits_line(config: dict[str, Any]) -> str:
+    """``circle:square, red:blue``: the edits of a package, as ``--edit`` takes them."""
+    return ", ".join(f"{e['source']}:{e['target']}" for e in package_edits(config).values()) or "one edit"
+
+
+def first_edit_vector(config: dict[str, Any]) -> torch.Tensor | None:
+    """What ``p2pz bench`` times a student of many edits with: its first edit (all cost the same)."""
+    edits = package_edits(config)
+    return edit_conditioning_of(config, next(iter(edits))) if edits else None
 
 
 @dataclass

@@ -31,7 +31,7 @@ DEVICE = {"direction", "edit", "calibrate", "eval", "apply", "bench", "demo", "e
 DTYPE = {"direction", "edit", "calibrate", "eval", "apply", "bench", "demo", "app"}
 SEED = {"make-tiny", "direction", "edit", "calibrate", "eval", "demo"}  # apply/bench/export: no draws
 PROGRESS = {"direction", "edit", "calibrate", "eval", "apply", "bench", "demo"}
-EDIT = {"direction", "edit", "calibrate", "eval", "demo"}
+EDIT = {"direction", "edit", "calibrate", "eval", "demo", "apply"}
 
 # The least each command needs to parse, so that a flag's value is the only thing that can fail.
 REQUIRED = {

@@ -91,16 +91,28 @@ class Student:
 
 
 def load_students(folders: list[Path], device: str, dtype: Any) -> dict[str, Student]:
-    """Every package loaded once, keyed by a short id (``0``, ``1`` ...) in the order given."""
+    """Every package loaded once, keyed by a short id (``0``, ``1`` ...) in the order given (a package of
+    many edits: one entry per edit)."""
+    from p2pz.student.export import bind_edit
+    from p2pz.student.package import edit_conditioning_of, package_edits
+
     students = {}
-    for index, folder in enumerate(folders):
+    for folder in folders:
         model, config = load_package(folder, device, dtype)
         card_path = folder / CARD
         card = card_path.read_text(errors="replace")[:20_000] if card_path.is_file() else None
         metrics = config.get("metrics") if isinstance(config.get("metrics"), dict) else {}
-        students[str(index)] = Student(
-            str(index), folder, model, config, edit_name(config, folder), _flat(metrics), card
-        )
+        # a student of many edits is listed once per edit, each with its edit bound
+        edits = package_edits(config)
+        choices = (
+            [(f"{e['source']}:{e['target']}", bind_edit(model, edit_conditioning_of(config, name).to(device)))
+             for name, e in edits.items()]
+            if edits
+            else [(edit_name(config, folder), model)]
+        )  # fmt: skip
+        for edit, bound in choices:
+            key = str(len(students))
+            students[key] = Student(key, folder, bound, config, edit, _flat(metrics), card)
     return students
 
 

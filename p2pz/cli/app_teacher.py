@@ -151,15 +151,9 @@ class TeacherQueue:
         """The package's edit direction, computed once per package (the world's captions for a shapes
         world edit, the sentence banks otherwise)."""
         if student.id not in self._directions:
-            from p2pz.data.shapes.edits import is_world_edit, parse_world_edit, world_direction
-            from p2pz.teacher.edits import parse_edit
+            from p2pz.cli.directions import direction_for
 
-            edit = parse_edit(student.edit)
-            if is_world_edit(edit.source, edit.target):
-                direction = world_direction(self.teacher, parse_world_edit(student.edit))
-            else:
-                direction = self.teacher.direction(edit.source, edit.target, seed=0)
-            self._directions[student.id] = direction
+            self._directions[student.id] = direction_for(self.teacher, student.edit)
         return self._directions[student.id]
 
 

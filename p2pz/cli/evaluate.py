@@ -322,15 +322,20 @@ def eval_student(args: argparse.Namespace) -> dict:
     from p2pz.data.shapes import world
     from p2pz.data.shapes.edits import parse_world_edit
     from p2pz.student.export import apply_to_images, load_exported, read_config
+    from p2pz.student.package import known_edit_vector, package_edits
 
     config = read_config(args.student)
     spec, settings = student_teacher_settings(config, args)
+    vector = None
+    if package_edits(config):  # a student of many edits: the --edit it is scored on
+        spec = args.edit[0] if args.edit else spec
+        vector = known_edit_vector(config, spec, args.student)
     edit = parse_world_edit(spec)
     count = 64 if args.scenes is None else args.scenes
     scenes = make_scenes(edit.source, count, HELD_OUT_SEED + args.seed * 1_000_000)
     inputs = [world.render(s) for s in scenes]
     teacher_images = _teacher_edits(args, settings, edit, inputs)
-    student = load_exported(args.student, "eager", device=args.device)
+    student = load_exported(args.student, "eager", device=args.device, edit=vector)
     student_images = apply_to_images(student, config["resolution"], inputs, device=args.device)
     student_images = [im if im.size == x.size else im.resize(x.size) for im, x in zip(student_images, inputs)]
     fid = fidelity(inputs, teacher_images, student_images)

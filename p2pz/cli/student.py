@@ -7,7 +7,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from p2pz.cli.options import add_device, add_dtype, add_list, add_progress
+from p2pz.cli.options import add_device, add_dtype, add_edit, add_list, add_progress
 from p2pz.cli.skipped import Skipped
 from p2pz.utils.errors import UserError
 from p2pz.utils.values import non_negative_int, positive_int
@@ -108,6 +108,16 @@ def _register_apply(sub: argparse._SubParsersAction) -> None:
         "package, so pass this only for a package you made or trust (eager and onnx run no code from it)",
     )
     p.add_argument("--batch-size", type=positive_int, default=8, help="images per model call (default: 8)")
+    add_edit(
+        p,
+        help="the edit to make, for a student of many edits (its config.json lists them; required there)",
+    )
+    p.add_argument(
+        "--teacher",
+        metavar="MODEL",
+        help="zero-shot: an --edit the package does not list gets its conditioning from this teacher's "
+        "text encoder (the model id or folder the package's pairs were made with)",
+    )
     add_device(p, "the model (onnx on cuda needs onnxruntime-gpu)")
     add_dtype(p, what="the model (eager only; pt2 and onnx are float32)")
     add_progress(p)
@@ -257,7 +267,8 @@ def cmd_apply(args: argparse.Namespace) -> int:
     files, images = read_images(_image_files(args.images), skipped)
     config = read_config(args.model)
     skipped.check_some_usable(len(files))  # after the package's check: a bad package is its own line
-    model = load_exported(args.model, args.backend, device, trust_pt2=args.trust_pt2, dtype=dtype)
+    edit = chosen_edit(args, config)
+    model = load_exported(args.model, args.backend, device, trust_pt2=args.trust_pt2, dtype=dtype, edit=edit)
     out.mkdir(parents=True, exist_ok=True)
     names: set[str] = set()
     starts = range(0, len(images), args.batch_size)
@@ -275,6 +286,35 @@ def cmd_apply(args: argparse.Namespace) -> int:
     print(f"wrote {len(files)} edited images to {out}{skipped.summary()}")
     skipped.raise_if_any(f"the other {len(files)} are in {out}")
     return 0
+
+
+def chosen_edit(args: argparse.Namespace, config: dict[str, Any]) -> Any:
+    """The conditioning vector of ``--edit`` for a student of many edits (None for a per-edit one): one
+    the package lists, or, with ``--teacher``, one computed by that teacher's text encoder."""
+    from p2pz.student.package import edit_conditioning_of, edits_line, known_edit_vector, package_edits
+
+    if not package_edits(config):
+        if args.edit is not None or args.teacher is not None:
+            raise UserError(f"{args.model} makes one edit: drop --edit and --teacher")
+        return None
+    if args.edit is None:
+        raise UserError(f"{args.model} makes many edits: choose one with --edit ({edits_line(config)})")
+    vector = edit_conditioning_of(config, args.edit)
+    if vector is not None:
+        return vector
+    if args.teacher is None:
+        known_edit_vector(config, args.edit, f"{args.model} (give --teacher MODEL to try it zero-shot)")
+    return zero_shot_conditioning(args.teacher, args.edit)
+
+
+def zero_shot_conditioning(teacher_model: str, spec: str) -> Any:
+    """An edit's conditioning from a teacher's text encoder, computed as the training edits' were."""
+    from p2pz.cli.directions import direction_for
+    from p2pz.student.conditioning import edit_conditioning
+    from p2pz.teacher.pipeline import Pix2PixZero
+
+    teacher = Pix2PixZero.from_pretrained(teacher_model, device="cpu", captioner=False)  # text only
+    return edit_conditioning(direction_for(teacher, spec))
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
