@@ -198,6 +198,9 @@ class StudentModule(pl.LightningModule):
         lr_decay: ``cosine`` decays both learning rates to ``lr_final_ratio`` of their value over
             ``trainer.max_steps`` iterations; None keeps them constant (StyleGAN2, CoModGAN).
         lr_final_ratio: the learning rates' last value, as a fraction of the first, with ``lr_decay``.
+        gradient_weight: weight of the L1 distance between the images' horizontal and vertical pixel
+            differences (an edge's position and sharpness), weighted as the L1 term where the teacher
+            changed the image.
         edits: one student for many edits: each edit's name and conditioning vector
             (``p2pz.student.conditioning``). ``p2pz train`` fills it from the shards when they hold
             several edits (None: a per-edit student). Each pair's edit is read from its key.
@@ -230,6 +233,7 @@ class StudentModule(pl.LightningModule):
         lr_decay: str | None = None,
         lr_final_ratio: float = 0.05,
         edits: dict[str, list[float]] | None = None,
+        gradient_weight: float = 0.0,
     ) -> None:
         super().__init__()
         from p2pz.student.networks import Discriminator, Generator
@@ -343,6 +347,7 @@ class StudentModule(pl.LightningModule):
                 hp.l1_weight * g_terms["l1"]
                 + hp.l2_weight * g_terms.get("l2", 0.0)
                 + hp.lpips_weight * g_terms.get("lpips", 0.0)
+                + hp.gradient_weight * g_terms.get("gradient", 0.0)
                 + hp.gan_weight * g_terms.get("gan", 0.0)
             )
             g_loss_bad = checks.losses("generator", {**g_terms, "total": g_total})
@@ -456,6 +461,8 @@ class StudentModule(pl.LightningModule):
         terms = {"l1": diff.abs().mean() if weight is None else (weight * diff.abs()).mean()}
         if hp.l2_weight > 0:
             terms["l2"] = diff.square().mean() if weight is None else (weight * diff.square()).mean()
+        if hp.gradient_weight > 0:
+            terms["gradient"] = gradient_l1(diff, weight)
         return terms
 
     def _set_learning_rates(self, opt_g: Any, opt_d: Any, iteration: int) -> None:
@@ -649,6 +656,15 @@ class StudentModule(pl.LightningModule):
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint["generator_config"] = dict(self.g_ema.config)
+
+
+def gradient_l1(diff: torch.Tensor, weight: torch.Tensor | None = None) -> torch.Tensor:
+    """Mean |d/dx diff| + |d/dy diff| of ``diff = fake - target`` (the images' finite differences
+    disagree where an edge is misplaced or blurred), optionally weighted per pixel."""
+    dx, dy = diff[..., :, 1:] - diff[..., :, :-1], diff[..., 1:, :] - diff[..., :-1, :]
+    if weight is None:
+        return dx.abs().mean() + dy.abs().mean()
+    return (weight[..., :, 1:] * dx.abs()).mean() + (weight[..., 1:, :] * dy.abs()).mean()
 
 
 def psnr_db(images: torch.Tensor, reference: torch.Tensor, cap: float = 100.0) -> torch.Tensor:

@@ -38,6 +38,22 @@ def test_change_weight_focuses_the_loss_on_the_edited_pixels():
     assert "l2" not in StudentModule(resolution=64, lpips_weight=0.0)._reconstruction_terms(inside, target, x)
 
 
+def test_the_gradient_term_sees_a_blurred_edge_that_l1_barely_does():
+    x, target = pair()
+    blurred = torch.nn.functional.avg_pool2d(target, 3, stride=1, padding=1, count_include_pad=False)
+    offset = target + 0.1 * (blurred - target).abs().mean()  # the same L1 error, spread evenly
+    module = StudentModule(resolution=64, lpips_weight=0.0, gradient_weight=1.0)
+    sharp, soft = (
+        module._reconstruction_terms(offset, target, x),
+        module._reconstruction_terms(blurred, target, x),
+    )
+    assert sharp["gradient"].item() == pytest.approx(0.0, abs=1e-6)  # a constant error has no edges
+    assert soft["gradient"] > 0.01
+    assert "gradient" not in StudentModule(resolution=64, lpips_weight=0.0)._reconstruction_terms(
+        blurred, target, x
+    )
+
+
 def test_cosine_decay_of_both_learning_rates():
     module = StudentModule(resolution=64, lpips_weight=0.0, lr_g=0.01, lr_d=0.002, lr_decay="cosine")
     module._trainer = SimpleNamespace(max_steps=100)
