@@ -86,19 +86,22 @@ def load_edit_conditioning(urls: Sequence[str]) -> dict[str, list[float]]:
 
 
 def conditioning_from_shards(
-    shards: str | os.PathLike | Sequence[str] | None,
+    shards: str | os.PathLike | Sequence[str] | None, strict: bool = False
 ) -> dict[str, list[float]] | None:
     """The ``model.edits`` of a training run: None for shards of one edit (a per-edit student, as
-    before), else every edit's conditioning vector. Shards that cannot be listed give None here: the
-    data module names the problem in its own line."""
+    before), else every edit's conditioning vector. Not ``strict`` (the command line's link, which
+    would wrap an error in its usage text), shards that cannot be listed and edits without a
+    direction give None: ``p2pz train`` then names the problem in one line (``strict=True``)."""
     from p2pz.data.pairs.reader import list_shards
 
     if not shards:
         return None
     try:
         urls = list_shards(shards)
+        if len(edits_of_shards(urls)) < 2:
+            return None
+        return load_edit_conditioning(urls)
     except UserError:
+        if strict:
+            raise
         return None
-    if len(edits_of_shards(urls)) < 2:
-        return None
-    return load_edit_conditioning(urls)

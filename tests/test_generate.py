@@ -208,6 +208,32 @@ def test_rerun_is_a_no_op(reference, tiny_model_dir, inputs_dir, teacher):
     assert {p.name: p.stat().st_mtime_ns for p in reference.glob("pairs-*.tar")} == before
 
 
+def test_each_edits_direction_is_kept_and_a_rerun_restores_a_missing_one(
+    multi, tiny_model_dir, inputs_dir, teacher
+):
+    import torch
+
+    from p2pz.data.pairs.shards import direction_file
+    from p2pz.student.conditioning import edits_of_shards, load_edit_conditioning
+    from p2pz.teacher.directions import EditDirection
+    from p2pz.teacher.edits import parse_edit
+
+    names = [parse_edit(e).name for e in EDITS]
+    urls = sorted(str(p) for p in multi.glob("pairs-*.tar"))
+    assert list(edits_of_shards(urls)) == names  # each shard's edit, read from its first key
+    for name in names:
+        kept = EditDirection.load(direction_file(multi, name))
+        assert kept.source_embedding is not None and kept.target_embedding is not None
+        torch.testing.assert_close(kept.tensor, kept.target_embedding - kept.source_embedding)
+    vectors = load_edit_conditioning(urls)
+    assert list(vectors) == names and vectors[names[0]] != vectors[names[1]]
+    lost = direction_file(multi, names[1])
+    before = EditDirection.load(lost)
+    lost.unlink()
+    run(_settings(tiny_model_dir, inputs_dir, multi, edit=EDITS), teacher=teacher)
+    torch.testing.assert_close(EditDirection.load(lost).target_embedding, before.target_embedding)
+
+
 def test_split_over_three_tasks_equals_one_task(reference, tiny_model_dir, inputs_dir, teacher, tmp_path):
     for task in range(3):
         run(_settings(tiny_model_dir, inputs_dir, tmp_path, task_index=task, num_tasks=3), teacher=teacher)

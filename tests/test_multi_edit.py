@@ -206,3 +206,23 @@ def test_the_app_lists_a_multi_edit_package_once_per_edit(trained):
     x = torch.rand(1, 3, 64, 64) * 2 - 1
     a, b = (s.model(x) for s in students.values())
     assert (a - b).abs().max() > 0
+
+
+def test_shards_of_many_edits_without_their_directions_stop_training_in_one_line(two_edits, tmp_path, capsys):
+    import shutil
+
+    bare = tmp_path / "bare"
+    shutil.copytree(two_edits, bare, ignore=shutil.ignore_patterns("directions"))
+    args = [
+        "train",
+        "fit",
+        "--config",
+        TINY,
+        "--data.shards",
+        str(bare),
+        "--trainer.default_root_dir",
+        str(tmp_path),
+    ]
+    rc = main(args)
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and len(err.splitlines()) == 1 and "direction" in err and "shapes-to-mirrored" in err

@@ -135,12 +135,14 @@ def ensure_direction(teacher: Pix2PixZero, edit: EditJob, s: Settings) -> EditDi
     return edit.direction
 
 
-def keep_direction(out: Path, edit: str, direction: EditDirection) -> None:
-    """``out/directions/<edit>.safetensors``, once: the direction a student of many edits reads."""
-    path = sh.direction_file(out, edit)
-    if not path.exists():
-        path.parent.mkdir(parents=True, exist_ok=True)
-        direction.save(path)
+def keep_directions(out: Path, teacher: Pix2PixZero, edits: Sequence[EditJob], s: Settings) -> None:
+    """``out/directions/<edit>.safetensors`` for every edit that has none yet (a dataset made before
+    they were kept gets them on a rerun): the directions a student of many edits is conditioned on."""
+    for edit in edits:
+        path = sh.direction_file(out, edit.name)
+        if not path.exists():
+            path.parent.mkdir(parents=True, exist_ok=True)
+            ensure_direction(teacher, edit, s).save(path)
 
 
 def plan_work(s: Settings, source: InputSource, edits: Sequence[EditJob]) -> list[sh.ShardPlan]:
@@ -432,8 +434,6 @@ def produce_group(
     batches, so the same numbers as an uninterrupted run) and only its unfinished shards written.
     """
     directions = [ensure_direction(job.teacher, job.edits[p.edit], job.settings) for p in group]
-    for plan, direction in zip(group, directions):
-        keep_direction(job.out, plan.edit, direction)
     skipped: dict[int, list[dict]] = {p.index: [] for p in group}
     started, made = time.perf_counter(), 0
     evals_before = evals_snapshot(job.teacher)
@@ -760,6 +760,7 @@ def run(s: Settings, teacher: Pix2PixZero | None = None, scorer: PairScorer | No
         log.info("preset %s runs no reference pass: its pairs carry no recon.png", teacher.preset.name)
     job = Job(s, teacher, source, {e.name: e for e in edits}, out, edit_kwargs, manifest, selection=selection)
     job.shared = shared_edits(plans)
+    keep_directions(out, teacher, edits, s)
     records, seconds = _produce_shards(job, share)
     done = _done_record(s, share, records, seconds, job.evals_per_pair)
     done.update(selection_summary(selection, records))

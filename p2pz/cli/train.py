@@ -78,6 +78,8 @@ def student_cli_class() -> type[LightningCLI]:
             if subcommand:
                 refuse_damaged_checkpoint(self.config[subcommand].get("ckpt_path"))
                 refuse_unreadable_shards(self.config[subcommand].get("data") or {})
+                data = self.config[subcommand].get("data") or {}
+                conditioning_from_shards(data.get("shards") if hasattr(data, "get") else None, strict=True)
             refuse_missing_gpus((self.config[subcommand] if subcommand else self.config).get("trainer") or {})
 
         def instantiate_trainer(self, **kwargs: Any) -> Trainer:
