@@ -27,10 +27,11 @@ It was distilled from the teacher's (input, edit) pairs into a CoModGAN-style ge
 from p2pz import Student
 
 student = Student.from_pretrained("{{ repo_hint }}")  # a folder or a Hub repo id
-y = student(x)  # x: [N, 3, {{ resolution }}, {{ resolution }}] in [-1, 1]
-```
+{% if first_edit %}y = student(x, edit=student.edit_vector("{{ first_edit }}"))  # one of its edits
+{% else %}y = student(x)  # x: [N, 3, {{ resolution }}, {{ resolution }}] in [-1, 1]
+{% endif %}```
 
-or `p2pz apply {{ repo_hint }} photos/ --out edited/`.
+or `p2pz apply {{ repo_hint }} photos/ --out edited/{{ " --edit " ~ first_edit if first_edit else "" }}`.
 
 ## Teacher
 
@@ -172,6 +173,10 @@ def render_card(
     edit = data.get("edit") or {}
     source, target = edit.get("source"), edit.get("target")
     edit_text = f"{source} → {target}" if source and target else "an edit (not recorded)"
+    edits = [f"{e['source']}:{e['target']}" for e in (config.get("edits") or {}).values()]
+    if edits:  # one student for many edits
+        source, target = None, None
+        edit_text = f"one student for {len(edits)} edits, " + ", ".join(e.replace(":", " → ") for e in edits)
     split = data.get("split") or {}
     held_out = [Path(u).name for u in split.get("val_shards") or []]
     ev = config.get("eval") or {}
@@ -183,6 +188,7 @@ def render_card(
         .from_string(TEMPLATE)
         .render(
             title=f"p2pz student: {source}-to-{target}" if source and target else "p2pz student",
+            first_edit=edits[0] if edits else None,
             edit_text=edit_text,
             repo_hint=repo_id or "path/to/this/folder",
             resolution=config.get("resolution"),

@@ -163,6 +163,11 @@ def test_a_multi_edit_package_round_trips_through_export_and_from_pretrained(tra
     config = json.loads((package / "config.json").read_text())
     assert list(config["edits"]) == list(EDITS)
     assert config["edits"]["shapes-to-mirrored"]["target"] == "mirrored"
+    from huggingface_hub import ModelCard
+
+    card = ModelCard.load(package / "README.md")
+    assert card.data.library_name == "p2pz" and "one student for 2 edits" in card.text
+    assert 'student.edit_vector("shapes:mirrored")' in card.text and "--edit shapes:mirrored" in card.text
     student = Student.from_pretrained(str(package))
     assert student.edits == list(EDITS)
     x = torch.rand(3, 3, 64, 64) * 2 - 1
