@@ -128,6 +128,44 @@ def test_one_edit_shards_train_todays_per_edit_student(tmp_path):
     assert today.edit_mapping is None and not any("edit" in k for k in today.state_dict())
 
 
+def _fit_weights(shards: Path, run: Path) -> dict:
+    from p2pz.cli import train
+
+    args = ["--config", TINY, "--data.shards", str(shards), "--trainer.default_root_dir", str(run)]
+    args += [
+        "--trainer.enable_progress_bar",
+        "false",
+        "--trainer.max_steps",
+        "3",
+        "--trainer.logger",
+        "false",
+    ]
+    cli = train.main(args=args, run=False)
+    cli.trainer.fit(cli.model, datamodule=cli.datamodule)
+    assert cli.model.hparams.edits is None and cli.datamodule.edit_groups is None
+    return {k: v.clone() for k, v in cli.model.g_ema.state_dict().items()}
+
+
+def test_one_edit_trains_bit_for_bit_as_shards_without_edit_names(tmp_path):
+    """Shards of one edit whose keys name it train exactly as shards whose keys do not (the
+    pre-multi-edit data path): the edit-aware reading changes nothing for a per-edit student."""
+    import shutil
+    import tarfile
+
+    named = write_edit_shards(tmp_path / "named", {"shapes-to-mirrored": np.fliplr}, shards_per_edit=3)
+    plain = tmp_path / "plain"
+    plain.mkdir()
+    for shard in sorted(named.glob("*.tar")):  # the same samples, keys without the edit's name
+        with tarfile.open(shard) as src, tarfile.open(plain / shard.name, "w") as dst:
+            for member in src.getmembers():
+                data = src.extractfile(member).read()
+                member.name = member.name.replace("shapes-to-mirrored_", "k")
+                dst.addfile(member, io.BytesIO(data))
+    shutil.copytree(named / "directions", plain / "directions")
+    a, b = _fit_weights(named, tmp_path / "a"), _fit_weights(plain, tmp_path / "b")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
 def test_training_balances_edits_and_scores_each_one(trained, two_edits):
     cli, _ = trained
     module, data = cli.model, cli.datamodule
