@@ -14,6 +14,7 @@ edit's direction in ``<dataset>/directions/<edit>.safetensors``.
 
 from __future__ import annotations
 
+import functools
 import os
 import tarfile
 from collections.abc import Sequence
@@ -46,7 +47,17 @@ def edit_conditioning(direction: EditDirection) -> torch.Tensor:
 
 def shard_edit(url: str) -> str | None:
     """The edit of a shard: its first sample key's edit name (one header read, nothing extracted);
-    None for a shard that cannot be read (the reader skips it too)."""
+    None for a shard that cannot be read (the reader skips it too). Read once per shard version: the
+    command line, the split and the data module all ask."""
+    try:
+        stat = os.stat(url)
+    except OSError:
+        return None
+    return _first_key_edit(url, stat.st_mtime_ns, stat.st_size)
+
+
+@functools.lru_cache(maxsize=65536)
+def _first_key_edit(url: str, mtime_ns: int, size: int) -> str | None:
     from p2pz.data.pairs.shards import key_edit
 
     try:

@@ -629,8 +629,8 @@ class StudentModule(pl.LightningModule):
             [
                 (out - target).abs().flatten(1).mean(1),
                 (x - target).abs().flatten(1).mean(1),
-                torch.stack([psnr_db(o[None], t[None]) for o, t in zip(out, target)]),
-                torch.stack([psnr_db(i[None], t[None]) for i, t in zip(x, target)]),
+                psnr_per_image(out, target),
+                psnr_per_image(x, target),
                 torch.ones(len(out), device=out.device),
             ],
             dim=1,
@@ -668,13 +668,18 @@ def gradient_l1(diff: torch.Tensor, weight: torch.Tensor | None = None) -> torch
 
 
 def psnr_db(images: torch.Tensor, reference: torch.Tensor, cap: float = 100.0) -> torch.Tensor:
-    """Mean per-image PSNR (dB) of ``[N, C, H, W]`` batches in [-1, 1] (clamped), a perfect image
-    counting ``cap``: torchmetrics' PSNR on the [0, 1] range."""
+    """Mean per-image PSNR (dB) of ``[N, C, H, W]`` batches in [-1, 1]: see :func:`psnr_per_image`."""
+    return psnr_per_image(images, reference, cap).mean()
+
+
+def psnr_per_image(images: torch.Tensor, reference: torch.Tensor, cap: float = 100.0) -> torch.Tensor:
+    """``[N]`` PSNRs (dB) of ``[N, C, H, W]`` batches in [-1, 1] (clamped), a perfect image counting
+    ``cap``: torchmetrics' PSNR on the [0, 1] range."""
     from torchmetrics.functional.image import peak_signal_noise_ratio
 
     a, b = ((t.detach().float().clamp(-1, 1) + 1) / 2 for t in (images, reference))
     per_image = peak_signal_noise_ratio(a, b, data_range=1.0, reduction="none", dim=(1, 2, 3))
-    return torch.nan_to_num(per_image, posinf=cap).clamp(max=cap).mean()
+    return torch.nan_to_num(per_image, posinf=cap).clamp(max=cap)
 
 
 def load_generator(checkpoint_path: str | os.PathLike, ema: bool = True) -> nn.Module:
