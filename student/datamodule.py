@@ -33,7 +33,7 @@ from p2pz.data.pairs.reader import (
     rank_share,
     readable_shards,
 )
-from p2pz.student.conditioning import edits_of_shards
+from p2pz.student.conditioning import edits_of_shards, shard_edit
 from p2pz.utils.cpu import usable_cpus
 from p2pz.utils.errors import UserError
 
@@ -43,7 +43,9 @@ def split_shards(
 ) -> tuple[list[str], list[str]]:
     """(training shards, held-out validation shards): ``val_shards`` when given, else the last
     ``val_fraction`` of ``shards`` in sorted order (at least one, only when there are two or more);
-    shards of several edits: the last ``val_fraction`` of each edit's, so that every edit is scored."""
+    shards of several edits: the last ``val_fraction`` of each edit's, so that every edit is scored.
+    A shard whose edit cannot be read (damaged at its start) stays a training shard: the checks that
+    a rank can read its share see it, as they do with one edit."""
     urls = list_shards(shards)
     if val_shards:
         return urls, list_shards(val_shards)
@@ -52,12 +54,25 @@ def split_shards(
     groups = edits_of_shards(urls)
     if len(groups) < 2:
         return _hold_out_last(urls, val_fraction)
-    train, val = [], []
+    train, val = [u for u in urls if shard_edit(u) is None], []
     for group in groups.values():
         group_train, group_val = _hold_out_last(group, val_fraction)
         train += group_train
         val += group_val
     return sorted(train), sorted(val)
+
+
+def _warn_unread_shards(urls: list[str], edits: dict[str, list[str]]) -> None:
+    """Balanced draws pick an edit, then one of its shards: a shard whose edit cannot be read is never
+    drawn, so say which ones training leaves out."""
+    grouped = {u for group in edits.values() for u in group}
+    unread = [u for u in urls if u not in grouped]
+    if unread:
+        rank_zero_warn(
+            f"{len(unread)} training shard(s) cannot be read and are left out: {unread[0]}"
+            f"{f' and {len(unread) - 1} more' if len(unread) > 1 else ''}; check them with "
+            "'p2pz shards inspect DIR'"
+        )
 
 
 def _hold_out_last(urls: list[str], fraction: float) -> tuple[list[str], list[str]]:
@@ -185,6 +200,8 @@ class PairDataModule(pl.LightningDataModule):
         # shards of several edits: each edit is drawn as often, however many shards it has
         edits = edits_of_shards(self.train_urls)
         self.edit_groups = list(edits.values()) if len(edits) > 1 else None
+        if self.edit_groups:
+            _warn_unread_shards(self.train_urls, edits)
         val_edits = edits_of_shards(self.val_urls) if self.edit_groups else {}
         self.val_edit_groups = list(val_edits.values()) if len(val_edits) > 1 else None
         if not self.val_urls and self.hparams.val_fraction > 0:

@@ -146,6 +146,25 @@ def _fit_weights(shards: Path, run: Path) -> dict:
     return {k: v.clone() for k, v in cli.model.g_ema.state_dict().items()}
 
 
+def test_a_damaged_shard_among_many_edits_stays_in_the_training_split(tmp_path):
+    from p2pz.data.pairs.reader import rank_share
+    from p2pz.student.datamodule import PairDataModule, split_shards
+
+    many = write_edit_shards(tmp_path / "many", EDITS, shards_per_edit=3)
+    before, _ = split_shards(str(many))
+    damaged = rank_share(before, 1, 2)[0]
+    Path(damaged).write_bytes(b"not a tar archive\n" * 64)
+    train, val = split_shards(str(many))
+    # the rank whose share it is still finds it there (and stops every rank when all of its share is damaged)
+    assert train == before and damaged in rank_share(train, 1, 2) and damaged not in val
+    # balanced draws never pick it: training says so
+    data = PairDataModule(str(many))
+    left_out = r"1 training shard\(s\) cannot be read and are left out: .*" + Path(damaged).name
+    with pytest.warns(UserWarning, match=left_out):
+        data.setup()
+    assert damaged not in {u for group in data.edit_groups for u in group}
+
+
 def test_one_edit_trains_bit_for_bit_as_shards_without_edit_names(tmp_path):
     """Shards of one edit whose keys name it train exactly as shards whose keys do not (the
     pre-multi-edit data path): the edit-aware reading changes nothing for a per-edit student."""

@@ -292,12 +292,14 @@ def test_a_rank_with_only_damaged_shards_stops_every_rank(
     two_node_cluster: TwoNodeCluster, generated: Path, tmp_path: Path
 ) -> None:
     from p2pz.data.pairs.reader import rank_share, readable_shards
+    from p2pz.data.pairs.shards import DIRECTIONS_DIR
     from p2pz.student.datamodule import split_shards
 
     shards = tmp_path / "shards"
     shards.mkdir()
     for shard in generated.glob("pairs-*.tar"):
         shutil.copy(shard, shards)
+    shutil.copytree(generated / DIRECTIONS_DIR, shards / DIRECTIONS_DIR)  # two edits: one student of both
     train, _ = split_shards(str(shards))  # the data module's split (tiny.yaml: default val_fraction)
     damaged = rank_share(train, 1, 2)
     for url in damaged:
