@@ -77,6 +77,29 @@ def test_upfirdn2d_cpu_equals_reference(dtype):
             assert out.is_contiguous(memory_format=torch.channels_last)
 
 
+@pytest.mark.parametrize(
+    "shape",
+    [
+        (3, 13, 8, 8),  # 39 NCHW planes a few pixels wide: the kernel's blocks of 16 planes, the last partial
+        (1, 20, 5, 64),  # the widest such planes
+        (2, 3, 6, 70),  # wider rows: one row at a time
+        (2, 40, 7, 9),  # channels-last: one row at a time, over the channels
+    ],
+)
+@pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16])
+def test_upfirdn2d_cpu_equals_reference_on_both_paths_of_the_kernel(shape, dtype):
+    g = torch.Generator().manual_seed(7)
+    x = torch.randn(shape, generator=g, dtype=torch.float64)
+    if shape[1] == 40:
+        x = x.to(memory_format=torch.channels_last)
+    f = setup_filter([1, 3, 3, 1])
+    for up, down, padding in [(2, 1, [2, 1, 2, 1]), (1, 2, [1, 1, 1, 1]), (1, 1, [1, 2, 0, 3])]:
+        exact = upfirdn2d.upfirdn2d(x, f, up, down, padding, impl="ref")
+        out = upfirdn2d.upfirdn2d(x.to(dtype), f, up, down, padding, impl="cpu")
+        tol = 1e-10 if dtype == torch.float64 else 0.02 * (exact.abs().max().item() + 1)
+        torch.testing.assert_close(out.double(), exact, atol=tol, rtol=0 if dtype == torch.float64 else 0.02)
+
+
 def test_upfirdn2d_bfloat16_within_tolerance():
     rng = random.Random(99)
     for i in range(30):
