@@ -93,6 +93,15 @@ class RowFilter {
       const acc_t* row = xrow;
       if (i_step_ == 1 && std::is_same_v<scalar_t, acc_t>) {
         row = reinterpret_cast<const acc_t*>(src);
+      } else if (M == 1 && i_step_ == 2) {  // NCHW, 2x downsampling: split even and odd columns (vectorises)
+        acc_t* __restrict__ even = xrow;
+        acc_t* __restrict__ odd = xrow + in_slots_;
+        const int64_t pairs = g.in_w / 2;
+        for (int64_t s = 0; s < pairs; ++s) {
+          even[s] = static_cast<acc_t>(src[2 * s]);
+          odd[s] = static_cast<acc_t>(src[2 * s + 1]);
+        }
+        if (g.in_w % 2) even[pairs] = static_cast<acc_t>(src[g.in_w - 1]);
       } else {
         for (int64_t ph = 0; ph < i_step_; ++ph) {
           acc_t* __restrict__ d = xrow + ph * in_slots_ * M;
@@ -110,6 +119,18 @@ class RowFilter {
         const int64_t n = run.n * M;
         for (int64_t j = 0; j < n; ++j) a[j] += wgt * s[j];
       }
+    }
+    if (M == 1 && o_step_ == 2) {  // NCHW, 2x upsampling: interleave the two phases (vectorises)
+      const acc_t* __restrict__ a0 = acc;
+      const acc_t* __restrict__ a1 = acc + out_slots_;
+      scalar_t* __restrict__ d = out;
+      const int64_t pairs = g.out_w / 2;
+      for (int64_t s = 0; s < pairs; ++s) {
+        d[2 * s] = static_cast<scalar_t>(a0[s]);
+        d[2 * s + 1] = static_cast<scalar_t>(a1[s]);
+      }
+      if (g.out_w % 2) d[g.out_w - 1] = static_cast<scalar_t>(a0[pairs]);
+      return;
     }
     for (int64_t ph = 0; ph < o_step_; ++ph) {
       const acc_t* __restrict__ a = acc + ph * out_slots_ * M;
