@@ -83,6 +83,7 @@ def test_upfirdn2d_cpu_equals_reference(dtype):
         (3, 13, 8, 8),  # 39 NCHW planes a few pixels wide: the kernel's blocks of 16 planes, the last partial
         (1, 20, 5, 64),  # the widest such planes
         (2, 3, 6, 70),  # wider rows: one row at a time
+        (1, 2, 5, 67),  # odd widths: the last column of a 2x phase split or interleave
         (2, 40, 7, 9),  # channels-last: one row at a time, over the channels
     ],
 )
@@ -93,7 +94,12 @@ def test_upfirdn2d_cpu_equals_reference_on_both_paths_of_the_kernel(shape, dtype
     if shape[1] == 40:
         x = x.to(memory_format=torch.channels_last)
     f = setup_filter([1, 3, 3, 1])
-    for up, down, padding in [(2, 1, [2, 1, 2, 1]), (1, 2, [1, 1, 1, 1]), (1, 1, [1, 2, 0, 3])]:
+    for up, down, padding in [
+        (2, 1, [2, 1, 2, 1]),
+        (2, 1, [2, 2, 1, 1]),
+        (1, 2, [1, 1, 1, 1]),
+        (1, 1, [1, 2, 0, 3]),
+    ]:
         exact = upfirdn2d.upfirdn2d(x, f, up, down, padding, impl="ref")
         out = upfirdn2d.upfirdn2d(x.to(dtype), f, up, down, padding, impl="cpu")
         tol = 1e-10 if dtype == torch.float64 else 0.02 * (exact.abs().max().item() + 1)
