@@ -81,9 +81,9 @@ def test_upfirdn2d_cpu_equals_reference(dtype):
     "shape",
     [
         (3, 13, 8, 8),  # 39 NCHW planes a few pixels wide: the kernel's blocks of 16 planes, the last partial
-        (1, 20, 5, 64),  # the widest such planes
-        (2, 3, 6, 70),  # wider rows: one row at a time
-        (1, 2, 5, 67),  # odd widths: the last column of a 2x phase split or interleave
+        (1, 20, 5, 128),  # the widest such planes
+        (2, 3, 6, 130),  # wider rows: one row at a time
+        (1, 2, 5, 131),  # odd widths: the last column of a 2x phase split or interleave
         (2, 40, 7, 9),  # channels-last: one row at a time, over the channels
     ],
 )

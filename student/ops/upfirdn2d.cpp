@@ -164,12 +164,13 @@ void filter_by_rows(const scalar_t* x, scalar_t* y, const std::vector<acc_t>& ta
   });
 }
 
-// NCHW planes a few pixels wide: a row holds too little work for its set-up (at 8x8 the rows ran ~15x
-// slower than the same tensor channels-last). Blocks of kPlaneBlock planes are transposed into a
+// NCHW planes up to 128 pixels wide: a row holds too little work for its set-up (at 8x8 the rows ran
+// ~15x slower than the same tensor channels-last; at 64 px still ~2.5x slower than this path; wider,
+// the blocks no longer fit in cache and rows win). Blocks of kPlaneBlock planes are transposed into a
 // [H, W, block] buffer, filtered there as channels-last rows (the block is the minor axis) and
 // transposed back, all in cache (docs/results/ops.md).
 constexpr int64_t kPlaneBlock = 16;
-constexpr int64_t kPlaneBlockMaxWidth = 64;
+constexpr int64_t kPlaneBlockMaxWidth = 128;
 
 // dst[b * dst_b + i * dst_i] = src[b * src_b + i * src_i] for b < nb, i < ni, by 16 x 16 tiles (in L1).
 template <typename scalar_t>
