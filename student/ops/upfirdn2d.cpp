@@ -168,7 +168,7 @@ void filter_by_rows(const scalar_t* x, scalar_t* y, const std::vector<acc_t>& ta
 // ~15x slower than the same tensor channels-last; at 64 px still ~2.5x slower than this path; wider,
 // the blocks no longer fit in cache and rows win). Blocks of kPlaneBlock planes are transposed into a
 // [H, W, block] buffer, filtered there as channels-last rows (the block is the minor axis) and
-// transposed back, all in cache (docs/results/ops.md).
+// transposed back, all in cache. Figures: docs/results/ops.md.
 constexpr int64_t kPlaneBlock = 16;
 constexpr int64_t kPlaneBlockMaxWidth = 128;
 
