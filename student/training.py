@@ -51,6 +51,10 @@ from torch import nn
 from p2pz.student.losses import PerceptualLoss, discriminator_gan_loss, generator_gan_loss, r1_penalty
 from p2pz.utils.errors import UserError
 
+# A network's keyword overrides (``model.generator``, ``model.discriminator``), typed so that the
+# command line's ``--model.generator.dropout 0.3`` arrives as a number, not the string "0.3".
+NetworkOverrides = dict[str, bool | int | float | str | list[int | float] | None]
+
 # g_ema (and only it) is in eval mode when training starts, on purpose
 warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode at the start of training")
 
@@ -210,8 +214,8 @@ class StudentModule(pl.LightningModule):
         self,
         resolution: int = 256,
         preset: str = "lite",
-        generator: dict | None = None,
-        discriminator: dict | None = None,
+        generator: NetworkOverrides | None = None,
+        discriminator: NetworkOverrides | None = None,
         lr_g: float = 0.002,
         lr_d: float = 0.002,
         betas: tuple[float, float] = (0.0, 0.99),

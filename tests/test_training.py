@@ -656,3 +656,16 @@ def test_datamodule_holds_out_validation_shards(shards):
     assert [b["src"].shape[0] for b in batches] == [3, 3]  # ceil(5 / 3) batches, deterministic
     assert [b["__key__"] for b in batches] == [b["__key__"] for b in data.val_dataloader()]
     assert math.isclose(float(batches[0]["src"].min()), -1.0, abs_tol=0.5)
+
+
+def test_a_network_override_on_the_command_line_keeps_its_type(shards):
+    from p2pz.cli import train
+
+    args = ["--config", TINY, "--data.shards", str(shards), "--trainer.logger", "false"]
+    args += ["--model.generator.dropout", "0.3", "--model.generator.input_residual", "true"]
+    args += ["--model.discriminator.channel_max", "16"]
+    cli = train.main(args, run=False)
+    generator = cli.model.hparams.generator
+    assert generator["dropout"] == 0.3 and generator["input_residual"] is True, generator
+    assert cli.model.hparams.discriminator["channel_max"] == 16
+    assert cli.model.G.encoder.dropout.p == 0.3  # a number reached nn.Dropout, not the string "0.3"
