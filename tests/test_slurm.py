@@ -172,10 +172,14 @@ def test_generate_array_is_split_of_single_run(
     assert all(shards_per_task.values()), shards_per_task
     contents = _shard_contents(generated)
     assert set(contents) == set(all_shards)
+    _assert_equals_a_single_task(contents, generate_config, tmp_path, "single-task p2pz generate")
+
+
+def _assert_equals_a_single_task(contents: dict, generate_config: Path, tmp_path: Path, label: str) -> None:
+    """Every pair once, and the union of the array's tasks (their ``contents``) equals a single-task
+    run of the same config."""
     samples = [key for members in contents.values() for key in {name.split(".")[0] for name in members}]
     assert len(samples) == len(set(samples)) == len(EDITS) * NUM_SYNTHETIC, "a pair is missing or duplicated"
-
-    # The union of the tasks equals a single-task run of the same config.
     started = time.monotonic()
     single = tmp_path / "single"
     subprocess.run(
@@ -185,7 +189,7 @@ def test_generate_array_is_split_of_single_run(
         cwd=tmp_path,
         timeout=300,
     )
-    _timed("single-task p2pz generate for comparison", started)
+    _timed(f"{label} for comparison", started)
     assert _shard_contents(single) == contents
 
 

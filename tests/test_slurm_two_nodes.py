@@ -22,7 +22,6 @@ import os
 import re
 import shutil
 import socket
-import subprocess
 import time
 from pathlib import Path
 
@@ -32,8 +31,7 @@ import torch
 from slurm_cluster import FINISHED_STATES, TwoNodeCluster
 from state_asserts import assert_same
 from test_slurm import (  # the one-node tests' config, probe and helpers
-    EDITS,
-    NUM_SYNTHETIC,
+    _assert_equals_a_single_task,
     _manifest,
     _read_logs,
     _run_job,
@@ -198,20 +196,7 @@ def test_generate_array_over_both_nodes_is_one_task(
     for task in range(2):
         assert _manifest(generated, task, 2)[-1]["event"] == "done"
     contents = _shard_contents(generated)
-    samples = [key for members in contents.values() for key in {name.split(".")[0] for name in members}]
-    assert len(samples) == len(set(samples)) == len(EDITS) * NUM_SYNTHETIC, "a pair is missing or duplicated"
-
-    started = time.monotonic()
-    single = tmp_path / "single"
-    subprocess.run(
-        ["p2pz", "generate", "--config", str(generate_config), "--out", str(single), "--no-progress"],
-        check=True,
-        capture_output=True,
-        cwd=tmp_path,
-        timeout=300,
-    )
-    _timed("two nodes: single-task p2pz generate for comparison", started)
-    assert _shard_contents(single) == contents
+    _assert_equals_a_single_task(contents, generate_config, tmp_path, "two nodes: single-task p2pz generate")
 
 
 def test_train_ddp_across_two_nodes_reaches_max_steps(uninterrupted: Path) -> None:
