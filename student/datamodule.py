@@ -33,7 +33,7 @@ from p2pz.data.pairs.reader import (
     rank_share,
     readable_shards,
 )
-from p2pz.student.conditioning import edits_of_shards, shard_edit
+from p2pz.student.conditioning import edits_of_shards
 from p2pz.utils.cpu import usable_cpus
 from p2pz.utils.errors import UserError
 
@@ -54,7 +54,7 @@ def split_shards(
     groups = edits_of_shards(urls)
     if len(groups) < 2:
         return _hold_out_last(urls, val_fraction)
-    train, val = [u for u in urls if shard_edit(u) is None], []
+    train, val = _unread_shards(urls, groups), []
     for group in groups.values():
         group_train, group_val = _hold_out_last(group, val_fraction)
         train += group_train
@@ -62,11 +62,16 @@ def split_shards(
     return sorted(train), sorted(val)
 
 
+def _unread_shards(urls: list[str], edits: dict[str, list[str]]) -> list[str]:
+    """The shards of ``urls`` in no edit's group (their edit could not be read: damaged at the start)."""
+    grouped = {u for group in edits.values() for u in group}
+    return [u for u in urls if u not in grouped]
+
+
 def _warn_unread_shards(urls: list[str], edits: dict[str, list[str]]) -> None:
     """Balanced draws pick an edit, then one of its shards: a shard whose edit cannot be read is never
     drawn, so say which ones training leaves out."""
-    grouped = {u for group in edits.values() for u in group}
-    unread = [u for u in urls if u not in grouped]
+    unread = _unread_shards(urls, edits)
     if unread:
         rank_zero_warn(
             f"{len(unread)} training shard(s) cannot be read and are left out: {unread[0]}"
