@@ -64,8 +64,9 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def start_app(package: Path, port: int) -> subprocess.Popen:
+def start_app(package: Path, port: int, workers: int | None = None) -> subprocess.Popen:
     command = [sys.executable, "-m", "p2pz", "app", str(package), "--port", str(port), "--device", "cpu"]
+    command += ["--workers", str(workers)] if workers else []
     process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + 300
     while time.monotonic() < deadline and process.poll() is None:
@@ -79,10 +80,18 @@ def start_app(package: Path, port: int) -> subprocess.Popen:
 
 
 def rss_bytes(pid: int) -> int:
+    """Resident memory of the process and of its children (the app's student workers)."""
+    total = 0
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
         if line.startswith("VmRSS:"):
-            return int(line.split()[1]) * 1024
-    return 0
+            total += int(line.split()[1]) * 1024
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        for child in (task / "children").read_text().split():
+            try:
+                total += rss_bytes(int(child))
+            except FileNotFoundError:  # a child that just ended
+                pass
+    return total
 
 
 def client(
@@ -147,6 +156,9 @@ def main() -> None:
     parser.add_argument("package", nargs="?", help="exported student (default: the demo's architecture)")
     parser.add_argument("--clients", type=int, default=16)
     parser.add_argument("--requests", type=int, default=50, help="requests per client")
+    parser.add_argument(
+        "--workers", type=int, default=None, help="p2pz app --workers (default: the app's own choice)"
+    )
     args = parser.parse_args()
     from PIL import Image
 
@@ -159,7 +171,7 @@ def main() -> None:
         body = buffer.getvalue()
 
         port = free_port()
-        server = start_app(package, port)
+        server = start_app(package, port, args.workers)
         try:
             run_clients(port, body, args.clients, 5)  # warm-up: connections, allocator, batch sizes
             rss_warm = rss_bytes(server.pid)
@@ -182,6 +194,7 @@ def main() -> None:
         "bench_eager_batch1_images_per_s": round(bench_ips, 2),
         "app_over_bench_throughput": round(throughput / bench_ips, 3),
         "app_p99_over_single_p50": round(percentile(latencies, 99) / percentile(single, 50), 2),
+        "workers": args.workers or "auto",
         "clients": args.clients,
         "requests_per_client": args.requests,
         "cpu_cores": len(os.sched_getaffinity(0)),

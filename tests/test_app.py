@@ -10,6 +10,7 @@ import struct
 import time
 import warnings
 import zlib
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -53,7 +54,8 @@ def package(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def client(package):
-    client, state = app_client(str(package), "--max-megapixels", "1", "--max-upload-mb", "2")
+    limits = ["--max-megapixels", "1", "--max-upload-mb", "2"]
+    client, state = app_client(str(package), *limits, "--workers", "1")  # the in-process runner
     yield client
     state.runner.close()
 
@@ -161,10 +163,71 @@ def test_concurrent_requests_share_a_batch_and_get_their_own_result(client, pack
     assert max(r.json()["batch"] for r in responses) > 1
 
 
+def test_worker_processes_edit_as_p2pz_apply_and_a_stopped_worker_is_one_message(package):
+    """--workers 2: the students run in two processes; concurrent edits come back each its own and equal
+    to ``p2pz apply``'s, batched; when a worker dies the next edit gets a message, not a hang."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from p2pz.cli.app_workers import ProcessRunner
+    from p2pz.student.export import apply_to_images, load_exported
+
+    client, state = app_client(str(package), "--workers", "2", "--max-batch", "4")
+    try:
+        assert isinstance(state.runner, ProcessRunner) and len(state.runner._processes) == 2
+        images = [scene((64 + 8 * i, 64)) for i in range(12)]
+        with ThreadPoolExecutor(12) as pool:
+            responses = list(pool.map(lambda im: client.post("/api/edit", content=png_bytes(im)), images))
+        model = load_exported(package)
+        for image, response in zip(images, responses):
+            [alone] = apply_to_images(model, 64, [image])
+            got = np.asarray(decoded(response)).astype(int)
+            assert np.abs(got - np.asarray(alone).astype(int)).max() <= 1  # batched vs alone: float rounding
+        batches = [r.json()["batch"] for r in responses]
+        assert max(batches) > 1 and max(batches) <= 2  # --max-batch 4 shared out between the 2 workers
+        state.runner._processes[0].kill()
+        state.runner._processes[0].join(timeout=10)
+        deadline = time.monotonic() + 30
+        while (response := client.post("/api/edit", content=png_bytes(scene()))).status_code == 200:
+            assert time.monotonic() < deadline, "the app never noticed its worker stopped"
+            time.sleep(0.2)
+        assert response.status_code == 500 and "worker stopped" in response.json()["error"]
+        assert client.get("/api/models").status_code == 200  # the rest of the app keeps serving
+    finally:
+        state.runner.close()
+
+
+def children_of(pid):
+    tasks = Path(f"/proc/{pid}/task").iterdir()
+    return [int(child) for task in tasks for child in (task / "children").read_text().split()]
+
+
+@pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="reads /proc (Linux)")
+def test_worker_processes_end_when_the_app_is_killed(package):
+    """A SIGKILL runs no cleanup in the app: its workers must notice on their own, not live on."""
+    import os
+    import signal
+
+    from test_app_browser import free_port, start_app
+
+    port = free_port()
+    app = start_app(package, port, "--workers", "2")
+    workers = [c for c in children_of(app.pid) if "spawn_main" in Path(f"/proc/{c}/cmdline").read_text()]
+    assert len(workers) == 2
+    os.kill(app.pid, signal.SIGKILL)
+    app.wait(timeout=30)
+    deadline = time.monotonic() + 20
+    while any(Path(f"/proc/{w}").exists() and "Z" not in Path(f"/proc/{w}/stat").read_text().split()[2]
+              for w in workers):  # fmt: skip
+        assert time.monotonic() < deadline, f"workers {workers} outlived the app"
+        time.sleep(0.2)
+
+
 def test_the_teacher_runs_beside_and_cancels(package):
     from p2pz.data.models import TOY_MODEL
 
-    client, state = app_client(str(package), "--teacher", str(TOY_MODEL), "--teacher-steps", "4")
+    client, state = app_client(
+        str(package), "--teacher", str(TOY_MODEL), "--teacher-steps", "4", "--workers", "1"
+    )
     try:
         image = png_bytes(scene((64, 64)))
         first = client.post("/api/teacher", content=image).json()["id"]

@@ -45,9 +45,10 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def start_app(package: Path, port: int) -> subprocess.Popen:
+def start_app(package: Path, port: int, *options: str) -> subprocess.Popen:
     """``p2pz app PACKAGE --port PORT`` as a user starts it; returns once it answers on 127.0.0.1."""
     command = [sys.executable, "-m", "p2pz", "app", str(package), "--port", str(port), "--device", "cpu"]
+    command += options
     process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline:

@@ -14,6 +14,7 @@ from p2pz.utils.errors import UserError
 from p2pz.utils.values import int_at_least, positive_float, positive_int
 
 DEFAULT_PORT = 7860
+MAX_AUTO_WORKERS = 4
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -60,7 +61,16 @@ def register(sub: argparse._SubParsersAction) -> None:
         "--max-batch",
         type=positive_int,
         default=16,
-        help="most concurrent requests one student call takes together (default: 16)",
+        help="most concurrent requests the student calls take together, shared out between the workers "
+        "(default: 16)",
+    )
+    p.add_argument(
+        "--workers",
+        type=positive_int,
+        default=None,
+        help="student workers: with more than one, each is a process of its own that runs student calls "
+        "on its share of the CPU cores, beside the others (default: on a CPU one per core, at most "
+        f"{MAX_AUTO_WORKERS}; on a GPU one, in the app's process)",
     )
     add_device(p)
     add_dtype(p, what="the students and the teacher")
@@ -74,9 +84,16 @@ def build_state(args: argparse.Namespace) -> object:
     from p2pz.utils.devices import resolve_device, torch_dtype
 
     device, dtype = resolve_device(args.device), torch_dtype(args.dtype)
-    students = load_students(find_packages(args.packages, args.models_dir), device, dtype)
-    runner = StudentRunner(device, dtype, args.max_batch)
-    warm_up(runner, students.values())
+    folders = find_packages(args.packages, args.models_dir)
+    students = load_students(folders, device, dtype)
+    workers, threads = share_cores(device, args.workers)
+    if workers > 1:
+        from p2pz.cli.app_workers import ProcessRunner
+
+        runner = ProcessRunner(folders, device, dtype, args.max_batch, workers, threads)
+    else:
+        runner = StudentRunner(device, dtype, args.max_batch)
+        warm_up(runner, students.values())
     teacher = None
     if args.teacher:
         from p2pz.cli.app_teacher import TeacherQueue, recorded_preset
@@ -90,6 +107,23 @@ def build_state(args: argparse.Namespace) -> object:
         max_upload_mb=args.max_upload_mb,
         max_megapixels=args.max_megapixels,
     )
+
+
+def share_cores(device: str, workers: int | None) -> tuple[int, int]:
+    """(student workers, torch threads in each): on a CPU, one worker per core (at most
+    ``MAX_AUTO_WORKERS``) with the cores shared out; on a GPU one worker, which runs in the app's process.
+
+    A small student barely gains from a second core (the demo's 64 px student: 7 ms for one image on one
+    core or on two), while two worker processes of one core each serve far more images per second than
+    one on both (``docs/results/app.md``).
+    """
+    import torch
+
+    if not str(device).startswith("cpu"):
+        return workers or 1, torch.get_num_threads()
+    cores = torch.get_num_threads()
+    workers = workers or max(1, min(cores, MAX_AUTO_WORKERS))
+    return workers, max(1, cores // workers)
 
 
 def warm_up(runner: object, students: object) -> None:

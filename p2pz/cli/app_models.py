@@ -13,6 +13,7 @@ import os
 import queue
 import threading
 import time
+from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -127,6 +128,35 @@ def _flat(metrics: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     return flat
 
 
+def take_batch(
+    source: Any, held: list[Any], max_batch: int, model_of: Callable[[Any], Any]
+) -> tuple[list[Any], list[Any], bool]:
+    """The next batch: the first waiting request (``held`` first, else blocking on ``source``, a queue) and
+    every request of the same model that is waiting too, at most ``max_batch``; a ``None`` in the queue
+    means close. Returns (batch, the requests of other models held for later, closing)."""
+    first = held.pop(0) if held else source.get()
+    if first is None:
+        return [], held, True
+    batch, later, closing = [first], [], False
+    for request in held:
+        same = model_of(request) == model_of(first) and len(batch) < max_batch
+        (batch if same else later).append(request)
+    while len(batch) < max_batch:
+        try:
+            request = source.get_nowait()
+        except queue.Empty:
+            break
+        if request is None:
+            closing = True
+            break
+        (batch if model_of(request) == model_of(first) else later).append(request)
+    return batch, later, closing
+
+
+def _student_of(request: _Request) -> str:
+    return request.student.id
+
+
 @dataclass
 class _Request:
     student: Student
@@ -162,44 +192,26 @@ class StudentRunner:
                 self._run(batch)
 
     def _next_batch(self) -> list[_Request]:
-        first = self._held.pop(0) if self._held else self._queue.get()
-        if first is None:
-            self._closing = True
-            return []
-        batch, later = [first], []
-        for request in self._held:
-            same = request.student is first.student and len(batch) < self.max_batch
-            (batch if same else later).append(request)
-        while len(batch) < self.max_batch:
-            try:
-                request = self._queue.get_nowait()
-            except queue.Empty:
-                break
-            if request is None:
-                self._closing = True
-                break
-            (batch if request.student is first.student else later).append(request)
-        self._held = later
+        batch, self._held, self._closing = take_batch(self._queue, self._held, self.max_batch, _student_of)
         return batch
 
     def _run(self, batch: list[_Request]) -> None:
-        from p2pz.student.export import apply_to_images
-
-        student = batch[0].student
-        started = time.perf_counter()
         try:
-            edited = apply_to_images(
-                student.model,
-                student.resolution,
-                [r.image for r in batch],
-                batch_size=len(batch),
-                device=self.device,
-                dtype=self.dtype,
-            )
+            edited, model_ms = edit_batch(batch[0].student, [r.image for r in batch], self.device, self.dtype)
         except Exception as err:  # a failed call fails its requests, never the thread
             for request in batch:
                 request.future.set_exception(err)
             return
-        model_ms = (time.perf_counter() - started) * 1000
         for request, image in zip(batch, edited):
             request.future.set_result((image, model_ms, len(batch)))
+
+
+def edit_batch(student: Student, images: list[Any], device: str, dtype: Any) -> tuple[list[Any], float]:
+    """One student call on a batch of images, as ``p2pz apply`` makes it: (edited images, milliseconds)."""
+    from p2pz.student.export import apply_to_images
+
+    started = time.perf_counter()
+    edited = apply_to_images(
+        student.model, student.resolution, images, batch_size=len(images), device=device, dtype=dtype
+    )
+    return edited, (time.perf_counter() - started) * 1000

@@ -10,8 +10,8 @@
     GET    /api/teacher/{job}     {"state", "progress", "queue_position", "image" once done}
     DELETE /api/teacher/{job}     cancel it
 
-A refused upload is HTTP 400/413/415 with ``{"error": "..."}``, the line the page shows. Uploads and
-results stay in memory: the app writes no file.
+A refused upload is HTTP 400/413/415 with ``{"error": "..."}``, the line the page shows (a student
+call that fails: HTTP 500, the same way). Uploads and results stay in memory: the app writes no file.
 """
 
 from __future__ import annotations
@@ -20,6 +20,8 @@ import asyncio
 import base64
 import io
 import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from importlib import resources
 from typing import Any
@@ -30,12 +32,13 @@ from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse
 
 from p2pz.cli.app_models import Student, StudentRunner
 from p2pz.cli.app_uploads import DEFAULT_MAX_MEGAPIXELS, DEFAULT_MAX_UPLOAD_MB, UploadRefused, read_upload
+from p2pz.teacher.images import prepare_image
 
 
 @dataclass
 class AppState:
     students: dict[str, Student]
-    runner: StudentRunner
+    runner: StudentRunner  # or app_workers.ProcessRunner: the same interface
     teacher: Any = None  # app_teacher.TeacherQueue, with --teacher
     max_upload_mb: float = DEFAULT_MAX_UPLOAD_MB
     max_megapixels: float = DEFAULT_MAX_MEGAPIXELS
@@ -68,7 +71,12 @@ async def read_body(request: Request, max_bytes: int) -> bytes:
 
 
 def create_app(state: AppState) -> FastAPI:
-    app = FastAPI(title="p2pz app", docs_url=None, redoc_url=None, openapi_url=None)
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        yield
+        state.runner.close()  # at the server's shutdown: uvicorn may end the process right after it
+
+    app = FastAPI(title="p2pz app", docs_url=None, redoc_url=None, openapi_url=None, lifespan=lifespan)
     app.state.p2pz = state
     page = resources.files("p2pz.cli").joinpath("app_page.html").read_text()
 
@@ -115,7 +123,11 @@ def create_app(state: AppState) -> FastAPI:
         if isinstance(asked, JSONResponse):
             return asked
         student, upload = asked
-        edited, model_ms, batch = await asyncio.wrap_future(state.runner.submit(student, upload.image))
+        model_input = await run_in_threadpool(prepare_image, upload.image, student.resolution)
+        try:
+            edited, model_ms, batch = await asyncio.wrap_future(state.runner.submit(student, model_input))
+        except Exception as err:  # the student's call failed (or its worker stopped): say so, keep serving
+            return refused(f"the student could not edit this image: {err}", 500)
         encoded = await run_in_threadpool(png_base64, edited)
         return {
             "image": encoded,
