@@ -1,10 +1,11 @@
-"""The students ``p2pz app`` serves: found once, loaded once, run in micro-batches on one thread.
+"""The students ``p2pz app`` serves: found once, loaded once, run in micro-batches.
 
 :func:`load_package` is the one place a package is read (through :mod:`p2pz.student.package`, as
 ``p2pz apply`` reads it);
-:class:`StudentRunner` owns the model calls: requests queue up while a batch runs and the next batch
-takes every waiting request of one model (at most ``max_batch``), so concurrent users share the
-forward passes instead of taking turns, and a single user waits for no window.
+:class:`StudentRunner` owns the model calls (one thread of the app's process; with several workers,
+``app_workers.ProcessRunner`` in processes of their own): requests queue up while a batch runs and
+the next batch takes every waiting request of one model (at most ``max_batch``), so concurrent users
+share the forward passes instead of taking turns, and a single user waits for no window.
 """
 
 from __future__ import annotations
