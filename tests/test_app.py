@@ -147,7 +147,9 @@ def test_the_page_and_the_listing(client):
     assert client.post("/api/edit?model=9", content=png_bytes(scene())).status_code == 404
 
 
-def test_concurrent_requests_share_a_batch_and_get_their_own_result(client, package):
+def concurrent_edits_equal_apply(client, package):
+    """12 edits posted at once: each answer is its own image's edit, as ``p2pz apply`` makes it alone
+    (within 1 grey level: batched vs alone, float rounding). Returns each answer's batch size."""
     from concurrent.futures import ThreadPoolExecutor
 
     from p2pz.student.export import apply_to_images, load_exported
@@ -159,30 +161,23 @@ def test_concurrent_requests_share_a_batch_and_get_their_own_result(client, pack
     for image, response in zip(images, responses):
         [alone] = apply_to_images(model, 64, [image])
         got = np.asarray(decoded(response)).astype(int)
-        assert np.abs(got - np.asarray(alone).astype(int)).max() <= 1  # batched vs alone: float rounding
-    assert max(r.json()["batch"] for r in responses) > 1
+        assert np.abs(got - np.asarray(alone).astype(int)).max() <= 1
+    return [r.json()["batch"] for r in responses]
+
+
+def test_concurrent_requests_share_a_batch_and_get_their_own_result(client, package):
+    assert max(concurrent_edits_equal_apply(client, package)) > 1
 
 
 def test_worker_processes_edit_as_p2pz_apply_and_a_stopped_worker_is_one_message(package):
     """--workers 2: the students run in two processes; concurrent edits come back each its own and equal
     to ``p2pz apply``'s, batched; when a worker dies the next edit gets a message, not a hang."""
-    from concurrent.futures import ThreadPoolExecutor
-
     from p2pz.cli.app_workers import ProcessRunner
-    from p2pz.student.export import apply_to_images, load_exported
 
     client, state = app_client(str(package), "--workers", "2", "--max-batch", "4")
     try:
         assert isinstance(state.runner, ProcessRunner) and len(state.runner._processes) == 2
-        images = [scene((64 + 8 * i, 64)) for i in range(12)]
-        with ThreadPoolExecutor(12) as pool:
-            responses = list(pool.map(lambda im: client.post("/api/edit", content=png_bytes(im)), images))
-        model = load_exported(package)
-        for image, response in zip(images, responses):
-            [alone] = apply_to_images(model, 64, [image])
-            got = np.asarray(decoded(response)).astype(int)
-            assert np.abs(got - np.asarray(alone).astype(int)).max() <= 1  # batched vs alone: float rounding
-        batches = [r.json()["batch"] for r in responses]
+        batches = concurrent_edits_equal_apply(client, package)
         assert max(batches) > 1 and max(batches) <= 2  # --max-batch 4 shared out between the 2 workers
         state.runner._processes[0].kill()
         state.runner._processes[0].join(timeout=10)

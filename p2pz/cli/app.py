@@ -113,9 +113,8 @@ def share_cores(device: str, workers: int | None) -> tuple[int, int]:
     """(student workers, torch threads in each): on a CPU, one worker per core (at most
     ``MAX_AUTO_WORKERS``) with the cores shared out; on a GPU one worker, which runs in the app's process.
 
-    A small student barely gains from a second core (the demo's 64 px student: 7 ms for one image on one
-    core or on two), while two worker processes of one core each serve far more images per second than
-    one on both (``docs/results/app.md``).
+    A small student barely gains from a second core in one call, while worker processes of one core each
+    serve more images per second than one worker on all of them (measured: ``docs/results/app.md``).
     """
     import torch
 

@@ -1,8 +1,8 @@
 """Student workers in processes of their own: how ``p2pz app`` uses a CPU of several cores.
 
 Python threads share one interpreter lock, and a student's forward pass is a few hundred small calls
-that each give it up and take it back: two threads running the 64 px student at once, beside the
-HTTP server's, each ran at a third of their speed. A worker process has its own interpreter, its
+that each give it up and take it back, so threads running the student beside the HTTP server slow
+each other down instead of using more cores. A worker process has its own interpreter, its
 copy of the students (loaded from the same packages, strictly, as ``p2pz apply`` loads them) and its
 share of the cores. The queue and the batching rule are :class:`~p2pz.cli.app_models.StudentRunner`'s:
 a free worker takes every waiting request of one model, at most ``max_batch``. Measured:
