@@ -168,7 +168,10 @@ def edit_with_guidance(
     ``fused_prediction``: a guided step's DDIM step uses the noise prediction of its guidance
     forward, made at the latent *before* the gradient step, instead of a second UNet call at the
     moved latent (one UNet call per guided step instead of two; the step's eps is then
-    eps(x) rather than eps(x - xa_guidance * grad), a first-order difference in the step).
+    eps(x) rather than eps(x - xa_guidance * grad), a first-order difference in the step). With
+    ``guided_branch="edit"`` and CFG the guidance forward runs the edit branch only: its eps is the
+    edit branch's, and the negative branch's comes from one UNet call at the moved latent (two
+    one-branch calls per guided step instead of a one-branch and a two-branch one).
     ``maps_from_inversion``: ``maps`` already holds the guided steps' reference maps, recorded by
     ``invert`` under the caption; no reference pass runs (``reconstruction`` is None), and guided
     steps the inversion did not record get theirs from one UNet call (see the module docstring).
@@ -185,10 +188,6 @@ def edit_with_guidance(
         raise ValueError("guidance terms need the guided branch 'edit' or 'joint' (one latent per sample)")
     copies = direction.shape[0] // batch  # edits sharing this reference pass
     cfg = guidance_scale > 1.0  # as both codes: no negative branch at all for scale <= 1
-    if fused_prediction and guided_branch == "edit" and cfg:
-        raise ValueError(
-            "fused_prediction needs a guidance forward over both CFG branches ('negative', 'joint')"
-        )
     guided_set = set(guided_steps(num_steps, guided_share, guided_stride, xa_guidance))
     from_inversion = maps_from_inversion and bool(guided_set)
     if from_inversion and clean_latents is None:
@@ -238,7 +237,9 @@ def edit_with_guidance(
         if loss is not None:
             losses.append(loss)
         # ... then the noise prediction at the moved latent (or the fused one) and a DDIM step.
-        if fused:
+        if fused and cfg and guided_branch == "edit":  # the guidance forward made the edit branch's only
+            eps = torch.cat([_negative_prediction(unet, x_in, t, passes), fused[0]])
+        elif fused:
             eps = fused[0]
         else:
             with torch.no_grad(), unet_stage("prediction"):
@@ -249,6 +250,15 @@ def edit_with_guidance(
             x_edit = term.after_step(x_edit, x_ref, t)
     maps.clear()
     return EditOutput(edited=x_edit, reconstruction=x_ref, xa_loss=losses)
+
+
+@torch.no_grad()
+def _negative_prediction(unet: Any, x_in: torch.Tensor, t, passes: _Passes) -> torch.Tensor:
+    """The negative branch's noise prediction at the moved latent (a fused step of ``guided_branch="edit"``,
+    whose guidance forward ran the edit branch only)."""
+    with unet_stage("prediction"):
+        x_neg, embeds = x_in.chunk(2)[0], passes.edit_embeds.chunk(2)[0]
+        return unet(x_neg.to(unet.dtype), t, encoder_hidden_states=embeds).sample.float()
 
 
 @torch.no_grad()

@@ -64,7 +64,8 @@ class GuidanceStep:
 
     @functools.cached_property
     def x0(self) -> torch.Tensor:
-        """The predicted clean latents of the CFG-combined noise prediction (differentiable)."""
+        """The predicted clean latents of the CFG-combined noise prediction (differentiable); of the
+        edit branch's alone when the guidance forward ran that branch only (``guided_branch="edit"``)."""
         eps = self.eps.float()
         if eps.shape[0] == 2 * self.x.shape[0]:
             eps_uncond, eps_cond = eps.chunk(2)

@@ -179,20 +179,26 @@ LOCAL = dataclasses.replace(
 )  # fmt: skip
 
 
-def fast_variant(preset: Preset, guided_share: float = 1.0, guided_stride: int = 2) -> Preset:
+def fast_variant(
+    preset: Preset, guided_share: float = 1.0, guided_stride: int = 2, guided_branch: str | None = None
+) -> Preset:
     """``preset`` at about half its UNet work per pair (#38; docs/results/cheap-teacher.md): guidance
-    on every ``guided_stride``-th of the first ``guided_share`` of the steps, one UNet call per
-    guided step (the DDIM step reuses the guidance forward's noise prediction), and the reference
-    maps from the inversion (no reference pass, so no reconstruction). Named ``<preset>_fast``."""
-    which = f"the first {guided_share:g} of the steps" if guided_share < 1 else "the steps"
+    on every ``guided_stride``-th of the first ``guided_share`` of the steps, a fused prediction (the
+    DDIM step reuses the guidance forward's noise prediction), and the reference maps from the
+    inversion (no reference pass, so no reconstruction). ``guided_branch="edit"`` (the guidance
+    forward and its backward over the edit branch only) halves a guided step's work instead of the
+    stride: with stride 1 every step is guided at the same count. Named ``<preset>_fast``."""
+    which = f"the first {guided_share:g} of the steps" if guided_share < 1 else "every step"
     if guided_stride > 1:
         nth = {2: "second", 3: "third"}.get(guided_stride, f"{guided_stride}th")
-        which = f"every {nth} of {which}"
+        which = f"every {nth} of {which.replace('every step', 'the steps')}"
+    branch = guided_branch or preset.guided_branch
+    by = ", by the edit branch's maps only" if branch == "edit" and preset.guided_branch != "edit" else ""
     return dataclasses.replace(
         preset, name=f"{preset.name}_fast", guided_share=guided_share, guided_stride=guided_stride,
-        fused_prediction=True, reference_maps="inversion",
-        summary=f"{preset.name} at half the UNet work: guidance on {which}, one UNet call per guided "
-        "step, reference maps from the inversion",
+        guided_branch=branch, fused_prediction=True, reference_maps="inversion",
+        summary=f"{preset.name} at half the UNet work: guidance on {which}{by}, its noise prediction "
+        "reused, reference maps from the inversion",
     )  # fmt: skip
 
 

@@ -267,12 +267,29 @@ def test_no_guided_steps_is_the_unguided_edit_and_a_fused_step_is_close_to_two_c
     assert not torch.allclose(edited(fused, 50.0), edited(official, 50.0), atol=1e-4)
 
 
-def test_fused_prediction_needs_both_branches_in_the_guidance_forward(tiny_model_dir, cat2dog):
+def test_a_fused_step_of_the_edit_branch_predicts_the_negative_branch_at_the_moved_latent(
+    tiny_model_dir, official, cat2dog
+):
+    """guided_branch "edit": the guidance forward runs the edit branch only, so a fused step takes the
+    edit branch's eps from it and calls the UNet once more, for the negative branch at the moved
+    latent. A guided step: two one-branch forwards and one backward (the counts are pinned); with a
+    vanishing step it edits as the unfused path (a prediction over both branches), not with a real one."""
     from p2pz.teacher.presets import PAPER
 
-    paper = _teacher(tiny_model_dir, dataclasses.replace(PAPER, fused_prediction=True))
-    with pytest.raises(ValueError, match="fused_prediction needs"):
-        _edit(paper, cat2dog, xa_guidance=0.1)
+    def edited(teacher, xa):
+        return torch.stack([r.edited_latent for r in _edit(teacher, cat2dog, xa_guidance=xa)])
+
+    fused = _teacher(tiny_model_dir, dataclasses.replace(PAPER, fused_prediction=True))
+    _, counts = _counts(fused, lambda: _edit(fused, cat2dog, xa_guidance=0.1))
+    n = 2
+    assert counts["forward"] == {
+        "inversion": n * (STEPS - 2), "reference": n * STEPS, "guidance": n * STEPS, "prediction": n * STEPS
+    }  # fmt: skip
+    assert counts["backward"] == {"guidance": n * STEPS}
+    unfused = _teacher(tiny_model_dir, PAPER)
+    # one-branch and two-branch calls round differently: 1e-4, far below what a real step changes
+    torch.testing.assert_close(edited(fused, 1e-6), edited(unfused, 1e-6), atol=1e-4, rtol=1e-4)
+    assert (edited(fused, 50.0) - edited(unfused, 50.0)).abs().max() > 1e-2
 
 
 # -------------------------------------------------------------------------------------------------
