@@ -48,7 +48,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from p2pz.data.models import TOY_MODEL
-from p2pz.data.shapes.teacher_settings import AUTO, TOY_XA_GUIDANCE, add_toy_teacher_arguments
+from p2pz.data.shapes.teacher_settings import AUTO, add_toy_teacher_arguments, toy_calibration_base
 
 README_EDITS = ("circle:square", "red:blue")  # the headline edits (docs/results/toy-ablation.md): more scenes
 README_SCENES, OTHER_SCENES = 100, 20
@@ -108,7 +108,7 @@ def _guidance_step(
     (never the evaluated ones), printed with the sweep it was chosen from; logged, so that a resumed
     run does not calibrate again."""
     if args.xa_guidance != AUTO or "direction_xa" not in args.rows:
-        return TOY_XA_GUIDANCE if args.xa_guidance == AUTO else args.xa_guidance
+        return toy_calibration_base(args.preset) if args.xa_guidance == AUTO else args.xa_guidance
     from p2pz.data.eval.calibration import SCORE_NAMES, Calibration, calibrate_world_edit, pick_step
 
     logged = log.calibration(edit.name)
@@ -119,7 +119,7 @@ def _guidance_step(
         calibration = calibrate_world_edit(
             teacher,
             edit,
-            TOY_XA_GUIDANCE,
+            toy_calibration_base(args.preset),
             direction=direction,
             num_steps=args.steps,
             guidance_scale=args.guidance_scale,

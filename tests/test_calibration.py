@@ -179,3 +179,16 @@ def test_the_ablation_logs_its_calibration_and_a_resumed_run_reuses_it(tmp_path)
     assert [r["row"] for r in records] == ["calibration", "direction_xa"]  # nothing twice
     assert runs[0].stdout.splitlines()[-1] == runs[1].stdout.splitlines()[-1]  # the same JSON figures
     assert "<- chosen" in runs[1].stdout
+
+
+def test_the_toy_calibration_base_is_the_presets():
+    """``--xa-guidance auto`` on the toy model calibrates box_edges_fast (the edit branch alone, every
+    step) around 2.5, every other preset around box guidance's 5 (docs/results/cheap-teacher.md)."""
+    from p2pz.data.shapes.teacher_settings import (
+        EDIT_BRANCH_XA_GUIDANCE,
+        TOY_XA_GUIDANCE,
+        toy_calibration_base,
+    )
+
+    assert toy_calibration_base("box_edges_fast") == EDIT_BRANCH_XA_GUIDANCE == 2.5
+    assert [toy_calibration_base(p) for p in ("box_edges", "paper", "joint")] == [TOY_XA_GUIDANCE] * 3

@@ -136,3 +136,49 @@ def test_the_toy_teacher_keeps_a_colour_edit_in_place():
     summary = aggregate(result.scores)
     assert summary["success"] >= 0.75, summary
     assert summary["iou"] >= 0.75 and summary["centre_shift_px"] <= 1.5, summary
+
+
+def test_box_edges_fast_costs_at_most_half_of_box_edges():
+    """#38's count, by the UNet's hooks on one scene: per pair, box_edges runs the inversion's S - 2
+    forwards, a two-branch reference pass and, per step, a two-branch guidance forward, its backward
+    and a two-branch prediction: 11S - 2 forward-equivalents (a backward counts as two forwards;
+    548 at 50 steps). box_edges_fast: the inversion's calls (maps included) and 2 more for the first
+    and last steps' maps, then per step a one-branch guidance forward, its backward and the
+    negative branch's forward: 5S (250 at 50, 0.46). Pinned: a change that adds a call fails here."""
+    from p2pz.data.eval.ablation import edit_world_scenes
+    from p2pz.data.shapes.edits import parse_world_edit
+    from p2pz.teacher import Pix2PixZero
+
+    steps = 10  # the counts are linear in the steps
+
+    def counts(preset: str) -> dict[str, dict[str, int]]:
+        teacher = Pix2PixZero.from_pretrained(MODEL, preset=preset, captioner=False)
+        edit = parse_world_edit("square-to-triangle")
+        before = teacher.unet_evals.snapshot()
+        edit_world_scenes(teacher, edit, edit.scenes(1, seed=0), "direction_xa", num_steps=steps,
+                          xa_guidance=1.0, guidance_scale=3.0)  # fmt: skip
+        after = teacher.unet_evals.snapshot()
+        kinds = ("forward", "backward")
+        made = {kind: {s: n - before[kind].get(s, 0) for s, n in after[kind].items()} for kind in kinds}
+        return {kind: {s: n for s, n in made[kind].items() if n} for kind in kinds}
+
+    full, fast = counts("box_edges"), counts("box_edges_fast")
+    assert full == {
+        "forward": {
+            "inversion": steps - 2,
+            "reference": 2 * steps,
+            "guidance": 2 * steps,
+            "prediction": 2 * steps,
+        },
+        "backward": {"guidance": 2 * steps},
+    }
+    assert fast == {
+        "forward": {"inversion": steps - 2, "reference": 2, "guidance": steps, "prediction": steps},
+        "backward": {"guidance": steps},
+    }
+
+    def equivalents(c: dict[str, dict[str, int]]) -> int:
+        return sum(c["forward"].values()) + 2 * sum(c["backward"].values())
+
+    assert (equivalents(full), equivalents(fast)) == (11 * steps - 2, 5 * steps)
+    assert equivalents(fast) / equivalents(full) <= 0.5

@@ -49,8 +49,10 @@ BOX_EDGES = dataclasses.replace(
     "(the toy model's)",
 )  # fmt: skip
 
-# ``box_edges`` at half its UNet work per pair (``teacher.presets.fast_variant``): quality in
-# docs/results/cheap-teacher.md.
-BOX_EDGES_FAST = fast_variant(BOX_EDGES)
+# ``box_edges`` at half its UNet work per pair (``teacher.presets.fast_variant``). Guiding every
+# second step (``official_fast``'s stride) lost the late steps' pull on the edges on two shape edits;
+# the edit branch's maps alone guide every step at the same count (the loss's negative half and its
+# half of the backward dropped): docs/results/cheap-teacher.md.
+BOX_EDGES_FAST = fast_variant(BOX_EDGES, guided_stride=1, guided_branch="edit")
 
 PRESETS = (BOX, BOX_PIXELS, BOX_EDGES, BOX_EDGES_FAST)  # the entry point's value

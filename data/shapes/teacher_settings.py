@@ -9,7 +9,9 @@ Same teacher code, same presets: these are the values to pass as ``preset``, ``x
   which the world's ideal edit keeps and cross-attention guidance alone does not
   (``p2pz.data.shapes.presets``).
 - ``TOY_XA_GUIDANCE``, 5: box guidance's step, and the base that ``--xa-guidance auto`` calibrates
-  around; ``JOINT_XA_GUIDANCE``, 15: that of the presets without box guidance (``joint``, ``local``).
+  around; ``JOINT_XA_GUIDANCE``, 15: that of the presets without box guidance (``joint``, ``local``);
+  ``EDIT_BRANCH_XA_GUIDANCE``, 2.5: box guidance's by the edit branch's maps alone on every step
+  (``box_edges_fast``), whose calibration chose the smaller steps (``toy_calibration_base``).
 - ``TOY_GUIDANCE_SCALE``, 3: a stronger CFG regenerates colour edits from scratch.
 
 What each value does, in docs/shapes-world.md ("Its teacher settings"); the sweeps that chose them,
@@ -17,14 +19,24 @@ in docs/results/toy-teacher-settings.md, docs/results/box-guidance.md and
 docs/results/toy-ablation.md.
 """
 
+from __future__ import annotations
+
 import argparse
+from typing import TYPE_CHECKING
 
 from p2pz.utils.values import non_negative_float
+
+if TYPE_CHECKING:
+    from p2pz.teacher.presets import Preset
 
 TOY_PRESET = "box_edges"
 TOY_XA_GUIDANCE = 5.0
 TOY_GUIDANCE_SCALE = 3.0
 JOINT_XA_GUIDANCE = 15.0  # the step of ``joint`` (no box guidance)
+# box guidance by the edit branch alone, on every step (box_edges_fast): calibrated around 2.5 it
+# chose 1 on 10 of the 12 edits; around 2, blue -> yellow chose 2 and lost its success (0.55):
+# docs/results/cheap-teacher.md
+EDIT_BRANCH_XA_GUIDANCE = 2.5
 # The demo's teacher (20 DDIM steps, circle -> square) is ``joint`` at 15: box guidance's step was
 # found at 50 steps, and at 20 it moved the objects more and kept less of the background, and the
 # demo's student came out further from its teacher (docs/results/demo.md).
@@ -43,12 +55,26 @@ def xa_guidance_value(text: str) -> float | str:
 
 
 def toy_xa_guidance(preset: str) -> float:
-    """The toy model's guidance step for ``preset``: box guidance's 5, or 15 without it."""
+    """The toy model's guidance step for ``preset``: box guidance's (``toy_calibration_base``), or 15
+    without it."""
     from p2pz.data.shapes.box_guidance import BoxTerm
     from p2pz.teacher.presets import get_preset
 
     terms = get_preset(preset).guidance_terms
-    return TOY_XA_GUIDANCE if any(isinstance(term, BoxTerm) for term in terms) else JOINT_XA_GUIDANCE
+    boxed = any(isinstance(term, BoxTerm) for term in terms)
+    return toy_calibration_base(preset) if boxed else JOINT_XA_GUIDANCE
+
+
+def toy_calibration_base(preset: Preset | str) -> float:
+    """The step ``--xa-guidance auto`` calibrates around on the toy model: 5, or 2.5 for a box
+    preset whose guidance forward runs the edit branch only, on every step (``box_edges_fast``)."""
+    from p2pz.data.shapes.box_guidance import BoxTerm
+    from p2pz.teacher.presets import get_preset
+
+    preset = get_preset(preset) if isinstance(preset, str) else preset
+    boxed = any(isinstance(term, BoxTerm) for term in preset.guidance_terms)
+    by_the_edit_branch = boxed and preset.guided_branch == "edit" and preset.guided_stride == 1
+    return EDIT_BRANCH_XA_GUIDANCE if by_the_edit_branch else TOY_XA_GUIDANCE
 
 
 def add_toy_teacher_arguments(

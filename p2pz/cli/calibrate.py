@@ -146,7 +146,8 @@ def _teacher(args: argparse.Namespace, world_model: bool) -> tuple[Pix2PixZero, 
 
     preset = args.preset or (toy.TOY_PRESET if world_model else "official")
     teacher = Pix2PixZero.from_pretrained(args.model, preset=preset, device=args.device, dtype=args.dtype)
-    base = args.base or (toy.TOY_XA_GUIDANCE if world_model else get_preset(preset).xa_guidance_real)
+    toy_base = toy.toy_calibration_base(preset) if world_model else None
+    base = args.base or toy_base or get_preset(preset).xa_guidance_real
     scale = args.guidance_scale or (toy.TOY_GUIDANCE_SCALE if world_model else None)
     return teacher, base, scale
 

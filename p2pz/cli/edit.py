@@ -80,7 +80,9 @@ def _calibrate_if_asked(
     edit = Edit(direction.source, direction.target)
     scorer = make_pair_scorer("world" if is_world_edit(edit.source, edit.target) else "paper", edits=[edit])
     base = (
-        toy.TOY_XA_GUIDANCE if model_vocabulary(args.model) is not None else teacher.preset.xa_guidance_real
+        toy.toy_calibration_base(teacher.preset)
+        if model_vocabulary(args.model) is not None
+        else teacher.preset.xa_guidance_real
     )
     calibration = calibrate_guidance(
         teacher,

@@ -29,7 +29,7 @@ from typing import Any
 from p2pz.cli.options import ExtendList, add_device, add_dtype, add_edit, add_progress, add_seed, plain
 from p2pz.cli.skipped import Skipped
 from p2pz.data.models import TOY_MODEL
-from p2pz.data.shapes.teacher_settings import AUTO, TOY_XA_GUIDANCE, xa_guidance_value
+from p2pz.data.shapes.teacher_settings import AUTO, toy_calibration_base, xa_guidance_value
 from p2pz.teacher.edits import Edit
 from p2pz.teacher.presets import add_preset_argument
 from p2pz.utils.errors import UserError
@@ -98,7 +98,7 @@ def _add_world_arguments(w: argparse._ArgumentGroup) -> None:
         type=xa_guidance_value,
         default=None,
         help="cross-attention guidance step, or 'auto' (calibrated per edit on seeded scenes apart from "
-        f"the scored ones, around the toy model's {TOY_XA_GUIDANCE:g} or the preset's step; "
+        "the scored ones, around the toy model's step for the preset or the preset's own; "
         "default: the preset's)",
     )
     w.add_argument(
@@ -210,7 +210,7 @@ def _guidance_step(args: argparse.Namespace, teacher: Any, edit: Any) -> tuple[f
     from p2pz.data.shapes.edits import model_vocabulary
 
     world_model = model_vocabulary(args.model) is not None
-    base = TOY_XA_GUIDANCE if world_model else teacher.preset.xa_guidance_real
+    base = toy_calibration_base(teacher.preset) if world_model else teacher.preset.xa_guidance_real
     calibration = calibrate_world_edit(
         teacher, edit, base, num_steps=args.steps, guidance_scale=args.guidance_scale
     )

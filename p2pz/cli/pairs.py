@@ -115,7 +115,7 @@ def calibrate_if_asked(settings: Settings, scorer: Any) -> tuple[Settings, Any]:
     images = [source.load(i).image for i in source.ids(job.source)[:CALIBRATION_SCENES]]
     teacher = load_teacher(settings)
     world_model = model_vocabulary(settings.model) is not None
-    base = toy.TOY_XA_GUIDANCE if world_model else teacher.preset.xa_guidance_real
+    base = toy.toy_calibration_base(teacher.preset) if world_model else teacher.preset.xa_guidance_real
     calibration = calibrate_guidance(
         teacher,
         job.edit,
