@@ -148,6 +148,7 @@ def test_box_edges_fast_costs_at_most_half_of_box_edges():
     from p2pz.data.eval.ablation import edit_world_scenes
     from p2pz.data.shapes.edits import parse_world_edit
     from p2pz.teacher import Pix2PixZero
+    from p2pz.teacher.evals import evals_between
 
     steps = 10  # the counts are linear in the steps
 
@@ -157,10 +158,8 @@ def test_box_edges_fast_costs_at_most_half_of_box_edges():
         before = teacher.unet_evals.snapshot()
         edit_world_scenes(teacher, edit, edit.scenes(1, seed=0), "direction_xa", num_steps=steps,
                           xa_guidance=1.0, guidance_scale=3.0)  # fmt: skip
-        after = teacher.unet_evals.snapshot()
-        kinds = ("forward", "backward")
-        made = {kind: {s: n - before[kind].get(s, 0) for s, n in after[kind].items()} for kind in kinds}
-        return {kind: {s: n for s, n in made[kind].items() if n} for kind in kinds}
+        made = evals_between(before, teacher.unet_evals.snapshot())
+        return {kind: made[kind] for kind in ("forward", "backward")}
 
     full, fast = counts("box_edges"), counts("box_edges_fast")
     assert full == {

@@ -33,9 +33,8 @@ TOY_PRESET = "box_edges"
 TOY_XA_GUIDANCE = 5.0
 TOY_GUIDANCE_SCALE = 3.0
 JOINT_XA_GUIDANCE = 15.0  # the step of ``joint`` (no box guidance)
-# box guidance by the edit branch alone, on every step (box_edges_fast): calibrated around 2.5 it
-# chose 1 on 10 of the 12 edits; around 2, blue -> yellow chose 2 and lost its success (0.55):
-# docs/results/cheap-teacher.md
+# box guidance by the edit branch alone, on every step (box_edges_fast): its calibration picks smaller
+# steps than box_edges' (around 2.5 and around 2 compared: docs/results/cheap-teacher.md)
 EDIT_BRANCH_XA_GUIDANCE = 2.5
 # The demo's teacher (20 DDIM steps, circle -> square) is ``joint`` at 15: box guidance's step was
 # found at 50 steps, and at 20 it moved the objects more and kept less of the background, and the
@@ -57,24 +56,25 @@ def xa_guidance_value(text: str) -> float | str:
 def toy_xa_guidance(preset: str) -> float:
     """The toy model's guidance step for ``preset``: box guidance's (``toy_calibration_base``), or 15
     without it."""
-    from p2pz.data.shapes.box_guidance import BoxTerm
     from p2pz.teacher.presets import get_preset
 
-    terms = get_preset(preset).guidance_terms
-    boxed = any(isinstance(term, BoxTerm) for term in terms)
-    return toy_calibration_base(preset) if boxed else JOINT_XA_GUIDANCE
+    return toy_calibration_base(preset) if _has_box_guidance(get_preset(preset)) else JOINT_XA_GUIDANCE
 
 
 def toy_calibration_base(preset: Preset | str) -> float:
     """The step ``--xa-guidance auto`` calibrates around on the toy model: 5, or 2.5 for a box
     preset whose guidance forward runs the edit branch only, on every step (``box_edges_fast``)."""
-    from p2pz.data.shapes.box_guidance import BoxTerm
     from p2pz.teacher.presets import get_preset
 
     preset = get_preset(preset) if isinstance(preset, str) else preset
-    boxed = any(isinstance(term, BoxTerm) for term in preset.guidance_terms)
-    by_the_edit_branch = boxed and preset.guided_branch == "edit" and preset.guided_stride == 1
-    return EDIT_BRANCH_XA_GUIDANCE if by_the_edit_branch else TOY_XA_GUIDANCE
+    by_the_edit_branch = preset.guided_branch == "edit" and preset.guided_stride == 1
+    return EDIT_BRANCH_XA_GUIDANCE if by_the_edit_branch and _has_box_guidance(preset) else TOY_XA_GUIDANCE
+
+
+def _has_box_guidance(preset: Preset) -> bool:
+    from p2pz.data.shapes.box_guidance import BoxTerm
+
+    return any(isinstance(term, BoxTerm) for term in preset.guidance_terms)
 
 
 def add_toy_teacher_arguments(
