@@ -19,13 +19,14 @@ success >= 80%, IoU >= 0.8, median shift <= 1.5 px, and IoU above both unguided 
 
 Scenes: 100 for the two headline edits (circle:square, red:blue), 20 for each other edit;
 ``--scenes N`` gives every edit N. The default run edits 400 scenes three ways (about 1,200
-edits, a guided one costing about three plain ones) plus 288 guided calibration edits (12 edits x
-4 steps x 6 scenes). On this project's 2-core machine it takes about 150 minutes of one core
+edits, a guided one costing about three plain ones) plus 576 guided calibration edits (12 edits x
+4 steps x 12 scenes). On this project's 2-core machine it takes about 190 minutes of one core
 (3-5 s per plain and 7-9 s per guided edit with ``box_edges``). Its edits split over processes
 that share nothing but the log's format: the figures in docs/results/toy-ablation.md come from the
 shape edits and the colour edits run side by side (``--edits ... --threads 1 --log A.jsonl``, 75 min),
 their logs concatenated, and this default command resuming from them (seconds; it reruns a guided
-row only where the calibration rule now picks another step than the logged scenes ran at).
+row only where the calibration rule now picks another step than the logged scenes ran at, and
+calibrates again where the logged sweep ran on another number of scenes).
 ``--scenes``/``--edits``/``--steps`` shrink it. ``--log FILE`` records every scored scene and
 calibration, so that a killed run resumes where it stopped. Edits with words the model never
 learned (``diamond``, ``purple``, ``orange`` for the toy model) are refused in one line.
@@ -109,9 +110,17 @@ def _guidance_step(
     run does not calibrate again."""
     if args.xa_guidance != AUTO or "direction_xa" not in args.rows:
         return toy_calibration_base(args.preset) if args.xa_guidance == AUTO else args.xa_guidance
-    from p2pz.data.eval.calibration import SCORE_NAMES, Calibration, calibrate_world_edit, pick_step
+    from p2pz.data.eval.calibration import (
+        CALIBRATION_SCENES,
+        SCORE_NAMES,
+        Calibration,
+        calibrate_world_edit,
+        pick_step,
+    )
 
     logged = log.calibration(edit.name)
+    if logged is not None and logged.get("inputs") != CALIBRATION_SCENES:
+        logged = None  # a sweep on another number of scenes (before it was 12): calibrate again
     if logged is not None:  # the sweep is the log's, the choice the rule's as it is now
         calibration = Calibration(**logged)
         calibration.chosen = pick_step(calibration.rows, higher_is_better=SCORE_NAMES["world"][2])

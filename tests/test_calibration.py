@@ -161,9 +161,10 @@ def test_generate_auto_needs_one_edit_and_scores(tmp_path, capsys):
     assert not (tmp_path / "o").exists()
 
 
-@pytest.mark.slow  # about 30 s: two ablation runs with a calibration
+@pytest.mark.slow  # about 60 s: three ablation runs, two with a calibration
 def test_the_ablation_logs_its_calibration_and_a_resumed_run_reuses_it(tmp_path):
-    """A killed ablation resumes without calibrating again: the step and its sweep come from the log."""
+    """A killed ablation resumes without calibrating again: the step and its sweep come from the log;
+    a sweep logged on another number of scenes (6, before 12) is made again."""
     import subprocess
     import sys
     from pathlib import Path
@@ -179,6 +180,13 @@ def test_the_ablation_logs_its_calibration_and_a_resumed_run_reuses_it(tmp_path)
     assert [r["row"] for r in records] == ["calibration", "direction_xa"]  # nothing twice
     assert runs[0].stdout.splitlines()[-1] == runs[1].stdout.splitlines()[-1]  # the same JSON figures
     assert "<- chosen" in runs[1].stdout
+    first, *rest = log.read_text().splitlines()
+    record = json.loads(first)
+    record["calibration"]["inputs"] = 6
+    log.write_text("\n".join([json.dumps(record), *rest]) + "\n")
+    again = subprocess.run(argv, capture_output=True, text=True, cwd=tmp_path)
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert "calibrating red:blue" in again.stderr
 
 
 def test_the_toy_calibration_base_is_the_presets():

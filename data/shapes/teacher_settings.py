@@ -91,7 +91,7 @@ def add_toy_teacher_arguments(
         "--xa-guidance",
         type=xa_guidance_value,
         default=xa_default,
-        help=f"cross-attention guidance step, or 'auto': calibrated per edit on {6} seeded scenes at "
+        help=f"cross-attention guidance step, or 'auto': calibrated per edit on seeded scenes at "
         f"steps around {toy_xa_guidance(preset):g}, see 'p2pz calibrate --help' (default: {xa_default}; "
         "the presets' 0.1 is tuned for SD-1.4; see data/shapes/teacher_settings.py)",
     )

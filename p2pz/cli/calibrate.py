@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from p2pz.cli.options import add_device, add_dtype, add_edit, add_progress, add_seed, plain
-from p2pz.data.eval.calibration import LADDER_TEXT
+from p2pz.data.eval.calibration import CALIBRATION_SCENES, LADDER_TEXT
 from p2pz.data.shapes.teacher_settings import TOY_PRESET
 from p2pz.teacher.presets import add_preset_argument
 from p2pz.utils.errors import UserError
@@ -45,7 +45,10 @@ def register(sub: argparse._SubParsersAction) -> None:
         default=None,
         help="folder of input images (default for a shapes-world edit: seeded world scenes)",
     )
-    p.add_argument("--count", type=positive_int, default=None, help="inputs to edit per step (default 6)")
+    p.add_argument(
+        "--count", type=positive_int, default=None,
+        help=f"inputs to edit per step (default {CALIBRATION_SCENES})",
+    )  # fmt: skip
     p.add_argument(
         "--base", type=positive_float, default=None, help="base step (default: the teacher's usual step)"
     )
