@@ -192,8 +192,8 @@ def _summary(scores: Sequence[dict[str, Any]], success: str, structure: str) -> 
 
 CALIBRATION_SEED = 10_000  # calibration scenes start here: never the evaluations' scenes (seed 0, ...)
 # Scenes per step: on 6, one scene moved a success rate past the margin, and calibration chose steps
-# that lost 20 eval scenes' success (blue -> yellow with box_edges_fast: 5/6 at step 5 on its scenes,
-# 0.35 on the evaluated ones); on 12 it chose the better steps (docs/results/cheap-teacher.md)
+# whose success the evaluated scenes did not bear out (blue -> yellow with box_edges_fast); on 12 it
+# chose the better ones (docs/results/cheap-teacher.md)
 CALIBRATION_SCENES = 12
 
 

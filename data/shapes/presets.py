@@ -54,8 +54,8 @@ BOX_EDGES = dataclasses.replace(
 # the edit branch's maps alone guide every step at the same count (the loss's negative half and its
 # half of the backward dropped). Without that half the map loss is about half ``joint``'s, so the box
 # terms keep their share of the loss at half the weights; and the edit branch's guidance bulges the
-# triangles' sides less with more of the caption in the negative prompt (0.65): circle -> triangle's
-# IoU 0.773 -> 0.824 at step 2.5 with both, on 20 scenes (docs/results/cheap-teacher.md).
+# triangles' sides less with more of the caption in the negative prompt (0.65). Both together brought
+# circle -> triangle above the IoU target (docs/results/cheap-teacher.md).
 BOX_EDGES_FAST = dataclasses.replace(
     fast_variant(BOX_EDGES, guided_stride=1, guided_branch="edit"),
     guidance_terms=(BoxTerm(weight=0.1, pixel_weight=0.025, late_factor=24.0, late_terms="pixel"),),
