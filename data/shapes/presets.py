@@ -9,9 +9,10 @@ backgrounds, not photographs (the teacher's ``local`` preset asks the model inst
 ``box_pixels`` ``box`` with the box term also in pixel space, on the predicted x0 decoded by the VAE;
 ``box_edges``  ``box_pixels`` with its pixel term 24x stronger in the late steps and half the caption
                in the negative prompt: the toy model's teacher (``teacher_settings.TOY_PRESET``);
-``box_edges_fast`` ``box_edges`` at half the UNet work per pair (``teacher.presets.fast_variant``).
+``box_edges_fast`` ``box_edges`` at half the UNet work per pair (``teacher.presets.fast_variant``),
+               with its own box weights and negative prompt.
 
-Figures: docs/results/box-guidance.md, docs/results/toy-ablation.md.
+Figures: docs/results/box-guidance.md, docs/results/toy-ablation.md, docs/results/cheap-teacher.md.
 """
 
 from __future__ import annotations
